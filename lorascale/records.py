@@ -1,0 +1,106 @@
+"""Frozen records that cross module boundaries.
+
+Data flows one way: a reference string -> ResolvedCheckpoint (io/resolve.py) -> Checkpoint with a tensor
+index (io/) -> MatrixJob list (plan.py) -> MatrixResult (execute/, numerics/) -> Parquet (store/).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+Kind = Literal["full", "lora"]
+Side = Literal["left", "right"]
+
+
+@dataclass(frozen=True)
+class ResolvedCheckpoint:
+    """Where a checkpoint reference lives on local disk, before any header is read."""
+
+    reference: str  # exactly as the user gave it
+    source: Literal["local-dir", "local-file", "hub"]
+    kind: Kind
+    root: Path  # directory holding the files (hub: the snapshot directory)
+    weight_files: tuple[Path, ...]  # safetensors files to index, shards in index order
+    index_file: Path | None = None  # model.safetensors.index.json when sharded
+    adapter_config: Path | None = None  # adapter_config.json for PEFT adapters
+    config: Path | None = None  # config.json when present
+    repo_id: str | None = None  # hub only
+    revision: str | None = None  # hub only: the resolved commit hash
+    file_hashes: dict[str, str] = field(default_factory=dict, compare=False)  # file name -> sha256 when known
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One tensor as described by a safetensors header; no data is read to build it."""
+
+    name: str  # the name stored in the file
+    file: Path
+    dtype: str  # safetensors dtype code: F32, F16, BF16, F64, ...
+    shape: tuple[int, ...]
+    data_start: int  # absolute byte offsets of the data in `file`
+    data_end: int
+
+
+@dataclass(frozen=True)
+class AdapterSettings:
+    """The parts of a PEFT LoraConfig that change how W is rebuilt."""
+
+    r: int
+    lora_alpha: float
+    use_rslora: bool = False
+    fan_in_fan_out: bool = False
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    target_modules: tuple[str, ...] | str | None = None
+    base_model_name_or_path: str | None = None
+
+
+@dataclass(frozen=True)
+class LoraFactors:
+    """Where to find A [r, in] and B [out, r] of one adapted matrix, and its scale s."""
+
+    a: TensorEntry
+    b: TensorEntry
+    rank: int
+    scale: float  # lora_alpha / r, or lora_alpha / sqrt(r) with rsLoRA
+    fan_in_fan_out: bool  # W0 stored [in, out] (GPT-2 Conv1D): add (B @ A)^T
+
+
+@dataclass(frozen=True)
+class TunedSource:
+    """How to obtain W for one tuned model: a full tensor, or W0 + s * B @ A."""
+
+    model: str  # the tuned reference exactly as given
+    update: Kind
+    full: TensorEntry | None = None
+    lora: LoraFactors | None = None
+
+
+@dataclass(frozen=True)
+class MatrixJob:
+    """The unit of work: one base matrix and every tuned model's version of it."""
+
+    matrix: str  # tensor name in the base's naming
+    layer: int | None
+    module: str
+    rows: int
+    cols: int
+    base: TensorEntry
+    tuned: tuple[TunedSource, ...]
+
+    @property
+    def cost(self) -> float:
+        """Relative SVD cost, for largest-first scheduling: ~ m * n * min(m, n) per SVD."""
+        m, n = self.rows, self.cols
+        return float(m) * n * min(m, n) * (1 + len(self.tuned))
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A matrix that was not analysed, and why (goes to the manifest)."""
+
+    matrix: str
+    reason: str
+    model: str | None = None  # None: skipped for every model

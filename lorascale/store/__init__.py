@@ -1,0 +1,1 @@
+"""Storing results: Parquet tables (schema.py, writer.py) and the run manifest (manifest.py)."""

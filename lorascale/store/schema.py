@@ -1,0 +1,66 @@
+"""The output contract: table names and their exact Arrow schemas.
+
+Users and later features (report, resume) query these tables, so names and types change only with a
+major version.  Each table is a Parquet dataset directory `results/<table>/part-*.parquet`.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+MATRICES = "matrices"
+SPECTRA = "spectra"
+SIMILARITY = "similarity"
+TABLES = (MATRICES, SPECTRA, SIMILARITY)
+MANIFEST = "manifest.json"
+
+# One row per (tuned model, matrix).
+MATRICES_SCHEMA = pa.schema(
+    [
+        pa.field("model", pa.string(), nullable=False),  # tuned reference exactly as given
+        pa.field("matrix", pa.string(), nullable=False),  # tensor name in the base's naming
+        pa.field("layer", pa.int32()),  # null when the name has no layer index
+        pa.field("module", pa.string(), nullable=False),  # e.g. q_proj
+        pa.field("rows", pa.int64(), nullable=False),
+        pa.field("cols", pa.int64(), nullable=False),
+        pa.field("update", pa.string(), nullable=False),  # "full" or "lora"
+        pa.field("delta_fro", pa.float64(), nullable=False),  # ||W - W0||_F
+        pa.field("delta_rel", pa.float64(), nullable=False),  # ||W - W0||_F / ||W0||_F
+        pa.field("delta_effective_rank", pa.float64()),  # null when W == W0
+        pa.field("intruders", pa.int32(), nullable=False),  # at the run's k and epsilon
+        pa.field("null_max_cos", pa.float64(), nullable=False),  # E[max |cos|] of a random unit vector
+        pa.field("seconds", pa.float64(), nullable=False),  # compute time for this (model, matrix)
+    ]
+)
+
+# One row per singular value.  Base rows: model = base reference, role = "base", max_cos/argmax null.
+SPECTRA_SCHEMA = pa.schema(
+    [
+        pa.field("model", pa.string(), nullable=False),
+        pa.field("role", pa.string(), nullable=False),  # "base" or "tuned"
+        pa.field("matrix", pa.string(), nullable=False),
+        pa.field("side", pa.string(), nullable=False),  # "left" or "right"
+        pa.field("rank", pa.int32(), nullable=False),  # 0-based, descending sigma
+        pa.field("sigma", pa.float64(), nullable=False),
+        pa.field("max_cos", pa.float64()),  # max_i |cos(tuned_j, base_i)| over ALL base vectors
+        pa.field("argmax", pa.int32()),  # the base rank i reaching it
+    ]
+)
+
+# The top-10 x top-10 block of |U^T U0| (or |V^T V0| for side = right).
+SIMILARITY_SCHEMA = pa.schema(
+    [
+        pa.field("model", pa.string(), nullable=False),
+        pa.field("matrix", pa.string(), nullable=False),
+        pa.field("side", pa.string(), nullable=False),
+        pa.field("tuned_rank", pa.int32(), nullable=False),
+        pa.field("base_rank", pa.int32(), nullable=False),
+        pa.field("cos", pa.float64(), nullable=False),
+    ]
+)
+
+SCHEMAS: dict[str, pa.Schema] = {
+    MATRICES: MATRICES_SCHEMA,
+    SPECTRA: SPECTRA_SCHEMA,
+    SIMILARITY: SIMILARITY_SCHEMA,
+}
