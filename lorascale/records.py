@@ -104,3 +104,30 @@ class Skipped:
     matrix: str
     reason: str
     model: str | None = None  # None: skipped for every model
+
+
+@dataclass(frozen=True)
+class AnalysisOptions:
+    """What to compute for each matrix; the same for every matrix of a run."""
+
+    k: int = 10
+    epsilon: float = 0.5
+    sides: tuple[Side, ...] = ("left",)
+    precision: Literal["fp32", "fp64"] = "fp32"
+    device: str = "cpu"
+    block: int = 10  # size of the similarity block (top-b x top-b)
+    driver: str | None = None  # cuSOLVER driver on CUDA (gesvd, gesvdj, gesvda); ignored on CPU
+
+
+@dataclass(frozen=True)
+class MatrixResult:
+    """Everything the tables need about one matrix, for the base and every tuned model.
+
+    Columns are plain lists/arrays keyed by the column names of store/schema.py, so the result is small
+    and cheap to ship from a worker to the driver.
+    """
+
+    matrix: str
+    matrices: dict[str, list]
+    spectra: dict[str, object]
+    similarity: dict[str, object]

@@ -1,0 +1,147 @@
+"""The `lorascale` command: each subcommand parses options and calls one library function."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+import traceback
+from pathlib import Path
+
+import click
+
+from lorascale import __version__, settings
+from lorascale.errors import LorascaleError
+
+
+class _Group(click.Group):
+    """Maps lorascale errors to one line on stderr and an exit code; LORASCALE_DEBUG=1 shows tracebacks."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except LorascaleError as exc:
+            if settings.debug():
+                raise
+            click.echo(f"lorascale: error: {exc}", err=True)
+            ctx.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("lorascale: interrupted; finished matrices are saved, rerun the same command to resume",
+                       err=True)
+            ctx.exit(130)
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
+        except Exception as exc:  # noqa: BLE001 - last resort: never a bare traceback for users
+            if settings.debug():
+                raise
+            where = traceback.extract_tb(exc.__traceback__)[-1]
+            click.echo(f"lorascale: internal error: {type(exc).__name__}: {exc} (at {Path(where.filename).name}:"
+                       f"{where.lineno}; set LORASCALE_DEBUG=1 for the traceback and please report it)", err=True)
+            ctx.exit(70)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="lorascale")
+def main() -> None:
+    """Compare a base checkpoint with fine-tunes through the SVD of every weight matrix."""
+
+
+class _Progress:
+    """A progress bar on stderr, created on the first finished matrix."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled, self.bar, self.shown = enabled, None, 0
+
+    def __call__(self, done: int, total: int, matrix: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is None:
+            self.bar = click.progressbar(length=total, label="matrices", file=sys.stderr, show_pos=True,
+                                         show_eta=True, item_show_func=lambda m: m or "")
+            self.bar.__enter__()
+        self.bar.update(done - self.shown, matrix)
+        self.shown = done
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+
+
+def _print_summary(out: Path) -> None:
+    from lorascale.report import format_summary, summary_rows
+
+    click.echo(format_summary(summary_rows(out), "table"))
+
+
+@main.command()
+@click.option("--base", required=True, help="Base checkpoint: directory, .safetensors file, or org/name[@rev].")
+@click.option("--tuned", "tuned", multiple=True, required=True, help="A fine-tune (full or LoRA adapter); repeatable.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Results directory.")
+@click.option("--k", default=10, show_default=True, help="Top tuned singular vectors checked for intruders.")
+@click.option("--epsilon", default=0.5, show_default=True, help="Intruder threshold on max |cos|.")
+@click.option("--side", type=click.Choice(["left", "right", "both"]), default="left", show_default=True,
+              help="Singular vectors compared: left (output space, as in the paper), right, or both.")
+@click.option("--precision", type=click.Choice(["fp32", "fp64"]), default="fp32", show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--include", multiple=True, help="Glob on base tensor names to analyse (repeatable).")
+@click.option("--exclude", multiple=True, help="Glob on base tensor names to skip (repeatable).")
+@click.option("--overwrite", is_flag=True, help="Replace a different earlier run in --out.")
+@click.option("--resume", is_flag=True, help="Require an earlier run in --out and continue it.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def run(base: str, tuned: tuple[str, ...], out: Path, k: int, epsilon: float, side: str, precision: str,
+        device: str, include: tuple[str, ...], exclude: tuple[str, ...], overwrite: bool, resume: bool,
+        quiet: bool) -> None:
+    """Compare BASE with each --tuned checkpoint and write Parquet tables to --out."""
+    from lorascale.pipeline import compare
+
+    progress = _Progress(enabled=not quiet)
+    try:
+        result = compare(base, list(tuned), out, k=k, epsilon=epsilon, side=side, precision=precision,
+                         device=device, include=include, exclude=exclude, overwrite=overwrite, resume=resume,
+                         progress=progress, command=shlex.join(["lorascale", *sys.argv[1:]]))
+    finally:
+        progress.close()
+    note = f" (resumed: {result.computed} of {result.planned} computed now)" if result.manifest["resumed"] else ""
+    click.echo(f"wrote {out}{note}", err=True)
+    _print_summary(out)
+
+
+@main.command()
+@click.argument("reference")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+def inspect(reference: str, as_json: bool) -> None:
+    """Describe a checkpoint: kind, shards, dtypes, matrices, adapter settings."""
+    from lorascale.inspect import describe_checkpoint
+
+    info = describe_checkpoint(reference)
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    for key, value in info.items():
+        if isinstance(value, (dict, list)) and value:
+            click.echo(f"{key}:")
+            items = value.items() if isinstance(value, dict) else enumerate(value)
+            for sub_key, sub_value in items:
+                click.echo(f"  {sub_key}: {sub_value}")
+        else:
+            click.echo(f"{key}: {value}")
+
+
+@main.command()
+@click.option("--out", type=click.Path(path_type=Path), required=True,
+              help="Directory for the demo checkpoints (checkpoints/) and results (results/).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def demo(out: Path, quiet: bool) -> None:
+    """Offline: build a small base, a full fine-tune and a LoRA adapter, and compare them."""
+    from lorascale.demo import build_checkpoints
+    from lorascale.pipeline import compare
+
+    paths = build_checkpoints(out / "checkpoints")
+    progress = _Progress(enabled=not quiet)
+    try:
+        compare(str(paths["base"]), [str(paths["full"]), str(paths["lora"])], out / "results", overwrite=True,
+                progress=progress, command=shlex.join(["lorascale", *sys.argv[1:]]))
+    finally:
+        progress.close()
+    click.echo(f"wrote {out / 'results'}", err=True)
+    _print_summary(out / "results")

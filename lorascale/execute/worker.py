@@ -1,0 +1,117 @@
+"""Analyse one matrix job: load W0 and each tuned W, compare, and shape the rows of the three tables.
+
+Shared by the in-process executor and the Ray actors, so both produce identical rows.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from lorascale.io.tensors import load_tensor, to_compute
+from lorascale.numerics.compare import BaseSpectrum, TunedComparison, base_spectrum, compare_to_base
+from lorascale.numerics.metrics import intruder_count, lora_delta_singular_values
+from lorascale.records import AnalysisOptions, MatrixJob, MatrixResult, TunedSource
+
+COMPUTE_DTYPES = {"fp32": torch.float32, "fp64": torch.float64}
+
+
+def analyse_job(job: MatrixJob, base_reference: str, options: AnalysisOptions) -> MatrixResult:
+    """Run one job end to end on `options.device`; only small arrays come back."""
+    dtype = COMPUTE_DTYPES[options.precision]
+    started = time.perf_counter()
+    w0 = to_compute(load_tensor(job.base), job.base, dtype=dtype, device=options.device)
+    base = base_spectrum(w0, options.sides, driver=options.driver)
+    base_seconds = time.perf_counter() - started
+    builder = _RowBuilder(job, options)
+    builder.add_base(base_reference, base)
+    for source in job.tuned:
+        t0 = time.perf_counter()
+        comparison = _compare_source(source, w0, base, dtype, options)
+        # The base SVD is shared; charge each model an equal part of it.
+        seconds = time.perf_counter() - t0 + base_seconds / len(job.tuned)
+        builder.add_tuned(source, comparison, base, seconds)
+    return builder.result()
+
+
+def _compare_source(source: TunedSource, w0: torch.Tensor, base: BaseSpectrum, dtype: torch.dtype,
+                    options: AnalysisOptions) -> TunedComparison:
+    if source.update == "full":
+        assert source.full is not None
+        w = to_compute(load_tensor(source.full), source.full, dtype=dtype, device=options.device)
+        return compare_to_base(base, w, w0=w0, block=options.block, driver=options.driver)
+    factors = source.lora
+    assert factors is not None
+    a = to_compute(load_tensor(factors.a), factors.a, dtype=dtype, device=options.device)  # (r, n)
+    b = to_compute(load_tensor(factors.b), factors.b, dtype=dtype, device=options.device)  # (m, r)
+    update = factors.scale * (b @ a)  # (m, r) @ (r, n) -> (m, n)
+    w = w0 + (update.T if factors.fan_in_fan_out else update)  # Conv1D stores W0 as [in, out]
+    del update
+    delta = lora_delta_singular_values(a, b, factors.scale)
+    return compare_to_base(base, w, delta_singular_values=delta, block=options.block, driver=options.driver)
+
+
+class _RowBuilder:
+    """Accumulates the columns of the three tables for one matrix."""
+
+    def __init__(self, job: MatrixJob, options: AnalysisOptions) -> None:
+        self.job, self.options = job, options
+        self.matrices: dict[str, list] = {k: [] for k in (
+            "model", "matrix", "layer", "module", "rows", "cols", "update", "delta_fro", "delta_rel",
+            "delta_effective_rank", "intruders", "null_max_cos", "seconds")}
+        self.spectra: dict[str, list] = {k: [] for k in (
+            "model", "role", "matrix", "side", "rank", "sigma", "max_cos", "argmax")}
+        self.similarity: dict[str, list] = {k: [] for k in (
+            "model", "matrix", "side", "tuned_rank", "base_rank", "cos")}
+
+    def _spectrum(self, model: str, role: str, side: str, sigma: np.ndarray,
+                  max_cos: np.ndarray | None, argmax: np.ndarray | None) -> None:
+        p = len(sigma)
+        cols = self.spectra
+        cols["model"].append(np.full(p, model, dtype=object))
+        cols["role"].append(np.full(p, role, dtype=object))
+        cols["matrix"].append(np.full(p, self.job.matrix, dtype=object))
+        cols["side"].append(np.full(p, side, dtype=object))
+        cols["rank"].append(np.arange(p, dtype=np.int32))
+        cols["sigma"].append(sigma.astype(np.float64))
+        cols["max_cos"].append(max_cos if max_cos is not None else np.full(p, np.nan))
+        cols["argmax"].append(argmax.astype(np.int32) if argmax is not None else np.full(p, -1, np.int32))
+
+    def add_base(self, reference: str, base: BaseSpectrum) -> None:
+        sigma = base.s.detach().to("cpu", torch.float64).numpy()
+        for side in self.options.sides:
+            self._spectrum(reference, "base", side, sigma, None, None)
+
+    def add_tuned(self, source: TunedSource, comparison: TunedComparison, base: BaseSpectrum,
+                  seconds: float) -> None:
+        first_side = self.options.sides[0]  # the matrices table counts intruders on the first side
+        row = {
+            "model": source.model, "matrix": self.job.matrix, "layer": self.job.layer, "module": self.job.module,
+            "rows": self.job.rows, "cols": self.job.cols, "update": source.update,
+            "delta_fro": comparison.delta_fro, "delta_rel": comparison.delta_rel,
+            "delta_effective_rank": comparison.delta_effective_rank,
+            "intruders": intruder_count(comparison.sides[first_side].max_cos, self.options.k, self.options.epsilon),
+            "null_max_cos": base.null_max_cos[first_side], "seconds": seconds,
+        }
+        for key, value in row.items():
+            self.matrices[key].append(value)
+        for side, result in comparison.sides.items():
+            self._spectrum(source.model, "tuned", side, comparison.s, result.max_cos, result.argmax)
+            b = result.block.shape[0]
+            tuned_rank, base_rank = np.divmod(np.arange(b * result.block.shape[1]), result.block.shape[1])
+            cols = self.similarity
+            cols["model"].append(np.full(tuned_rank.size, source.model, dtype=object))
+            cols["matrix"].append(np.full(tuned_rank.size, self.job.matrix, dtype=object))
+            cols["side"].append(np.full(tuned_rank.size, side, dtype=object))
+            cols["tuned_rank"].append(tuned_rank.astype(np.int32))
+            cols["base_rank"].append(base_rank.astype(np.int32))
+            cols["cos"].append(result.block.reshape(-1))
+
+    def result(self) -> MatrixResult:
+        def stack(cols: dict[str, list]) -> dict[str, object]:
+            return {k: np.concatenate(v) if v else np.array([]) for k, v in cols.items()}
+
+        return MatrixResult(matrix=self.job.matrix, matrices=self.matrices,
+                            spectra=stack(self.spectra), similarity=stack(self.similarity))

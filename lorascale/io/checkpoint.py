@@ -1,0 +1,57 @@
+"""Open a resolved checkpoint: index its tensors from headers and, for adapters, pair the LoRA factors."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from lorascale.errors import CheckpointFormatError
+from lorascale.io.adapter import AdapterIndex, index_adapter, read_adapter_settings
+from lorascale.io.safetensors_header import index_files
+from lorascale.records import AdapterSettings, Kind, ResolvedCheckpoint, TensorEntry
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A checkpoint whose tensors are known by header; no tensor data has been read."""
+
+    resolved: ResolvedCheckpoint
+    tensors: dict[str, TensorEntry]
+    adapter: AdapterSettings | None = None
+    lora: AdapterIndex | None = None
+
+    @property
+    def reference(self) -> str:
+        return self.resolved.reference
+
+    @property
+    def kind(self) -> Kind:
+        return self.resolved.kind
+
+
+def open_checkpoint(resolved: ResolvedCheckpoint) -> Checkpoint:
+    """Index every tensor of `resolved` (headers only) and check the shard index agrees with the shards."""
+    tensors = index_files(resolved.weight_files)
+    if resolved.index_file is not None:
+        _check_index(resolved.index_file, tensors)
+    if resolved.kind == "lora":
+        assert resolved.adapter_config is not None
+        settings = read_adapter_settings(resolved.adapter_config)
+        return Checkpoint(resolved, tensors, settings,
+                          index_adapter(resolved.weight_files[0], settings, tensors))
+    return Checkpoint(resolved, tensors)
+
+
+def _check_index(index_file: Path, tensors: dict[str, TensorEntry]) -> None:
+    try:
+        weight_map = json.loads(index_file.read_text(encoding="utf-8"))["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointFormatError(f"not a valid safetensors index ({exc})", path=index_file) from exc
+    for name, shard in weight_map.items():
+        entry = tensors.get(name)
+        if entry is None or entry.file.name != Path(shard).name:
+            raise CheckpointFormatError(
+                f"index lists tensor {name!r} in {shard}, but that shard does not hold it",
+                path=index_file, fix="the index and shards are from different saves; re-download the checkpoint",
+            )

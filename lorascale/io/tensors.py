@@ -1,0 +1,49 @@
+"""Load one tensor at a time, straight from its byte range, in the dtype it is stored in.
+
+Reading the byte range ourselves (rather than mmap-ing the whole shard) keeps resident memory at one
+matrix, whatever the shard size, and keeps 16-bit tensors 16-bit until they reach the compute device.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lorascale.errors import CheckpointFormatError, NumericalError
+from lorascale.records import TensorEntry
+
+TORCH_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+}
+
+
+def load_tensor(entry: TensorEntry) -> torch.Tensor:
+    """Read `entry` from disk as a CPU tensor of its stored dtype and shape."""
+    dtype = TORCH_DTYPES.get(entry.dtype)
+    if dtype is None:
+        raise CheckpointFormatError(f"dtype {entry.dtype} is not a floating type lorascale can analyse",
+                                    path=entry.file, tensor=entry.name)
+    nbytes = entry.data_end - entry.data_start
+    raw = torch.empty(nbytes, dtype=torch.uint8)
+    try:
+        with entry.file.open("rb") as handle:
+            handle.seek(entry.data_start)
+            got = handle.readinto(memoryview(raw.numpy()))
+    except OSError as exc:
+        raise CheckpointFormatError(f"cannot read tensor data: {exc.strerror or exc}",
+                                    path=entry.file, tensor=entry.name) from exc
+    if got != nbytes:
+        raise CheckpointFormatError(f"file ended after {got} of {nbytes} bytes of this tensor",
+                                    path=entry.file, tensor=entry.name,
+                                    fix="the file is truncated; re-download or re-save it")
+    # safetensors data is little-endian; so is every platform torch ships for.
+    return raw.view(dtype).reshape(entry.shape)
+
+
+def to_compute(tensor: torch.Tensor, entry: TensorEntry, *, dtype: torch.dtype,
+               device: torch.device | str = "cpu") -> torch.Tensor:
+    """Move a stored tensor to the device first, then upcast there (16-bit on the wire), checking finiteness."""
+    out = tensor.to(device=device, non_blocking=True).to(dtype)
+    if not bool(torch.isfinite(out).all()):
+        raise NumericalError("tensor holds NaN or Inf values", path=entry.file, tensor=entry.name,
+                             fix="the checkpoint is corrupt or diverged; exclude this matrix with --exclude")
+    return out

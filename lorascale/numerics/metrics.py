@@ -1,0 +1,94 @@
+"""Metrics of the paper (METHOD.md): max |cos|, intruder counts, effective rank, null level."""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+import torch
+
+# Rows of the similarity product computed at once: bounds the (chunk, p0) temporary.
+_CHUNK = 1024
+
+
+def max_cos(vectors: torch.Tensor, base_vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each column j of `vectors` (d, q): max_i |cos(vectors_j, base_i)| over ALL columns of
+    `base_vectors` (d, p0), and the argmax i.  Columns are unit length, so cos is the dot product.
+
+    Returns (max_cos (q,), argmax (q,) int64).
+    """
+    values, indices = [], []
+    for start in range(0, vectors.shape[1], _CHUNK):
+        block = (vectors[:, start:start + _CHUNK].T @ base_vectors).abs_()  # (c, d) @ (d, p0) -> (c, p0)
+        value, index = block.max(dim=1)
+        values.append(value)
+        indices.append(index)
+    return torch.cat(values), torch.cat(indices)
+
+
+def similarity_block(vectors: torch.Tensor, base_vectors: torch.Tensor, size: int = 10) -> torch.Tensor:
+    """The top-`size` x top-`size` block of |vectors^T base_vectors| (tuned rank x base rank)."""
+    return (vectors[:, :size].T @ base_vectors[:, :size]).abs()  # (size, d) @ (d, size) -> (size, size)
+
+
+def intruder_count(max_cos_values: torch.Tensor | np.ndarray, k: int, epsilon: float) -> int:
+    """Definition 1 of the paper: how many of the top-k tuned vectors have max_cos < epsilon."""
+    top = max_cos_values[:k]
+    return int((top < epsilon).sum())
+
+
+def effective_rank(singular_values: torch.Tensor | np.ndarray) -> float | None:
+    """Roy & Vetterli (2007): exp(entropy of s / sum(s)).  None for a zero matrix (undefined).
+
+    >>> effective_rank(torch.ones(5))
+    5.0
+    """
+    s = torch.as_tensor(singular_values, dtype=torch.float64).clamp_min(0)
+    total = float(s.sum())
+    if total <= 0.0:
+        return None
+    p = s / total
+    p = p[p > 0]  # 0 * log 0 = 0
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
+def lora_delta_singular_values(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    """Singular values of s * B @ A from the r x r core, with no m x n SVD.
+
+    B = Qb Rb and A^T = Qa Ra (thin QR), so s B A = Qb (s Rb Ra^T) Qa^T with orthonormal Qb, Qa:
+    the singular values of the r x r core are those of the update.
+    """
+    _, r_b = torch.linalg.qr(b)  # (m, r) -> (r, r)
+    _, r_a = torch.linalg.qr(a.T)  # (n, r) -> (r, r)
+    core = scale * (r_b @ r_a.T)  # (r, r)
+    return torch.linalg.svdvals(core)
+
+
+@functools.lru_cache(maxsize=256)
+def null_max_cos(dim: int, n_vectors: int, samples: int = 4000, seed: int = 0) -> float:
+    """Expected max |cos| between a uniformly random unit vector in R^dim and `n_vectors` orthonormal
+    vectors: the level a direction unrelated to the base reaches by chance (METHOD.md, "Scale of epsilon").
+
+    By rotation invariance the cosines are the first `n_vectors` coordinates of a uniform point on the
+    sphere, i.e. g_i / ||g|| with g ~ N(0, I_dim).  We draw g_1..g_p exactly and the rest of ||g||^2 as
+    one chi-square(dim - p) variable, so the cost is O(samples * p), not O(samples * dim).
+    Monte Carlo with a fixed seed: deterministic, standard error below 1e-3 of the value.
+    """
+    if not 0 < n_vectors <= dim:
+        raise ValueError(f"need 0 < n_vectors <= dim, got {n_vectors}, {dim}")
+    rng = np.random.default_rng(seed)
+    batch = max(1, min(samples, 2_000_000 // n_vectors))
+    maxima = []
+    for start in range(0, samples, batch):
+        count = min(batch, samples - start)
+        head = rng.standard_normal((count, n_vectors))
+        rest = rng.chisquare(dim - n_vectors, count) if dim > n_vectors else np.zeros(count)
+        norm = np.sqrt((head**2).sum(axis=1) + rest)
+        maxima.append(np.abs(head).max(axis=1) / norm)
+    return float(np.concatenate(maxima).mean())
+
+
+def null_max_cos_approx(dim: int, n_vectors: int) -> float:
+    """Closed-form scale sqrt(2 ln(2 p) / dim), for documentation and sanity checks."""
+    return math.sqrt(2.0 * math.log(2.0 * n_vectors) / dim)

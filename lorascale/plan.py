@@ -1,0 +1,187 @@
+"""Plan the matrix jobs: which base matrices to analyse, and each tuned model's version of them.
+
+Tuned names are matched to the base's naming: exact, then by dotted suffix in either direction, so that
+`bert.encoder.layer.0.attention.self.query.weight` (a task head's model) or a PEFT module path
+`base_model.model.model.layers.0.self_attn.q_proj` finds `encoder.layer.0...` / `model.layers.0...`.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections import Counter
+from dataclasses import dataclass
+
+from lorascale.errors import MismatchError
+from lorascale.io.checkpoint import Checkpoint
+from lorascale.io.safetensors_header import FLOAT_DTYPES
+from lorascale.records import MatrixJob, Skipped, TensorEntry, TunedSource
+
+# Embeddings and output heads are tables of vectors, not linear maps between hidden states: the paper
+# leaves them out, and their vocab-sized SVDs would dominate the run time.
+DEFAULT_EXCLUDE = ("*embed*", "*lm_head*", "*.wte.weight", "*.wpe.weight", "wte.weight", "wpe.weight",
+                   "shared.weight")
+
+
+@dataclass(frozen=True)
+class Plan:
+    jobs: tuple[MatrixJob, ...]  # largest first
+    skipped: tuple[Skipped, ...]
+
+
+class NameMatcher:
+    """Map names from another checkpoint onto the base's names."""
+
+    def __init__(self, base_names: list[str]) -> None:
+        self._names = set(base_names)
+        suffixes: dict[str, list[str]] = {}
+        for name in base_names:
+            parts = name.split(".")
+            for i in range(1, len(parts)):
+                suffixes.setdefault(".".join(parts[i:]), []).append(name)
+        # Only unambiguous suffixes may be used.
+        self._suffix = {s: names[0] for s, names in suffixes.items() if len(names) == 1}
+
+    def match(self, name: str) -> str | None:
+        if name in self._names:
+            return name
+        parts = name.split(".")
+        for i in range(1, len(parts) - 1):  # the other side carries extra leading components
+            candidate = ".".join(parts[i:])
+            if candidate in self._names:
+                return candidate
+        return self._suffix.get(name)  # the base carries extra leading components
+
+
+def selected(name: str, include: tuple[str, ...], exclude: tuple[str, ...]) -> bool:
+    """--include patterns win over the default exclusions; --exclude patterns win over everything."""
+    if any(fnmatch.fnmatchcase(name, p) for p in exclude):
+        return False
+    if include:
+        return any(fnmatch.fnmatchcase(name, p) for p in include)
+    return not any(fnmatch.fnmatchcase(name, p) for p in DEFAULT_EXCLUDE)
+
+
+def _is_matrix(entry: TensorEntry) -> bool:
+    return len(entry.shape) == 2 and entry.dtype in FLOAT_DTYPES
+
+
+def layer_and_module(names: list[str]) -> dict[str, tuple[int | None, str]]:
+    """Layer index (the first all-digit component) and module name for each matrix name.
+
+    The module is the last component (q_proj) when that is unambiguous across the model; otherwise the
+    path after the layer index (BERT has attention.output.dense, intermediate.dense, output.dense).
+    """
+    tails: dict[str, tuple[int | None, str]] = {}
+    for name in names:
+        parts = name.removesuffix(".weight").split(".")
+        index = next((i for i, p in enumerate(parts) if p.isdigit()), None)
+        if index is None:
+            tails[name] = (None, ".".join(parts))
+        else:
+            tails[name] = (int(parts[index]), ".".join(parts[index + 1:]) or parts[index])
+    last_to_tails: dict[str, set[str]] = {}
+    for _, tail in tails.values():
+        last_to_tails.setdefault(tail.rsplit(".", 1)[-1], set()).add(tail)
+    return {
+        name: (layer, tail.rsplit(".", 1)[-1] if len(last_to_tails[tail.rsplit(".", 1)[-1]]) == 1 else tail)
+        for name, (layer, tail) in tails.items()
+    }
+
+
+def plan_jobs(base: Checkpoint, tuned: list[Checkpoint], *, include: tuple[str, ...] = (),
+              exclude: tuple[str, ...] = ()) -> Plan:
+    """Match every tuned checkpoint to the base and build one job per analysed base matrix."""
+    if base.kind != "full":
+        raise MismatchError("the base must be a full checkpoint, not an adapter", path=base.reference,
+                            fix="pass the model the adapter was trained on as --base")
+    base_matrices = {n: e for n, e in base.tensors.items() if _is_matrix(e)}
+    matcher = NameMatcher(list(base_matrices))
+    skipped: list[Skipped] = [Skipped(n, "not selected (default exclusions or --include/--exclude)")
+                              for n in base_matrices if not selected(n, include, exclude)]
+    sources: dict[str, list[TunedSource]] = {}
+    for model in tuned:
+        found = (_match_adapter if model.kind == "lora" else _match_full)(model, base_matrices, matcher, skipped)
+        if not found:
+            raise MismatchError(
+                "no weight matrix matches the base checkpoint", path=model.reference,
+                fix=f"check that it is a fine-tune of {base.reference}",
+            )
+        for name, source in found.items():
+            if selected(name, include, exclude):
+                sources.setdefault(name, []).append(source)
+    names = [n for n in base_matrices if n in sources]
+    if not names:
+        raise MismatchError("no matrix left to analyse after --include/--exclude", path=base.reference,
+                            fix="widen --include or narrow --exclude")
+    for name in base_matrices:
+        if name not in sources and selected(name, include, exclude):
+            skipped.append(Skipped(name, "not changed by any tuned model (adapter does not target it)"))
+    labels = layer_and_module(names)
+    jobs = [
+        MatrixJob(matrix=n, layer=labels[n][0], module=labels[n][1], rows=base_matrices[n].shape[0],
+                  cols=base_matrices[n].shape[1], base=base_matrices[n], tuned=tuple(sources[n]))
+        for n in names
+    ]
+    # Largest first keeps the tail of a run short; ties keep checkpoint order, so runs are reproducible.
+    order = {n: i for i, n in enumerate(names)}
+    jobs.sort(key=lambda j: (-j.cost, order[j.matrix]))
+    return Plan(jobs=tuple(jobs), skipped=tuple(skipped))
+
+
+def _match_full(model: Checkpoint, base: dict[str, TensorEntry], matcher: NameMatcher,
+                skipped: list[Skipped]) -> dict[str, TunedSource]:
+    found: dict[str, TunedSource] = {}
+    for name, entry in model.tensors.items():
+        if not _is_matrix(entry):
+            continue
+        target = matcher.match(name)
+        if target is None:
+            skipped.append(Skipped(name, "only in the tuned checkpoint", model.reference))
+            continue
+        if entry.shape != base[target].shape:
+            if not selected(target, (), ()):
+                skipped.append(Skipped(target, f"shape {list(entry.shape)} differs from the base's "
+                                               f"{list(base[target].shape)} (resized vocabulary?)", model.reference))
+                continue
+            raise MismatchError(
+                f"shape {list(entry.shape)} differs from the base's {list(base[target].shape)}",
+                path=entry.file, tensor=name, fix="the checkpoints are different architectures, or exclude it",
+            )
+        found[target] = TunedSource(model=model.reference, update="full", full=entry)
+    for target in base:
+        if target not in found and not any(s.matrix == target and s.model == model.reference for s in skipped):
+            skipped.append(Skipped(target, "only in the base checkpoint", model.reference))
+    return found
+
+
+def _match_adapter(model: Checkpoint, base: dict[str, TensorEntry], matcher: NameMatcher,
+                   skipped: list[Skipped]) -> dict[str, TunedSource]:
+    assert model.lora is not None
+    found: dict[str, TunedSource] = {}
+    unknown: list[str] = []
+    for module, factors in model.lora.factors.items():
+        target = matcher.match(f"{module}.weight")
+        if target is None:
+            unknown.append(module)
+            continue
+        out_dim, in_dim = factors.b.shape[0], factors.a.shape[1]
+        expected = (in_dim, out_dim) if factors.fan_in_fan_out else (out_dim, in_dim)
+        if base[target].shape != expected:
+            raise MismatchError(
+                f"adapter factors give a {list(expected)} update but the base matrix {target} is "
+                f"{list(base[target].shape)}", path=factors.a.file, tensor=factors.a.name,
+                fix="the adapter was trained on a different base model" + (
+                    "" if factors.fan_in_fan_out else " (or it needs fan_in_fan_out)"),
+            )
+        found[target] = TunedSource(model=model.reference, update="lora", lora=factors)
+    if unknown:
+        trained_on = model.adapter.base_model_name_or_path if model.adapter else None
+        raise MismatchError(
+            f"adapter targets {len(unknown)} module(s) the base does not have, e.g. {unknown[0]!r}",
+            path=model.reference,
+            fix=f"pass the base it was trained on{f' ({trained_on})' if trained_on else ''} as --base",
+        )
+    for name, why in model.lora.other.items():
+        skipped.append(Skipped(name, why, model.reference))
+    return found

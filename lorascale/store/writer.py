@@ -1,0 +1,123 @@
+"""Write the three tables incrementally as Parquet part files, each one atomically.
+
+Parts are numbered; a part of `matrices/` is written last for its matrices, so a matrix counts as done
+exactly when its `matrices` rows exist.  A crash can leave `spectra`/`similarity` parts without their
+`matrices` part: `remove_orphans` deletes them before a resumed run continues.  Temporary files start
+with "." so that pyarrow.dataset (which skips "." and "_" prefixed files) never reads a half file.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+
+from lorascale.records import MatrixResult
+from lorascale.store.schema import MATRICES, SCHEMAS, SIMILARITY, SPECTRA, TABLES
+
+_PART = re.compile(r"^part-(\d{6})\.parquet$")
+
+
+def part_numbers(table_dir: Path) -> set[int]:
+    if not table_dir.is_dir():
+        return set()
+    return {int(m.group(1)) for p in table_dir.iterdir() if (m := _PART.match(p.name))}
+
+
+def remove_orphans(out: Path) -> None:
+    """Delete parts of spectra/similarity whose matrices part was never written, and stale temp files."""
+    complete = part_numbers(out / MATRICES)
+    for table in TABLES:
+        directory = out / table
+        if not directory.is_dir():
+            continue
+        for path in directory.iterdir():
+            match = _PART.match(path.name)
+            if path.name.startswith(".tmp-") or (match and table != MATRICES and int(match.group(1)) not in complete):
+                path.unlink()
+
+
+def completed_pairs(out: Path) -> set[tuple[str, str]]:
+    """(model, matrix) pairs whose rows are all written."""
+    directory = out / MATRICES
+    if not part_numbers(directory):
+        return set()
+    table = ds.dataset(directory, format="parquet").to_table(columns=["model", "matrix"])
+    return set(zip(table.column("model").to_pylist(), table.column("matrix").to_pylist()))
+
+
+def _column(values: object, field: pa.Field) -> pa.Array:
+    if isinstance(values, np.ndarray) and values.dtype == object:
+        return pa.array(values, type=field.type)
+    if isinstance(values, np.ndarray):
+        if pa.types.is_floating(field.type):
+            mask = np.isnan(values)
+            return pa.array(values, type=field.type, mask=mask if mask.any() else None)
+        if pa.types.is_integer(field.type) and field.nullable:
+            mask = values < 0
+            return pa.array(values, type=field.type, mask=mask if mask.any() else None)
+        return pa.array(values, type=field.type)
+    return pa.array(list(values), type=field.type)  # type: ignore[arg-type]
+
+
+def to_table(columns: dict[str, list[object]], schema: pa.Schema) -> pa.Table:
+    """Concatenate per-matrix column chunks into one Arrow table of `schema`."""
+    arrays = []
+    for field in schema:
+        chunks = columns[field.name]
+        if chunks and isinstance(chunks[0], np.ndarray):
+            arrays.append(pa.chunked_array([_column(c, field) for c in chunks], type=field.type))
+        else:
+            flat = [v for chunk in chunks for v in chunk]
+            arrays.append(pa.chunked_array([_column(flat, field)], type=field.type))
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+class ResultWriter:
+    """Buffers MatrixResults and flushes them as one part per table every `flush_every` matrices
+    or `flush_seconds` seconds, whichever comes first."""
+
+    def __init__(self, out: Path, *, flush_every: int = 16, flush_seconds: float = 30.0) -> None:
+        self.out = out
+        for table in TABLES:
+            (out / table).mkdir(parents=True, exist_ok=True)
+        self.flush_every, self.flush_seconds = flush_every, flush_seconds
+        self._next = max(part_numbers(out / MATRICES) | part_numbers(out / SPECTRA)
+                         | part_numbers(out / SIMILARITY), default=-1) + 1
+        self._pending: list[MatrixResult] = []
+        self._last_flush = time.monotonic()
+
+    def add(self, result: MatrixResult) -> None:
+        self._pending.append(result)
+        if len(self._pending) >= self.flush_every or time.monotonic() - self._last_flush > self.flush_seconds:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        name = f"part-{self._next:06d}.parquet"
+        # matrices last: its part is what marks these matrices as done.
+        for table, pick in ((SPECTRA, lambda r: r.spectra), (SIMILARITY, lambda r: r.similarity),
+                            (MATRICES, lambda r: r.matrices)):
+            columns: dict[str, list[object]] = {f.name: [] for f in SCHEMAS[table]}
+            for result in self._pending:
+                for key, values in pick(result).items():
+                    columns[key].append(values)
+            _write_atomic(to_table(columns, SCHEMAS[table]), self.out / table / name)
+        self._next += 1
+        self._pending.clear()
+        self._last_flush = time.monotonic()
+
+
+def _write_atomic(table: pa.Table, path: Path) -> None:
+    tmp = path.with_name(f".tmp-{path.name}")
+    pq.write_table(table, tmp, compression="zstd")
+    with open(tmp, "rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)

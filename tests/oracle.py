@@ -1,0 +1,46 @@
+"""A float64 numpy implementation of METHOD.md, written independently of lorascale's torch code."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def svd(w: np.ndarray):
+    return np.linalg.svd(np.asarray(w, dtype=np.float64), full_matrices=False)
+
+
+def max_cos(w0: np.ndarray, w: np.ndarray, side: str = "left"):
+    u0, _, vt0 = svd(w0)
+    u, s, vt = svd(w)
+    a, b = (u, u0) if side == "left" else (vt.T, vt0.T)
+    sim = np.abs(a.T @ b)
+    return s, sim.max(axis=1), sim.argmax(axis=1), sim[:10, :10]
+
+
+def intruders(w0: np.ndarray, w: np.ndarray, k: int, epsilon: float, side: str = "left") -> int:
+    _, mc, _, _ = max_cos(w0, w, side)
+    return int((mc[:k] < epsilon).sum())
+
+
+def effective_rank(s: np.ndarray) -> float:
+    s = np.asarray(s, dtype=np.float64)
+    p = s / s.sum()
+    p = p[p > 0]
+    return float(np.exp(-(p * np.log(p)).sum()))
+
+
+def delta_metrics(w0: np.ndarray, w: np.ndarray):
+    d = np.asarray(w, np.float64) - np.asarray(w0, np.float64)
+    s = np.linalg.svd(d, compute_uv=False)
+    fro = float(np.linalg.norm(d))
+    return fro, fro / float(np.linalg.norm(np.asarray(w0, np.float64))), effective_rank(s)
+
+
+def separated(rows: int, cols: int, rng: np.random.Generator, *, top: float = 10.0, gap: float = 0.9):
+    """A matrix whose singular values decay geometrically (ratio `gap`), so every singular vector is well
+    defined and fp32 vectors can be compared with float64 ones entry by entry."""
+    p = min(rows, cols)
+    u, _ = np.linalg.qr(rng.standard_normal((rows, p)))
+    v, _ = np.linalg.qr(rng.standard_normal((cols, p)))
+    s = top * gap ** np.arange(p) + 0.05 * top * np.linspace(1, 0.5, p)
+    return (u * s) @ v.T
