@@ -8,8 +8,6 @@ Tuned names are matched to the base's naming: exact, then by dotted suffix in ei
 from __future__ import annotations
 
 import fnmatch
-import re
-from collections import Counter
 from dataclasses import dataclass
 
 from lorascale.errors import MismatchError

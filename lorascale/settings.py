@@ -7,7 +7,12 @@ that a test or a long-lived process can change them; their meaning is huggingfac
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+
+
+_TRUE = {"1", "ON", "YES", "TRUE"}
 
 
 def _flag(name: str) -> bool:
@@ -19,22 +24,29 @@ def debug() -> bool:
     return _flag("LORASCALE_DEBUG")
 
 
-def hub_offline() -> bool:
-    return _flag("HF_HUB_OFFLINE") or _flag("TRANSFORMERS_OFFLINE")
+@dataclass(frozen=True)
+class HubSettings:
+    """How to reach the Hugging Face Hub. `token` is excluded from repr so it cannot leak into logs."""
+
+    cache_dir: Path
+    offline: bool
+    token: str | None = field(default=None, repr=False)
 
 
-def hub_cache_dir() -> Path:
-    """HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub (huggingface_hub's own rule)."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
-    home = os.environ.get("HF_HOME") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.join(os.path.expanduser("~"), ".cache")), "huggingface")
-    return Path(home).expanduser() / "hub"
+def hub_settings(environ: Mapping[str, str] | None = None) -> HubSettings:
+    """Read the Hub environment variables now, with huggingface_hub's precedence.
 
-
-def hub_token() -> str | None:
-    """HF_TOKEN; never logged, never written to outputs."""
-    return os.environ.get("HF_TOKEN") or None
+    huggingface_hub copies them into `huggingface_hub.constants` at import time (0.23 even binds copies into
+    other modules), so setting them later has no effect there. Reading them per call and passing `cache_dir`,
+    `local_files_only` and `token` explicitly makes later changes (and tests) work on every version.
+    """
+    env = os.environ if environ is None else environ
+    home = env.get("HF_HOME") or os.path.join(
+        env.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "huggingface")
+    cache = env.get("HF_HUB_CACHE") or env.get("HUGGINGFACE_HUB_CACHE") or os.path.join(home, "hub")
+    offline = (env.get("HF_HUB_OFFLINE") or env.get("TRANSFORMERS_OFFLINE") or "").upper() in _TRUE
+    token = (env.get("HF_TOKEN") or env.get("HUGGING_FACE_HUB_TOKEN") or "").strip() or None
+    return HubSettings(Path(os.path.abspath(os.path.expanduser(os.path.expandvars(cache)))), offline, token)
 
 
 def cache_dir() -> Path:

@@ -1,0 +1,283 @@
+"""Turn a checkpoint reference (local directory, .safetensors file, or Hub `org/name[@rev]`) into local files.
+
+Nothing here reads tensor data or safetensors headers; the result only says which files to index. Pickled
+weights (.bin/.pt/.pth) are never opened or downloaded: unpickling runs arbitrary code.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+import re
+
+from fnmatch import fnmatchcase
+from pathlib import Path, PurePosixPath
+from typing import Any, Callable, Iterable
+
+from huggingface_hub import list_repo_files, snapshot_download
+
+try:  # huggingface_hub >= 0.25 keeps every exception class in `errors`
+    from huggingface_hub.errors import (DisabledRepoError, EntryNotFoundError, GatedRepoError, HFValidationError,
+                                        HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled,
+                                        RepositoryNotFoundError, RevisionNotFoundError)
+except ImportError:  # 0.23-0.24: the HTTP ones only live in `utils` (which still re-exports them all today)
+    from huggingface_hub.utils import (DisabledRepoError, EntryNotFoundError, GatedRepoError,  # type: ignore
+                                       HFValidationError, HfHubHTTPError, LocalEntryNotFoundError,
+                                       OfflineModeIsEnabled, RepositoryNotFoundError, RevisionNotFoundError)
+
+from lorascale.errors import CheckpointFormatError, CheckpointReferenceError
+from lorascale.records import ResolvedCheckpoint
+from lorascale.settings import HubSettings, hub_settings
+
+_log = logging.getLogger(__name__)
+# The HTTP client's own base error (requests' before 1.0, httpx's after): e.g. proxy errors come through raw.
+_CLIENT_ERRORS = tuple(base for base in HfHubHTTPError.__bases__ if base is not OSError)
+
+
+# --- Rules shared by local directories and Hub repos ------------------------------------------------------------
+
+INDEX = "model.safetensors.index.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+_META_FILES = ("config.json", "adapter_config.json", INDEX)
+_PICKLE_PATTERNS = ("pytorch_model*.bin", "*.pt", "*.pth", "adapter_model.bin")
+_REPO_RE = re.compile(r"(?P<repo>[A-Za-z0-9._-]+/[A-Za-z0-9._-]+)(?:@(?P<rev>\S+))?")
+_SHA256_RE = re.compile(r"[0-9a-f]{64}")
+_CONVERT = ("lorascale never unpickles; convert to safetensors, e.g. load with transformers/peft and "
+            "save_pretrained(..., safe_serialization=True)")
+
+
+def _pickles(names: Iterable[str]) -> list[str]:
+    """Top-level pickled weight files among `names`."""
+    return sorted(n for n in names if "/" not in n and any(fnmatchcase(n, p) for p in _PICKLE_PATTERNS))
+
+
+def _choose_weights(reference: str, names: set[str], *, adapter: bool, shards: list[str] | None) -> list[str]:
+    """The directory rules, applied to the files of a local directory or of a Hub repo; raise if none apply.
+
+    `adapter`: adapter_config.json is present; `shards`: the weight_map shards when the index is present.
+    """
+    if adapter:
+        if ADAPTER_WEIGHTS in names:
+            return [ADAPTER_WEIGHTS]
+        if "adapter_model.bin" in names:
+            raise CheckpointReferenceError("the adapter has only pickled weights (adapter_model.bin)",
+                                           path=reference, fix=_CONVERT)
+        raise CheckpointReferenceError(f"adapter_config.json but no {ADAPTER_WEIGHTS}", path=reference)
+    if shards is not None:
+        if missing := [s for s in shards if s not in names]:
+            raise CheckpointFormatError(f"shard {missing[0]} listed in {INDEX} does not exist", path=reference,
+                                        fix="re-download the checkpoint, or use another revision")
+        return shards
+    top = {n for n in names if "/" not in n}
+    plain = ["model.safetensors"] if "model.safetensors" in top else sorted(
+        n for n in top if n.endswith(".safetensors"))
+    if len(plain) == 1:
+        return plain
+    if plain:
+        raise CheckpointReferenceError(f"{len(plain)} .safetensors files and no {INDEX}", path=reference,
+                                       fix="pass the path of the one file to analyse")
+    if pickles := _pickles(names):
+        raise CheckpointReferenceError(f"only pickled weights ({', '.join(pickles)})", path=reference,
+                                       fix=_CONVERT)
+    raise CheckpointReferenceError(f"not a checkpoint: no adapter_config.json, {INDEX} or .safetensors file",
+                                   path=reference)
+
+
+def _read_index(path: Path) -> list[str]:
+    """Distinct shard names of a model.safetensors.index.json weight_map, sorted."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointFormatError(f"cannot read index JSON ({exc})", path=path,
+                                    fix="re-download or re-save the checkpoint") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointFormatError("index JSON has no 'weight_map' object", path=path,
+                                    fix="re-download or re-save the checkpoint")
+    for shard in weight_map.values():
+        # A shard name is joined to the checkpoint directory: refuse anything that could point outside it.
+        if (not isinstance(shard, str) or not shard.endswith(".safetensors") or shard.startswith(("/", "\\"))
+                or ".." in PurePosixPath(shard).parts):
+            raise CheckpointFormatError(f"weight_map names an invalid shard {shard!r}", path=path)
+    return sorted(set(weight_map.values()))
+
+
+def _existing(root: Path, name: str) -> Path | None:
+    return root / name if (root / name).is_file() else None
+
+
+# --- Public entry point -----------------------------------------------------------------------------------------
+
+def resolve(reference: str) -> ResolvedCheckpoint:
+    """Resolve a local directory, a local .safetensors file or a Hub `org/name[@revision]` to local files.
+
+    Raises CheckpointReferenceError (missing path, not a checkpoint, pickle-only weights, any Hub failure) or
+    CheckpointFormatError (bad index JSON, index naming a missing shard).
+    """
+    if not reference or not reference.strip():
+        raise CheckpointReferenceError("empty checkpoint reference")
+    expanded = os.path.expanduser(reference)
+    # Explicit path syntax wins, then anything that exists: a local folder named like `org/name` is a path.
+    if reference.startswith(("/", "./", "../", "~")) or os.path.isabs(reference) or os.path.lexists(expanded):
+        return _resolve_local(reference, Path(os.path.abspath(expanded)))
+    match = _REPO_RE.fullmatch(reference)
+    if match:
+        return _resolve_hub(reference, match["repo"], match["rev"], hub_settings())
+    raise CheckpointReferenceError("no such file or directory", path=reference,
+                                   fix="give a local path, or a Hugging Face repo id as org/name[@revision]")
+
+
+# --- Local ------------------------------------------------------------------------------------------------------
+
+def _resolve_local(reference: str, path: Path) -> ResolvedCheckpoint:
+    # abspath, not resolve(): following symlinks would turn hub-cache snapshot files into hash-named blobs.
+    if path.is_dir():
+        return _resolve_dir(reference, path)
+    if not path.exists():
+        raise CheckpointReferenceError("no such file or directory", path=reference)
+    if path.suffix != ".safetensors":
+        if path.suffix in {".bin", ".pt", ".pth"}:
+            raise CheckpointReferenceError("pickled weights are not read", path=reference, fix=_CONVERT)
+        raise CheckpointReferenceError("not a .safetensors file or checkpoint directory", path=reference)
+    root = path.parent
+    adapter = _existing(root, "adapter_config.json") if path.name == ADAPTER_WEIGHTS else None
+    return ResolvedCheckpoint(reference=reference, source="local-file", kind="lora" if adapter else "full",
+                              root=root, weight_files=(path,), adapter_config=adapter,
+                              config=_existing(root, "config.json"))
+
+
+def _resolve_dir(reference: str, root: Path) -> ResolvedCheckpoint:
+    names = {p.name for p in root.iterdir() if p.is_file()}
+    adapter = _existing(root, "adapter_config.json")
+    index = None if adapter else _existing(root, INDEX)
+    shards = _read_index(index) if index else None
+    names |= {s for s in shards or () if (root / s).is_file()}  # shards may sit in subfolders
+    weights = _choose_weights(reference, names, adapter=adapter is not None, shards=shards)
+    return ResolvedCheckpoint(reference=reference, source="local-dir", kind="lora" if adapter else "full",
+                              root=root, weight_files=tuple(root / n for n in weights), index_file=index,
+                              adapter_config=adapter, config=_existing(root, "config.json"))
+
+
+# --- Hugging Face Hub -------------------------------------------------------------------------------------------
+
+def _resolve_hub(reference: str, repo_id: str, revision: str | None, settings: HubSettings) -> ResolvedCheckpoint:
+    # Two rounds so that only what is needed is fetched: the small metadata decides which weights to get.
+    snap = _snapshot(reference, repo_id, revision, _META_FILES, settings)
+    commit = snap.name  # snapshot folders are named by commit hash, whatever revision was asked for
+    adapter, index, config = (_existing(snap, n) for n in ("adapter_config.json", INDEX, "config.json"))
+    index = None if adapter else index
+    shards = _read_index(index) if index else None
+    wanted = [ADAPTER_WEIGHTS] if adapter else shards or ["model.safetensors"]
+    snap = _snapshot(reference, repo_id, commit, wanted, settings)
+    if missing := [n for n in wanted if not (snap / n).is_file()]:
+        # Only now pay for a listing: the rest of the directory rules, or the precise reason for the failure.
+        if settings.offline:  # all we know is what the cache holds
+            names = {p.relative_to(snap).as_posix() for p in snap.rglob("*") if p.is_file()}
+            lone = sorted(n for n in names if "/" not in n and n.endswith(".safetensors"))
+            if _pickles(names) and not lone:
+                raise CheckpointReferenceError(
+                    f"the local hub cache at {settings.cache_dir} holds only pickled weights "
+                    f"({', '.join(_pickles(names))})", path=reference,
+                    fix="run once with network access to fetch .safetensors weights; " + _CONVERT)
+            if adapter or shards or len(lone) != 1:
+                raise _cache_miss(reference, missing, settings.cache_dir, offline=True)
+            chosen = lone
+        else:
+            names = set(_hub_call(reference, commit, settings, list_repo_files, repo_id, revision=commit))
+            chosen = _choose_weights(reference, names, adapter=adapter is not None, shards=shards)
+            if chosen == wanted:  # the repo has them, yet the download left them out
+                raise _cache_miss(reference, missing, settings.cache_dir, offline=False)
+        wanted = chosen
+        snap = _snapshot(reference, repo_id, commit, wanted, settings)
+        if missing := [n for n in wanted if not (snap / n).is_file()]:
+            raise _cache_miss(reference, missing, settings.cache_dir, offline=settings.offline)
+    hashes = {n: h for n in wanted if (h := _lfs_sha256(snap / n, snap)) is not None}
+    _log.debug("resolved %s to %s (%d weight files)", reference, snap, len(wanted))
+    return ResolvedCheckpoint(reference=reference, source="hub", kind="lora" if adapter else "full", root=snap,
+                              weight_files=tuple(snap / n for n in wanted), index_file=index,
+                              adapter_config=adapter, config=config, repo_id=repo_id, revision=commit,
+                              file_hashes=hashes)
+
+
+def _snapshot(reference: str, repo_id: str, revision: str | None, files: Iterable[str],
+              settings: HubSettings) -> Path:
+    """snapshot_download restricted to `files` (exact names; escaped because the patterns are fnmatch globs)."""
+    return Path(_hub_call(reference, revision, settings, snapshot_download, repo_id, revision=revision,
+                          cache_dir=settings.cache_dir, allow_patterns=[glob.escape(f) for f in files],
+                          local_files_only=settings.offline))
+
+
+def _hub_call(reference: str, revision: str | None, settings: HubSettings, fn: Callable[..., Any], /,
+              *args: Any, **kwargs: Any) -> Any:
+    """Call huggingface_hub, turning its exceptions into one-line CheckpointReferenceErrors.
+
+    The replacement is raised outside the `except` block so it carries no __context__: huggingface_hub errors
+    hold the HTTP request, whose headers contain the token.
+    """
+    try:
+        return fn(*args, token=settings.token, **kwargs)
+    except (HfHubHTTPError, EntryNotFoundError, OfflineModeIsEnabled, HFValidationError, OSError,
+            *_CLIENT_ERRORS) as exc:
+        error = _hub_error(exc, reference, revision, settings)
+    raise error
+
+
+def _hub_error(exc: Exception, reference: str, revision: str | None,
+               settings: HubSettings) -> CheckpointReferenceError:
+    """Map by exception class only: huggingface_hub's wording changes between versions."""
+    def err(message: str, fix: str | None = None) -> CheckpointReferenceError:
+        return CheckpointReferenceError(message, path=reference, fix=fix)
+
+    if isinstance(exc, GatedRepoError):  # before RepositoryNotFoundError: it is a subclass
+        return err("gated repo and this token has no access",
+                   "request access on the repo's Hub page, then set HF_TOKEN to a token of that account")
+    if isinstance(exc, RepositoryNotFoundError):
+        return err("repository not found on the Hugging Face Hub (or private and no valid token)",
+                   "check the repo id, or set HF_TOKEN to a token that can read it")
+    if isinstance(exc, RevisionNotFoundError):
+        return err(f"revision {revision or 'main'!r} not found", "use an existing branch, tag or commit hash")
+    if isinstance(exc, DisabledRepoError):
+        return err("the repo has been disabled on the Hub", "use another repo or a local copy")
+    if isinstance(exc, HFValidationError):
+        return err("not a valid Hugging Face repo id, and no such file or directory")
+    if settings.offline or any(isinstance(e, OfflineModeIsEnabled) for e in (exc, exc.__cause__)):
+        # (the latter: HF_HUB_OFFLINE was set when huggingface_hub was imported, and it only reads it then)
+        return _cache_miss(reference, None, settings.cache_dir, offline=True)
+    if isinstance(exc, LocalEntryNotFoundError):  # online, Hub unreachable, nothing cached
+        return err(f"cannot reach the Hugging Face Hub, and not in the local hub cache at {settings.cache_dir}",
+                   "check the network connection, proxy and HF_ENDPOINT")
+    if isinstance(exc, OSError) and not isinstance(exc, HfHubHTTPError) and exc.filename:  # a local file problem
+        return err(f"cannot use the hub cache at {settings.cache_dir} ({exc.strerror or type(exc).__name__})",
+                   "check disk space and permissions, or set HF_HUB_CACHE")
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    return err(f"Hugging Face Hub request failed ({type(exc).__name__}{f', HTTP {status}' if status else ''})",
+               "check the network connection, or retry later")
+
+
+def _cache_miss(reference: str, files: list[str] | None, cache_dir: Path, *,
+                offline: bool) -> CheckpointReferenceError:
+    """Files absent from the snapshot: offline, not cached yet; online, a download that left them out."""
+    what = "" if not files else f"{files[0]}{f' (and {len(files) - 1} more)' if len(files) > 1 else ''} "
+    if offline:
+        return CheckpointReferenceError(f"{what}not in the local hub cache at {cache_dir}", path=reference,
+                                        fix="run once with network access or unset HF_HUB_OFFLINE")
+    return CheckpointReferenceError(f"{what}could not be fetched into the hub cache at {cache_dir}",
+                                    path=reference, fix="retry; check disk space and write permission")
+
+
+def _lfs_sha256(pointer: Path, snap: Path) -> str | None:
+    """sha256 of a cached LFS file, taken from the name of the blob its snapshot symlink points to.
+
+    Only one link level is read: newer huggingface_hub makes repo blobs symlinks into a cache-wide store named
+    by Xet hash, which is not a sha256. Non-LFS blobs are named by git sha1 (40 hex) and give None.
+    """
+    try:
+        target = os.readlink(pointer)
+    except OSError:  # not a symlink: cache without symlink support, nothing to learn
+        return None
+    blob = os.path.normpath(os.path.join(pointer.parent, target))
+    in_repo_blobs = os.path.dirname(blob) == os.path.normpath(snap.parent.parent / "blobs")
+    name = os.path.basename(blob)
+    return name if in_repo_blobs and _SHA256_RE.fullmatch(name) else None
