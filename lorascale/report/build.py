@@ -1,0 +1,139 @@
+"""`build_report`: render every figure and index.html into a temporary directory, then swap it in.
+
+The swap means a crash, Ctrl-C or full disk mid-render leaves either the previous report or none,
+never a half-written one that looks complete.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import pyarrow as pa
+
+from lorascale.errors import OptionError, OutputError
+from lorascale.report import queries
+from lorascale.report.labels import slug
+from lorascale.report.page import GENERATOR, FigureEntry, PageContent, render_page
+from lorascale.report.summary import rows_for_run
+from lorascale.report.tables import Order, Run, open_run, unreadable
+
+INDEX = "index.html"
+
+
+def _check_out(out: Path) -> None:
+    """Refuse to replace a directory that is not an earlier report (it might hold the user's files)."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise OutputError("report output exists and is not a directory", path=out,
+                          fix="choose another --out for the report")
+    entries = list(out.iterdir())
+    index = out / INDEX
+    ours = index.is_file() and f'content="{GENERATOR}"' in index.read_text(encoding="utf-8", errors="replace")
+    if entries and not ours:
+        raise OutputError("report output directory is not empty and holds no earlier lorascale report",
+                          path=out, fix="choose an empty or new directory for the report")
+
+
+def _resolve_matrices(run: Run, matrices: Sequence[str] | None) -> list[queries.ChosenMatrix]:
+    if matrices is None:
+        return queries.choose_matrices(run)
+    requested = [matrices] if isinstance(matrices, str) else list(matrices)
+    known = set(run.matrices.column("matrix").to_pylist())
+    unknown = [name for name in requested if name not in known]
+    if unknown:
+        examples = ", ".join(sorted(known)[:3])
+        raise OptionError(f"unknown matrix name(s): {', '.join(unknown)}",
+                          fix=f"use tensor names from the matrices table, e.g. {examples}")
+    return queries.choose_matrices(run, requested)
+
+
+def _render(run: Run, chosen: list[queries.ChosenMatrix], order: Order, directory: Path) -> PageContent:
+    # Imported here so that `import lorascale.report` (and the CLI summary) never loads matplotlib.
+    from lorascale.report import figures, figures_matrix
+    from lorascale.report.style import model_styles
+
+    styles = model_styles(run.models, run.kinds)
+    content = PageContent(run=run, rows=rows_for_run(run))
+
+    def add(entry: FigureEntry | None, missing: str) -> None:
+        if entry is None:
+            content.notes.append(missing)
+        else:
+            content.figures.append(entry)
+
+    no_spectra = "the run has no spectra table" if "spectra" in run.missing_tables else "no tuned spectra rows"
+    add(figures.intruders_vs_epsilon(run, styles, directory), f"Intruders vs ε: {no_spectra}.")
+    add(figures.intruders_vs_k(run, styles, directory), f"Intruders vs k: {no_spectra}.")
+    add(figures_matrix.intruder_locations(run, directory), "Intruder locations: no matrices.")
+    for number, choice in enumerate(chosen, start=1):
+        add(figures_matrix.heatmap(run, choice, directory, f"heatmap-{number}-{slug(choice.name)}"),
+            f"Similarity heatmap for {choice.name}: no similarity rows for it.")
+    add(figures_matrix.spectra(run, styles, chosen, directory), f"Spectra: {no_spectra} for the chosen matrices.")
+    add(figures.effective_rank(run, styles, directory),
+        "Effective rank of dW: no matrix has both a layer index and a changed weight.")
+    if len(run.models) >= 2:
+        series_matrix = chosen[0].name if chosen and chosen[0].reason == "requested" else None
+        add(figures.checkpoints(run, directory, matrix=series_matrix, order=order),
+            "Checkpoint series: not enough data.")
+    else:
+        content.notes.append("Checkpoint series: needs at least two tuned models.")
+    # Sections in reading order; figures keep their order within a section.
+    sections = ["Intruder dimensions", "Similarity of singular vectors", "The update dW", "Checkpoint series"]
+    content.figures.sort(key=lambda e: sections.index(e.section) if e.section in sections else len(sections))
+    return content
+
+
+def _swap_in(tmp: Path, out: Path) -> None:
+    """Replace `out` by `tmp`; the old report is moved aside first and removed only after success."""
+    old = None
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.replace(out, old / out.name)
+    try:
+        os.replace(tmp, out)
+    except OSError:
+        if old is not None:
+            os.replace(old / out.name, out)  # put the previous report back
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def build_report(results: str | Path, out: str | Path | None = None, *,
+                 matrices: Sequence[str] | None = None, order: Order = "as-given") -> Path:
+    """Write PNG + SVG figures and an offline index.html for the run in `results`; return index.html.
+
+    `out` defaults to `results/report`. `matrices` picks the matrices for heatmaps, spectra and the
+    checkpoint series (default: the two with most intruders and one typical one). `order` is the order of
+    tuned models in legends and the checkpoint series: "as-given" (manifest) or "name" (natural sort,
+    so checkpoint-200 comes before checkpoint-1000).
+
+    Raises OutputError for a missing or unusable results directory or output directory, and OptionError
+    for matrix names the run does not have.
+
+    >>> build_report("results/")  # doctest: +SKIP
+    PosixPath('results/report/index.html')
+    """
+    run = open_run(results, order=order)
+    out_dir = Path(out) if out is not None else run.root / "report"
+    _check_out(out_dir)
+    chosen = _resolve_matrices(run, matrices)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        try:
+            content = _render(run, chosen, order, tmp)
+        except pa.ArrowException as exc:  # a spectra/similarity part that cannot be read
+            raise unreadable(run.root, exc) from exc
+        (tmp / INDEX).write_text(render_page(content), encoding="utf-8")
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; a report is meant to be shared
+        _swap_in(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir / INDEX

@@ -1,0 +1,157 @@
+"""Open a finished (or running) results directory for reporting: manifest, model order, table access.
+
+Only the manifest and the small `matrices` table are read eagerly; `spectra` and `similarity` can hold
+millions of rows for a 7B model, so queries scan them with column projection and filters instead.
+Nothing here imports matplotlib: the CLI's run-end summary goes through this module too.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import pyarrow as pa
+import pyarrow.dataset as ds
+
+from lorascale.errors import OptionError, OutputError
+from lorascale.store.schema import MANIFEST, MATRICES, SCHEMAS, SIMILARITY, SPECTRA
+
+Order = Literal["as-given", "name"]
+
+# Columns that repeat a handful of values millions of times: reading them dictionary-encoded keeps a
+# 7B run's spectra table in memory at a fraction of the plain-string size.
+_DICTIONARY_COLUMNS = ["model", "role", "matrix", "side", "module", "update"]
+
+_RUN_FIX = "pass the --out directory of a `lorascale run` (it holds manifest.json and matrices/)"
+
+
+def natural_key(text: str) -> tuple[Any, ...]:
+    """Sort key that orders embedded numbers numerically, so checkpoint-200 < checkpoint-1000.
+
+    >>> sorted(["run/checkpoint-1000", "run/checkpoint-200"], key=natural_key)
+    ['run/checkpoint-200', 'run/checkpoint-1000']
+    """
+    # Pair each chunk with a type tag so numbers and text never compare with each other.
+    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part.lower())
+                 for part in re.split(r"(\d+)", text) if part)
+
+
+@dataclass(frozen=True)
+class Run:
+    """One results directory, ready for queries.
+
+    `models` is the display order of the tuned models (manifest order, or natural name order).
+    `matrices` is the whole matrices table (one row per tuned model and matrix; small).
+    """
+
+    root: Path
+    manifest: dict[str, Any]
+    base: str
+    models: tuple[str, ...]
+    kinds: dict[str, str]
+    k: int
+    epsilon: float
+    sides: tuple[str, ...]
+    matrices: pa.Table
+    missing_tables: tuple[str, ...] = field(default=())
+
+    @property
+    def status(self) -> str:
+        """The manifest's status ("complete", "running", "failed"), or "unknown"."""
+        return str(self.manifest.get("status", "unknown"))
+
+    def dataset(self, table: str) -> ds.Dataset | None:
+        """The Parquet dataset of `table`, or None when the run has not written it."""
+        return _open_dataset(self.root / table, table)
+
+
+def _open_dataset(path: Path, table: str) -> ds.Dataset | None:
+    if not path.is_dir() or not any(path.rglob("*.parquet")):
+        return None
+    fmt = ds.ParquetFileFormat(read_options={"dictionary_columns": [
+        name for name in _DICTIONARY_COLUMNS if name in SCHEMAS[table].names]})
+    # Pass the contract schema explicitly so every part file is read with the same types; files whose
+    # names start with "." or "_" (writers' temporary parts) are ignored by pyarrow by default.
+    schema = pa.schema([pa.field(f.name, pa.dictionary(pa.int32(), f.type), f.nullable)
+                        if f.name in _DICTIONARY_COLUMNS else f for f in SCHEMAS[table]])
+    return ds.dataset(path, format=fmt, schema=schema)
+
+
+def unreadable(path: Path, exc: BaseException) -> OutputError:
+    """The error for a Parquet table that exists but cannot be read (truncated part, foreign file)."""
+    return OutputError(f"table cannot be read: {exc}", path=path,
+                       fix="a part file may be truncated by a crash; re-run or resume the run")
+
+
+def _read_manifest(root: Path) -> dict[str, Any]:
+    path = root / MANIFEST
+    if not path.is_file():
+        raise OutputError("not a lorascale results directory: there is no manifest.json", path=root,
+                          fix=_RUN_FIX)
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise OutputError(f"manifest.json cannot be read: {exc}", path=path,
+                          fix="the run may have been interrupted while writing it; re-run it") from exc
+    if not isinstance(manifest, dict):
+        raise OutputError("manifest.json is not a JSON object", path=path, fix=_RUN_FIX)
+    return manifest
+
+
+def _model_order(manifest: dict[str, Any], present: list[str], order: Order) -> tuple[str, ...]:
+    if order == "name":
+        return tuple(sorted(present, key=natural_key))
+    given = [str(t.get("reference")) for t in manifest.get("tuned", []) if isinstance(t, dict)]
+    ordered = [ref for ref in dict.fromkeys(given) if ref in present]
+    # Models in the tables but not in the manifest (hand-merged runs) go last, in name order.
+    extra = sorted(set(present) - set(ordered), key=natural_key)
+    return tuple(ordered + extra)
+
+
+def open_run(results: str | Path, *, order: Order = "as-given") -> Run:
+    """Validate `results` and load what every report needs.
+
+    Raises OutputError when the directory is missing, has no manifest, or holds no matrix rows yet, and
+    OptionError for an unknown `order`.
+    """
+    if order not in ("as-given", "name"):
+        raise OptionError(f"unknown order {order!r}", fix="use 'as-given' or 'name'")
+    root = Path(results)
+    if not root.exists():
+        raise OutputError("results directory does not exist", path=root, fix=_RUN_FIX)
+    if not root.is_dir():
+        raise OutputError("results path is not a directory", path=root, fix=_RUN_FIX)
+    manifest = _read_manifest(root)
+    matrices_ds = _open_dataset(root / MATRICES, MATRICES)
+    if matrices_ds is None:
+        raise OutputError("the run has no tables yet (no matrices/*.parquet)", path=root,
+                          fix="wait for the run to write results, or re-run it")
+    # Decode dictionaries here: the table is small and plain strings are simpler for every query.
+    try:
+        matrices = matrices_ds.to_table().cast(SCHEMAS[MATRICES])
+    except (pa.ArrowException, OSError) as exc:
+        raise unreadable(root / MATRICES, exc) from exc
+    if matrices.num_rows == 0:
+        raise OutputError("the run has no matrix results yet (matrices/ is empty)", path=root,
+                          fix="wait for the run to write results, or re-run it")
+
+    present = list(dict.fromkeys(matrices.column("model").to_pylist()))
+    models = _model_order(manifest, present, order)
+    kinds = {m: u for m, u in zip(matrices.column("model").to_pylist(),
+                                  matrices.column("update").to_pylist())}
+    for entry in manifest.get("tuned", []):
+        if isinstance(entry, dict) and entry.get("reference") in kinds and entry.get("kind"):
+            kinds[str(entry["reference"])] = str(entry["kind"])
+
+    options = manifest.get("options") if isinstance(manifest.get("options"), dict) else {}
+    side = str(options.get("side", "left"))
+    sides = ("left", "right") if side == "both" else (side,)
+    base = manifest.get("base") if isinstance(manifest.get("base"), dict) else {}
+    missing = tuple(t for t in (SPECTRA, SIMILARITY) if _open_dataset(root / t, t) is None)
+    return Run(root=root, manifest=manifest, base=str(base.get("reference", "base model")),
+               models=models, kinds=kinds, k=int(options.get("k", 10)),
+               epsilon=float(options.get("epsilon", 0.5)), sides=sides, matrices=matrices,
+               missing_tables=missing)
