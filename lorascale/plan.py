@@ -67,8 +67,10 @@ def _is_matrix(entry: TensorEntry) -> bool:
 def layer_and_module(names: list[str]) -> dict[str, tuple[int | None, str]]:
     """Layer index (the first all-digit component) and module name for each matrix name.
 
-    The module is the last component (q_proj) when that is unambiguous across the model; otherwise the
-    path after the layer index (BERT has attention.output.dense, intermediate.dense, output.dense).
+    The module is the last component (q_proj) when every last component is unambiguous across the model;
+    otherwise the path after the layer index for every matrix, so that one model's labels share one
+    granularity (BERT: attention.self.query, attention.output.dense, intermediate.dense, output.dense;
+    GPT-2: attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj).
     """
     tails: dict[str, tuple[int | None, str]] = {}
     for name in names:
@@ -81,10 +83,8 @@ def layer_and_module(names: list[str]) -> dict[str, tuple[int | None, str]]:
     last_to_tails: dict[str, set[str]] = {}
     for _, tail in tails.values():
         last_to_tails.setdefault(tail.rsplit(".", 1)[-1], set()).add(tail)
-    return {
-        name: (layer, tail.rsplit(".", 1)[-1] if len(last_to_tails[tail.rsplit(".", 1)[-1]]) == 1 else tail)
-        for name, (layer, tail) in tails.items()
-    }
+    short = all(len(group) == 1 for group in last_to_tails.values())
+    return {name: (layer, tail.rsplit(".", 1)[-1] if short else tail) for name, (layer, tail) in tails.items()}
 
 
 def plan_jobs(base: Checkpoint, tuned: list[Checkpoint], *, include: tuple[str, ...] = (),

@@ -82,7 +82,7 @@ def _choose_weights(reference: str, names: set[str], *, adapter: bool, shards: l
         raise CheckpointReferenceError(f"only pickled weights ({', '.join(pickles)})", path=reference,
                                        fix=_CONVERT)
     raise CheckpointReferenceError(f"not a checkpoint: no adapter_config.json, {INDEX} or .safetensors file",
-                                   path=reference)
+                                   path=reference, fix="pass the directory that holds the model's weights")
 
 
 def _read_index(path: Path) -> list[str]:
@@ -136,7 +136,8 @@ def _resolve_local(reference: str, path: Path) -> ResolvedCheckpoint:
     if path.is_dir():
         return _resolve_dir(reference, path)
     if not path.exists():
-        raise CheckpointReferenceError("no such file or directory", path=reference)
+        raise CheckpointReferenceError("no such file or directory", path=reference,
+                                       fix="check the path (a hub repo id is written org/name)")
     if path.suffix != ".safetensors":
         if path.suffix in {".bin", ".pt", ".pth"}:
             raise CheckpointReferenceError("pickled weights are not read", path=reference, fix=_CONVERT)

@@ -57,13 +57,23 @@ def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
         raise CheckpointFormatError("header is not a JSON object", path=path, fix=_FIX)
 
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise CheckpointFormatError("header __metadata__ is not a JSON object", path=path, fix=_FIX)
     data_start = 8 + header_len
     buffer_len = size - data_start
     entries: dict[str, TensorEntry] = {}
-    covered = 0
     for name, info in header.items():
         entries[name] = _entry(path, name, info, data_start, buffer_len)
-        covered = max(covered, info["data_offsets"][1])
+    # As safetensors itself requires: the tensors tile the data buffer, no overlap and no hole.
+    covered = 0
+    for entry in sorted(entries.values(), key=lambda e: (e.data_start, e.data_end)):
+        if entry.data_start != data_start + covered:
+            what = "overlaps the previous tensor" if entry.data_start < data_start + covered else "leaves a gap"
+            raise CheckpointFormatError(
+                f"data_offsets [{entry.data_start - data_start}, {entry.data_end - data_start}] {what} "
+                f"(previous data ends at offset {covered})", path=path, tensor=entry.name, fix=_FIX,
+            )
+        covered = entry.data_end - data_start
     if covered < buffer_len and entries:
         # Trailing bytes are harmless for reading, but safetensors rejects such files; so do we,
         # because they usually mean two files were concatenated or a write was interrupted.
@@ -78,11 +88,11 @@ def _entry(path: Path, name: str, info: object, data_start: int, buffer_len: int
     if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
         raise CheckpointFormatError("header entry lacks dtype/shape/data_offsets", path=path, tensor=name, fix=_FIX)
     dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-    if dtype not in DTYPE_SIZES:
+    if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
         raise CheckpointFormatError(f"unknown dtype {dtype!r}", path=path, tensor=name, fix=_FIX)
-    if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+    if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
         raise CheckpointFormatError(f"bad shape {shape!r}", path=path, tensor=name, fix=_FIX)
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
         raise CheckpointFormatError(f"bad data_offsets {offsets!r}", path=path, tensor=name, fix=_FIX)
     begin, end = offsets
     expected = math.prod(shape) * DTYPE_SIZES[dtype]

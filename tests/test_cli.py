@@ -1,0 +1,172 @@
+"""The `lorascale` command: demo, run, inspect; data on stdout, progress and notes on stderr; exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import duckdb
+import pytest
+from click.testing import CliRunner
+
+from lorascale import __version__
+from lorascale.cli import main
+from lorascale.store.schema import MANIFEST, TABLES
+
+pytestmark = pytest.mark.usefixtures("one_thread", "isolated_cache")
+
+SUMMARY_HEADER = "intruders (k=10, eps=0.5)"
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def intruders_by_update(out: Path) -> dict[str, int]:
+    rows = duckdb.connect().execute(
+        f"SELECT update, sum(intruders) FROM read_parquet('{out}/matrices/*.parquet') GROUP BY update").fetchall()
+    return {update: int(n) for update, n in rows}
+
+
+def test_demo(tmp_path):
+    result = invoke("demo", "--out", tmp_path / "demo")
+    assert result.exit_code == 0, result.stderr
+    results = tmp_path / "demo" / "results"
+    for table in TABLES:
+        assert list((results / table).glob("part-*.parquet")), table
+    assert json.loads((results / MANIFEST).read_text())["status"] == "complete"
+    # The summary table is the data: on stdout, one row per tuned model.
+    assert SUMMARY_HEADER in result.stdout
+    assert "checkpoints/full" in result.stdout and "checkpoints/lora" in result.stdout
+    assert "wrote" in result.stderr and "wrote" not in result.stdout
+    # The paper's effect: LoRA has intruder dimensions, full fine-tuning none.
+    counts = intruders_by_update(results)
+    assert counts["lora"] > 0 and counts["full"] == 0
+
+
+def test_run_on_tiny_checkpoints(llama, tmp_path):
+    out = tmp_path / "out"
+    base, full, lora = llama.base["bf16"], llama.tuned["bf16"], llama.lora.path
+    result = invoke("run", "--base", base, "--tuned", full, "--tuned", lora, "--out", out, "--device", "cpu")
+    assert result.exit_code == 0, result.stderr
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert manifest["status"] == "complete" and manifest["command"].startswith("lorascale ")
+    # stdout: the summary only; stderr: progress and the "wrote" note.
+    lines = result.stdout.splitlines()
+    assert SUMMARY_HEADER in lines[0]
+    assert any(line.startswith(str(full)) for line in lines) and any(line.startswith(str(lora)) for line in lines)
+    assert "wrote" not in result.stdout and "matrices" not in result.stdout.split("\n", 1)[1]
+    assert f"wrote {out}" in result.stderr
+    assert "matrices" in result.stderr  # the progress bar's label (stderr is not a terminal here)
+    counts = intruders_by_update(out)
+    assert counts["lora"] > 0 and counts["full"] == 0
+
+    quiet = invoke("run", "--base", base, "--tuned", full, "--out", tmp_path / "quiet", "--quiet", "--k", "5",
+                   "--epsilon", "0.4", "--side", "both", "--precision", "fp64", "--device", "cpu")
+    assert quiet.exit_code == 0, quiet.stderr
+    assert quiet.stderr.splitlines() == [f"wrote {tmp_path / 'quiet'}"]
+    assert "intruders (k=5, eps=0.4)" in quiet.stdout
+    options = json.loads((tmp_path / "quiet" / MANIFEST).read_text())["options"]
+    assert (options["k"], options["epsilon"], options["side"], options["precision"]) == (5, 0.4, "both", "fp64")
+
+
+def test_rerun_on_another_runs_out(llama, tmp_path):
+    out = tmp_path / "out"
+    base, full, lora = llama.base["fp32"], llama.tuned["fp32"], llama.lora.path
+    first = invoke("run", "--base", base, "--tuned", full, "--out", out, "--quiet", "--device", "cpu")
+    assert first.exit_code == 0, first.stderr
+    before = (out / MANIFEST).read_text()
+
+    other = invoke("run", "--base", base, "--tuned", lora, "--out", out, "--quiet", "--device", "cpu")
+    assert other.exit_code == 6
+    (line,) = other.stderr.splitlines()
+    assert line.startswith("lorascale: error: ") and str(out) in line and "--overwrite" in line
+    assert (out / MANIFEST).read_text() == before  # the earlier run is untouched
+
+    options = invoke("run", "--base", base, "--tuned", full, "--out", out, "--k", "3", "--quiet", "--device", "cpu")
+    assert options.exit_code == 6  # same checkpoints, other options: also a different run
+
+    same = invoke("run", "--base", base, "--tuned", full, "--out", out, "--quiet", "--device", "cpu")
+    assert same.exit_code == 0 and "resumed: 0 of 14" in same.stderr  # the same run continues (nothing left)
+
+    replaced = invoke("run", "--base", base, "--tuned", lora, "--out", out, "--overwrite", "--quiet",
+                      "--device", "cpu")
+    assert replaced.exit_code == 0, replaced.stderr
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert [t["reference"] for t in manifest["tuned"]] == [str(lora)] and manifest["status"] == "complete"
+    models = duckdb.connect().execute(
+        f"SELECT DISTINCT model FROM read_parquet('{out}/matrices/*.parquet')").fetchall()
+    assert models == [(str(lora),)]  # nothing of the replaced run is left
+
+    stray = tmp_path / "stray"
+    stray.mkdir()
+    (stray / "notes.txt").write_text("mine")
+    refused = invoke("run", "--base", base, "--tuned", full, "--out", stray, "--quiet", "--device", "cpu")
+    assert refused.exit_code == 6 and (stray / "notes.txt").read_text() == "mine"
+
+
+def test_inspect_full(llama):
+    base = llama.base["bf16"]
+    text = invoke("inspect", base)
+    assert text.exit_code == 0 and text.stderr == ""
+    assert "kind: full" in text.stdout and "BF16: 21" in text.stdout and "q_proj" in text.stdout
+    data = json.loads(invoke("inspect", base, "--json").stdout)
+    assert data["kind"] == "full" and data["reference"] == str(base)
+    assert [f["name"] for f in data["files"]] == sorted(p.name for p in base.glob("model-*.safetensors"))
+    assert data["dtypes"] == {"BF16": 21}
+    assert (data["matrices"], data["analysed_by_default"], data["layers"]) == (16, 14, 2)
+    assert set(data["modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert data["shapes"] == {"64x64": 4, "32x64": 4, "128x64": 4, "64x128": 2}
+
+
+def test_inspect_adapter(llama):
+    pattern = llama.pattern.path
+    text = invoke("inspect", pattern)
+    assert text.exit_code == 0 and text.stderr == ""
+    assert "kind: lora" in text.stdout and "r: 4" in text.stdout
+    data = json.loads(invoke("inspect", pattern, "--json").stdout)
+    assert data["kind"] == "lora"
+    adapter = data["adapter"]
+    assert adapter["r"] == 4 and adapter["lora_alpha"] == 8 and adapter["adapted_modules"] == 6
+    assert adapter["rank_pattern"] == {"q_proj": 2, "layers.1.mlp.down_proj": 6}
+    assert adapter["alpha_pattern"] == {"v_proj": 3.0}
+    assert adapter["scales"] == sorted({round(s, 6) for s in llama.pattern.scaling.values()})
+    rs = json.loads(invoke("inspect", llama.rslora.path, "--json").stdout)["adapter"]
+    assert rs["use_rslora"] is True and rs["scales"] == [4.0]
+
+
+def test_inspect_error_is_one_line(tmp_path):
+    result = invoke("inspect", tmp_path / "nothing")
+    assert result.exit_code == 2 and result.stdout == ""
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("lorascale: error: ") and str(tmp_path / "nothing") in line
+
+
+def _console_script() -> str:
+    script = Path(sys.executable).with_name("lorascale")
+    return str(script) if script.exists() else shutil.which("lorascale") or pytest.skip("no lorascale script")
+
+
+def test_console_script(llama, tmp_path):
+    """The installed entry point, as a user runs it: exit codes, stdout/stderr split, the recorded command."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+    env.pop("LORASCALE_DEBUG", None)
+    version = subprocess.run([_console_script(), "--version"], check=False, capture_output=True, text=True, env=env, timeout=60)
+    assert version.returncode == 0 and __version__ in version.stdout
+    out = tmp_path / "out"
+    args = [_console_script(), "run", "--base", str(llama.base["fp16"]), "--tuned", str(llama.lora.path),
+            "--out", str(out), "--device", "cpu"]
+    done = subprocess.run(args, check=False, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert SUMMARY_HEADER in done.stdout and str(llama.lora.path) in done.stdout
+    assert f"wrote {out}" in done.stderr and "Traceback" not in done.stderr
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert manifest["status"] == "complete"
+    assert manifest["command"].startswith("lorascale run --base ") and str(llama.lora.path) in manifest["command"]
+    again = subprocess.run([*args[:-4], "--tuned", str(llama.tuned["fp16"]), "--out", str(out)],
+                           check=False, capture_output=True, text=True, env=env, timeout=300)
+    assert again.returncode == 6 and again.stderr.startswith("lorascale: error: ")
