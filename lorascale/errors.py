@@ -70,3 +70,8 @@ class NumericalError(LorascaleError):
 
     exit_code = 7
 
+
+class ExecutionError(LorascaleError):
+    """Distributed execution failed: Ray unreachable, no worker could start, or a matrix kept killing workers."""
+
+    exit_code = 8
