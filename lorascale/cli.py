@@ -83,22 +83,50 @@ def _print_summary(out: Path) -> None:
               help="Singular vectors compared: left (output space, as in the paper), right, or both.")
 @click.option("--precision", type=click.Choice(["fp32", "fp64"]), default="fp32", show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--backend", type=click.Choice(["auto", "torch", "cupy", "gram"]), default="auto", show_default=True,
+              help="SVD backend: torch (LAPACK; cuSOLVER gesvd on CUDA), cupy (CUDA), or gram (opt-in: float64 "
+                   "Gram-matrix eigensolver, see benchmarks/README.md).  auto = torch.")
+@click.option("--mode", type=click.Choice(["exact", "topk"]), default="exact", show_default=True,
+              help="exact: max_cos for every tuned vector.  topk: only for the top --top-k (all singular values "
+                   "still computed), guarded against the exact result.")
+@click.option("--top-k", "top_k", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Tuned singular vectors computed in --mode topk (at least --k).")
+@click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
+              help="Cache of base SVDs, reused across runs (default: $LORASCALE_CACHE_DIR or ~/.cache/lorascale).")
+@click.option("--no-cache", is_flag=True, help="Neither read nor write the base-SVD cache.")
 @click.option("--include", multiple=True, help="Glob on base tensor names to analyse (repeatable).")
 @click.option("--exclude", multiple=True, help="Glob on base tensor names to skip (repeatable).")
 @click.option("--overwrite", is_flag=True, help="Replace a different earlier run in --out.")
 @click.option("--resume", is_flag=True, help="Require an earlier run in --out and continue it.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--ray-address", default=None,
+              help="Run on Ray: auto, ray://host:10001, host:port, or local (default: $RAY_ADDRESS; else in-process).")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Ray workers (more than 1 starts a local Ray when no address is given). "
+                   "Default: one per GPU of the cluster, else its CPUs / --cpus-per-worker.")
+@click.option("--cpus-per-worker", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="CPUs (and torch threads) per Ray worker.")
+@click.option("--gpus-per-worker", type=click.FloatRange(min=0), default=None,
+              help="GPUs per Ray worker (default 1 when the cluster has GPUs; 0.5 shares a GPU by two).")
 def run(base: str, tuned: tuple[str, ...], out: Path, k: int, epsilon: float, side: str, precision: str,
         device: str, include: tuple[str, ...], exclude: tuple[str, ...], overwrite: bool, resume: bool,
-        quiet: bool) -> None:
+        quiet: bool, ray_address: str | None, workers: int | None, cpus_per_worker: float | None,
+        gpus_per_worker: float | None, backend: str, mode: str, top_k: int, cache_dir: Path | None,
+        no_cache: bool) -> None:
     """Compare BASE with each --tuned checkpoint and write Parquet tables to --out."""
+    from lorascale.execute.ray_executor import public_address
     from lorascale.pipeline import compare
 
     progress = _Progress(enabled=not quiet)
+    # The manifest records the command: never with credentials that a ray:// address may carry.
+    argv = [a.replace(ray_address, public_address(ray_address) or "") if ray_address else a for a in sys.argv[1:]]
     try:
         result = compare(base, list(tuned), out, k=k, epsilon=epsilon, side=side, precision=precision,
                          device=device, include=include, exclude=exclude, overwrite=overwrite, resume=resume,
-                         progress=progress, command=shlex.join(["lorascale", *sys.argv[1:]]))
+                         ray_address=ray_address, workers=workers, cpus_per_worker=cpus_per_worker,
+                         gpus_per_worker=gpus_per_worker, backend=backend, mode=mode, top_k=top_k,
+                         cache_dir=cache_dir, use_cache=not no_cache, progress=progress,
+                         command=shlex.join(["lorascale", *argv]))
     finally:
         progress.close()
     note = f" (resumed: {result.computed} of {result.planned} computed now)" if result.manifest["resumed"] else ""
@@ -145,3 +173,29 @@ def demo(out: Path, quiet: bool) -> None:
         progress.close()
     click.echo(f"wrote {out / 'results'}", err=True)
     _print_summary(out / "results")
+
+
+@main.command()
+@click.argument("results", type=click.Path(path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
+@click.option("--order", type=click.Choice(["as-given", "name"]), default="as-given", show_default=True,
+              help="Model order: as given on the command line, or natural name order (checkpoint-200 < -1000).")
+def summary(results: Path, fmt: str, order: str) -> None:
+    """Print the per-model summary of a finished run."""
+    from lorascale.report import format_summary, summary_rows
+
+    click.echo(format_summary(summary_rows(results, order=order), fmt))  # type: ignore[arg-type]
+
+
+@main.command()
+@click.argument("results", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Report directory (default RESULTS/report).")
+@click.option("--matrix", "matrices", multiple=True, help="Matrix for the heatmaps and spectra (repeatable).")
+@click.option("--order", type=click.Choice(["as-given", "name"]), default="as-given", show_default=True,
+              help="Model order, e.g. for a checkpoint series: as given, or natural name order.")
+def report(results: Path, out: Path | None, matrices: tuple[str, ...], order: str) -> None:
+    """Write figures (PNG, SVG) and an offline index.html from a run's tables."""
+    from lorascale.report import build_report
+
+    index = build_report(results, out, matrices=list(matrices) or None, order=order)  # type: ignore[arg-type]
+    click.echo(str(index))

@@ -5,16 +5,16 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import shutil
-import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from lorascale import __version__
+from lorascale import __version__, settings
 from lorascale.errors import OptionError, OutputError
 from lorascale.execute.local import run_local
+from lorascale.execute.ray_executor import RayExecutor, wants_ray
 from lorascale.io.checkpoint import Checkpoint, open_checkpoint
 from lorascale.io.resolve import resolve
 from lorascale.plan import Plan, plan_jobs
@@ -54,7 +54,8 @@ def resolve_device(device: str) -> str:
 
 
 def build_options(*, k: int, epsilon: float, side: str, precision: str, device: str,
-                  driver: str | None = None) -> AnalysisOptions:
+                  driver: str | None = None, backend: str = "auto", mode: str = "exact", top_k: int = 64,
+                  cache_dir: str | Path | None = None) -> AnalysisOptions:
     if k < 1:
         raise OptionError(f"--k must be at least 1, got {k}")
     if not 0.0 < epsilon <= 1.0:
@@ -65,7 +66,22 @@ def build_options(*, k: int, epsilon: float, side: str, precision: str, device: 
     if precision not in ("fp32", "fp64"):
         raise OptionError(f"--precision must be fp32 or fp64, got {precision!r}")
     return AnalysisOptions(k=k, epsilon=epsilon, sides=sides, precision=precision,  # type: ignore[arg-type]
-                           device=resolve_device(device), driver=driver)
+                           **_performance_options(device=resolve_device(device), driver=driver, backend=backend,
+                                                  mode=mode, top_k=top_k, k=k, cache_dir=cache_dir))
+
+
+def _performance_options(*, device: str, driver: str | None, backend: str, mode: str, top_k: int, k: int,
+                         cache_dir: str | Path | None) -> dict:
+    """Device, SVD backend and driver, mode and cache of AnalysisOptions (numerics/svd.py, cache.py)."""
+    from lorascale.numerics.svd import resolve_backend, resolve_driver
+
+    if mode not in ("exact", "topk"):
+        raise OptionError(f"--mode must be exact or topk, got {mode!r}")
+    if mode == "topk" and top_k < k:
+        raise OptionError(f"--top-k {top_k} is below --k {k}: intruders are counted among the top k vectors",
+                          fix=f"use --top-k {k} or more")
+    return {"device": device, "driver": resolve_driver(driver, device), "backend": resolve_backend(backend, device),
+            "mode": mode, "top_k": top_k, "cache_dir": str(Path(cache_dir).expanduser()) if cache_dir else None}
 
 
 def _describe(checkpoint: Checkpoint) -> dict:
@@ -88,13 +104,22 @@ def _describe(checkpoint: Checkpoint) -> dict:
     return described
 
 
+def _describe_executor(executor: Executor) -> dict:
+    """Executor, Ray address (without credentials), workers and nodes, for the manifest."""
+    describe = getattr(executor, "describe", None)
+    if callable(describe):
+        return describe()
+    return {"executor": "in-process" if executor is run_local else getattr(executor, "__name__", "custom")}
+
+
 def _identity(manifest: dict) -> tuple:
     """What must match for a rerun on the same --out to continue the earlier run."""
     options = manifest.get("options", {})
     return (manifest.get("base", {}).get("reference"),
             tuple(t.get("reference") for t in manifest.get("tuned", [])),
             tuple(sorted((k, str(v)) for k, v in options.items() if k in ("k", "epsilon", "side", "precision",
-                                                                          "include", "exclude"))))
+                                                                          "include", "exclude", "mode",
+                                                                          "top_k"))))
 
 
 def _prepare_out(out: Path, manifest: dict, *, overwrite: bool, resume: bool) -> dict | None:
@@ -125,12 +150,21 @@ def _prepare_out(out: Path, manifest: dict, *, overwrite: bool, resume: bool) ->
 def compare(base: str, tuned: Sequence[str], out: str | Path, *, k: int = 10, epsilon: float = 0.5,
             side: str = "left", precision: str = "fp32", device: str = "auto",
             include: Sequence[str] = (), exclude: Sequence[str] = (), overwrite: bool = False,
-            resume: bool = False, driver: str | None = None, executor: Executor | None = None,
-            progress: ProgressCallback | None = None, command: str | None = None) -> RunResult:
+            resume: bool = False, driver: str | None = None, backend: str = "auto", mode: str = "exact",
+            top_k: int = 64, cache_dir: str | Path | None = None, use_cache: bool = True,
+            executor: Executor | None = None,
+            ray_address: str | None = None, workers: int | None = None, cpus_per_worker: float | None = None,
+            gpus_per_worker: float | None = None, progress: ProgressCallback | None = None,
+            command: str | None = None) -> RunResult:
     """Compare `base` with each of `tuned` and write matrices/, spectra/, similarity/ and manifest.json.
 
     References are local directories, .safetensors files, or hub repo ids `org/name[@revision]`.
     Re-running the same comparison on the same `out` continues where an interrupted run stopped.
+    Runs in-process unless `ray_address` (or RAY_ADDRESS) is given or `workers` > 1: then on Ray actors
+    (execute/ray_executor.py), `cpus_per_worker` / `gpus_per_worker` each.
+    `backend` picks the SVD backend (auto, torch, cupy, or the opt-in gram; numerics/svd.py).
+    `mode="topk"` computes max_cos only for the top `top_k` tuned vectors (numerics/topk.py).  Base SVDs
+    are cached in `cache_dir` (default settings.cache_dir()) unless `use_cache=False` (cache.py).
 
     >>> lorascale.compare(base="meta-llama/Llama-2-7b-hf",  # doctest: +SKIP
     ...                   tuned=["LoRA-TMLR-2024/magicoder-lora-rank-16-alpha-32"], out="results")
@@ -139,7 +173,21 @@ def compare(base: str, tuned: Sequence[str], out: str | Path, *, k: int = 10, ep
         raise OptionError("give at least one tuned checkpoint (--tuned)")
     if len(set(tuned)) != len(tuned):
         raise OptionError("the same --tuned reference is given twice")
-    options = build_options(k=k, epsilon=epsilon, side=side, precision=precision, device=device, driver=driver)
+    ray_address = ray_address or settings.ray_address()
+    if executor is None and wants_ray(ray_address, workers):
+        executor = RayExecutor(address=ray_address, workers=workers, cpus_per_worker=cpus_per_worker,
+                               gpus_per_worker=gpus_per_worker, device=device, backend=backend, driver=driver,
+                               node_cache_dir=cache_dir is None)
+        # The workers resolve these for their own devices (GPUs this machine may lack); RayExecutor checks them.
+        device, backend, driver = "cpu", "auto", None
+    elif executor is None and (cpus_per_worker is not None or gpus_per_worker is not None):
+        raise OptionError("--cpus-per-worker / --gpus-per-worker apply to Ray workers, and this run is in-process",
+                          fix="add --workers N (N > 1) or --ray-address")
+    executor = executor or run_local
+    if use_cache and cache_dir is None:
+        cache_dir = settings.cache_dir()
+    options = build_options(k=k, epsilon=epsilon, side=side, precision=precision, device=device, driver=driver,
+                            backend=backend, mode=mode, top_k=top_k, cache_dir=cache_dir if use_cache else None)
     # Everything that can be wrong with the input is found here, before the output directory is touched.
     base_checkpoint = open_checkpoint(resolve(base))
     tuned_checkpoints = [open_checkpoint(resolve(t)) for t in tuned]
@@ -150,7 +198,9 @@ def compare(base: str, tuned: Sequence[str], out: str | Path, *, k: int = 10, ep
         "lorascale_version": __version__,
         "command": command or f"lorascale.compare(base={base!r}, tuned={list(tuned)!r}, out={str(out)!r})",
         "options": {"k": k, "epsilon": epsilon, "side": side, "precision": precision,
-                    "include": list(include), "exclude": list(exclude), "driver": driver},
+                    "include": list(include), "exclude": list(exclude), "driver": options.driver,
+                    "backend": options.backend, "mode": mode, "top_k": top_k if mode == "topk" else None,
+                    "cache_dir": options.cache_dir},
         "base": _describe(base_checkpoint),
         "tuned": [_describe(c) for c in tuned_checkpoints],
         "device": options.device,
@@ -159,11 +209,18 @@ def compare(base: str, tuned: Sequence[str], out: str | Path, *, k: int = 10, ep
         "matrices_planned": len(plan.jobs),
         "skipped": [asdict(s) for s in plan.skipped],
     }
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise OutputError("exists and is not a directory", path=out, fix="choose a directory for --out")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create the output directory ({exc.strerror or exc})", path=out,
+                          fix="choose a writable --out") from None
     with OutputLock(out):
         previous = _prepare_out(out, manifest, overwrite=overwrite, resume=resume)
         manifest["started"] = previous["started"] if previous else _now()
         manifest["resumed"] = previous is not None
+        manifest["execution"] = _describe_executor(executor)
         manifest["sessions"] = (previous or {}).get("sessions", []) + [{"started": _now(), "status": "running"}]
         manifest["status"] = "running"
         write_manifest(out, manifest)
@@ -171,9 +228,9 @@ def compare(base: str, tuned: Sequence[str], out: str | Path, *, k: int = 10, ep
         done = completed_pairs(out)
         jobs = [j for j in plan.jobs if any((s.model, j.matrix) not in done for s in j.tuned)]
         writer = ResultWriter(out)
-        status, error = "failed", None
+        status, error, results = "failed", None, None
         try:
-            results = (executor or run_local)(jobs, base, options)
+            results = executor(jobs, base, options)
             total = len(plan.jobs)
             finished = total - len(jobs)
             for result in results:
@@ -189,8 +246,15 @@ def compare(base: str, tuned: Sequence[str], out: str | Path, *, k: int = 10, ep
             error = str(exc)
             raise
         finally:
+            if hasattr(results, "close"):
+                results.close()  # a generator executor releases its workers now, not at garbage collection
             writer.flush()  # whatever finished is whole and will not be recomputed on resume
-            manifest["sessions"][-1].update(finished=_now(), status=status, matrices_to_compute=len(jobs))
+            manifest["execution"] = _describe_executor(executor)
+            manifest["device"] = manifest["execution"].get("device", manifest["device"])
+            manifest["options"].update({k: manifest["execution"][k] for k in ("backend", "driver", "cache_dir")
+                                        if k in manifest["execution"]})  # as the Ray workers resolved them
+            manifest["sessions"][-1].update(finished=_now(), status=status, matrices_to_compute=len(jobs),
+                                            execution=manifest["execution"])
             manifest["status"] = status
             manifest["finished"] = _now()
             if error:

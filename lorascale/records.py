@@ -117,6 +117,11 @@ class AnalysisOptions:
     device: str = "cpu"
     block: int = 10  # size of the similarity block (top-b x top-b)
     driver: str | None = None  # cuSOLVER driver on CUDA (gesvd, gesvdj, gesvda); ignored on CPU
+    backend: str = "torch"  # SVD backend (numerics/svd.py): torch, cupy, or the opt-in gram
+    mode: Literal["exact", "topk"] = "exact"  # topk: max_cos only for the top_k tuned vectors
+    top_k: int = 64  # tuned vectors computed in topk mode
+    topk_tolerance: float = 1e-3  # topk guard (numerics/topk.py); above it the exact SVD is used
+    cache_dir: str | None = None  # on-disk cache of base SVDs (lorascale/cache.py); None: no cache
 
 
 @dataclass(frozen=True)

@@ -1,14 +1,76 @@
-"""In-process execution: one job after another on this machine's device."""
+"""In-process execution: one job after another on this machine's device, reading one tensor ahead.
+
+While the SVD of one matrix runs (LAPACK/cuSOLVER release the GIL), a single background thread reads the
+next tensor the worker will ask for, in its stored 16-bit dtype: the read overlaps the compute, and
+memory holds at most one tensor more than the worker itself does.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 
-from lorascale.execute.worker import analyse_job
-from lorascale.records import AnalysisOptions, MatrixJob, MatrixResult
+import torch
+
+from lorascale.execute.worker import TensorLoader, analyse_job, job_entries
+from lorascale.io.tensors import load_tensor
+from lorascale.records import AnalysisOptions, MatrixJob, MatrixResult, TensorEntry
 
 
-def run_local(jobs: Iterable[MatrixJob], base_reference: str, options: AnalysisOptions) -> Iterator[MatrixResult]:
+class TensorPrefetcher:
+    """Serves tensors in a known order, reading the next one in a background thread.
+
+    `load(entry)` returns the tensor for `entry` and starts reading the entry after it.  An entry asked
+    for out of order is read synchronously, and prefetching resumes after it; nothing is ever read twice
+    in the expected order, and at most one tensor is held that the caller has not asked for yet.
+    """
+
+    def __init__(self, entries: Sequence[TensorEntry], *, read: TensorLoader = load_tensor) -> None:
+        self._entries = list(entries)
+        self._read = read
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorascale-prefetch")
+        self._next = 0  # index of the entry being read ahead
+        self._pending: Future[torch.Tensor] | None = None
+        self._schedule(0)
+
+    def _schedule(self, index: int) -> None:
+        self._next = index
+        self._pending = self._pool.submit(self._read, self._entries[index]) if index < len(self._entries) else None
+
+    def load(self, entry: TensorEntry) -> torch.Tensor:
+        if self._pending is not None and self._entries[self._next] == entry:
+            pending = self._pending
+            self._schedule(self._next + 1)
+            return pending.result()
+        try:  # out of order: find where the sequence continues
+            index = self._entries.index(entry, self._next)
+        except ValueError:
+            return self._read(entry)
+        if self._pending is not None:
+            self._pending.cancel()
+        self._schedule(index + 1)
+        return self._read(entry)
+
+    def close(self) -> None:
+        if self._pending is not None:
+            self._pending.cancel()
+        self._pool.shutdown(wait=True)
+
+    def __enter__(self) -> TensorPrefetcher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def run_local(jobs: Iterable[MatrixJob], base_reference: str, options: AnalysisOptions, *,
+              prefetch: bool = True) -> Iterator[MatrixResult]:
     """Yield each job's result as soon as it is computed."""
-    for job in jobs:
-        yield analyse_job(job, base_reference, options)
+    jobs = list(jobs)
+    if not prefetch:
+        for job in jobs:
+            yield analyse_job(job, base_reference, options)
+        return
+    with TensorPrefetcher([entry for job in jobs for entry in job_entries(job)]) as prefetcher:
+        for job in jobs:
+            yield analyse_job(job, base_reference, options, load=prefetcher.load)

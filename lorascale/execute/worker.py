@@ -5,31 +5,72 @@ Shared by the in-process executor and the Ray actors, so both produce identical 
 
 from __future__ import annotations
 
+import functools
+import logging
 import time
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
 
+from lorascale.cache import BaseSpectrumCache
 from lorascale.io.tensors import load_tensor, to_compute
 from lorascale.numerics.compare import BaseSpectrum, TunedComparison, base_spectrum, compare_to_base
 from lorascale.numerics.metrics import intruder_count, lora_delta_singular_values
-from lorascale.records import AnalysisOptions, MatrixJob, MatrixResult, TunedSource
+from lorascale.records import AnalysisOptions, MatrixJob, MatrixResult, TensorEntry, TunedSource
 
 COMPUTE_DTYPES = {"fp32": torch.float32, "fp64": torch.float64}
+# Reads one tensor in its stored dtype (io/tensors.load_tensor, or the local executor's prefetcher).
+TensorLoader = Callable[[TensorEntry], torch.Tensor]
+_LOG = logging.getLogger(__name__)
 
 
-def analyse_job(job: MatrixJob, base_reference: str, options: AnalysisOptions) -> MatrixResult:
-    """Run one job end to end on `options.device`; only small arrays come back."""
+@functools.lru_cache(maxsize=4)
+def _cache(directory: str) -> BaseSpectrumCache:
+    """One cache object per directory and process, so that an unwritable cache warns once per run."""
+    return BaseSpectrumCache(directory)
+
+
+def job_entries(job: MatrixJob) -> Iterator[TensorEntry]:
+    """The tensors analyse_job reads, in the order it reads them (what a prefetcher should read ahead)."""
+    yield job.base
+    for source in job.tuned:
+        if source.full is not None:
+            yield source.full
+        elif source.lora is not None:
+            yield source.lora.a
+            yield source.lora.b
+
+
+def analyse_job(job: MatrixJob, base_reference: str, options: AnalysisOptions, *,
+                load: TensorLoader = load_tensor) -> MatrixResult:
+    """Run one job end to end on `options.device`; only small arrays come back.
+
+    Tensors are read in their stored dtype and upcast on the device (to_compute).  The base SVD comes
+    from the cache in `options.cache_dir` when present there, and is written to it otherwise.
+    """
     dtype = COMPUTE_DTYPES[options.precision]
     started = time.perf_counter()
-    w0 = to_compute(load_tensor(job.base), job.base, dtype=dtype, device=options.device)
-    base = base_spectrum(w0, options.sides, driver=options.driver)
+    raw = load(job.base)
+    cache = _cache(options.cache_dir) if options.cache_dir else None
+    key = cache.key(raw, job.base, options) if cache is not None else None
+    w0 = to_compute(raw, job.base, dtype=dtype, device=options.device)
+    del raw
+    base = cache.load(key, options.device) if cache is not None and key is not None else None
+    if base is None:
+        base = base_spectrum(w0, options.sides, driver=options.driver, backend=options.backend)
+        if cache is not None and key is not None:
+            cache.store(key, base)
     base_seconds = time.perf_counter() - started
     builder = _RowBuilder(job, options)
     builder.add_base(base_reference, base)
     for source in job.tuned:
         t0 = time.perf_counter()
-        comparison = _compare_source(source, w0, base, dtype, options)
+        comparison = _compare_source(source, w0, base, dtype, options, load)
+        if comparison.top_check is not None and not comparison.top_check.passed:
+            _LOG.info("%s / %s: top-%d guard failed (sigma error %.1e, residual %.1e, angle bound %.1e); "
+                      "used the exact SVD", source.model, job.matrix, options.top_k, comparison.top_check.sigma_error,
+                      comparison.top_check.residual, comparison.top_check.angle_bound)
         # The base SVD is shared; charge each model an equal part of it.
         seconds = time.perf_counter() - t0 + base_seconds / len(job.tuned)
         builder.add_tuned(source, comparison, base, seconds)
@@ -37,20 +78,23 @@ def analyse_job(job: MatrixJob, base_reference: str, options: AnalysisOptions) -
 
 
 def _compare_source(source: TunedSource, w0: torch.Tensor, base: BaseSpectrum, dtype: torch.dtype,
-                    options: AnalysisOptions) -> TunedComparison:
+                    options: AnalysisOptions, load: TensorLoader) -> TunedComparison:
+    numerics = {"block": options.block, "driver": options.driver, "backend": options.backend,
+                "top_k": options.top_k if options.mode == "topk" else None,
+                "topk_tolerance": options.topk_tolerance, "separated": options.k}
     if source.update == "full":
         assert source.full is not None
-        w = to_compute(load_tensor(source.full), source.full, dtype=dtype, device=options.device)
-        return compare_to_base(base, w, w0=w0, block=options.block, driver=options.driver)
+        w = to_compute(load(source.full), source.full, dtype=dtype, device=options.device)
+        return compare_to_base(base, w, w0=w0, **numerics)
     factors = source.lora
     assert factors is not None
-    a = to_compute(load_tensor(factors.a), factors.a, dtype=dtype, device=options.device)  # (r, n)
-    b = to_compute(load_tensor(factors.b), factors.b, dtype=dtype, device=options.device)  # (m, r)
+    a = to_compute(load(factors.a), factors.a, dtype=dtype, device=options.device)  # (r, n)
+    b = to_compute(load(factors.b), factors.b, dtype=dtype, device=options.device)  # (m, r)
     update = factors.scale * (b @ a)  # (m, r) @ (r, n) -> (m, n)
     w = w0 + (update.T if factors.fan_in_fan_out else update)  # Conv1D stores W0 as [in, out]
     del update
     delta = lora_delta_singular_values(a, b, factors.scale)
-    return compare_to_base(base, w, delta_singular_values=delta, block=options.block, driver=options.driver)
+    return compare_to_base(base, w, delta_singular_values=delta, **numerics)
 
 
 class _RowBuilder:

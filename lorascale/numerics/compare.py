@@ -9,6 +9,7 @@ import torch
 
 from lorascale.numerics.metrics import effective_rank, max_cos, null_max_cos, similarity_block
 from lorascale.numerics.svd import svd, svdvals
+from lorascale.numerics.topk import DEFAULT_TOLERANCE, TopCheck, check_top, top_singular
 
 SIDES = ("left", "right")
 
@@ -25,8 +26,8 @@ class BaseSpectrum:
 
 @dataclass(frozen=True)
 class SideComparison:
-    max_cos: np.ndarray  # (p,) float64, max_i |cos(tuned_j, base_i)|
-    argmax: np.ndarray  # (p,) int64
+    max_cos: np.ndarray  # (p,) float64, max_i |cos(tuned_j, base_i)|; NaN beyond K in topk mode
+    argmax: np.ndarray  # (p,) int64; -1 beyond K in topk mode
     block: np.ndarray  # (b, b) |cos| of the top tuned (rows) vs top base (cols) vectors
 
 
@@ -37,16 +38,24 @@ class TunedComparison:
     delta_fro: float
     delta_rel: float
     delta_effective_rank: float | None
+    top_check: TopCheck | None = None  # topk mode: the guard's verdict (failed: exact SVD was used)
 
 
-def base_spectrum(w0: torch.Tensor, sides: tuple[str, ...], *, driver: str | None = None) -> BaseSpectrum:
-    """SVD of the base matrix W0 (m, n), keeping only the singular vectors the requested sides need."""
-    u0, s0, vh0 = svd(w0, driver=driver)
+def base_spectrum(w0: torch.Tensor, sides: tuple[str, ...], *, driver: str | None = None,
+                  backend: str = "torch") -> BaseSpectrum:
+    """SVD of the base matrix W0 (m, n), keeping only the singular vectors the requested sides need.
+
+    Always the full SVD: max_cos is a maximum over ALL base vectors (METHOD.md), whatever the mode.
+    """
+    u0, s0, vh0 = svd(w0, driver=driver, backend=backend)
+    # Row-major copies: the layout a cached entry is loaded in, so that products with them (and results)
+    # are bit-identical whether the base came from the cache or not.
     vectors = {}
     if "left" in sides:
-        vectors["left"] = u0
+        vectors["left"] = u0.contiguous()  # (m, p)
     if "right" in sides:
-        vectors["right"] = vh0.T  # (n, p)
+        vectors["right"] = vh0.T.contiguous()  # (n, p)
+    del u0, vh0
     p = s0.shape[0]
     dims = {"left": w0.shape[0], "right": w0.shape[1]}
     return BaseSpectrum(
@@ -56,31 +65,59 @@ def base_spectrum(w0: torch.Tensor, sides: tuple[str, ...], *, driver: str | Non
 
 
 def compare_to_base(base: BaseSpectrum, w: torch.Tensor, *, delta_singular_values: torch.Tensor | None = None,
-                    w0: torch.Tensor | None = None, block: int = 10, driver: str | None = None) -> TunedComparison:
+                    w0: torch.Tensor | None = None, block: int = 10, driver: str | None = None,
+                    backend: str = "torch", top_k: int | None = None,
+                    topk_tolerance: float = DEFAULT_TOLERANCE, separated: int = 10) -> TunedComparison:
     """SVD of W and its similarity to the base spectrum; metrics of dW = W - W0.
 
     Pass `w0` for a full fine-tune (dW's singular values come from svdvals(W - W0)), or
     `delta_singular_values` for an adapter (from the r x r core, see lora_delta_singular_values).
+
+    `top_k=None` (exact mode): the full SVD of W, max_cos for every tuned vector.  `top_k=K` (topk mode):
+    all singular values from svdvals, and max_cos/argmax only for the top K vectors (NaN/-1 beyond),
+    from top_singular() when its guard passes at `topk_tolerance` (the first `separated` vectors, those
+    whose intruder status is counted, with a bound on their angle), else from the exact SVD.
     """
-    u, s, vh = svd(w, driver=driver)
+    p = min(w.shape)
+    check = None
+    if top_k is None:
+        u, s, vh = svd(w, driver=driver, backend=backend)
+    else:
+        s = svdvals(w, driver=driver, backend=backend)
+        top = top_singular(w, min(top_k, p), driver=driver)
+        check = check_top(w, top, s, topk_tolerance, separated=separated)
+        u, vh = top.u, top.vh
+        if not check.passed:
+            u, _, vh = svd(w, driver=driver, backend=backend)
+            u, vh = u[:, :top_k], vh[:top_k]
     tuned_vectors = {"left": u, "right": vh.T}
     sides = {}
     for side, base_vectors in base.vectors.items():
         values, index = max_cos(tuned_vectors[side], base_vectors)
         sides[side] = SideComparison(
-            max_cos=_np(values), argmax=index.cpu().numpy(),
+            max_cos=_pad(_np(values), p, np.nan), argmax=_pad(index.cpu().numpy(), p, -1),
             block=_np(similarity_block(tuned_vectors[side], base_vectors, block)),
         )
     if delta_singular_values is None:
         if w0 is None:
             raise ValueError("pass w0 (full fine-tune) or delta_singular_values (adapter)")
-        delta_singular_values = svdvals(w - w0, driver=driver)
+        delta_singular_values = svdvals(w - w0, driver=driver, backend=backend)
     delta_fro = float(torch.linalg.norm(delta_singular_values.double()))
     return TunedComparison(
         s=_np(s), sides=sides, delta_fro=delta_fro,
         delta_rel=delta_fro / base.fro if base.fro > 0 else float("inf"),
         delta_effective_rank=effective_rank(delta_singular_values) if delta_fro > 0 else None,
+        top_check=check,
     )
+
+
+def _pad(values: np.ndarray, length: int, fill: float) -> np.ndarray:
+    """Extend per-vector values (q,) to one per singular value (length,), `fill` for vectors not computed."""
+    if values.shape[0] == length:
+        return values
+    out = np.full(length, fill, dtype=values.dtype)
+    out[:values.shape[0]] = values
+    return out
 
 
 def _np(tensor: torch.Tensor) -> np.ndarray:

@@ -1,0 +1,110 @@
+"""Every SVD backend against the float64 numpy oracle, at stated tolerances; CUDA ones skip without CUDA."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import oracle
+from lorascale.errors import OptionError
+from lorascale.numerics.svd import cupy_available, resolve_backend, resolve_driver, svd, svdvals
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+RNG = np.random.default_rng(4321)
+SHAPES = [(96, 64), (64, 96), (80, 80)]
+# Tolerances relative to sigma_max: fp32 rounding (~6e-8) times a modest growth factor; fp64 likewise.
+SIGMA_TOL = {torch.float32: 2e-5, torch.float64: 1e-11}
+# Singular vectors of a separated spectrum (oracle.separated): |cos(u_j, u_ref_j)| >= 1 - tol.
+VECTOR_TOL = {torch.float32: 1e-4, torch.float64: 1e-9}
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def _check_against_oracle(w: np.ndarray, backend: str, dtype: torch.dtype, device: str = "cpu",
+                          driver: str | None = None) -> None:
+    u_ref, s_ref, vt_ref = oracle.svd(w)
+    tensor = torch.from_numpy(w).to(device=device, dtype=dtype)
+    u, s, vh = svd(tensor, backend=backend, driver=driver)
+    p = min(w.shape)
+    assert u.shape == (w.shape[0], p) and s.shape == (p,) and vh.shape == (p, w.shape[1])
+    assert u.dtype == dtype and u.device == tensor.device
+    u, s, vh = (x.cpu().double().numpy() for x in (u, s, vh))
+    np.testing.assert_allclose(s, s_ref, atol=SIGMA_TOL[dtype] * s_ref[0])
+    # Signs are arbitrary: compare |cos| of matching vectors.
+    assert np.abs(np.sum(u * u_ref, axis=0)).min() >= 1 - VECTOR_TOL[dtype]
+    assert np.abs(np.sum(vh * vt_ref, axis=1)).min() >= 1 - VECTOR_TOL[dtype]
+    np.testing.assert_allclose((u * s) @ vh, w, atol=10 * SIGMA_TOL[dtype] * s_ref[0])
+    values = svdvals(torch.from_numpy(w).to(device=device, dtype=dtype), backend=backend, driver=driver)
+    np.testing.assert_allclose(values.cpu().double().numpy(), s_ref, atol=SIGMA_TOL[dtype] * s_ref[0])
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("backend", ["torch", "gram"])
+def test_cpu_backends_agree_with_float64_oracle(backend, dtype, shape):
+    _check_against_oracle(oracle.separated(*shape, RNG), backend, dtype)
+
+
+def test_gram_backend_orthonormal_on_rank_deficient_input():
+    # Rank 5 of 40: A V / S is undefined for the 35 zero singular values; the QR step must still give an
+    # orthonormal U whose first 5 columns are the true ones.
+    left = np.linalg.qr(RNG.standard_normal((60, 5)))[0]
+    right = np.linalg.qr(RNG.standard_normal((40, 5)))[0]
+    w = (left * np.array([5.0, 4.0, 3.0, 2.0, 1.0])) @ right.T
+    u, s, _ = svd(torch.from_numpy(w), backend="gram")
+    np.testing.assert_allclose(u.T @ u, np.eye(40), atol=1e-10)
+    np.testing.assert_allclose(s[:5].numpy(), [5, 4, 3, 2, 1], rtol=1e-10)
+    assert np.abs(s[5:].numpy()).max() < 1e-6
+    assert np.abs(np.sum(u[:, :5].numpy() * left, axis=0)).min() > 1 - 1e-10
+
+
+def test_backend_and_driver_resolution():
+    assert resolve_backend("auto", "cpu") == "torch"
+    assert resolve_backend("auto", "cuda") == "torch"  # cupy calls the same cuSOLVER routine
+    assert resolve_backend("gram", "cpu") == "gram"
+    with pytest.raises(OptionError, match="CUDA"):
+        resolve_backend("cupy", "cpu")
+    with pytest.raises(OptionError, match="unknown backend"):
+        resolve_backend("magma", "cpu")
+    assert resolve_driver(None, "cpu") is None
+    assert resolve_driver("gesvdj", "cpu") is None  # CPU has no cuSOLVER
+    assert resolve_driver(None, "cuda:0") == "gesvd"  # deliberate: not torch's gesvdj default
+    assert resolve_driver("gesvdj", "cuda") == "gesvdj"
+    with pytest.raises(OptionError, match="driver"):
+        resolve_driver("gesdd", "cuda")
+
+
+def test_core_imports_without_cupy():
+    # cupy is detected with importlib and imported only when the cupy backend runs.
+    import subprocess
+    import sys
+
+    code = ("import sys, lorascale.pipeline, lorascale.execute.worker, lorascale.numerics.svd as s; "
+            "s.resolve_backend('auto', 'cpu'); s.cupy_available(); assert 'cupy' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("driver", ["gesvd", "gesvdj"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_torch_cuda_agrees_with_float64_oracle(driver, dtype):
+    for shape in SHAPES:
+        _check_against_oracle(oracle.separated(*shape, RNG), "torch", dtype, device="cuda", driver=driver)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gram_backend_on_cuda_agrees_with_float64_oracle():
+    _check_against_oracle(oracle.separated(96, 64, RNG), "gram", torch.float32, device="cuda")
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.skipif(not cupy_available(), reason="needs cupy")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cupy_agrees_with_float64_oracle(dtype):
+    for shape in SHAPES:
+        _check_against_oracle(oracle.separated(*shape, RNG), "cupy", dtype, device="cuda")

@@ -1,0 +1,132 @@
+"""The on-disk base-SVD cache: a hit skips the SVD and changes no result; keys follow content and options."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow.dataset as ds
+import pytest
+import torch
+from safetensors import safe_open
+
+import oracle
+from lorascale.cache import BaseSpectrumCache
+from lorascale.execute import worker
+from lorascale.numerics.compare import base_spectrum
+from lorascale.pipeline import compare
+from lorascale.records import AnalysisOptions, TensorEntry
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture
+def count_base_svds(monkeypatch) -> list[tuple[int, ...]]:
+    """Shapes of every base SVD the worker computes (a cache hit computes none)."""
+    calls: list[tuple[int, ...]] = []
+    real = worker.base_spectrum
+
+    def counting(w0, *args, **kwargs):
+        calls.append(tuple(w0.shape))
+        return real(w0, *args, **kwargs)
+
+    monkeypatch.setattr(worker, "base_spectrum", counting)
+    return calls
+
+
+def _tables(out: Path) -> dict[str, list[dict]]:
+    order = {"matrices": ["model", "matrix"], "spectra": ["model", "matrix", "side", "rank"],
+             "similarity": ["model", "matrix", "side", "tuned_rank", "base_rank"]}
+    tables = {}
+    for name, keys in order.items():
+        rows = ds.dataset(out / name, format="parquet").to_table().to_pylist()
+        for row in rows:
+            row.pop("seconds", None)  # timing is the one column allowed to differ
+        tables[name] = sorted(rows, key=lambda r: tuple(str(r[k]) for k in keys))
+    return tables
+
+
+@pytest.mark.slow
+def test_second_comparison_with_the_same_base_recomputes_no_base_svd(llama, tmp_path, count_base_svds):
+    base, cache = str(llama.base["fp16"]), tmp_path / "cache"
+    compare(base, [str(llama.tuned["fp16"])], tmp_path / "first", cache_dir=cache)
+    planned = len(count_base_svds)
+    assert planned > 0
+    files = list((cache / "base-svd").rglob("*.safetensors"))
+    assert len(files) == planned
+    assert not [p for p in cache.rglob(".tmp-*")]  # written atomically, nothing left behind
+
+    count_base_svds.clear()
+    hit = compare(base, [str(llama.lora.path)], tmp_path / "hit", cache_dir=cache)
+    assert count_base_svds == []  # every base SVD came from the cache
+    assert hit.manifest["options"]["cache_dir"] == str(cache)
+
+    miss = compare(base, [str(llama.lora.path)], tmp_path / "miss", use_cache=False)
+    assert len(count_base_svds) == planned
+    assert miss.manifest["options"]["cache_dir"] is None
+    assert _tables(hit.out) == _tables(miss.out)  # identical results, bit for bit
+
+
+def _entry(raw: torch.Tensor, dtype: str = "F16") -> TensorEntry:
+    return TensorEntry(name="w", file=Path("unused"), dtype=dtype, shape=tuple(raw.shape), data_start=0,
+                       data_end=raw.numel() * raw.element_size())
+
+
+def test_key_follows_content_precision_sides_and_method(tmp_path):
+    cache = BaseSpectrumCache(tmp_path)
+    raw = torch.from_numpy(oracle.separated(40, 30, np.random.default_rng(0))).to(torch.float16)
+    entry = _entry(raw)
+    key = cache.key(raw, entry, AnalysisOptions())
+    assert key == cache.key(raw.clone(), entry, AnalysisOptions(device="cuda", driver="gesvdj", backend="cupy"))
+    changed = raw.clone()
+    changed[3, 4] += 1
+    others = [cache.key(changed, entry, AnalysisOptions()),
+              cache.key(raw, entry, AnalysisOptions(precision="fp64")),
+              cache.key(raw, entry, AnalysisOptions(sides=("left", "right"))),
+              cache.key(raw, entry, AnalysisOptions(backend="gram"))]
+    assert len({key, *others}) == 5
+
+
+def test_entry_round_trips_as_safetensors_without_pickle(tmp_path):
+    cache = BaseSpectrumCache(tmp_path)
+    w0 = torch.from_numpy(oracle.separated(50, 30, np.random.default_rng(1))).float()
+    base = base_spectrum(w0, ("left", "right"))
+    cache.store("ab" * 32, base)
+    path = cache.path("ab" * 32)
+    with safe_open(path, framework="pt") as handle:  # a plain safetensors file
+        assert set(handle.keys()) == {"s", "left", "right"}
+        assert handle.metadata()["format"].startswith("lorascale-base-svd/")
+    loaded = cache.load("ab" * 32, "cpu")
+    assert loaded is not None
+    assert torch.equal(loaded.s, base.s) and loaded.fro == base.fro and loaded.null_max_cos == base.null_max_cos
+    for side in ("left", "right"):
+        assert torch.equal(loaded.vectors[side], base.vectors[side])
+    assert cache.load("cd" * 32, "cpu") is None
+
+
+def test_unreadable_entry_is_a_miss(tmp_path, caplog):
+    cache = BaseSpectrumCache(tmp_path)
+    path = cache.path("ef" * 32)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    with caplog.at_level(logging.WARNING, logger="lorascale.cache"):
+        assert cache.load("ef" * 32, "cpu") is None
+    assert "unreadable" in caplog.text
+    # A valid file stored under another key is not taken for this one.
+    base = base_spectrum(torch.eye(4), ("left",))
+    cache.store("01" * 32, base)
+    os.replace(cache.path("01" * 32), path)
+    assert cache.load("ef" * 32, "cpu") is None
+
+
+def test_unwritable_cache_warns_once_and_never_fails(tmp_path, caplog):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where the cache directory should be")
+    cache = BaseSpectrumCache(blocker)
+    base = base_spectrum(torch.eye(4), ("left",))
+    with caplog.at_level(logging.WARNING, logger="lorascale.cache"):
+        cache.store("23" * 32, base)
+        cache.store("45" * 32, base)
+    assert caplog.text.count("cannot write") == 1
