@@ -98,6 +98,7 @@ def _print_summary(out: Path) -> None:
 @click.option("--exclude", multiple=True, help="Glob on base tensor names to skip (repeatable).")
 @click.option("--overwrite", is_flag=True, help="Replace a different earlier run in --out.")
 @click.option("--resume", is_flag=True, help="Require an earlier run in --out and continue it.")
+@click.option("--report", "make_report", is_flag=True, help="Also write RESULTS/report/ (figures + index.html).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--ray-address", default=None,
               help="Run on Ray: auto, ray://host:10001, host:port, or local (default: $RAY_ADDRESS; else in-process).")
@@ -112,7 +113,7 @@ def run(base: str, tuned: tuple[str, ...], out: Path, k: int, epsilon: float, si
         device: str, include: tuple[str, ...], exclude: tuple[str, ...], overwrite: bool, resume: bool,
         quiet: bool, ray_address: str | None, workers: int | None, cpus_per_worker: float | None,
         gpus_per_worker: float | None, backend: str, mode: str, top_k: int, cache_dir: Path | None,
-        no_cache: bool) -> None:
+        no_cache: bool, make_report: bool) -> None:
     """Compare BASE with each --tuned checkpoint and write Parquet tables to --out."""
     from lorascale.execute.ray_executor import public_address
     from lorascale.pipeline import compare
@@ -132,6 +133,10 @@ def run(base: str, tuned: tuple[str, ...], out: Path, k: int, epsilon: float, si
     note = f" (resumed: {result.computed} of {result.planned} computed now)" if result.manifest["resumed"] else ""
     click.echo(f"wrote {out}{note}", err=True)
     _print_summary(out)
+    if make_report:
+        from lorascale.report import build_report
+
+        click.echo(f"report: {build_report(out)}", err=True)
 
 
 @main.command()

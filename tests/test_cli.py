@@ -170,3 +170,21 @@ def test_console_script(llama, tmp_path):
     again = subprocess.run([*args[:-4], "--tuned", str(llama.tuned["fp16"]), "--out", str(out)],
                            check=False, capture_output=True, text=True, env=env, timeout=300)
     assert again.returncode == 6 and again.stderr.startswith("lorascale: error: ")
+
+
+def test_run_with_report_and_summary_commands(llama, tmp_path):
+    out = tmp_path / "out"
+    base, full, lora = llama.base["fp16"], llama.tuned["fp16"], llama.lora.path
+    result = invoke("run", "--base", base, "--tuned", full, "--tuned", lora, "--out", out, "--quiet",
+                    "--device", "cpu", "--report")
+    assert result.exit_code == 0, result.stderr
+    index = out / "report" / "index.html"
+    assert index.is_file() and f"report: {index}" in result.stderr
+    assert list((out / "report").glob("*.png"))
+    as_csv = invoke("summary", out, "--format", "csv")
+    assert as_csv.exit_code == 0 and as_csv.stdout.startswith("model,")
+    assert len(as_csv.stdout.strip().splitlines()) == 3  # header + two tuned models
+    again = invoke("report", out, "--out", tmp_path / "rep")
+    assert again.exit_code == 0 and (tmp_path / "rep" / "index.html").is_file()
+    missing = invoke("summary", tmp_path / "nowhere")
+    assert missing.exit_code != 0 and len(missing.stderr.strip().splitlines()) == 1
