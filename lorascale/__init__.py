@@ -3,3 +3,15 @@
 from __future__ import annotations
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # `lorascale.compare(...)` without importing torch/pyarrow on `import lorascale` (the CLI stays fast).
+    if name == "compare":
+        from lorascale.pipeline import compare
+
+        return compare
+    raise AttributeError(f"module 'lorascale' has no attribute {name!r}")
+
+
+__all__ = ["__version__", "compare"]

@@ -92,6 +92,12 @@ def test_a_node_lost_mid_run_leaves_no_gap(two_nodes, demo, reference_run, tmp_p
     result = compare(*demo_args(demo), tmp_path / "out", executor=executor, progress=lose_the_second_node)
     execution = result.manifest["execution"]
     assert removed, "node b's worker never ran"
-    assert execution["workers_lost"] == 1 and execution["matrices_retried"] >= 1
+    # Whatever the timing, the tables must be whole, unique and equal to the in-process run's.
     assert_complete_and_unique(tmp_path / "out", matrices=28, models=2)
     assert_same_tables(tmp_path / "out", reference_run)
+    if execution["workers_lost"] == 0:
+        # Seen once on a heavily loaded 2-core machine: node b's worker had returned its jobs before the
+        # node went away, so the loss path was not exercised (the killed-worker test in test_ray_local
+        # still covers it).  Say so instead of passing silently.
+        pytest.skip("node b held no matrix when it was removed; loss path not exercised this time")
+    assert execution["workers_lost"] == 1 and execution["matrices_retried"] >= 1
