@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import shlex
+import signal
 import sys
+import threading
 import traceback
 from pathlib import Path
 
@@ -14,10 +16,20 @@ from lorascale import __version__, settings
 from lorascale.errors import LorascaleError
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (Slurm, Kubernetes, `ray job stop`), handled like Ctrl-C: results flushed, run `interrupted`."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
 class _Group(click.Group):
     """Maps lorascale errors to one line on stderr and an exit code; LORASCALE_DEBUG=1 shows tracebacks."""
 
     def invoke(self, ctx: click.Context):
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, _raise_terminated)
         try:
             return super().invoke(ctx)
         except LorascaleError as exc:
@@ -25,10 +37,12 @@ class _Group(click.Group):
                 raise
             click.echo(f"lorascale: error: {exc}", err=True)
             ctx.exit(exc.exit_code)
-        except KeyboardInterrupt:
-            click.echo("lorascale: interrupted; finished matrices are saved, rerun the same command to resume",
-                       err=True)
-            ctx.exit(130)
+        except KeyboardInterrupt as exc:
+            # 128 + signal number, as shells report a process ended by that signal.
+            code, how = (143, "terminated") if isinstance(exc, Terminated) else (130, "interrupted")
+            click.echo(f"lorascale: {how}: the run is marked interrupted; finished matrices are saved, rerun the "
+                       "same command to resume", err=True)
+            ctx.exit(code)
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
         except Exception as exc:  # noqa: BLE001 - last resort: never a bare traceback for users
@@ -130,7 +144,7 @@ def run(base: str, tuned: tuple[str, ...], out: Path, k: int, epsilon: float, si
                          command=shlex.join(["lorascale", *argv]))
     finally:
         progress.close()
-    note = f" (resumed: {result.computed} of {result.planned} computed now)" if result.manifest["resumed"] else ""
+    note = f" (resumed: {result.computed} of {result.planned} computed now)" if result.manifest.resumed else ""
     click.echo(f"wrote {out}{note}", err=True)
     _print_summary(out)
     if make_report:

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import datetime as _dt
-import hashlib
-import shutil
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,10 +16,9 @@ from lorascale.io.checkpoint import Checkpoint, open_checkpoint
 from lorascale.io.resolve import resolve
 from lorascale.plan import Plan, plan_jobs
 from lorascale.records import AnalysisOptions, MatrixJob, MatrixResult
-from lorascale.store.lock import LOCK_NAME, OutputLock
-from lorascale.store.manifest import read_manifest, write_manifest
-from lorascale.store.schema import MANIFEST, TABLES
-from lorascale.store.writer import ResultWriter, completed_pairs, remove_orphans
+from lorascale.io.identity import describe
+from lorascale.store.manifest import Manifest
+from lorascale.store.run_directory import RunDirectory
 
 # Called as (jobs done, jobs total, matrix name) after each matrix.
 ProgressCallback = Callable[[int, int, str], None]
@@ -33,13 +29,9 @@ Executor = Callable[[Sequence[MatrixJob], str, AnalysisOptions], Iterator[Matrix
 @dataclass(frozen=True)
 class RunResult:
     out: Path
-    manifest: dict
+    manifest: Manifest
     computed: int  # matrices computed by this call (fewer than planned when resuming)
     planned: int
-
-
-def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
 def resolve_device(device: str) -> str:
@@ -84,26 +76,6 @@ def _performance_options(*, device: str, driver: str | None, backend: str, mode:
             "mode": mode, "top_k": top_k, "cache_dir": str(Path(cache_dir).expanduser()) if cache_dir else None}
 
 
-def _describe(checkpoint: Checkpoint) -> dict:
-    resolved = checkpoint.resolved
-    files = []
-    for path in resolved.weight_files:
-        entry = {"name": path.name, "bytes": path.stat().st_size}
-        if path.name in resolved.file_hashes:
-            entry["sha256"] = resolved.file_hashes[path.name]
-        else:  # hashing a 10 GB shard would cost more than the analysis; the header identifies the layout
-            with path.open("rb") as handle:
-                length = int.from_bytes(handle.read(8), "little")
-                entry["header_sha256"] = hashlib.sha256(handle.read(length)).hexdigest()
-        files.append(entry)
-    described = {"reference": resolved.reference, "kind": resolved.kind, "source": resolved.source,
-                 "path": str(resolved.root), "repo_id": resolved.repo_id, "revision": resolved.revision,
-                 "files": files}
-    if checkpoint.adapter is not None:
-        described["adapter"] = asdict(checkpoint.adapter)
-    return described
-
-
 def _describe_executor(executor: Executor) -> dict:
     """Executor, Ray address (without credentials), workers and nodes, for the manifest."""
     describe = getattr(executor, "describe", None)
@@ -112,39 +84,17 @@ def _describe_executor(executor: Executor) -> dict:
     return {"executor": "in-process" if executor is run_local else getattr(executor, "__name__", "custom")}
 
 
-def _identity(manifest: dict) -> tuple:
-    """What must match for a rerun on the same --out to continue the earlier run."""
-    options = manifest.get("options", {})
-    return (manifest.get("base", {}).get("reference"),
-            tuple(t.get("reference") for t in manifest.get("tuned", [])),
-            tuple(sorted((k, str(v)) for k, v in options.items() if k in ("k", "epsilon", "side", "precision",
-                                                                          "include", "exclude", "mode",
-                                                                          "top_k"))))
-
-
-def _prepare_out(out: Path, manifest: dict, *, overwrite: bool, resume: bool) -> dict | None:
-    """Return the earlier manifest when this run continues it; refuse to mix unrelated runs."""
-    previous = read_manifest(out)
-    leftovers = [p for p in out.iterdir() if p.name != LOCK_NAME] if out.is_dir() else []
-    if not leftovers:
-        if resume:
-            raise OutputError("nothing to resume: no earlier run here", path=out, fix="drop --resume")
-        return None
-    if overwrite:
-        for name in (*TABLES, MANIFEST, "report"):
-            target = out / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
-        return None
-    if previous is None:
-        raise OutputError("directory is not empty and holds no lorascale run", path=out,
-                          fix="choose an empty --out")
-    if _identity(previous) != _identity(manifest):
-        raise OutputError("directory holds a different run (other checkpoints or options)", path=out,
-                          fix="choose another --out, or pass --overwrite to replace it")
-    return previous
+def _new_manifest(base: Checkpoint, tuned: list[Checkpoint], plan: Plan, options: AnalysisOptions, *,
+                  command: str, side: str, include: Sequence[str], exclude: Sequence[str]) -> Manifest:
+    return Manifest(
+        lorascale_version=__version__, command=command,
+        options={"k": options.k, "epsilon": options.epsilon, "side": side, "precision": options.precision,
+                 "include": list(include), "exclude": list(exclude), "driver": options.driver,
+                 "backend": options.backend, "mode": options.mode,
+                 "top_k": options.top_k if options.mode == "topk" else None, "cache_dir": options.cache_dir},
+        base=describe(base), tuned=[describe(c) for c in tuned], device=options.device,
+        precision=options.precision, torch=torch.__version__, matrices_planned=len(plan.jobs),
+        skipped=[asdict(s) for s in plan.skipped])
 
 
 def compare(base: str, tuned: Sequence[str], out: str | Path, *, k: int = 10, epsilon: float = 0.5,
@@ -194,70 +144,30 @@ def compare(base: str, tuned: Sequence[str], out: str | Path, *, k: int = 10, ep
     plan: Plan = plan_jobs(base_checkpoint, tuned_checkpoints, include=tuple(include), exclude=tuple(exclude))
 
     out = Path(out)
-    manifest = {
-        "lorascale_version": __version__,
-        "command": command or f"lorascale.compare(base={base!r}, tuned={list(tuned)!r}, out={str(out)!r})",
-        "options": {"k": k, "epsilon": epsilon, "side": side, "precision": precision,
-                    "include": list(include), "exclude": list(exclude), "driver": options.driver,
-                    "backend": options.backend, "mode": mode, "top_k": top_k if mode == "topk" else None,
-                    "cache_dir": options.cache_dir},
-        "base": _describe(base_checkpoint),
-        "tuned": [_describe(c) for c in tuned_checkpoints],
-        "device": options.device,
-        "precision": precision,
-        "torch": torch.__version__,
-        "matrices_planned": len(plan.jobs),
-        "skipped": [asdict(s) for s in plan.skipped],
-    }
-    if out.exists() and not out.is_dir():
-        raise OutputError("exists and is not a directory", path=out, fix="choose a directory for --out")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(f"cannot create the output directory ({exc.strerror or exc})", path=out,
-                          fix="choose a writable --out") from None
-    with OutputLock(out):
-        previous = _prepare_out(out, manifest, overwrite=overwrite, resume=resume)
-        manifest["started"] = previous["started"] if previous else _now()
-        manifest["resumed"] = previous is not None
-        manifest["execution"] = _describe_executor(executor)
-        manifest["sessions"] = (previous or {}).get("sessions", []) + [{"started": _now(), "status": "running"}]
-        manifest["status"] = "running"
-        write_manifest(out, manifest)
-        remove_orphans(out)
-        done = completed_pairs(out)
-        jobs = [j for j in plan.jobs if any((s.model, j.matrix) not in done for s in j.tuned)]
-        writer = ResultWriter(out)
-        status, error, results = "failed", None, None
-        try:
-            results = executor(jobs, base, options)
-            total = len(plan.jobs)
-            finished = total - len(jobs)
-            for result in results:
-                writer.add(result)
-                finished += 1
-                if progress is not None:
-                    progress(finished, total, result.matrix)
-            status = "complete"
-        except KeyboardInterrupt:
-            status = "interrupted"
-            raise
-        except Exception as exc:
-            error = str(exc)
-            raise
-        finally:
-            if hasattr(results, "close"):
-                results.close()  # a generator executor releases its workers now, not at garbage collection
-            writer.flush()  # whatever finished is whole and will not be recomputed on resume
-            manifest["execution"] = _describe_executor(executor)
-            manifest["device"] = manifest["execution"].get("device", manifest["device"])
-            manifest["options"].update({k: manifest["execution"][k] for k in ("backend", "driver", "cache_dir")
-                                        if k in manifest["execution"]})  # as the Ray workers resolved them
-            manifest["sessions"][-1].update(finished=_now(), status=status, matrices_to_compute=len(jobs),
-                                            execution=manifest["execution"])
-            manifest["status"] = status
-            manifest["finished"] = _now()
-            if error:
-                manifest["error"] = error
-            write_manifest(out, manifest)
+    manifest = _new_manifest(base_checkpoint, tuned_checkpoints, plan, options, side=side, include=include,
+                             exclude=exclude, command=command or f"lorascale.compare(base={base!r}, "
+                                                                 f"tuned={list(tuned)!r}, out={str(out)!r})")
+    with RunDirectory.open(out, manifest, overwrite=overwrite, resume=resume) as run_dir:
+        jobs = run_dir.pending(plan.jobs)
+        results: Iterator[MatrixResult] | None = None
+        with run_dir.session(_describe_executor(executor), len(jobs)) as writer:
+            try:
+                results = executor(jobs, base, options)
+                finished = len(plan.jobs) - len(jobs)
+                for result in results:
+                    writer.add(result)
+                    finished += 1
+                    if progress is not None:
+                        progress(finished, len(plan.jobs), result.matrix)
+            finally:
+                if hasattr(results, "close"):
+                    results.close()  # a generator executor releases its workers now, not at garbage collection
+                _record_execution(manifest, _describe_executor(executor))
     return RunResult(out=out, manifest=manifest, computed=len(jobs), planned=len(plan.jobs))
+
+
+def _record_execution(manifest: Manifest, execution: dict) -> None:
+    """Device, backend, driver and cache as the executor (e.g. the Ray workers) actually resolved them."""
+    manifest.execution = execution
+    manifest.device = execution.get("device", manifest.device)
+    manifest.options.update({k: execution[k] for k in ("backend", "driver", "cache_dir") if k in execution})

@@ -30,11 +30,8 @@ MAX_HEADER_BYTES = 100_000_000
 _FIX = "re-download or re-save the file; it is truncated or not a safetensors file"
 
 
-def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
-    """Return ({tensor name: entry}, metadata) for one safetensors file.
-
-    >>> entries, meta = read_header(Path("model.safetensors"))  # doctest: +SKIP
-    """
+def read_raw_header(path: Path) -> bytes:
+    """The JSON header bytes of safetensors file `path`, after checking its length prefix."""
     try:
         size = path.stat().st_size
         with path.open("rb") as handle:
@@ -46,9 +43,19 @@ def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
                 raise CheckpointFormatError(
                     f"header length {header_len} does not fit in a file of {size} bytes", path=path, fix=_FIX
                 )
-            raw = handle.read(header_len)
+            return handle.read(header_len)
     except OSError as exc:
         raise CheckpointFormatError(f"cannot read file: {exc.strerror or exc}", path=path) from exc
+
+
+def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
+    """Return ({tensor name: entry}, metadata) for one safetensors file.
+
+    >>> entries, meta = read_header(Path("model.safetensors"))  # doctest: +SKIP
+    """
+    raw = read_raw_header(path)
+    size = path.stat().st_size
+    header_len = len(raw)
     try:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:

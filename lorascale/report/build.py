@@ -17,9 +17,10 @@ import pyarrow as pa
 from lorascale.errors import OptionError, OutputError
 from lorascale.report import queries
 from lorascale.report.labels import slug
-from lorascale.report.page import GENERATOR, FigureEntry, PageContent, render_page
+from lorascale.report.page import FigureEntry, PageContent, render_page
 from lorascale.report.summary import rows_for_run
 from lorascale.report.tables import Order, Run, open_run, unreadable
+from lorascale.store.schema import is_report_directory
 
 INDEX = "index.html"
 
@@ -31,10 +32,7 @@ def _check_out(out: Path) -> None:
     if not out.is_dir():
         raise OutputError("report output exists and is not a directory", path=out,
                           fix="choose another --out for the report")
-    entries = list(out.iterdir())
-    index = out / INDEX
-    ours = index.is_file() and f'content="{GENERATOR}"' in index.read_text(encoding="utf-8", errors="replace")
-    if entries and not ours:
+    if any(out.iterdir()) and not is_report_directory(out):
         raise OutputError("report output directory is not empty and holds no earlier lorascale report",
                           path=out, fix="choose an empty or new directory for the report")
 

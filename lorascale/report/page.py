@@ -12,8 +12,7 @@ from typing import Any
 
 from lorascale.report.summary import COLUMNS, format_cell
 from lorascale.report.tables import Run
-
-GENERATOR = "lorascale report"  # also marks a directory as ours, so a rebuild may replace it
+from lorascale.store.schema import REPORT_GENERATOR as GENERATOR  # also marks a directory as ours
 
 
 @dataclass(frozen=True)
@@ -57,7 +56,7 @@ def _e(value: object) -> str:
 
 def _facts(run: Run) -> str:
     manifest = run.manifest
-    options = manifest.get("options") if isinstance(manifest.get("options"), dict) else {}
+    options = manifest.options
     side = options.get("side", "/".join(run.sides))
     facts = [
         ("Base model", f'<span class="ref">{_e(run.base)}</span>'),
@@ -65,8 +64,8 @@ def _facts(run: Run) -> str:
         ("Intruder setting", f"top k = {run.k} singular vectors, max |cos| &lt; ε = {run.epsilon:g}, "
                              f"side: {_e(side)}"),
         ("Status", _e(run.status)),
-        ("Started / finished", f"{_e(manifest.get('started', '-'))} / {_e(manifest.get('finished', '-'))}"),
-        ("lorascale version", _e(manifest.get("lorascale_version", "-"))),
+        ("Started / finished", f"{_e(manifest.started or '-')} / {_e(manifest.finished or '-')}"),
+        ("lorascale version", _e(manifest.lorascale_version or "-")),
     ]
     if "precision" in options:
         facts.insert(3, ("Precision", _e(options["precision"])))

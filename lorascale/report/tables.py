@@ -7,7 +7,6 @@ Nothing here imports matplotlib: the CLI's run-end summary goes through this mod
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +16,10 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 
 from lorascale.errors import OptionError, OutputError
-from lorascale.store.schema import MANIFEST, MATRICES, SCHEMAS, SIMILARITY, SPECTRA
+from lorascale.store.manifest import Manifest, read_manifest
+from lorascale.store.run_directory import check_complete, effective_status
+from lorascale.store.schema import MATRICES, SCHEMAS, SIMILARITY, SPECTRA
+from lorascale.store.writer import part_files
 
 Order = Literal["as-given", "name"]
 
@@ -48,7 +50,7 @@ class Run:
     """
 
     root: Path
-    manifest: dict[str, Any]
+    manifest: Manifest
     base: str
     models: tuple[str, ...]
     kinds: dict[str, str]
@@ -60,8 +62,8 @@ class Run:
 
     @property
     def status(self) -> str:
-        """The manifest's status ("complete", "running", "failed"), or "unknown"."""
-        return str(self.manifest.get("status", "unknown"))
+        """The run's status: complete, running, failed or interrupted (a dead `running` run)."""
+        return effective_status(self.root, self.manifest)
 
     def dataset(self, table: str) -> ds.Dataset | None:
         """The Parquet dataset of `table`, or None when the run has not written it."""
@@ -69,15 +71,15 @@ class Run:
 
 
 def _open_dataset(path: Path, table: str) -> ds.Dataset | None:
-    if not path.is_dir() or not any(path.rglob("*.parquet")):
+    parts = part_files(path)  # only lorascale's parts: a user's file beside them is not a table
+    if not parts:
         return None
     fmt = ds.ParquetFileFormat(read_options={"dictionary_columns": [
         name for name in _DICTIONARY_COLUMNS if name in SCHEMAS[table].names]})
-    # Pass the contract schema explicitly so every part file is read with the same types; files whose
-    # names start with "." or "_" (writers' temporary parts) are ignored by pyarrow by default.
+    # Pass the contract schema explicitly so every part file is read with the same types.
     schema = pa.schema([pa.field(f.name, pa.dictionary(pa.int32(), f.type), f.nullable)
                         if f.name in _DICTIONARY_COLUMNS else f for f in SCHEMAS[table]])
-    return ds.dataset(path, format=fmt, schema=schema)
+    return ds.dataset([str(p) for p in parts], format=fmt, schema=schema)
 
 
 def unreadable(path: Path, exc: BaseException) -> OutputError:
@@ -86,36 +88,30 @@ def unreadable(path: Path, exc: BaseException) -> OutputError:
                        fix="a part file may be truncated by a crash; re-run or resume the run")
 
 
-def _read_manifest(root: Path) -> dict[str, Any]:
-    path = root / MANIFEST
-    if not path.is_file():
+def _read_manifest(root: Path) -> Manifest:
+    manifest = read_manifest(root)
+    if manifest is None:
         raise OutputError("not a lorascale results directory: there is no manifest.json", path=root,
                           fix=_RUN_FIX)
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise OutputError(f"manifest.json cannot be read: {exc}", path=path,
-                          fix="the run may have been interrupted while writing it; re-run it") from exc
-    if not isinstance(manifest, dict):
-        raise OutputError("manifest.json is not a JSON object", path=path, fix=_RUN_FIX)
     return manifest
 
 
-def _model_order(manifest: dict[str, Any], present: list[str], order: Order) -> tuple[str, ...]:
+def _model_order(manifest: Manifest, present: list[str], order: Order) -> tuple[str, ...]:
     if order == "name":
         return tuple(sorted(present, key=natural_key))
-    given = [str(t.get("reference")) for t in manifest.get("tuned", []) if isinstance(t, dict)]
+    given = list(manifest.references)
     ordered = [ref for ref in dict.fromkeys(given) if ref in present]
     # Models in the tables but not in the manifest (hand-merged runs) go last, in name order.
     extra = sorted(set(present) - set(ordered), key=natural_key)
     return tuple(ordered + extra)
 
 
-def open_run(results: str | Path, *, order: Order = "as-given") -> Run:
+def open_run(results: str | Path, *, order: Order = "as-given", allow_partial: bool = False) -> Run:
     """Validate `results` and load what every report needs.
 
-    Raises OutputError when the directory is missing, has no manifest, or holds no matrix rows yet, and
-    OptionError for an unknown `order`.
+    Raises OutputError when the directory is missing, has no manifest, holds no matrix rows yet, or holds
+    a run that is not complete (running, failed, interrupted: its tables are partial) unless
+    `allow_partial`; OptionError for an unknown `order`.
     """
     if order not in ("as-given", "name"):
         raise OptionError(f"unknown order {order!r}", fix="use 'as-given' or 'name'")
@@ -125,6 +121,8 @@ def open_run(results: str | Path, *, order: Order = "as-given") -> Run:
     if not root.is_dir():
         raise OutputError("results path is not a directory", path=root, fix=_RUN_FIX)
     manifest = _read_manifest(root)
+    if not allow_partial:
+        check_complete(root, manifest)
     matrices_ds = _open_dataset(root / MATRICES, MATRICES)
     if matrices_ds is None:
         raise OutputError("the run has no tables yet (no matrices/*.parquet)", path=root,
@@ -142,14 +140,14 @@ def open_run(results: str | Path, *, order: Order = "as-given") -> Run:
     models = _model_order(manifest, present, order)
     kinds = {m: u for m, u in zip(matrices.column("model").to_pylist(),
                                   matrices.column("update").to_pylist())}
-    for entry in manifest.get("tuned", []):
-        if isinstance(entry, dict) and entry.get("reference") in kinds and entry.get("kind"):
+    for entry in manifest.tuned:
+        if entry.get("reference") in kinds and entry.get("kind"):
             kinds[str(entry["reference"])] = str(entry["kind"])
 
-    options = manifest.get("options") if isinstance(manifest.get("options"), dict) else {}
+    options = manifest.options
     side = str(options.get("side", "left"))
     sides = ("left", "right") if side == "both" else (side,)
-    base = manifest.get("base") if isinstance(manifest.get("base"), dict) else {}
+    base = manifest.base
     missing = tuple(t for t in (SPECTRA, SIMILARITY) if _open_dataset(root / t, t) is None)
     return Run(root=root, manifest=manifest, base=str(base.get("reference", "base model")),
                models=models, kinds=kinds, k=int(options.get("k", 10)),

@@ -6,6 +6,8 @@ major version.  Each table is a Parquet dataset directory `results/<table>/part-
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pyarrow as pa
 
 MATRICES = "matrices"
@@ -13,6 +15,10 @@ SPECTRA = "spectra"
 SIMILARITY = "similarity"
 TABLES = (MATRICES, SPECTRA, SIMILARITY)
 MANIFEST = "manifest.json"
+REPORT_DIR = "report"  # default place of `lorascale report` inside a results directory
+# The generator meta tag of a report's index.html: marks a directory as a lorascale report, which a
+# rebuild or `run --overwrite` may replace (and nothing else).
+REPORT_GENERATOR = "lorascale report"
 
 # One row per (tuned model, matrix).
 MATRICES_SCHEMA = pa.schema(
@@ -64,3 +70,13 @@ SCHEMAS: dict[str, pa.Schema] = {
     SPECTRA: SPECTRA_SCHEMA,
     SIMILARITY: SIMILARITY_SCHEMA,
 }
+
+
+def is_report_directory(path: Path) -> bool:
+    """True when `path` holds a report lorascale wrote (its index.html carries the generator tag)."""
+    index = path / "index.html"
+    if not index.is_file() or index.is_symlink():
+        return False
+    with index.open(encoding="utf-8", errors="replace") as handle:
+        head = handle.read(4096)
+    return f'<meta name="generator" content="{REPORT_GENERATOR}">' in head

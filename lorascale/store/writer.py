@@ -8,7 +8,6 @@ with "." so that pyarrow.dataset (which skips "." and "_" prefixed files) never 
 
 from __future__ import annotations
 
-import os
 import re
 import time
 from pathlib import Path
@@ -18,10 +17,24 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
+from lorascale.errors import OutputError
 from lorascale.records import MatrixResult
+from lorascale.store.atomic import TMP_PREFIX, ensure_directory, write_atomic
 from lorascale.store.schema import MATRICES, SCHEMAS, SIMILARITY, SPECTRA, TABLES
 
 _PART = re.compile(r"^part-(\d{6})\.parquet$")
+
+
+def is_part_file(name: str) -> bool:
+    """True for the name of a part file lorascale writes."""
+    return _PART.match(name) is not None
+
+
+def part_files(table_dir: Path) -> list[Path]:
+    """The part files of one table directory, in part order (other files there are not ours: ignored)."""
+    if not table_dir.is_dir():
+        return []
+    return sorted(p for p in table_dir.iterdir() if _PART.match(p.name))
 
 
 def part_numbers(table_dir: Path) -> set[int]:
@@ -39,16 +52,20 @@ def remove_orphans(out: Path) -> None:
             continue
         for path in directory.iterdir():
             match = _PART.match(path.name)
-            if path.name.startswith(".tmp-") or (match and table != MATRICES and int(match.group(1)) not in complete):
+            if path.name.startswith(TMP_PREFIX) or (match and table != MATRICES and int(match.group(1)) not in complete):
                 path.unlink()
 
 
 def completed_pairs(out: Path) -> set[tuple[str, str]]:
     """(model, matrix) pairs whose rows are all written."""
-    directory = out / MATRICES
-    if not part_numbers(directory):
+    parts = part_files(out / MATRICES)
+    if not parts:
         return set()
-    table = ds.dataset(directory, format="parquet").to_table(columns=["model", "matrix"])
+    try:
+        table = ds.dataset([str(p) for p in parts], format="parquet").to_table(columns=["model", "matrix"])
+    except (pa.ArrowException, OSError) as exc:
+        raise OutputError(f"the earlier run's table cannot be read ({type(exc).__name__})", path=out / MATRICES,
+                          fix="a part file was damaged outside lorascale; re-run with --overwrite") from None
     return set(zip(table.column("model").to_pylist(), table.column("matrix").to_pylist()))
 
 
@@ -86,7 +103,7 @@ class ResultWriter:
     def __init__(self, out: Path, *, flush_every: int = 16, flush_seconds: float = 30.0) -> None:
         self.out = out
         for table in TABLES:
-            (out / table).mkdir(parents=True, exist_ok=True)
+            ensure_directory(out / table)
         self.flush_every, self.flush_seconds = flush_every, flush_seconds
         self._next = max(part_numbers(out / MATRICES) | part_numbers(out / SPECTRA)
                          | part_numbers(out / SIMILARITY), default=-1) + 1
@@ -116,8 +133,4 @@ class ResultWriter:
 
 
 def _write_atomic(table: pa.Table, path: Path) -> None:
-    tmp = path.with_name(f".tmp-{path.name}")
-    pq.write_table(table, tmp, compression="zstd")
-    with open(tmp, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    write_atomic(path, lambda handle: pq.write_table(table, handle, compression="zstd"))
