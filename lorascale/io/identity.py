@@ -3,9 +3,9 @@
 Hashing every byte of a 140 GB model on each run would cost more than many analyses, so a weight file is
 identified by what changes whenever its bytes change:
 
-- hub files: the sha256 the hub publishes for them (content-addressed), plus the resolved commit;
-- local files: size, modification and status-change times (ctime cannot be set back by a user: any
+- every weight file: size, modification and status-change times (ctime cannot be set back by a user: any
   write, copy-over or rename updates it), inode, and the sha256 of the safetensors header;
+- hub files also: the sha256 the hub publishes for them (content-addressed), and the resolved commit;
 - small metadata files (adapter_config.json with the scale, the shard index, config.json): their sha256.
 
 Two identities are equal only if every field is; a false "changed" (a checkpoint copied to another disk)
@@ -45,9 +45,9 @@ def _weight_file(path: Path, known_sha256: str | None) -> dict[str, Any]:
     entry: dict[str, Any] = {"name": path.name, "bytes": stat.st_size}
     if known_sha256:
         entry["sha256"] = known_sha256
-    else:
-        entry.update(header_sha256=_header_sha256(path), mtime_ns=stat.st_mtime_ns, ctime_ns=stat.st_ctime_ns,
-                     inode=stat.st_ino)
+    # Also for hub files: a blob edited in the cache keeps its name (and so its published sha256).
+    entry.update(header_sha256=_header_sha256(path), mtime_ns=stat.st_mtime_ns, ctime_ns=stat.st_ctime_ns,
+                 inode=stat.st_ino)
     return entry
 
 
