@@ -199,11 +199,24 @@ def demo(out: Path, quiet: bool) -> None:
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
 @click.option("--order", type=click.Choice(["as-given", "name"]), default="as-given", show_default=True,
               help="Model order: as given on the command line, or natural name order (checkpoint-200 < -1000).")
-def summary(results: Path, fmt: str, order: str) -> None:
+@click.option("--partial", "allow_partial", is_flag=True,
+              help="Also summarise a run that is not complete (failed, interrupted, running); marked PARTIAL.")
+def summary(results: Path, fmt: str, order: str, allow_partial: bool) -> None:
     """Print the per-model summary of a finished run."""
     from lorascale.report import format_summary, summary_rows
 
-    click.echo(format_summary(summary_rows(results, order=order), fmt))  # type: ignore[arg-type]
+    rows = summary_rows(results, order=order, allow_partial=allow_partial)  # type: ignore[arg-type]
+    if allow_partial:
+        _warn_if_partial(results)
+    click.echo(format_summary(rows, fmt))  # type: ignore[arg-type]
+
+
+def _warn_if_partial(results: Path) -> None:
+    from lorascale.report.tables import open_run
+
+    status = open_run(results, allow_partial=True).status
+    if status != "complete":
+        click.echo(f"lorascale: warning: PARTIAL RESULTS: the run is {status}; totals are incomplete", err=True)
 
 
 @main.command()
@@ -212,9 +225,14 @@ def summary(results: Path, fmt: str, order: str) -> None:
 @click.option("--matrix", "matrices", multiple=True, help="Matrix for the heatmaps and spectra (repeatable).")
 @click.option("--order", type=click.Choice(["as-given", "name"]), default="as-given", show_default=True,
               help="Model order, e.g. for a checkpoint series: as given, or natural name order.")
-def report(results: Path, out: Path | None, matrices: tuple[str, ...], order: str) -> None:
+@click.option("--partial", "allow_partial", is_flag=True,
+              help="Also report a run that is not complete; the page is marked PARTIAL RESULTS.")
+def report(results: Path, out: Path | None, matrices: tuple[str, ...], order: str, allow_partial: bool) -> None:
     """Write figures (PNG, SVG) and an offline index.html from a run's tables."""
     from lorascale.report import build_report
 
-    index = build_report(results, out, matrices=list(matrices) or None, order=order)  # type: ignore[arg-type]
+    index = build_report(results, out, matrices=list(matrices) or None, order=order,  # type: ignore[arg-type]
+                         allow_partial=allow_partial)
+    if allow_partial:
+        _warn_if_partial(results)
     click.echo(str(index))

@@ -103,7 +103,8 @@ def _swap_in(tmp: Path, out: Path) -> None:
 
 
 def build_report(results: str | Path, out: str | Path | None = None, *,
-                 matrices: Sequence[str] | None = None, order: Order = "as-given") -> Path:
+                 matrices: Sequence[str] | None = None, order: Order = "as-given",
+                 allow_partial: bool = False) -> Path:
     """Write PNG + SVG figures and an offline index.html for the run in `results`; return index.html.
 
     `out` defaults to `results/report`. `matrices` picks the matrices for heatmaps, spectra and the
@@ -111,13 +112,14 @@ def build_report(results: str | Path, out: str | Path | None = None, *,
     tuned models in legends and the checkpoint series: "as-given" (manifest) or "name" (natural sort,
     so checkpoint-200 comes before checkpoint-1000).
 
-    Raises OutputError for a missing or unusable results directory or output directory, and OptionError
-    for matrix names the run does not have.
+    Raises OutputError for a missing or unusable results directory or output directory, or a run that is
+    not complete unless `allow_partial` (the page then carries a warning), and OptionError for matrix
+    names the run does not have.
 
     >>> build_report("results/")  # doctest: +SKIP
     PosixPath('results/report/index.html')
     """
-    run = open_run(results, order=order)
+    run = open_run(results, order=order, allow_partial=allow_partial)
     out_dir = Path(out) if out is not None else run.root / "report"
     _check_out(out_dir)
     chosen = _resolve_matrices(run, matrices)

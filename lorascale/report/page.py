@@ -113,8 +113,8 @@ def render_page(content: PageContent) -> str:
         "arXiv 2410.21228). All numbers below come from the run's Parquet tables.</p>",
     ]
     if run.status != "complete":
-        parts.append(f'<p class="warning">This run\'s status is <strong>{_e(run.status)}</strong>: the '
-                     "tables may not hold every matrix yet, so totals can still grow.</p>")
+        parts.append(f'<p class="warning">PARTIAL RESULTS: this run\'s status is <strong>{_e(run.status)}'
+                     "</strong>. The tables do not hold every matrix, so every total below is incomplete.</p>")
     parts += ["<h2>Run</h2>", _facts(run), "<h2>Summary</h2>", _summary_table(content.rows, run)]
     section = None
     toc = []

@@ -64,15 +64,17 @@ def rows_for_run(run: Run) -> list[dict[str, Any]]:
     return rows
 
 
-def summary_rows(results: str | Path, *, order: Order = "as-given") -> list[dict[str, Any]]:
+def summary_rows(results: str | Path, *, order: Order = "as-given",
+                 allow_partial: bool = False) -> list[dict[str, Any]]:
     """One dict per tuned model: model, update, matrices, intruders (at the run's k and epsilon),
     matrices_with_intruders, mean_effective_rank (of dW; None if W == W0), mean_delta_rel, k, epsilon,
-    seconds. Raises OutputError when `results` is not a lorascale run with results.
+    seconds. Raises OutputError when `results` is not a lorascale run with results, or (unless
+    `allow_partial`) when the run is not complete.
 
     >>> summary_rows("results/")[0]["intruders"]  # doctest: +SKIP
     42
     """
-    return rows_for_run(open_run(results, order=order))
+    return rows_for_run(open_run(results, order=order, allow_partial=allow_partial))
 
 
 def format_cell(value: Any) -> str:

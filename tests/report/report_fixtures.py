@@ -115,7 +115,7 @@ def write_run(root: Path, tuned: Sequence[Tuned], *, layers: int = 2,
         # Several part files, like a run that wrote results as it went.
         for part, chunk in enumerate(np.array_split(np.arange(len(rows)), parts)):
             pq.write_table(pa.Table.from_pylist([rows[i] for i in chunk], schema=SCHEMAS[table]),
-                           root / table / f"part-{part}.parquet")
+                           root / table / f"part-{part:06d}.parquet")
     manifest = {
         "lorascale_version": "0.1.0",
         "options": {"k": k, "epsilon": epsilon, "side": side, "precision": "float64", "device": "cpu"},
