@@ -87,10 +87,11 @@ class RunDirectory:
         manifest.sessions = (self.previous.sessions if self.previous else []) + [
             {"started": now(), "status": "running", "matrices_to_compute": to_compute}]
         manifest.status = "running"
-        write_manifest(self.out, manifest)
-        writer = ResultWriter(self.out)
+        write_manifest(self.out, manifest)  # if even this fails, the earlier manifest (if any) stays as it was
+        writer: ResultWriter | None = None
         status: Status = "failed"
         try:
+            writer = ResultWriter(self.out)
             yield writer
             writer.flush()
             status = "complete"
@@ -101,7 +102,7 @@ class RunDirectory:
             manifest.error = str(exc)
             raise
         finally:
-            if status != "complete":
+            if status != "complete" and writer is not None:
                 with contextlib.suppress(OutputError):
                     writer.flush()  # what finished is whole and will not be recomputed on resume
             self._finish(status)
