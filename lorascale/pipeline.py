@@ -17,6 +17,7 @@ from lorascale.execute.local import run_local
 from lorascale.execute.ray_executor import RayExecutor, wants_ray
 from lorascale.io.checkpoint import Checkpoint, open_checkpoint
 from lorascale.io.resolve import resolve
+from lorascale.io.safetensors_header import read_raw_header
 from lorascale.plan import Plan, plan_jobs
 from lorascale.records import AnalysisOptions, MatrixJob, MatrixResult
 from lorascale.store.lock import LOCK_NAME, OutputLock
@@ -92,9 +93,7 @@ def _describe(checkpoint: Checkpoint) -> dict:
         if path.name in resolved.file_hashes:
             entry["sha256"] = resolved.file_hashes[path.name]
         else:  # hashing a 10 GB shard would cost more than the analysis; the header identifies the layout
-            with path.open("rb") as handle:
-                length = int.from_bytes(handle.read(8), "little")
-                entry["header_sha256"] = hashlib.sha256(handle.read(length)).hexdigest()
+            entry["header_sha256"] = hashlib.sha256(read_raw_header(path)).hexdigest()
         files.append(entry)
     described = {"reference": resolved.reference, "kind": resolved.kind, "source": resolved.source,
                  "path": str(resolved.root), "repo_id": resolved.repo_id, "revision": resolved.revision,
