@@ -7,13 +7,12 @@ weights (.bin/.pt/.pth) are never opened or downloaded: unpickling runs arbitrar
 from __future__ import annotations
 
 import glob
-import json
 import logging
 import os
 import re
 
 from fnmatch import fnmatchcase
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from huggingface_hub import list_repo_files, snapshot_download
@@ -28,6 +27,7 @@ except ImportError:  # 0.23-0.24: the HTTP ones only live in `utils` (which stil
                                        OfflineModeIsEnabled, RepositoryNotFoundError, RevisionNotFoundError)
 
 from lorascale.errors import CheckpointFormatError, CheckpointReferenceError
+from lorascale.io.jsonfiles import read_weight_map
 from lorascale.records import ResolvedCheckpoint
 from lorascale.settings import HubSettings, hub_settings
 
@@ -86,22 +86,8 @@ def _choose_weights(reference: str, names: set[str], *, adapter: bool, shards: l
 
 
 def _read_index(path: Path) -> list[str]:
-    """Distinct shard names of a model.safetensors.index.json weight_map, sorted."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointFormatError(f"cannot read index JSON ({exc})", path=path,
-                                    fix="re-download or re-save the checkpoint") from None
-    weight_map = data.get("weight_map") if isinstance(data, dict) else None
-    if not isinstance(weight_map, dict) or not weight_map:
-        raise CheckpointFormatError("index JSON has no 'weight_map' object", path=path,
-                                    fix="re-download or re-save the checkpoint")
-    for shard in weight_map.values():
-        # A shard name is joined to the checkpoint directory: refuse anything that could point outside it.
-        if (not isinstance(shard, str) or not shard.endswith(".safetensors") or shard.startswith(("/", "\\"))
-                or ".." in PurePosixPath(shard).parts):
-            raise CheckpointFormatError(f"weight_map names an invalid shard {shard!r}", path=path)
-    return sorted(set(weight_map.values()))
+    """Distinct shard names of a model.safetensors.index.json weight_map, sorted (validated by read_weight_map)."""
+    return sorted(set(read_weight_map(path).values()))
 
 
 def _existing(root: Path, name: str) -> Path | None:

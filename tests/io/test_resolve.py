@@ -99,9 +99,25 @@ def test_local_dir_sharded_missing_shard(tmp_path):
 
 
 @pytest.mark.parametrize("content, problem", [
-    (b"{not json", "cannot read index JSON"),
+    (b"{not json", "index JSON is not valid JSON"),
+    (b"\xff\xfe{}", "not UTF-8"),
     (b'{"metadata": {}}', "no 'weight_map'"),
+    (b'{"weight_map": []}', "no 'weight_map'"),
+    (b'{"weight_map": "model.safetensors"}', "no 'weight_map'"),
+    (b'{"weight_map": {}}', "no 'weight_map'"),
+    (b'[1, 2]', "no 'weight_map'"),
     (b'{"weight_map": {"w": "../outside.safetensors"}}', "invalid shard"),
+    (b'{"weight_map": {"w": "sub/../../outside.safetensors"}}', "invalid shard"),
+    (b'{"weight_map": {"w": "/etc/model.safetensors"}}', "invalid shard"),
+    (b'{"weight_map": {"w": "C:/model.safetensors"}}', "invalid shard"),
+    (b'{"weight_map": {"w": "..\\\\outside.safetensors"}}', "invalid shard"),
+    (b'{"weight_map": {"w": 3}}', "invalid shard"),
+    (b'{"weight_map": {"w": null}}', "invalid shard"),
+    (b'{"weight_map": {"w": ["a.safetensors"]}}', "invalid shard"),
+    (b'{"weight_map": {"w": "model.bin"}}', "invalid shard"),
+    (b'{"weight_map": {"w": "a.safetensors", "w": "b.safetensors"}}', "key 'w' twice"),
+    (b'{"weight_map": {"w": "a.safetensors"}, "weight_map": {"w": "b.safetensors"}}', "key 'weight_map' twice"),
+    (b'{"weight_map": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "nested too deeply"),
 ])
 def test_local_dir_bad_index(tmp_path, content, problem):
     root = write_dir(tmp_path / "m", {INDEX: content})
