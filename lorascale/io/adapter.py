@@ -13,6 +13,7 @@ from pathlib import Path
 
 from lorascale.errors import CheckpointFormatError, UnsupportedAdapterError
 from lorascale.io.jsonfiles import read_json_file
+from lorascale.io.safetensors_header import dtype_not_analysed
 from lorascale.records import AdapterSettings, LoraFactors, TensorEntry
 
 PEFT_PREFIX = "base_model.model."
@@ -163,6 +164,10 @@ def index_adapter(path: Path, settings: AdapterSettings, tensors: dict[str, Tens
         a, b = pair["A"], pair["B"]
         if len(a.shape) != 2 or len(b.shape) != 2:
             other[a.name] = f"LoRA factors of shape {list(a.shape)}/{list(b.shape)} (convolution?) are not analysed"
+            continue
+        problem = next((p for p in map(dtype_not_analysed, (a.dtype, b.dtype)) if p is not None), None)
+        if problem is not None:  # e.g. a quantized adapter: B @ A cannot be formed from the stored codes
+            other[a.name] = f"LoRA factors not analysed: {problem}"
             continue
         rank = a.shape[0]
         if b.shape[1] != rank:

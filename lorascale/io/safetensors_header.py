@@ -30,6 +30,8 @@ DTYPE_BITS: dict[str, int] = {
 }
 # Floating dtypes whose matrices we analyse.
 FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})
+_LOW_PRECISION_FLOATS = frozenset({"F8_E4M3", "F8_E5M2", "F8_E8M0", "F6_E2M3", "F6_E3M2", "F4"})
+_QUANTIZED_INTS = frozenset({"I8", "U8"})
 
 # A header larger than this is not a real checkpoint (safetensors itself caps it at 100 MB).
 MAX_HEADER_BYTES = 100_000_000
@@ -38,6 +40,23 @@ _MAX_INT = 2 ** 63 - 1
 _MAX_ELEMENTS = 2 ** 64
 
 _FIX = "re-download or re-save the file; it is truncated or not a safetensors file"
+
+
+def dtype_not_analysed(dtype: str) -> str | None:
+    """Why tensors stored as `dtype` are not analysed (the reason the manifest lists), or None if they are.
+
+    >>> dtype_not_analysed("I8")
+    'dtype I8 is not a floating type lorascale analyses (quantized?)'
+    """
+    if dtype in FLOAT_DTYPES:
+        return None
+    if dtype in _LOW_PRECISION_FLOATS:
+        return f"dtype {dtype} is a low-precision float lorascale does not analyse (quantized? dequantize to BF16/F16/F32)"
+    if dtype == "C64":
+        return "dtype C64 is complex; lorascale analyses real floating matrices"
+    if dtype not in DTYPE_BITS:
+        return f"dtype {_short(dtype)} is unknown to lorascale (a newer safetensors format?)"
+    return f"dtype {dtype} is not a floating type lorascale analyses{' (quantized?)' if dtype in _QUANTIZED_INTS else ''}"
 
 
 def _read_prefix_and_header(path: Path) -> tuple[bytes, int]:
