@@ -145,7 +145,7 @@ def _check_revision(reference: str, revision: str) -> None:
         problem = "is empty"
     elif len(revision) > _MAX_REVISION:
         problem = f"is longer than {_MAX_REVISION} characters"
-    elif _REF_FORBIDDEN_RE.search(revision):
+    elif _REF_FORBIDDEN_RE.search(revision) or not revision.isprintable():
         problem = "contains '..', '//', '@{', whitespace, a control character or one of ~^:?*[\\"
     elif revision.startswith("/") or revision.endswith(("/", ".", ".lock")) or revision == "@":
         problem = "starts with '/' or ends with '/', '.' or '.lock'"
