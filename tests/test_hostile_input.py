@@ -154,6 +154,29 @@ def test_hostile_hub_reference(llama, tmp_path, reference, words):
     assert not (tmp_path / "hub-cache").exists() and not (tmp_path / "out").exists()
 
 
+def _nan_alpha(llama, tmp: Path) -> tuple[list[str], Path, str]:
+    lora = checkpoints.copy_checkpoint(llama.lora.path, tmp / "lora")
+    config = lora / "adapter_config.json"
+    config.write_text(config.read_text().replace('"lora_alpha": 8', '"lora_alpha": NaN'))
+    return run_args(llama.base["fp32"], [lora], tmp / "out"), config, "lora_alpha is nan"
+
+
+def _escaping_shard(llama, tmp: Path) -> tuple[list[str], Path, str]:
+    tuned = checkpoints.copy_checkpoint(llama.tuned["fp32"], tmp / "tuned")
+    index = tuned / "model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    data["weight_map"][Q_PROJ] = "../../elsewhere/model.safetensors"
+    index.write_text(json.dumps(data))
+    return run_args(llama.base["fp32"], [tuned], tmp / "out"), index, "invalid shard"
+
+
+@pytest.mark.parametrize("build", [_nan_alpha, _escaping_shard])
+def test_hostile_json_beside_the_weights(llama, tmp_path, build):
+    args, path, words = build(llama, tmp_path)
+    assert_one_line_error(run(args, tmp_path), 3, str(path), words)
+    assert not (tmp_path / "out").exists()
+
+
 # --- Odd but valid input runs, skipping what it cannot analyse ----------------------------------------------------
 
 
