@@ -21,7 +21,7 @@ from lorascale.errors import CheckpointFormatError
 from lorascale.io.jsonfiles import parse_json
 from lorascale.records import TensorEntry
 
-# Bits per element of the dtypes safetensors defines (sub-byte ones since safetensors 0.6).  A dtype not
+# Bits per element of the dtypes safetensors defines (the sub-byte and E8M0 ones are recent).  A dtype not
 # listed here is still indexed, with looser offset checks, and never analysed.
 DTYPE_BITS: dict[str, int] = {
     "F64": 64, "F32": 32, "F16": 16, "BF16": 16, "F8_E4M3": 8, "F8_E5M2": 8, "F8_E8M0": 8, "F6_E2M3": 6,
@@ -51,12 +51,14 @@ def dtype_not_analysed(dtype: str) -> str | None:
     if dtype in FLOAT_DTYPES:
         return None
     if dtype in _LOW_PRECISION_FLOATS:
-        return f"dtype {dtype} is a low-precision float lorascale does not analyse (quantized? dequantize to BF16/F16/F32)"
+        return (f"dtype {dtype} is a low-precision float lorascale does not analyse "
+                f"(quantized? dequantize to BF16/F16/F32)")
     if dtype == "C64":
         return "dtype C64 is complex; lorascale analyses real floating matrices"
     if dtype not in DTYPE_BITS:
         return f"dtype {_short(dtype)} is unknown to lorascale (a newer safetensors format?)"
-    return f"dtype {dtype} is not a floating type lorascale analyses{' (quantized?)' if dtype in _QUANTIZED_INTS else ''}"
+    hint = " (quantized?)" if dtype in _QUANTIZED_INTS else ""
+    return f"dtype {dtype} is not a floating type lorascale analyses{hint}"
 
 
 def _read_prefix_and_header(path: Path) -> tuple[bytes, int]:
