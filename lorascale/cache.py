@@ -28,6 +28,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from lorascale.errors import CheckpointFormatError
+from lorascale.io.safetensors_header import read_header
 from lorascale.numerics.compare import BaseSpectrum
 from lorascale.records import AnalysisOptions, TensorEntry
 
@@ -69,16 +71,16 @@ class BaseSpectrumCache:
             return None
         try:
             tensors = load_file(path, device="cpu")
-            with open(path, "rb") as handle:
-                length = int.from_bytes(handle.read(8), "little")
-                metadata = json.loads(handle.read(length)).get("__metadata__", {})
+            _, metadata = read_header(path)
             if metadata.get("format") != FORMAT or metadata.get("key") != key:
                 raise ValueError("entry of another format or key")
             null_levels = json.loads(metadata["null_max_cos"])
+            if not isinstance(null_levels, dict):
+                raise ValueError("null_max_cos is not a JSON object")
             vectors = {side: tensors[side].to(device) for side in null_levels}
             return BaseSpectrum(s=tensors["s"].to(device), vectors=vectors, fro=float(metadata["fro"]),
                                 null_max_cos={side: float(v) for side, v in null_levels.items()})
-        except (OSError, ValueError, KeyError, SafetensorError) as exc:
+        except (OSError, ValueError, KeyError, TypeError, SafetensorError, CheckpointFormatError) as exc:
             _LOG.warning("ignoring unreadable base-SVD cache entry %s (%s); recomputing", path, exc)
             return None
 

@@ -6,7 +6,7 @@ from collections import Counter
 
 from lorascale.io.checkpoint import open_checkpoint
 from lorascale.io.resolve import resolve
-from lorascale.plan import layer_and_module, selected
+from lorascale.plan import layer_and_module, matrix_problem, selected
 
 
 def describe_checkpoint(reference: str) -> dict:
@@ -36,7 +36,7 @@ def describe_checkpoint(reference: str) -> dict:
         shapes = Counter(f"{f.b.shape[0]}x{f.a.shape[1]} r={f.rank}" for f in checkpoint.lora.factors.values())
     else:
         matrices = [n for n, e in tensors.items() if len(e.shape) == 2]
-        analysed = [n for n in matrices if selected(n, (), ())]
+        analysed = [n for n in matrices if selected(n, (), ()) and matrix_problem(tensors[n]) is None]
         labels = layer_and_module(analysed) if analysed else {}
         info["matrices"] = len(matrices)
         info["analysed_by_default"] = len(analysed)

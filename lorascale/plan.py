@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from lorascale.errors import MismatchError
 from lorascale.io.checkpoint import Checkpoint
-from lorascale.io.safetensors_header import FLOAT_DTYPES
+from lorascale.io.safetensors_header import dtype_not_analysed
 from lorascale.records import MatrixJob, Skipped, TensorEntry, TunedSource
 
 # Embeddings and output heads are tables of vectors, not linear maps between hidden states: the paper
@@ -60,8 +60,12 @@ def selected(name: str, include: tuple[str, ...], exclude: tuple[str, ...]) -> b
     return not any(fnmatch.fnmatchcase(name, p) for p in DEFAULT_EXCLUDE)
 
 
-def _is_matrix(entry: TensorEntry) -> bool:
-    return len(entry.shape) == 2 and entry.dtype in FLOAT_DTYPES
+def matrix_problem(entry: TensorEntry) -> str | None:
+    """Why a 2-D tensor is not analysed (its dtype, or no elements), or None when it is an analysable matrix."""
+    why = dtype_not_analysed(entry.dtype)
+    if why is None and 0 in entry.shape:
+        why = f"empty matrix {list(entry.shape)}: nothing to decompose"
+    return why
 
 
 def layer_and_module(names: list[str]) -> dict[str, tuple[int | None, str]]:
@@ -89,31 +93,49 @@ def layer_and_module(names: list[str]) -> dict[str, tuple[int | None, str]]:
 
 def plan_jobs(base: Checkpoint, tuned: list[Checkpoint], *, include: tuple[str, ...] = (),
               exclude: tuple[str, ...] = ()) -> Plan:
-    """Match every tuned checkpoint to the base and build one job per analysed base matrix."""
+    """Match every tuned checkpoint to the base and build one job per analysed base matrix.
+
+    The user's selection is applied before anything is compared, so that --exclude always gets a matrix
+    out of the way (a shape mismatch on it included); 2-D tensors that cannot be analysed (integer or
+    quantized dtypes, unknown dtypes, no elements) are listed in `skipped` with the reason, on either side.
+    """
     if base.kind != "full":
         raise MismatchError("the base must be a full checkpoint, not an adapter", path=base.reference,
                             fix="pass the model the adapter was trained on as --base")
-    base_matrices = {n: e for n, e in base.tensors.items() if _is_matrix(e)}
-    matcher = NameMatcher(list(base_matrices))
-    skipped: list[Skipped] = [Skipped(n, "not selected (default exclusions or --include/--exclude)")
-                              for n in base_matrices if not selected(n, include, exclude)]
+    base_2d = {n: e for n, e in base.tensors.items() if len(e.shape) == 2}
+    # Every 2-D name takes part in matching, so a tuned tensor whose base version is skipped is not
+    # mistaken for one that exists only in the tuned checkpoint.
+    matcher = NameMatcher(list(base_2d))
+    skipped: list[Skipped] = []
+    base_matrices: dict[str, TensorEntry] = {}
+    for name, entry in base_2d.items():
+        problem = matrix_problem(entry)
+        if not selected(name, include, exclude):
+            skipped.append(Skipped(name, "not selected (default exclusions or --include/--exclude)"))
+        elif problem is not None:
+            skipped.append(Skipped(name, problem))
+        else:
+            base_matrices[name] = entry
+    selection = _Selection(base_2d, base_matrices, matcher)
     sources: dict[str, list[TunedSource]] = {}
     for model in tuned:
-        found = (_match_adapter if model.kind == "lora" else _match_full)(model, base_matrices, matcher, skipped)
-        if not found:
+        matched, found = (_match_adapter if model.kind == "lora" else _match_full)(model, selection, skipped)
+        if not matched:
             raise MismatchError(
                 "no weight matrix matches the base checkpoint", path=model.reference,
                 fix=f"check that it is a fine-tune of {base.reference}",
             )
         for name, source in found.items():
-            if selected(name, include, exclude):
-                sources.setdefault(name, []).append(source)
+            sources.setdefault(name, []).append(source)
     names = [n for n in base_matrices if n in sources]
     if not names:
-        raise MismatchError("no matrix left to analyse after --include/--exclude", path=base.reference,
-                            fix="widen --include or narrow --exclude")
+        # Name a reason that is not the selection itself, when there is one: that is the surprising part.
+        telling = [s for s in skipped if s.model is None and not s.reason.startswith("not selected")] or skipped
+        example = f" ({telling[0].matrix}: {telling[0].reason})" if telling else ""
+        raise MismatchError(f"no matrix left to analyse{example}", path=base.reference,
+                            fix="widen --include or narrow --exclude; only F64/F32/F16/BF16 matrices are analysed")
     for name in base_matrices:
-        if name not in sources and selected(name, include, exclude):
+        if name not in sources:
             skipped.append(Skipped(name, "not changed by any tuned model (adapter does not target it)"))
     labels = layer_and_module(names)
     jobs = [
@@ -127,50 +149,73 @@ def plan_jobs(base: Checkpoint, tuned: list[Checkpoint], *, include: tuple[str, 
     return Plan(jobs=tuple(jobs), skipped=tuple(skipped))
 
 
-def _match_full(model: Checkpoint, base: dict[str, TensorEntry], matcher: NameMatcher,
-                skipped: list[Skipped]) -> dict[str, TunedSource]:
+@dataclass(frozen=True)
+class _Selection:
+    """The base side of matching: every 2-D base tensor, the analysed (selected, analysable) ones, the matcher."""
+
+    base_2d: dict[str, TensorEntry]
+    analysed: dict[str, TensorEntry]
+    matcher: NameMatcher
+
+
+def _match_full(model: Checkpoint, selection: _Selection,
+                skipped: list[Skipped]) -> tuple[int, dict[str, TunedSource]]:
+    """(how many 2-D tensors matched a base name, analysed base name -> source)."""
     found: dict[str, TunedSource] = {}
+    accounted: set[str] = set()  # base names this model has a record for (a source or a skip)
+    matched = 0
     for name, entry in model.tensors.items():
-        if not _is_matrix(entry):
+        if len(entry.shape) != 2:
             continue
-        target = matcher.match(name)
+        target = selection.matcher.match(name)
         if target is None:
             skipped.append(Skipped(name, "only in the tuned checkpoint", model.reference))
             continue
-        if entry.shape != base[target].shape:
-            if not selected(target, (), ()):
+        matched += 1
+        accounted.add(target)
+        base_entry = selection.base_2d[target]
+        if target not in selection.analysed:  # not selected, or not analysable: the base's record says why
+            if entry.shape != base_entry.shape:
                 skipped.append(Skipped(target, f"shape {list(entry.shape)} differs from the base's "
-                                               f"{list(base[target].shape)} (resized vocabulary?)", model.reference))
-                continue
+                                               f"{list(base_entry.shape)} (resized vocabulary?)", model.reference))
+            continue
+        problem = dtype_not_analysed(entry.dtype)
+        if problem is not None:
+            skipped.append(Skipped(target, f"{problem} (in this checkpoint)", model.reference))
+            continue
+        if entry.shape != base_entry.shape:
             raise MismatchError(
-                f"shape {list(entry.shape)} differs from the base's {list(base[target].shape)}",
+                f"shape {list(entry.shape)} differs from the base's {list(base_entry.shape)}",
                 path=entry.file, tensor=name, fix="the checkpoints are different architectures, or exclude it",
             )
         found[target] = TunedSource(model=model.reference, update="full", full=entry)
-    for target in base:
-        if target not in found and not any(s.matrix == target and s.model == model.reference for s in skipped):
+    for target in selection.analysed:
+        if target not in accounted:
             skipped.append(Skipped(target, "only in the base checkpoint", model.reference))
-    return found
+    return matched, found
 
 
-def _match_adapter(model: Checkpoint, base: dict[str, TensorEntry], matcher: NameMatcher,
-                   skipped: list[Skipped]) -> dict[str, TunedSource]:
+def _match_adapter(model: Checkpoint, selection: _Selection,
+                   skipped: list[Skipped]) -> tuple[int, dict[str, TunedSource]]:
     assert model.lora is not None
     found: dict[str, TunedSource] = {}
     unknown: list[str] = []
     for module, factors in model.lora.factors.items():
-        target = matcher.match(f"{module}.weight")
+        target = selection.matcher.match(f"{module}.weight")
         if target is None:
             unknown.append(module)
             continue
+        if target not in selection.analysed:  # not selected, or not analysable: the base's record says why
+            continue
+        base_shape = selection.base_2d[target].shape
         out_dim, in_dim = factors.b.shape[0], factors.a.shape[1]
         expected = (in_dim, out_dim) if factors.fan_in_fan_out else (out_dim, in_dim)
-        if base[target].shape != expected:
+        if base_shape != expected:
             raise MismatchError(
                 f"adapter factors give a {list(expected)} update but the base matrix {target} is "
-                f"{list(base[target].shape)}", path=factors.a.file, tensor=factors.a.name,
+                f"{list(base_shape)}", path=factors.a.file, tensor=factors.a.name,
                 fix="the adapter was trained on a different base model" + (
-                    "" if factors.fan_in_fan_out else " (or it needs fan_in_fan_out)"),
+                    "" if factors.fan_in_fan_out else " (or it needs fan_in_fan_out)") + ", or exclude it",
             )
         found[target] = TunedSource(model=model.reference, update="lora", lora=factors)
     if unknown:
@@ -182,4 +227,4 @@ def _match_adapter(model: Checkpoint, base: dict[str, TensorEntry], matcher: Nam
         )
     for name, why in model.lora.other.items():
         skipped.append(Skipped(name, why, model.reference))
-    return found
+    return len(model.lora.factors), found

@@ -15,13 +15,31 @@ from pathlib import Path
 _TRUE = {"1", "ON", "YES", "TRUE"}
 
 
+def _env(name: str, environ: Mapping[str, str] | None = None) -> str | None:
+    """The variable's value, or None when it is unset, empty or blank.
+
+    `XDG_CACHE_HOME=` (set but empty, as shell scripts and CI templates often leave it) means unset: taking
+    it literally would put caches under a relative `./lorascale` that moves with the working directory.
+    """
+    value = (os.environ if environ is None else environ).get(name)
+    return value if value is not None and value.strip() else None
+
+
 def _flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
+    return (_env(name) or "").strip().lower() in {"1", "true", "yes", "on"}
 
 
 def debug() -> bool:
     """LORASCALE_DEBUG=1: show tracebacks instead of one-line errors."""
     return _flag("LORASCALE_DEBUG")
+
+
+def _cache_home(environ: Mapping[str, str] | None = None) -> str:
+    """$XDG_CACHE_HOME, else ~/.cache.  The XDG spec says a relative value is invalid and must be ignored."""
+    xdg = _env("XDG_CACHE_HOME", environ)
+    if xdg is not None and os.path.isabs(os.path.expanduser(xdg)):
+        return os.path.expanduser(xdg)
+    return os.path.join(os.path.expanduser("~"), ".cache")
 
 
 @dataclass(frozen=True)
@@ -34,28 +52,30 @@ class HubSettings:
 
 
 def hub_settings(environ: Mapping[str, str] | None = None) -> HubSettings:
-    """Read the Hub environment variables now, with huggingface_hub's precedence.
+    """Read the Hub environment variables now, with huggingface_hub's precedence (empty values are unset).
 
     huggingface_hub copies them into `huggingface_hub.constants` at import time (0.23 even binds copies into
     other modules), so setting them later has no effect there. Reading them per call and passing `cache_dir`,
     `local_files_only` and `token` explicitly makes later changes (and tests) work on every version.
     """
-    env = os.environ if environ is None else environ
-    home = env.get("HF_HOME") or os.path.join(
-        env.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "huggingface")
-    cache = env.get("HF_HUB_CACHE") or env.get("HUGGINGFACE_HUB_CACHE") or os.path.join(home, "hub")
-    offline = (env.get("HF_HUB_OFFLINE") or env.get("TRANSFORMERS_OFFLINE") or "").upper() in _TRUE
-    token = (env.get("HF_TOKEN") or env.get("HUGGING_FACE_HUB_TOKEN") or "").strip() or None
+    home = _env("HF_HOME", environ) or os.path.join(_cache_home(environ), "huggingface")
+    cache = _env("HF_HUB_CACHE", environ) or _env("HUGGINGFACE_HUB_CACHE", environ) or os.path.join(home, "hub")
+    offline = (_env("HF_HUB_OFFLINE", environ) or _env("TRANSFORMERS_OFFLINE", environ) or "").strip().upper() in _TRUE
+    token = (_env("HF_TOKEN", environ) or _env("HUGGING_FACE_HUB_TOKEN", environ) or "").strip() or None
     return HubSettings(Path(os.path.abspath(os.path.expanduser(os.path.expandvars(cache)))), offline, token)
 
 
 def cache_dir() -> Path:
-    """LORASCALE_CACHE_DIR, else $XDG_CACHE_HOME/lorascale, for cached base SVDs."""
-    if os.environ.get("LORASCALE_CACHE_DIR"):
-        return Path(os.environ["LORASCALE_CACHE_DIR"]).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME", os.path.join(os.path.expanduser("~"), ".cache"))) / "lorascale"
+    """LORASCALE_CACHE_DIR, else $XDG_CACHE_HOME/lorascale (else ~/.cache/lorascale), for cached base SVDs.
+
+    Always absolute: Ray workers and a resumed run may start in another working directory.
+    """
+    explicit = _env("LORASCALE_CACHE_DIR")
+    if explicit is not None:
+        return Path(os.path.abspath(os.path.expanduser(explicit)))
+    return Path(_cache_home()) / "lorascale"
 
 
 def ray_address() -> str | None:
     """RAY_ADDRESS, as Ray users expect."""
-    return os.environ.get("RAY_ADDRESS") or None
+    return _env("RAY_ADDRESS")

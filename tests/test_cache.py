@@ -130,3 +130,32 @@ def test_unwritable_cache_warns_once_and_never_fails(tmp_path, caplog):
         cache.store("23" * 32, base)
         cache.store("45" * 32, base)
     assert caplog.text.count("cannot write") == 1
+
+
+def _with_metadata(path: Path, metadata_json: bytes) -> None:
+    """Replace the __metadata__ of a cache entry by raw JSON text (tensors and offsets kept)."""
+    import json
+    import struct
+
+    blob = path.read_bytes()
+    (length,) = struct.unpack("<Q", blob[:8])
+    header = json.loads(blob[8:8 + length])
+    header.pop("__metadata__")
+    text = json.dumps(header)[:-1].encode() + b', "__metadata__": ' + metadata_json + b"}"
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(struct.pack("<Q", len(text)) + text + blob[8 + length:])
+
+
+@pytest.mark.parametrize("metadata", [
+    b'{"format": "lorascale-base-svd/1", "key": "KEY", "fro": "1.0", "null_max_cos": "[0.5]"}',
+    b'{"format": "lorascale-base-svd/1", "key": "KEY", "fro": "1.0", "null_max_cos": "{\\"left\\": [1]}"}',
+    b'{"format": "lorascale-base-svd/1", "key": "KEY", "key": "KEY", "fro": "1.0", "null_max_cos": "{}"}',
+])
+def test_entry_with_damaged_metadata_is_a_miss(tmp_path, caplog, metadata):
+    """Metadata goes through the one header reader; anything it or the entry format refuses is a miss."""
+    cache, key = BaseSpectrumCache(tmp_path), "ab" * 32
+    cache.store(key, base_spectrum(torch.eye(4), ("left",)))
+    _with_metadata(cache.path(key), metadata.replace(b"KEY", key.encode()))
+    with caplog.at_level(logging.WARNING, logger="lorascale.cache"):
+        assert cache.load(key, "cpu") is None
+    assert "unreadable" in caplog.text

@@ -23,7 +23,7 @@ BERT_SHAPES = {"attention.self.query": (32, 32), "attention.self.key": (32, 32),
 
 
 def entry(name: str, shape: tuple[int, ...], dtype: str = "F32", file: str = "model.safetensors") -> TensorEntry:
-    size = {"F32": 4, "F16": 2, "BF16": 2, "I64": 8}[dtype]
+    size = {"F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I8": 1, "U8": 1, "F8_E4M3": 1}.get(dtype, 1)
     n = 1
     for d in shape:
         n *= d
@@ -127,7 +127,9 @@ def test_only_floating_2d_tensors_are_matrices():
     names = {j.matrix for j in plan.jobs}
     assert "model.position_ids" not in names and "model.norm.weight" not in names
     assert "model.embed_tokens.weight" in names and len(names) == 16
-    assert not any(s.matrix in ("model.position_ids", "model.norm.weight") for s in plan.skipped)
+    assert not any(s.matrix == "model.norm.weight" for s in plan.skipped)  # 1-D: not a matrix at all
+    reasons = {(s.matrix, s.model): s.reason for s in plan.skipped}
+    assert reasons["model.position_ids", None] == "dtype I64 is not a floating type lorascale analyses"
 
 
 def test_adapter_with_peft_prefix_on_a_base_with_task_prefix():
@@ -286,3 +288,93 @@ def test_adapter_config_rank_disagreeing_with_factors():
     with pytest.raises(CheckpointFormatError, match="no lora_B"):
         index_adapter(Path("a.safetensors"), AdapterSettings(r=4, lora_alpha=8),
                       {k: v for k, v in tensors.items() if "lora_A" in k})
+
+
+# --- Tensors that cannot be analysed, and the user's selection first ------------------------------------------
+
+
+def _with(checkpoint: Checkpoint, name: str, shape: tuple[int, ...], dtype: str) -> Checkpoint:
+    checkpoint.tensors[name] = entry(name, shape, dtype)
+    return checkpoint
+
+
+Q0 = "model.layers.0.self_attn.q_proj.weight"
+
+
+@pytest.mark.parametrize("dtype, words", [
+    ("I8", "dtype I8 is not a floating type lorascale analyses (quantized?)"),
+    ("U8", "(quantized?)"),
+    ("BOOL", "dtype BOOL is not a floating type"),
+    ("F8_E4M3", "low-precision float"),
+    ("F8_E8M0", "low-precision float"),
+    ("F4", "low-precision float"),
+    ("C64", "complex"),
+    ("Q4_FUTURE", "dtype 'Q4_FUTURE' is unknown to lorascale"),
+])
+def test_tuned_tensor_of_an_unanalysed_dtype_is_skipped_with_the_true_reason(dtype, words):
+    """A quantized/unknown tuned tensor beside float ones: skipped for that model, not "only in the base"."""
+    tuned = _with(full("tuned", llama_names()), Q0, (64, 64), dtype)
+    plan = plan_jobs(full("base", llama_names()), [tuned])
+    assert Q0 not in {j.matrix for j in plan.jobs} and len(plan.jobs) == 13
+    reasons = [s.reason for s in plan.skipped if s.matrix == Q0 and s.model == "tuned"]
+    assert len(reasons) == 1 and words in reasons[0], reasons
+
+
+@pytest.mark.parametrize("dtype", ["I8", "F8_E5M2", "F6_E2M3", "NEW"])
+def test_base_tensor_of_an_unanalysed_dtype_is_skipped_for_every_model(dtype):
+    base = _with(full("base", llama_names()), Q0, (64, 64), dtype)
+    lora = adapter("lora", {"model.layers.0.self_attn.q_proj": (64, 64), "model.layers.0.self_attn.v_proj": (32, 64)})
+    plan = plan_jobs(base, [full("tuned", llama_names()), lora])
+    assert Q0 not in {j.matrix for j in plan.jobs}
+    records = [s for s in plan.skipped if s.matrix == Q0]
+    assert [(s.model, "dtype" in s.reason) for s in records] == [(None, True)], records
+    assert not any("only in the tuned" in s.reason for s in plan.skipped)
+
+
+def test_quantized_adapter_factors_are_skipped():
+    lora = adapter("lora", {"model.layers.0.self_attn.q_proj": (64, 64), "model.layers.0.self_attn.v_proj": (32, 64)})
+    name = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    tensors = dict(lora.tensors) | {name: entry(name, (4, 64), "I8")}
+    indexed = index_adapter(Path("lora/adapter_model.safetensors"), lora.adapter, tensors)
+    assert "model.layers.0.self_attn.q_proj" not in indexed.factors
+    assert "(quantized?)" in indexed.other[name]
+    plan = plan_jobs(full("base", llama_names()), [Checkpoint(lora.resolved, tensors, lora.adapter, indexed)])
+    assert [j.matrix for j in plan.jobs] == ["model.layers.0.self_attn.v_proj.weight"]
+
+
+@pytest.mark.parametrize("shape", [(0, 64), (64, 0), (0, 0)])
+def test_empty_matrix_is_skipped_at_plan_time(shape):
+    shapes = llama_names() | {"model.layers.0.extra.weight": shape}
+    plan = plan_jobs(full("base", shapes), [full("tuned", shapes)])
+    assert "model.layers.0.extra.weight" not in {j.matrix for j in plan.jobs}
+    reasons = {s.matrix: s.reason for s in plan.skipped if s.model is None}
+    assert reasons["model.layers.0.extra.weight"] == f"empty matrix {list(shape)}: nothing to decompose"
+
+
+def test_exclude_bypasses_a_shape_mismatch():
+    """The mismatch error says "or exclude it": excluding it must then work (it was checked before selection)."""
+    tuned = full("tuned", llama_names() | {"model.layers.1.mlp.up_proj.weight": (96, 64)})
+    with pytest.raises(MismatchError, match="exclude it"):
+        plan_jobs(full("base", llama_names()), [tuned])
+    plan = plan_jobs(full("base", llama_names()), [tuned], exclude=("*layers.1.mlp.up_proj*",))
+    assert len(plan.jobs) == 13 and "model.layers.1.mlp.up_proj.weight" not in {j.matrix for j in plan.jobs}
+    reasons = {(s.matrix, s.model): s.reason for s in plan.skipped}
+    assert "not selected" in reasons["model.layers.1.mlp.up_proj.weight", None]
+    assert not any("only in the base" in r for r in reasons.values())
+    # --include picks matrices the same way: a mismatch outside it does not stop the run either.
+    assert len(plan_jobs(full("base", llama_names()), [tuned], include=("*q_proj*",)).jobs) == 2
+
+
+def test_exclude_bypasses_an_adapter_shape_mismatch():
+    lora = adapter("lora", {"model.layers.0.self_attn.q_proj": (64, 64), "model.layers.0.mlp.up_proj": (96, 64)})
+    with pytest.raises(MismatchError, match="exclude it"):
+        plan_jobs(full("base", llama_names()), [lora])
+    plan = plan_jobs(full("base", llama_names()), [lora], exclude=("*up_proj*",))
+    assert [j.matrix for j in plan.jobs] == [Q0]
+
+
+def test_nothing_analysable_says_why():
+    shapes = {n: s for n, s in llama_names().items() if len(s) == 2}
+    base = full("base", shapes, dtype="I8")
+    with pytest.raises(MismatchError, match="no matrix left to analyse .*quantized"):
+        plan_jobs(base, [full("tuned", shapes)])

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from lorascale.cache import BaseSpectrumCache
+from lorascale.errors import NumericalError
 from lorascale.io.tensors import load_tensor, to_compute
 from lorascale.numerics.compare import BaseSpectrum, TunedComparison, base_spectrum, compare_to_base
 from lorascale.numerics.metrics import intruder_count, lora_delta_singular_values
@@ -23,6 +24,7 @@ COMPUTE_DTYPES = {"fp32": torch.float32, "fp64": torch.float64}
 # Reads one tensor in its stored dtype (io/tensors.load_tensor, or the local executor's prefetcher).
 TensorLoader = Callable[[TensorEntry], torch.Tensor]
 _LOG = logging.getLogger(__name__)
+_OVERFLOW_FIX = "try --precision fp64, or leave this matrix out with --exclude"
 
 
 @functools.lru_cache(maxsize=4)
@@ -58,7 +60,12 @@ def analyse_job(job: MatrixJob, base_reference: str, options: AnalysisOptions, *
     del raw
     base = cache.load(key, options.device) if cache is not None and key is not None else None
     if base is None:
-        base = base_spectrum(w0, options.sides, driver=options.driver, backend=options.backend)
+        try:
+            base = base_spectrum(w0, options.sides, driver=options.driver, backend=options.backend)
+        except NumericalError as exc:
+            if exc.path is not None:
+                raise
+            raise NumericalError(str(exc), path=job.base.file, tensor=job.base.name, fix=_OVERFLOW_FIX) from exc
         if cache is not None and key is not None:
             cache.store(key, base)
     base_seconds = time.perf_counter() - started
@@ -66,7 +73,14 @@ def analyse_job(job: MatrixJob, base_reference: str, options: AnalysisOptions, *
     builder.add_base(base_reference, base)
     for source in job.tuned:
         t0 = time.perf_counter()
-        comparison = _compare_source(source, w0, base, dtype, options, load)
+        try:
+            comparison = _compare_source(source, w0, base, dtype, options, load, matrix=job.matrix)
+        except NumericalError as exc:
+            if exc.path is not None:  # already says which tensor or merge
+                raise
+            # Inputs were finite (checked on load), so arithmetic overflowed: W - W0, or the LoRA core.
+            raise NumericalError(f"{exc} while comparing {source.model}", path=source.model, tensor=job.matrix,
+                                 fix=_OVERFLOW_FIX) from exc
         if comparison.top_check is not None and not comparison.top_check.passed:
             _LOG.info("%s / %s: top-%d guard failed (sigma error %.1e, residual %.1e, angle bound %.1e); "
                       "used the exact SVD", source.model, job.matrix, options.top_k, comparison.top_check.sigma_error,
@@ -78,7 +92,7 @@ def analyse_job(job: MatrixJob, base_reference: str, options: AnalysisOptions, *
 
 
 def _compare_source(source: TunedSource, w0: torch.Tensor, base: BaseSpectrum, dtype: torch.dtype,
-                    options: AnalysisOptions, load: TensorLoader) -> TunedComparison:
+                    options: AnalysisOptions, load: TensorLoader, *, matrix: str) -> TunedComparison:
     numerics = {"block": options.block, "driver": options.driver, "backend": options.backend,
                 "top_k": options.top_k if options.mode == "topk" else None,
                 "topk_tolerance": options.topk_tolerance, "separated": options.k}
@@ -93,6 +107,12 @@ def _compare_source(source: TunedSource, w0: torch.Tensor, base: BaseSpectrum, d
     update = factors.scale * (b @ a)  # (m, r) @ (r, n) -> (m, n)
     w = w0 + (update.T if factors.fan_in_fan_out else update)  # Conv1D stores W0 as [in, out]
     del update
+    if not bool(torch.isfinite(w).all()):
+        # W0, A and B were checked finite on load: the adapter's merge itself overflowed.
+        raise NumericalError(
+            f"merging the adapter overflowed: W0 + s*B@A (s = {factors.scale:g}) has Inf/NaN values in "
+            f"{str(dtype).removeprefix('torch.')} although W0 and the LoRA factors are finite; the adapter's "
+            f"scale or factors are the cause", path=factors.a.file, tensor=matrix, fix=_OVERFLOW_FIX)
     delta = lora_delta_singular_values(a, b, factors.scale)
     return compare_to_base(base, w, delta_singular_values=delta, **numerics)
 

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from lorascale.errors import CheckpointFormatError
 from lorascale.io.adapter import AdapterIndex, index_adapter, read_adapter_settings
+from lorascale.io.jsonfiles import read_weight_map
 from lorascale.io.safetensors_header import index_files
 from lorascale.records import AdapterSettings, Kind, ResolvedCheckpoint, TensorEntry
 
@@ -44,11 +44,7 @@ def open_checkpoint(resolved: ResolvedCheckpoint) -> Checkpoint:
 
 
 def _check_index(index_file: Path, tensors: dict[str, TensorEntry]) -> None:
-    try:
-        weight_map = json.loads(index_file.read_text(encoding="utf-8"))["weight_map"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise CheckpointFormatError(f"not a valid safetensors index ({exc})", path=index_file) from exc
-    for name, shard in weight_map.items():
+    for name, shard in read_weight_map(index_file).items():
         entry = tensors.get(name)
         if entry is None or entry.file.name != Path(shard).name:
             raise CheckpointFormatError(

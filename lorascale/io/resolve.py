@@ -7,13 +7,12 @@ weights (.bin/.pt/.pth) are never opened or downloaded: unpickling runs arbitrar
 from __future__ import annotations
 
 import glob
-import json
 import logging
 import os
 import re
 
 from fnmatch import fnmatchcase
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from huggingface_hub import list_repo_files, snapshot_download
@@ -28,6 +27,7 @@ except ImportError:  # 0.23-0.24: the HTTP ones only live in `utils` (which stil
                                        OfflineModeIsEnabled, RepositoryNotFoundError, RevisionNotFoundError)
 
 from lorascale.errors import CheckpointFormatError, CheckpointReferenceError
+from lorascale.io.jsonfiles import read_weight_map
 from lorascale.records import ResolvedCheckpoint
 from lorascale.settings import HubSettings, hub_settings
 
@@ -42,7 +42,13 @@ INDEX = "model.safetensors.index.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _META_FILES = ("config.json", "adapter_config.json", INDEX)
 _PICKLE_PATTERNS = ("pytorch_model*.bin", "*.pt", "*.pth", "adapter_model.bin")
-_REPO_RE = re.compile(r"(?P<repo>[A-Za-z0-9._-]+/[A-Za-z0-9._-]+)(?:@(?P<rev>\S+))?")
+_REPO_RE = re.compile(r"(?P<repo>[A-Za-z0-9._-]+/[A-Za-z0-9._-]+)(?:@(?P<rev>.*))?", re.DOTALL)
+# huggingface_hub's validate_repo_id: word characters, '-', '.'; no '--' or '..'; no '-'/'.' at either end.
+_REPO_PART_RE = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9._-]*[A-Za-z0-9_])?")
+_MAX_REPO_ID = 96
+_MAX_REVISION = 255
+# What `git check-ref-format` refuses in a branch or tag name (a 40-hex commit passes these rules too).
+_REF_FORBIDDEN_RE = re.compile(r"[\x00-\x20\x7f~^:?*\[\\]|\.\.|@\{|//")
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 _CONVERT = ("lorascale never unpickles; convert to safetensors, e.g. load with transformers/peft and "
             "save_pretrained(..., safe_serialization=True)")
@@ -86,22 +92,8 @@ def _choose_weights(reference: str, names: set[str], *, adapter: bool, shards: l
 
 
 def _read_index(path: Path) -> list[str]:
-    """Distinct shard names of a model.safetensors.index.json weight_map, sorted."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointFormatError(f"cannot read index JSON ({exc})", path=path,
-                                    fix="re-download or re-save the checkpoint") from None
-    weight_map = data.get("weight_map") if isinstance(data, dict) else None
-    if not isinstance(weight_map, dict) or not weight_map:
-        raise CheckpointFormatError("index JSON has no 'weight_map' object", path=path,
-                                    fix="re-download or re-save the checkpoint")
-    for shard in weight_map.values():
-        # A shard name is joined to the checkpoint directory: refuse anything that could point outside it.
-        if (not isinstance(shard, str) or not shard.endswith(".safetensors") or shard.startswith(("/", "\\"))
-                or ".." in PurePosixPath(shard).parts):
-            raise CheckpointFormatError(f"weight_map names an invalid shard {shard!r}", path=path)
-    return sorted(set(weight_map.values()))
+    """Distinct shard names of a model.safetensors.index.json weight_map, sorted (validated by read_weight_map)."""
+    return sorted(set(read_weight_map(path).values()))
 
 
 def _existing(root: Path, name: str) -> Path | None:
@@ -124,9 +116,49 @@ def resolve(reference: str) -> ResolvedCheckpoint:
         return _resolve_local(reference, Path(os.path.abspath(expanded)))
     match = _REPO_RE.fullmatch(reference)
     if match:
+        _check_repo_id(reference, match["repo"])
+        if match["rev"] is not None:
+            _check_revision(reference, match["rev"])
         return _resolve_hub(reference, match["repo"], match["rev"], hub_settings())
-    raise CheckpointReferenceError("no such file or directory", path=reference,
+    raise CheckpointReferenceError("no such file or directory", path=_printable(reference),
                                    fix="give a local path, or a Hugging Face repo id as org/name[@revision]")
+
+
+def _check_repo_id(reference: str, repo_id: str) -> None:
+    """Refuse repo ids the Hub cannot have, before they become cache folder names or URLs."""
+    if len(repo_id) > _MAX_REPO_ID or not all(
+            _REPO_PART_RE.fullmatch(part) and "--" not in part and ".." not in part for part in repo_id.split("/")):
+        raise CheckpointReferenceError(
+            "not a valid Hugging Face repo id, and no such file or directory", path=_printable(reference),
+            fix="a repo id is org/name: letters, digits, '_', '-', '.' (no '--' or '..', no '-' or '.' at either end)")
+
+
+def _check_revision(reference: str, revision: str) -> None:
+    """Allow what git allows as a branch or tag name (it may contain '/', e.g. refs/pr/1) and commit hashes.
+
+    The revision names a file under the hub cache's refs/ folder and goes into URLs: '..', control
+    characters, whitespace and leading '/' would reach outside them.
+    """
+    shown = repr(revision) if len(revision) <= 60 else repr(revision[:60]) + "..."
+    problem = None
+    if not revision:
+        problem = "is empty"
+    elif len(revision) > _MAX_REVISION:
+        problem = f"is longer than {_MAX_REVISION} characters"
+    elif _REF_FORBIDDEN_RE.search(revision) or not revision.isprintable():
+        problem = "contains '..', '//', '@{', whitespace, a control character or one of ~^:?*[\\"
+    elif revision.startswith("/") or revision.endswith(("/", ".", ".lock")) or revision == "@":
+        problem = "starts with '/' or ends with '/', '.' or '.lock'"
+    elif any(part.startswith(".") or part.endswith(".lock") for part in revision.split("/")):
+        problem = "has a path component starting with '.' or ending with '.lock'"
+    if problem is not None:
+        raise CheckpointReferenceError(f"revision {shown} {problem}", path=_printable(reference),
+                                       fix="give a branch, tag (e.g. refs/pr/1) or 40-hex commit after '@'")
+
+
+def _printable(reference: str) -> str:
+    # The error is one line: a newline or escape sequence in the reference must not break or restyle it.
+    return reference if reference.isprintable() else repr(reference)
 
 
 # --- Local ------------------------------------------------------------------------------------------------------
@@ -232,8 +264,8 @@ def _hub_error(exc: Exception, reference: str, revision: str | None,
         return CheckpointReferenceError(message, path=reference, fix=fix)
 
     if isinstance(exc, GatedRepoError):  # before RepositoryNotFoundError: it is a subclass
-        return err("gated repo and this token has no access",
-                   "request access on the repo's Hub page, then set HF_TOKEN to a token of that account")
+        return err("gated or private repo: this token (or no token) has no access",
+                   "set HF_TOKEN to a token of an account that accepted the model's licence on the Hub")
     if isinstance(exc, RepositoryNotFoundError):
         return err("repository not found on the Hugging Face Hub (or private and no valid token)",
                    "check the repo id, or set HF_TOKEN to a token that can read it")
@@ -243,6 +275,10 @@ def _hub_error(exc: Exception, reference: str, revision: str | None,
         return err("the repo has been disabled on the Hub", "use another repo or a local copy")
     if isinstance(exc, HFValidationError):
         return err("not a valid Hugging Face repo id, and no such file or directory")
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    if isinstance(exc, HfHubHTTPError) and status in (401, 403):
+        return err(f"gated or private repo (HTTP {status})",
+                   "set HF_TOKEN to a token that can read it (and accept the model's licence on the Hub)")
     if settings.offline or any(isinstance(e, OfflineModeIsEnabled) for e in (exc, exc.__cause__)):
         # (the latter: HF_HUB_OFFLINE was set when huggingface_hub was imported, and it only reads it then)
         return _cache_miss(reference, None, settings.cache_dir, offline=True)
@@ -252,7 +288,6 @@ def _hub_error(exc: Exception, reference: str, revision: str | None,
     if isinstance(exc, OSError) and not isinstance(exc, HfHubHTTPError) and exc.filename:  # a local file problem
         return err(f"cannot use the hub cache at {settings.cache_dir} ({exc.strerror or type(exc).__name__})",
                    "check disk space and permissions, or set HF_HUB_CACHE")
-    status = getattr(getattr(exc, "response", None), "status_code", None)
     return err(f"Hugging Face Hub request failed ({type(exc).__name__}{f', HTTP {status}' if status else ''})",
                "check the network connection, or retry later")
 

@@ -16,12 +16,14 @@ from __future__ import annotations
 import torch
 
 from lorascale.errors import NumericalError
-from lorascale.numerics.svd import Decomposition
+from lorascale.numerics.svd import Decomposition, require_finite
 
 _EPS64 = torch.finfo(torch.float64).eps
 
 
 def _eigh_descending(gram: torch.Tensor, *, vectors: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    # A finite fp64 input can still square past fp64's range (entries above ~1e154).
+    require_finite(gram, "Gram matrix")
     try:
         if vectors:
             values, basis = torch.linalg.eigh(gram)  # ascending

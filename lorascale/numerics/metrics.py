@@ -8,6 +8,8 @@ import math
 import numpy as np
 import torch
 
+from lorascale.numerics.svd import svdvals
+
 # Rows of the similarity product computed at once: bounds the (chunk, p0) temporary.
 _CHUNK = 1024
 
@@ -62,7 +64,7 @@ def lora_delta_singular_values(a: torch.Tensor, b: torch.Tensor, scale: float) -
     _, r_b = torch.linalg.qr(b)  # (m, r) -> (r, r)
     _, r_a = torch.linalg.qr(a.T)  # (n, r) -> (r, r)
     core = scale * (r_b @ r_a.T)  # (r, r)
-    return torch.linalg.svdvals(core)
+    return svdvals(core)  # checks finiteness (s can overflow the product) and maps LinAlgError
 
 
 @functools.lru_cache(maxsize=256)

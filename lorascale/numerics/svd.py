@@ -65,8 +65,23 @@ def resolve_driver(driver: str | None, device: str) -> str | None:
     return driver or DEFAULT_CUDA_DRIVER
 
 
+def require_finite(matrix: torch.Tensor, what: str = "matrix") -> None:
+    """Raise NumericalError if `matrix` holds NaN or Inf.
+
+    Every decomposition checks its input first: LAPACK's gesdd, given a NaN, prints "On entry to SLASCL
+    parameter number 4 had an illegal value" to stdout (where lorascale writes data) and returns garbage
+    instead of failing.  The inputs read from disk are checked with their tensor names in io/tensors.py;
+    this catches what arithmetic made non-finite (an overflowing merge or difference) and the callers add
+    which matrix and model it was.
+    """
+    if not bool(torch.isfinite(matrix).all()):
+        raise NumericalError(f"the {'x'.join(map(str, matrix.shape))} {what} holds NaN or Inf values "
+                             f"(an overflow in {str(matrix.dtype).removeprefix('torch.')}?)")
+
+
 def svd(matrix: torch.Tensor, *, driver: str | None = None, backend: str = "torch") -> Decomposition:
     """Thin SVD of `matrix` (m, n) with the chosen backend (see the module docstring)."""
+    require_finite(matrix, "matrix to decompose")
     if backend == "gram":
         from lorascale.numerics.gram import gram_svd
 
@@ -87,6 +102,7 @@ def svd(matrix: torch.Tensor, *, driver: str | None = None, backend: str = "torc
 
 def svdvals(matrix: torch.Tensor, *, driver: str | None = None, backend: str = "torch") -> torch.Tensor:
     """Singular values only, descending: no singular vectors are formed."""
+    require_finite(matrix, "matrix to decompose")
     if backend == "gram":
         from lorascale.numerics.gram import gram_svdvals
 

@@ -24,7 +24,7 @@ from hubcache import make_hub_cache, offline_hub  # noqa: E402,F401  (offline_hu
 from lorascale.errors import CheckpointFormatError, CheckpointReferenceError, LorascaleError  # noqa: E402
 from lorascale.io import resolve as resolve_module  # noqa: E402
 from lorascale.io.resolve import (  # noqa: E402
-    DisabledRepoError, GatedRepoError, HubSettings, LocalEntryNotFoundError, OfflineModeIsEnabled,
+    DisabledRepoError, GatedRepoError, HfHubHTTPError, HubSettings, LocalEntryNotFoundError, OfflineModeIsEnabled,
     RepositoryNotFoundError, RevisionNotFoundError, hub_settings, resolve)
 
 INDEX = "model.safetensors.index.json"
@@ -99,9 +99,25 @@ def test_local_dir_sharded_missing_shard(tmp_path):
 
 
 @pytest.mark.parametrize("content, problem", [
-    (b"{not json", "cannot read index JSON"),
+    (b"{not json", "index JSON is not valid JSON"),
+    (b"\xff\xfe{}", "not UTF-8"),
     (b'{"metadata": {}}', "no 'weight_map'"),
+    (b'{"weight_map": []}', "no 'weight_map'"),
+    (b'{"weight_map": "model.safetensors"}', "no 'weight_map'"),
+    (b'{"weight_map": {}}', "no 'weight_map'"),
+    (b'[1, 2]', "no 'weight_map'"),
     (b'{"weight_map": {"w": "../outside.safetensors"}}', "invalid shard"),
+    (b'{"weight_map": {"w": "sub/../../outside.safetensors"}}', "invalid shard"),
+    (b'{"weight_map": {"w": "/etc/model.safetensors"}}', "invalid shard"),
+    (b'{"weight_map": {"w": "C:/model.safetensors"}}', "invalid shard"),
+    (b'{"weight_map": {"w": "..\\\\outside.safetensors"}}', "invalid shard"),
+    (b'{"weight_map": {"w": 3}}', "invalid shard"),
+    (b'{"weight_map": {"w": null}}', "invalid shard"),
+    (b'{"weight_map": {"w": ["a.safetensors"]}}', "invalid shard"),
+    (b'{"weight_map": {"w": "model.bin"}}', "invalid shard"),
+    (b'{"weight_map": {"w": "a.safetensors", "w": "b.safetensors"}}', "key 'w' twice"),
+    (b'{"weight_map": {"w": "a.safetensors"}, "weight_map": {"w": "b.safetensors"}}', "key 'weight_map' twice"),
+    (b'{"weight_map": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "nested too deeply"),
 ])
 def test_local_dir_bad_index(tmp_path, content, problem):
     root = write_dir(tmp_path / "m", {INDEX: content})
@@ -293,6 +309,67 @@ def test_invalid_repo_id(offline_hub):
         resolve("org/name--x")
 
 
+@pytest.fixture
+def no_hub_call(monkeypatch):
+    """Any call into huggingface_hub fails the test: validation must come first."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("a hub call was made")
+
+    monkeypatch.setattr(resolve_module, "snapshot_download", refuse)
+    monkeypatch.setattr(resolve_module, "list_repo_files", refuse)
+
+
+@pytest.mark.parametrize("reference", [
+    "org/name--x", "org/-name", "org/name-", "org/.name", "org/name.", "org/na..me", "-org/name", "org/" + "n" * 96,
+])
+def test_bad_repo_ids_never_reach_the_hub(offline_hub, no_hub_call, reference):
+    with pytest.raises(CheckpointReferenceError, match="not a valid Hugging Face repo id") as info:
+        resolve(reference)
+    assert info.value.exit_code == 2 and info.value.fix
+
+
+@pytest.mark.parametrize("revision, words", [
+    ("", "is empty"),
+    ("../../x", "'..'"),
+    ("main/../../../etc", "'..'"),
+    ("/etc/passwd", "starts with '/'"),
+    ("refs/pr/", "ends with '/'"),
+    ("a//b", "'//'"),
+    (" main", "whitespace"),
+    ("main ", "whitespace"),
+    ("ma in", "whitespace"),
+    ("main\n", "control character"),
+    ("main\x1b[31m", "control character"),
+    ("main\x7f", "control character"),
+    ("main\x85", "control character"),
+    ("ma\xa0in", "control character"),
+    ("main\u2028x", "control character"),
+    ("v1~1", "~^:?*["),
+    ("HEAD^", "~^:?*["),
+    ("a:b", "~^:?*["),
+    ("a\\b", "~^:?*["),
+    ("main@{1}", "'@{'"),
+    ("@", "ends with"),
+    ("main.", "ends with '/', '.'"),
+    ("main.lock", ".lock"),
+    ("refs/.hidden/x", "starting with '.'"),
+    ("x" * 256, "longer than 255"),
+])
+def test_bad_revisions_never_reach_the_cache_or_network(offline_hub, no_hub_call, revision, words):
+    with pytest.raises(CheckpointReferenceError, match="revision") as info:
+        resolve(f"org/model@{revision}")
+    message = str(info.value)
+    assert words in message and "\n" not in message and "\x1b" not in message
+    assert info.value.exit_code == 2 and "branch, tag" in info.value.fix
+
+
+@pytest.mark.parametrize("revision", ["main", "v1.0", "refs/pr/1", "feature/x-y_z", "release-2024.01", "a" * 40])
+def test_git_style_revisions_are_allowed(offline_hub, revision):
+    commit = make_hub_cache(offline_hub, "org/model", {"model.safetensors": st_bytes()}, revision=revision,
+                            commit="a" * 40)
+    assert resolve(f"org/model@{revision}").revision == commit
+
+
 # --- Hub, online code paths (network replaced by the cache) ---------------------------------------------------
 
 
@@ -374,9 +451,9 @@ def test_online_index_names_a_shard_the_repo_lacks(fake_online_hub):
         resolve("org/model")
 
 
-def http_error(cls: type, message: str) -> Exception:
+def http_error(cls: type, message: str, status: int = 404) -> Exception:
     """A huggingface_hub HTTP error without a real HTTP response (the constructor differs across versions)."""
-    response = SimpleNamespace(status_code=404, headers={}, request=None, json=lambda: {"error": f"bad {SECRET}"})
+    response = SimpleNamespace(status_code=status, headers={}, request=None, json=lambda: {"error": f"bad {SECRET}"})
     return cls(message, response=response)
 
 
@@ -387,7 +464,10 @@ def chained(error: Exception, cause: Exception) -> Exception:
 
 @pytest.mark.parametrize("make, expected", [
     (lambda: http_error(RepositoryNotFoundError, f"401 for token {SECRET}"), "repository not found"),
-    (lambda: http_error(GatedRepoError, f"403 Authorization: Bearer {SECRET}"), "gated repo"),
+    (lambda: http_error(GatedRepoError, f"403 Authorization: Bearer {SECRET}"), "gated or private repo.*HF_TOKEN"),
+    (lambda: http_error(HfHubHTTPError, f"403 Forbidden {SECRET}", 403), "gated or private repo .HTTP 403.*licence"),
+    (lambda: http_error(HfHubHTTPError, f"401 Unauthorized {SECRET}", 401), "gated or private repo .HTTP 401.*HF_TOKEN"),
+    (lambda: http_error(HfHubHTTPError, f"500 {SECRET}", 500), "Hub request failed .HfHubHTTPError, HTTP 500"),
     (lambda: http_error(RevisionNotFoundError, f"404 {SECRET}"), "revision 'nope' not found"),
     (lambda: http_error(DisabledRepoError, f"403 {SECRET}"), "disabled"),
     (lambda: LocalEntryNotFoundError(f"connection failed, token {SECRET}"), "cannot reach the Hugging Face Hub"),

@@ -13,7 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from lorascale.errors import CheckpointFormatError, NumericalError
-from lorascale.io.safetensors_header import MAX_HEADER_BYTES, index_files, read_header
+from lorascale.io.safetensors_header import MAX_HEADER_BYTES, index_files, read_header, read_raw_header
 from lorascale.io.tensors import load_tensor, to_compute
 
 
@@ -118,8 +118,8 @@ def test_header_not_a_json_object(tmp_path, raw, words):
 @pytest.mark.parametrize("entry, words", [
     ({"dtype": "F32", "shape": [2, 3]}, "lacks dtype/shape/data_offsets"),
     ("F32", "lacks dtype/shape/data_offsets"),
-    ({"dtype": "F7", "shape": [2, 3], "data_offsets": [0, 24]}, "unknown dtype"),
-    ({"dtype": ["F32"], "shape": [2, 3], "data_offsets": [0, 24]}, "unknown dtype"),
+    ({"dtype": ["F32"], "shape": [2, 3], "data_offsets": [0, 24]}, "is not a dtype code"),
+    ({"dtype": "", "shape": [2, 3], "data_offsets": [0, 24]}, "is not a dtype code"),
     ({"dtype": "F32", "shape": [2, -3], "data_offsets": [0, 24]}, "bad shape"),
     ({"dtype": "F32", "shape": "2x3", "data_offsets": [0, 24]}, "bad shape"),
     ({"dtype": "F32", "shape": [2, True], "data_offsets": [0, 8]}, "bad shape"),
@@ -127,7 +127,14 @@ def test_header_not_a_json_object(tmp_path, raw, words):
     ({"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 24.0]}, "bad data_offsets"),
     ({"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 20]}, "needs 24"),
     ({"dtype": "F64", "shape": [2, 3], "data_offsets": [0, 24]}, "needs 48"),
-    ({"dtype": "F32", "shape": [2, 3], "data_offsets": [-24, 0]}, "data_offsets"),
+    ({"dtype": "F32", "shape": [2, 3], "data_offsets": [-24, 0]}, "start before the data buffer"),
+    ({"dtype": "F32", "shape": [2, 3], "data_offsets": [24, 0]}, "end before they begin"),
+    ({"dtype": "F32", "shape": [2, 3], "data_offsets": [False, 24]}, "bad data_offsets"),
+    ({"dtype": "F32", "shape": [2, 3], "data_offsets": [0, "24"]}, "bad data_offsets"),
+    ({"dtype": "F32", "shape": [2 ** 63, 3], "data_offsets": [0, 24]}, "bad shape"),
+    ({"dtype": "F32", "shape": [2 ** 62] * 3, "data_offsets": [0, 24]}, "more than 2**64 elements"),
+    ({"dtype": "F32", "shape": [2 ** 40, 2 ** 20], "data_offsets": [0, 24]}, "needs 4611686018427387904"),
+    ({"dtype": "F4", "shape": [3], "data_offsets": [0, 24]}, "not a whole number of bytes"),
     ({"dtype": "F32", "shape": [2, 3], "data_offsets": [24, 48]}, "the file has only"),
 ])
 def test_bad_entry_names_the_tensor(tmp_path, entry, words):
@@ -194,3 +201,66 @@ def test_shards_must_not_overlap(tmp_path):
     assert info.value.tensor == "b"
     merged = index_files((tmp_path / "one.safetensors",))
     assert set(merged) == {"a", "b"}
+
+
+def test_negative_begin_never_gives_a_contradictory_length_message(tmp_path):
+    """[-24, 0] holds 24 bytes, exactly what F32[2, 3] needs: the old check said "hold 24 bytes but ... needs 24"."""
+    message = str(_error(two_tensors(tmp_path / "neg.safetensors",
+                                     a={"dtype": "F32", "shape": [2, 3], "data_offsets": [-24, 0]})))
+    assert "hold" not in message and "start before the data buffer" in message
+
+
+@pytest.mark.parametrize("dtype, shape, nbytes", [
+    ("F8_E8M0", [4, 2], 8), ("F4", [4, 2], 4), ("F6_E2M3", [4, 4], 12), ("F6_E3M2", [4, 4], 12),
+    ("C64", [2, 2], 32), ("F12_FUTURE", [3, 3], 5), ("I8", [4, 2], 8),
+])
+def test_any_dtype_is_indexed(tmp_path, dtype, shape, nbytes):
+    """Quantized, complex and future dtypes are indexed (plan.py skips them), never a failure of the shard."""
+    header = {"odd": {"dtype": dtype, "shape": shape, "data_offsets": [0, nbytes]},
+              "w": {"dtype": "F32", "shape": [2, 2], "data_offsets": [nbytes, nbytes + 16]}}
+    path = write_raw(tmp_path / "odd.safetensors", header, b"\0" * (nbytes + 16))
+    entries, _ = read_header(path)
+    assert entries["odd"].dtype == dtype and entries["odd"].shape == tuple(shape)
+    assert entries["w"].data_start == entries["odd"].data_end
+
+
+def test_unknown_dtype_offsets_must_still_be_in_bounds_and_ordered(tmp_path):
+    bad = {"odd": {"dtype": "X9", "shape": [2], "data_offsets": [4, 2]}}
+    assert "end before they begin" in str(_error(write_raw(tmp_path / "o.safetensors", bad, b"\0" * 4)))
+    beyond = {"odd": {"dtype": "X9", "shape": [2], "data_offsets": [0, 9]}}
+    assert "the file has only" in str(_error(write_raw(tmp_path / "b.safetensors", beyond, b"\0" * 4)))
+
+
+@pytest.mark.parametrize("raw, words", [
+    (b'{"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, '
+     b'"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}', "key 'a' twice"),
+    (b'{"a": {"dtype": "F32", "dtype": "F16", "shape": [1], "data_offsets": [0, 4]}}', "key 'dtype' twice"),
+    (b'{"__metadata__": {"k": "1", "k": "2"}}', "key 'k' twice"),
+    (b"[" * 200_000 + b"]" * 200_000, "nested too deeply"),
+    (b'{"a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "nested too deeply"),
+    (b'{"a": {"dtype": "F32", "shape": [' + b"9" * 5000 + b'], "data_offsets": [0, 4]}}', "not valid JSON"),
+    (b'{"__metadata__": {"k": 1}}', "value of 'k' is not a string"),
+    (b'{"__metadata__": {"k": null}}', "value of 'k' is not a string"),
+    (b'{"__metadata__": "text"}', "not an object"),
+    (b'{"a": {"dtype": "F32", "shape": [NaN], "data_offsets": [0, 4]}}', "bad shape"),
+    (b'{"a": {"dtype": "F32", "shape": [1.0], "data_offsets": [0, 4]}}', "bad shape"),
+])
+def test_hostile_header_json(tmp_path, raw, words):
+    path = write_raw(tmp_path / "hostile.safetensors", None, b"\0" * 4, raw_header=raw)
+    assert words in str(_error(path))
+
+
+def test_null_metadata_is_no_metadata(tmp_path):
+    path = write_raw(tmp_path / "m.safetensors", {"__metadata__": None})
+    assert read_header(path) == ({}, {})
+
+
+def test_read_raw_header_is_the_stored_json(tmp_path):
+    path = tmp_path / "r.safetensors"
+    save_file({"w": torch.zeros(2, 2)}, str(path), metadata={"format": "pt"})
+    raw = read_raw_header(path)
+    (length,) = struct.unpack("<Q", path.read_bytes()[:8])
+    assert raw == path.read_bytes()[8:8 + length] and json.loads(raw)["w"]["dtype"] == "F32"
+    path.write_bytes(path.read_bytes()[:6])
+    with pytest.raises(CheckpointFormatError, match="shorter than a safetensors header"):
+        read_raw_header(path)
