@@ -73,14 +73,15 @@ def build_options(*, k: int, epsilon: float, side: str, precision: str, device: 
 def _performance_options(*, device: str, driver: str | None, backend: str, mode: str, top_k: int, k: int,
                          cache_dir: str | Path | None) -> dict:
     """Device, SVD backend and driver, mode and cache of AnalysisOptions (numerics/svd.py, cache.py)."""
-    from lorascale.numerics.svd import resolve_backend, resolve_driver
+    from lorascale.numerics.backends import resolve
 
     if mode not in ("exact", "topk"):
         raise OptionError(f"--mode must be exact or topk, got {mode!r}")
     if mode == "topk" and top_k < k:
         raise OptionError(f"--top-k {top_k} is below --k {k}: intruders are counted among the top k vectors",
                           fix=f"use --top-k {k} or more")
-    return {"device": device, "driver": resolve_driver(driver, device), "backend": resolve_backend(backend, device),
+    compute = resolve(device, backend, driver)
+    return {"device": compute.device, "driver": compute.driver, "backend": compute.backend,
             "mode": mode, "top_k": top_k, "cache_dir": str(Path(cache_dir).expanduser()) if cache_dir else None}
 
 

@@ -72,7 +72,7 @@ class RayExecutor:
                  backend: str = "auto", driver: str | None = None, node_cache_dir: bool = False) -> None:
         """`device`, `backend` and `driver` as asked for, resolved by each worker for its device (see
         numerics/svd.py); `node_cache_dir`: workers cache base SVDs in their node's settings.cache_dir()."""
-        from lorascale.numerics.svd import BACKENDS, CUDA_DRIVERS
+        from lorascale.numerics.backends import BACKEND_CHOICES as BACKENDS, CUDA_DRIVERS
 
         for name, value, low in (("workers", workers, 1), ("cpus-per-worker", cpus_per_worker, 1e-9),
                                  ("gpus-per-worker", gpus_per_worker, 0)):
@@ -250,15 +250,16 @@ class _MatrixWorker:
     def __init__(self, base_reference: str, options: AnalysisOptions, threads: int, *, backend: str = "auto",
                  driver: str | None = None, node_cache_dir: bool = False) -> None:
         from lorascale import settings
-        from lorascale.numerics.svd import resolve_backend, resolve_driver
+        from lorascale.numerics.backends import resolve
 
         self._base_reference, self._threads, self._error = base_reference, threads, None
         self._compute = threading.Lock()  # two calls in flight, one analysis at a time
         self._hub_roots: dict[tuple[str, str], Path] = {}
         cache_dir = str(settings.cache_dir()) if node_cache_dir and options.cache_dir else options.cache_dir
         try:  # cupy, say, is checked where it has to run; the error is raised by where(), intact
-            self._options = replace(options, backend=resolve_backend(backend, options.device),
-                                    driver=resolve_driver(driver, options.device), cache_dir=cache_dir)
+            compute = resolve(options.device, backend, driver)
+            self._options = replace(options, device=compute.device, backend=compute.backend, driver=compute.driver,
+                                    cache_dir=cache_dir)
         except LorascaleError as exc:
             self._options, self._error = options, exc
 
