@@ -32,6 +32,15 @@ class ResolvedCheckpoint:
 
 
 @dataclass(frozen=True)
+class HubFile:
+    """A file of a Hub commit: what another machine needs to find the same bytes in its own hub cache."""
+
+    repo_id: str
+    revision: str  # the commit hash
+    filename: str  # path inside the repo, "/"-separated
+
+
+@dataclass(frozen=True)
 class TensorEntry:
     """One tensor as described by a safetensors header; no data is read to build it."""
 
@@ -41,6 +50,7 @@ class TensorEntry:
     shape: tuple[int, ...]
     data_start: int  # absolute byte offsets of the data in `file`
     data_end: int
+    hub: HubFile | None = None  # set when `file` is in a hub cache (io/resolve.hub_file finds it elsewhere)
 
 
 @dataclass(frozen=True)
@@ -89,6 +99,7 @@ class MatrixJob:
     cols: int
     base: TensorEntry
     tuned: tuple[TunedSource, ...]
+    base_model: str  # the base reference exactly as given: labels the base rows, as TunedSource.model does
 
     @property
     def cost(self) -> float:

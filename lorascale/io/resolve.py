@@ -16,7 +16,7 @@ from fnmatch import fnmatchcase
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Iterable
 
-from huggingface_hub import list_repo_files, snapshot_download
+from huggingface_hub import hf_hub_download, list_repo_files, snapshot_download
 
 try:  # huggingface_hub >= 0.25 keeps every exception class in `errors`
     from huggingface_hub.errors import (DisabledRepoError, EntryNotFoundError, GatedRepoError, HFValidationError,
@@ -28,7 +28,7 @@ except ImportError:  # 0.23-0.24: the HTTP ones only live in `utils` (which stil
                                        OfflineModeIsEnabled, RepositoryNotFoundError, RevisionNotFoundError)
 
 from lorascale.errors import CheckpointFormatError, CheckpointReferenceError
-from lorascale.records import ResolvedCheckpoint
+from lorascale.records import HubFile, ResolvedCheckpoint
 from lorascale.settings import HubSettings, hub_settings
 
 _log = logging.getLogger(__name__)
@@ -127,6 +127,18 @@ def resolve(reference: str) -> ResolvedCheckpoint:
         return _resolve_hub(reference, match["repo"], match["rev"], hub_settings())
     raise CheckpointReferenceError("no such file or directory", path=reference,
                                    fix="give a local path, or a Hugging Face repo id as org/name[@revision]")
+
+
+def hub_file(origin: HubFile) -> Path:
+    """The path of one file of a Hub commit in this machine's hub cache (HF_HUB_CACHE), fetched into it
+    unless HF_HUB_OFFLINE is set.  For Ray workers, whose node may keep its hub cache elsewhere than the
+    driver's.  Raises CheckpointReferenceError (not cached offline, or any Hub failure).
+    """
+    settings = hub_settings()
+    reference = f"{origin.repo_id}@{origin.revision}"
+    return Path(_hub_call(reference, origin.revision, settings, hf_hub_download, origin.repo_id, origin.filename,
+                          revision=origin.revision, cache_dir=settings.cache_dir,
+                          local_files_only=settings.offline))
 
 
 # --- Local ------------------------------------------------------------------------------------------------------
