@@ -154,3 +154,22 @@ def test_closing_the_local_executor_stops_its_run(tmp_path: Path):
         assert first.spectra["model"][0] == str(tmp_path / "base")  # base rows carry the base reference
     with pytest.raises(StopIteration):  # closed on leaving the block: nothing more is computed
         next(iter(results))
+
+
+def test_hub_tensors_name_their_origin_and_are_found_by_huggingface_hub(offline_hub: Path, tmp_path: Path):
+    """What a Ray worker on another node uses: repo, commit and file, looked up in its own hub cache."""
+    from hubcache import make_hub_cache
+
+    from lorascale.errors import CheckpointReferenceError
+    from lorascale.io.checkpoint import open_checkpoint
+    from lorascale.io.resolve import hub_file, resolve
+    from lorascale.records import HubFile
+
+    base, _ = _tiny_checkpoints(tmp_path)
+    commit = make_hub_cache(offline_hub, "org/tiny", {"model.safetensors": Path(base) / "model.safetensors"})
+    entry = open_checkpoint(resolve("org/tiny")).tensors["a.weight"]
+    assert entry.hub == HubFile("org/tiny", commit, "model.safetensors")
+    assert hub_file(entry.hub) == entry.file
+    with pytest.raises(CheckpointReferenceError, match="not in the local hub cache") as raised:
+        hub_file(HubFile("org/tiny", commit, "other.safetensors"))
+    assert raised.value.exit_code == 2
