@@ -125,10 +125,10 @@ class AnalysisOptions:
     epsilon: float = 0.5
     sides: tuple[Side, ...] = ("left",)
     precision: Literal["fp32", "fp64"] = "fp32"
-    device: str = "cpu"
+    device: str = "cpu"  # device, backend, driver: as asked for until an executor's prepare() settles them
     block: int = 10  # size of the similarity block (top-b x top-b)
-    driver: str | None = None  # cuSOLVER driver on CUDA (gesvd, gesvdj, gesvda); ignored on CPU
-    backend: str = "torch"  # SVD backend (numerics/svd.py): torch, cupy, or the opt-in gram
+    driver: str | None = None  # cuSOLVER driver on CUDA (numerics/backends.CUDA_DRIVERS); None on CPU
+    backend: str = "torch"  # SVD backend, a name of numerics/backends.BACKENDS (or "auto" until prepared)
     mode: Literal["exact", "topk"] = "exact"  # topk: max_cos only for the top_k tuned vectors
     top_k: int = 64  # tuned vectors computed in topk mode
     topk_tolerance: float = 1e-3  # topk guard (numerics/topk.py); above it the exact SVD is used

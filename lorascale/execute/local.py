@@ -41,6 +41,7 @@ class TensorPrefetcher:
         self._pending = self._pool.submit(self._read, self._entries[index]) if index < len(self._entries) else None
 
     def load(self, entry: TensorEntry) -> torch.Tensor:
+        """The tensor of `entry` in its stored dtype; starts reading the entry after it."""
         if self._pending is not None and self._entries[self._next] == entry:
             pending = self._pending
             self._schedule(self._next + 1)
@@ -55,6 +56,7 @@ class TensorPrefetcher:
         return self._read(entry)
 
     def close(self) -> None:
+        """Drop the read ahead and end the background thread."""
         if self._pending is not None:
             self._pending.cancel()
         self._pool.shutdown(wait=True)
@@ -95,11 +97,13 @@ class LocalExecutor(Executor):
         return replace(options, device=compute.device, backend=compute.backend, driver=compute.driver)
 
     def run(self, jobs: Sequence[MatrixJob], options: AnalysisOptions) -> Iterator[MatrixResult]:
+        """Each job's result, in job order, computed as the iterator is advanced (ends an earlier run)."""
         self.close()
         self._active = run_local(jobs, options, prefetch=self.prefetch)
         return self._active
 
     def describe(self) -> dict:
+        """{"executor": "in-process"}: the manifest's device and options say the rest."""
         return {"executor": "in-process"}
 
     def close(self) -> None:

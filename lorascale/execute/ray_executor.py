@@ -109,6 +109,8 @@ class RayExecutor(Executor):
                 **self._info, "nodes": nodes}
 
     def run(self, jobs: Sequence[MatrixJob], options: AnalysisOptions) -> Iterator[MatrixResult]:
+        """Each job's result as a worker finishes it (ends an earlier run).  Connects to Ray, or starts a
+        local one, on the first result asked for; raises ExecutionError when Ray fails the run."""
         self.close()
         self._active = self._results(list(jobs), options)
         return self._active
@@ -226,6 +228,7 @@ class _Session:
     # --- scheduling -------------------------------------------------------------------------------------------
 
     def start_worker(self) -> None:
+        """Ask Ray for one more actor; it joins `ready` when its where() answers (on_started)."""
         options, threads = self.worker_args
         worker = _Worker(self.actor.remote(options, threads, node_cache_dir=self.node_cache_dir))
         self.workers.append(worker)

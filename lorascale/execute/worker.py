@@ -148,12 +148,14 @@ class _RowBuilder:
             argmax=argmax.astype(np.int32) if argmax is not None else np.full(p, -1, np.int32))
 
     def add_base(self, base: BaseSpectrum) -> None:
+        """The base's spectrum rows, one block per side, labelled with the job's base_model."""
         sigma = base.s.detach().to("cpu", torch.float64).numpy()
         for side in self.options.sides:
             self._spectrum(self.job.base_model, "base", side, sigma, None, None)
 
     def add_tuned(self, source: TunedSource, comparison: TunedComparison, base: BaseSpectrum,
                   seconds: float) -> None:
+        """One tuned model's matrices row, its spectrum rows and its similarity block, per side."""
         first_side = self.options.sides[0]  # the matrices table counts intruders on the first side
         self.matrices.add(
             model=source.model, matrix=self.job.matrix, layer=self.job.layer, module=self.job.module,
@@ -173,5 +175,6 @@ class _RowBuilder:
                 base_rank=base_rank.astype(np.int32), cos=result.block.reshape(-1))
 
     def result(self) -> MatrixResult:
+        """The rows gathered so far, as one MatrixResult."""
         return MatrixResult(matrix=self.job.matrix, matrices=self.matrices.values,
                             spectra=self.spectra.stacked(), similarity=self.similarity.stacked())
