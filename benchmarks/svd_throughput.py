@@ -35,7 +35,8 @@ sys.path.insert(0, str(HERE.parent))
 from common import command_line, machine, markdown_table, write_results  # noqa: E402
 from make_synthetic_llama import base_weight  # noqa: E402
 
-from lorascale.numerics.svd import cupy_available, svd, svdvals  # noqa: E402
+from lorascale.numerics.backends import cupy_available  # noqa: E402
+from lorascale.numerics.svd import svd, svdvals  # noqa: E402
 
 SHAPES = "4096x4096,11008x4096,8192x8192,1024x8192"
 QUICK = "1024x1024,2752x1024,2048x2048,256x2048"

@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from lorascale.errors import CheckpointFormatError
 from lorascale.io.safetensors_header import read_header
+from lorascale.numerics.backends import BACKENDS
 from lorascale.numerics.compare import BaseSpectrum
 from lorascale.records import AnalysisOptions, TensorEntry
 
@@ -44,7 +45,8 @@ def content_digest(raw: torch.Tensor) -> str:
 
 
 def method_family(backend: str) -> str:
-    return "gram" if backend == "gram" else "svd"
+    """The family of a resolved backend name: backends of one family give the same base SVD to rounding."""
+    return BACKENDS[backend].family
 
 
 class BaseSpectrumCache:

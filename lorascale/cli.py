@@ -14,6 +14,7 @@ import click
 
 from lorascale import __version__, settings
 from lorascale.errors import LorascaleError
+from lorascale.numerics.backends import BACKEND_CHOICES, DEVICE_CHOICES
 
 
 class Terminated(KeyboardInterrupt):
@@ -96,8 +97,8 @@ def _print_summary(out: Path) -> None:
 @click.option("--side", type=click.Choice(["left", "right", "both"]), default="left", show_default=True,
               help="Singular vectors compared: left (output space, as in the paper), right, or both.")
 @click.option("--precision", type=click.Choice(["fp32", "fp64"]), default="fp32", show_default=True)
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--backend", type=click.Choice(["auto", "torch", "cupy", "gram"]), default="auto", show_default=True,
+@click.option("--device", default="auto", show_default=True, help=f"{DEVICE_CHOICES}.")
+@click.option("--backend", type=click.Choice(BACKEND_CHOICES), default="auto", show_default=True,
               help="SVD backend: torch (LAPACK; cuSOLVER gesvd on CUDA), cupy (CUDA), or gram (opt-in: float64 "
                    "Gram-matrix eigensolver, see benchmarks/README.md).  auto = torch.")
 @click.option("--mode", type=click.Choice(["exact", "topk"]), default="exact", show_default=True,
@@ -129,12 +130,11 @@ def run(base: str, tuned: tuple[str, ...], out: Path, k: int, epsilon: float, si
         gpus_per_worker: float | None, backend: str, mode: str, top_k: int, cache_dir: Path | None,
         no_cache: bool, make_report: bool) -> None:
     """Compare BASE with each --tuned checkpoint and write Parquet tables to --out."""
-    from lorascale.execute.ray_executor import public_address
+    from lorascale.execute.executor import public_command
     from lorascale.pipeline import compare
 
     progress = _Progress(enabled=not quiet)
-    # The manifest records the command: never with credentials that a ray:// address may carry.
-    argv = [a.replace(ray_address, public_address(ray_address) or "") if ray_address else a for a in sys.argv[1:]]
+    argv = public_command(sys.argv[1:])  # the manifest records the command: never credentials an address carries
     try:
         result = compare(base, list(tuned), out, k=k, epsilon=epsilon, side=side, precision=precision,
                          device=device, include=include, exclude=exclude, overwrite=overwrite, resume=resume,

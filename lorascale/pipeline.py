@@ -2,28 +2,25 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from lorascale import __version__, settings
-from lorascale.errors import OptionError, OutputError
-from lorascale.execute.local import run_local
-from lorascale.execute.ray_executor import RayExecutor, wants_ray
+from lorascale.errors import OptionError
+from lorascale.execute.executor import Executor, make_executor
 from lorascale.io.checkpoint import Checkpoint, open_checkpoint
 from lorascale.io.resolve import resolve
 from lorascale.plan import Plan, plan_jobs
-from lorascale.records import AnalysisOptions, MatrixJob, MatrixResult
 from lorascale.io.identity import describe
+from lorascale.records import AnalysisOptions
 from lorascale.store.manifest import Manifest
 from lorascale.store.run_directory import RunDirectory
 
 # Called as (jobs done, jobs total, matrix name) after each matrix.
 ProgressCallback = Callable[[int, int, str], None]
-# An executor turns jobs into results (in-process here; Ray in execute/ray_executor.py).
-Executor = Callable[[Sequence[MatrixJob], str, AnalysisOptions], Iterator[MatrixResult]]
 
 
 @dataclass(frozen=True)
@@ -34,20 +31,11 @@ class RunResult:
     planned: int
 
 
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise OptionError(f"--device {device} requested but torch sees no CUDA device",
-                          fix="use --device cpu, or install a CUDA build of torch")
-    if device != "cpu" and not device.startswith("cuda"):
-        raise OptionError(f"unknown device {device!r}", fix="use auto, cpu, cuda or cuda:N")
-    return device
-
-
 def build_options(*, k: int, epsilon: float, side: str, precision: str, device: str,
                   driver: str | None = None, backend: str = "auto", mode: str = "exact", top_k: int = 64,
                   cache_dir: str | Path | None = None) -> AnalysisOptions:
+    """AnalysisOptions from compare()'s keywords, every value checked (OptionError).  Device, backend and
+    driver are checked by name here and settled by the executor's prepare() for the machine that computes."""
     if k < 1:
         raise OptionError(f"--k must be at least 1, got {k}")
     if not 0.0 < epsilon <= 1.0:
@@ -58,30 +46,23 @@ def build_options(*, k: int, epsilon: float, side: str, precision: str, device: 
     if precision not in ("fp32", "fp64"):
         raise OptionError(f"--precision must be fp32 or fp64, got {precision!r}")
     return AnalysisOptions(k=k, epsilon=epsilon, sides=sides, precision=precision,  # type: ignore[arg-type]
-                           **_performance_options(device=resolve_device(device), driver=driver, backend=backend,
+                           **_performance_options(device=device, driver=driver, backend=backend,
                                                   mode=mode, top_k=top_k, k=k, cache_dir=cache_dir))
 
 
 def _performance_options(*, device: str, driver: str | None, backend: str, mode: str, top_k: int, k: int,
                          cache_dir: str | Path | None) -> dict:
-    """Device, SVD backend and driver, mode and cache of AnalysisOptions (numerics/svd.py, cache.py)."""
-    from lorascale.numerics.svd import resolve_backend, resolve_driver
+    """Device, SVD backend and driver (as asked for; numerics/backends.py), mode and cache of AnalysisOptions."""
+    from lorascale.numerics.backends import check
 
+    check(device, backend, driver)
     if mode not in ("exact", "topk"):
         raise OptionError(f"--mode must be exact or topk, got {mode!r}")
     if mode == "topk" and top_k < k:
         raise OptionError(f"--top-k {top_k} is below --k {k}: intruders are counted among the top k vectors",
                           fix=f"use --top-k {k} or more")
-    return {"device": device, "driver": resolve_driver(driver, device), "backend": resolve_backend(backend, device),
+    return {"device": device, "driver": driver, "backend": backend,
             "mode": mode, "top_k": top_k, "cache_dir": str(Path(cache_dir).expanduser()) if cache_dir else None}
-
-
-def _describe_executor(executor: Executor) -> dict:
-    """Executor, Ray address (without credentials), workers and nodes, for the manifest."""
-    describe = getattr(executor, "describe", None)
-    if callable(describe):
-        return describe()
-    return {"executor": "in-process" if executor is run_local else getattr(executor, "__name__", "custom")}
 
 
 def _new_manifest(base: Checkpoint, tuned: list[Checkpoint], plan: Plan, options: AnalysisOptions, *,
@@ -111,8 +92,9 @@ def compare(base: str, tuned: Sequence[str], out: str | Path, *, k: int = 10, ep
     References are local directories, .safetensors files, or hub repo ids `org/name[@revision]`.
     Re-running the same comparison on the same `out` continues where an interrupted run stopped.
     Runs in-process unless `ray_address` (or RAY_ADDRESS) is given or `workers` > 1: then on Ray actors
-    (execute/ray_executor.py), `cpus_per_worker` / `gpus_per_worker` each.
-    `backend` picks the SVD backend (auto, torch, cupy, or the opt-in gram; numerics/svd.py).
+    (execute/ray_executor.py), `cpus_per_worker` / `gpus_per_worker` each; `executor` (an
+    execute.executor.Executor) replaces that choice.
+    `backend` picks the SVD backend (auto, torch, cupy, or the opt-in gram; numerics/backends.py).
     `mode="topk"` computes max_cos only for the top `top_k` tuned vectors (numerics/topk.py).  Base SVDs
     are cached in `cache_dir` (default settings.cache_dir()) unless `use_cache=False` (cache.py).
 
@@ -123,21 +105,15 @@ def compare(base: str, tuned: Sequence[str], out: str | Path, *, k: int = 10, ep
         raise OptionError("give at least one tuned checkpoint (--tuned)")
     if len(set(tuned)) != len(tuned):
         raise OptionError("the same --tuned reference is given twice")
-    ray_address = ray_address or settings.ray_address()
-    if executor is None and wants_ray(ray_address, workers):
-        executor = RayExecutor(address=ray_address, workers=workers, cpus_per_worker=cpus_per_worker,
-                               gpus_per_worker=gpus_per_worker, device=device, backend=backend, driver=driver,
-                               node_cache_dir=cache_dir is None)
-        # The workers resolve these for their own devices (GPUs this machine may lack); RayExecutor checks them.
-        device, backend, driver = "cpu", "auto", None
-    elif executor is None and (cpus_per_worker is not None or gpus_per_worker is not None):
-        raise OptionError("--cpus-per-worker / --gpus-per-worker apply to Ray workers, and this run is in-process",
-                          fix="add --workers N (N > 1) or --ray-address")
-    executor = executor or run_local
+    if executor is None:
+        executor = make_executor(address=ray_address or settings.ray_address(), workers=workers,
+                                 cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker,
+                                 node_cache_dir=cache_dir is None)
     if use_cache and cache_dir is None:
         cache_dir = settings.cache_dir()
-    options = build_options(k=k, epsilon=epsilon, side=side, precision=precision, device=device, driver=driver,
-                            backend=backend, mode=mode, top_k=top_k, cache_dir=cache_dir if use_cache else None)
+    options = executor.prepare(build_options(k=k, epsilon=epsilon, side=side, precision=precision, device=device,
+                                             driver=driver, backend=backend, mode=mode, top_k=top_k,
+                                             cache_dir=cache_dir if use_cache else None))
     # Everything that can be wrong with the input is found here, before the output directory is touched.
     base_checkpoint = open_checkpoint(resolve(base))
     tuned_checkpoints = [open_checkpoint(resolve(t)) for t in tuned]
@@ -149,20 +125,17 @@ def compare(base: str, tuned: Sequence[str], out: str | Path, *, k: int = 10, ep
                                                                  f"tuned={list(tuned)!r}, out={str(out)!r})")
     with RunDirectory.open(out, manifest, overwrite=overwrite, resume=resume) as run_dir:
         jobs = run_dir.pending(plan.jobs)
-        results: Iterator[MatrixResult] | None = None
-        with run_dir.session(_describe_executor(executor), len(jobs)) as writer:
+        with run_dir.session(executor.describe(), len(jobs)) as writer:
             try:
-                results = executor(jobs, base, options)
                 finished = len(plan.jobs) - len(jobs)
-                for result in results:
+                for result in executor.run(jobs, options):
                     writer.add(result)
                     finished += 1
                     if progress is not None:
                         progress(finished, len(plan.jobs), result.matrix)
             finally:
-                if hasattr(results, "close"):
-                    results.close()  # a generator executor releases its workers now, not at garbage collection
-                _record_execution(manifest, _describe_executor(executor))
+                executor.close()  # releases its workers now, not at garbage collection
+                _record_execution(manifest, executor.describe())
     return RunResult(out=out, manifest=manifest, computed=len(jobs), planned=len(plan.jobs))
 
 

@@ -140,7 +140,8 @@ def plan_jobs(base: Checkpoint, tuned: list[Checkpoint], *, include: tuple[str, 
     labels = layer_and_module(names)
     jobs = [
         MatrixJob(matrix=n, layer=labels[n][0], module=labels[n][1], rows=base_matrices[n].shape[0],
-                  cols=base_matrices[n].shape[1], base=base_matrices[n], tuned=tuple(sources[n]))
+                  cols=base_matrices[n].shape[1], base=base_matrices[n], tuned=tuple(sources[n]),
+                  base_model=base.reference)
         for n in names
     ]
     # Largest first keeps the tail of a run short; ties keep checkpoint order, so runs are reproducible.

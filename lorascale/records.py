@@ -32,6 +32,15 @@ class ResolvedCheckpoint:
 
 
 @dataclass(frozen=True)
+class HubFile:
+    """A file of a Hub commit: what another machine needs to find the same bytes in its own hub cache."""
+
+    repo_id: str
+    revision: str  # the commit hash
+    filename: str  # path inside the repo, "/"-separated
+
+
+@dataclass(frozen=True)
 class TensorEntry:
     """One tensor as described by a safetensors header; no data is read to build it."""
 
@@ -41,6 +50,7 @@ class TensorEntry:
     shape: tuple[int, ...]
     data_start: int  # absolute byte offsets of the data in `file`
     data_end: int
+    hub: HubFile | None = None  # set when `file` is in a hub cache (io/resolve.hub_file finds it elsewhere)
 
 
 @dataclass(frozen=True)
@@ -89,6 +99,7 @@ class MatrixJob:
     cols: int
     base: TensorEntry
     tuned: tuple[TunedSource, ...]
+    base_model: str  # the base reference exactly as given: labels the base rows, as TunedSource.model does
 
     @property
     def cost(self) -> float:
@@ -114,10 +125,10 @@ class AnalysisOptions:
     epsilon: float = 0.5
     sides: tuple[Side, ...] = ("left",)
     precision: Literal["fp32", "fp64"] = "fp32"
-    device: str = "cpu"
+    device: str = "cpu"  # device, backend, driver: as asked for until an executor's prepare() settles them
     block: int = 10  # size of the similarity block (top-b x top-b)
-    driver: str | None = None  # cuSOLVER driver on CUDA (gesvd, gesvdj, gesvda); ignored on CPU
-    backend: str = "torch"  # SVD backend (numerics/svd.py): torch, cupy, or the opt-in gram
+    driver: str | None = None  # cuSOLVER driver on CUDA (numerics/backends.CUDA_DRIVERS); None on CPU
+    backend: str = "torch"  # SVD backend, a name of numerics/backends.BACKENDS (or "auto" until prepared)
     mode: Literal["exact", "topk"] = "exact"  # topk: max_cos only for the top_k tuned vectors
     top_k: int = 64  # tuned vectors computed in topk mode
     topk_tolerance: float = 1e-3  # topk guard (numerics/topk.py); above it the exact SVD is used

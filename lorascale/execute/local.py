@@ -7,13 +7,16 @@ memory holds at most one tensor more than the worker itself does.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Generator, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import replace
 
 import torch
 
+from lorascale.execute.executor import Executor
 from lorascale.execute.worker import TensorLoader, analyse_job, job_entries
 from lorascale.io.tensors import load_tensor
+from lorascale.numerics.backends import resolve
 from lorascale.records import AnalysisOptions, MatrixJob, MatrixResult, TensorEntry
 
 
@@ -38,6 +41,7 @@ class TensorPrefetcher:
         self._pending = self._pool.submit(self._read, self._entries[index]) if index < len(self._entries) else None
 
     def load(self, entry: TensorEntry) -> torch.Tensor:
+        """The tensor of `entry` in its stored dtype; starts reading the entry after it."""
         if self._pending is not None and self._entries[self._next] == entry:
             pending = self._pending
             self._schedule(self._next + 1)
@@ -52,6 +56,7 @@ class TensorPrefetcher:
         return self._read(entry)
 
     def close(self) -> None:
+        """Drop the read ahead and end the background thread."""
         if self._pending is not None:
             self._pending.cancel()
         self._pool.shutdown(wait=True)
@@ -63,14 +68,46 @@ class TensorPrefetcher:
         self.close()
 
 
-def run_local(jobs: Iterable[MatrixJob], base_reference: str, options: AnalysisOptions, *,
-              prefetch: bool = True) -> Iterator[MatrixResult]:
-    """Yield each job's result as soon as it is computed."""
+def run_local(jobs: Iterable[MatrixJob], options: AnalysisOptions, *, prefetch: bool = True) -> Iterator[MatrixResult]:
+    """Yield each job's result as soon as it is computed, on this machine; `options` resolved (see
+    LocalExecutor.prepare).  `prefetch`: read the next tensor while the current one is decomposed."""
     jobs = list(jobs)
     if not prefetch:
         for job in jobs:
-            yield analyse_job(job, base_reference, options)
+            yield analyse_job(job, options)
         return
     with TensorPrefetcher([entry for job in jobs for entry in job_entries(job)]) as prefetcher:
         for job in jobs:
-            yield analyse_job(job, base_reference, options, load=prefetcher.load)
+            yield analyse_job(job, options, load=prefetcher.load)
+
+
+class LocalExecutor(Executor):
+    """The in-process Executor: every job on this machine's device, one after another (run_local).
+
+    >>> compare(base, tuned, out, executor=LocalExecutor(prefetch=False))  # doctest: +SKIP
+    """
+
+    def __init__(self, *, prefetch: bool = True) -> None:
+        self.prefetch = prefetch
+        self._active: Generator[MatrixResult, None, None] | None = None
+
+    def prepare(self, options: AnalysisOptions) -> AnalysisOptions:
+        """Settle device, backend and driver for this machine (numerics/backends.resolve)."""
+        compute = resolve(options.device, options.backend, options.driver)
+        return replace(options, device=compute.device, backend=compute.backend, driver=compute.driver)
+
+    def run(self, jobs: Sequence[MatrixJob], options: AnalysisOptions) -> Iterator[MatrixResult]:
+        """Each job's result, in job order, computed as the iterator is advanced (ends an earlier run)."""
+        self.close()
+        self._active = run_local(jobs, options, prefetch=self.prefetch)
+        return self._active
+
+    def describe(self) -> dict:
+        """{"executor": "in-process"}: the manifest's device and options say the rest."""
+        return {"executor": "in-process"}
+
+    def close(self) -> None:
+        """Stop the current run: its prefetch thread ends now, not at garbage collection."""
+        if self._active is not None:
+            self._active.close()
+            self._active = None

@@ -1,5 +1,7 @@
 """Analyse one matrix job: load W0 and each tuned W, compare, and shape the rows of the three tables.
 
+The rows take their column names from store/schema.py (the output contract), never from a list here.
+
 Shared by the in-process executor and the Ray actors, so both produce identical rows.
 """
 
@@ -19,6 +21,8 @@ from lorascale.io.tensors import load_tensor, to_compute
 from lorascale.numerics.compare import BaseSpectrum, TunedComparison, base_spectrum, compare_to_base
 from lorascale.numerics.metrics import intruder_count, lora_delta_singular_values
 from lorascale.records import AnalysisOptions, MatrixJob, MatrixResult, TensorEntry, TunedSource
+from lorascale.store.schema import (MATRICES, METHOD_EXACT, METHOD_TOPK, METHOD_TOPK_FALLBACK, SCHEMAS, SIMILARITY,
+                                    SPECTRA)
 
 COMPUTE_DTYPES = {"fp32": torch.float32, "fp64": torch.float64}
 # Reads one tensor in its stored dtype (io/tensors.load_tensor, or the local executor's prefetcher).
@@ -44,9 +48,11 @@ def job_entries(job: MatrixJob) -> Iterator[TensorEntry]:
             yield source.lora.b
 
 
-def analyse_job(job: MatrixJob, base_reference: str, options: AnalysisOptions, *,
-                load: TensorLoader = load_tensor) -> MatrixResult:
-    """Run one job end to end on `options.device`; only small arrays come back.
+def analyse_job(job: MatrixJob, options: AnalysisOptions, *, load: TensorLoader = load_tensor) -> MatrixResult:
+    """Run one job end to end on `options.device` and return its rows of the three tables (small arrays).
+
+    `options` must be resolved (numerics/backends.resolve: a concrete device and backend); `load` reads a
+    tensor in its stored dtype.
 
     Tensors are read in their stored dtype and upcast on the device (to_compute).  The base SVD comes
     from the cache in `options.cache_dir` when present there, and is written to it otherwise.
@@ -70,7 +76,7 @@ def analyse_job(job: MatrixJob, base_reference: str, options: AnalysisOptions, *
             cache.store(key, base)
     base_seconds = time.perf_counter() - started
     builder = _RowBuilder(job, options)
-    builder.add_base(base_reference, base)
+    builder.add_base(base)
     for source in job.tuned:
         t0 = time.perf_counter()
         try:
@@ -117,65 +123,78 @@ def _compare_source(source: TunedSource, w0: torch.Tensor, base: BaseSpectrum, d
     return compare_to_base(base, w, delta_singular_values=delta, **numerics)
 
 
+def _method(comparison: TunedComparison) -> str:
+    """matrices.method (store/schema.py): exact SVD, top-K triplets, or top-K whose guard sent it to the exact SVD."""
+    if comparison.top_check is None:
+        return METHOD_EXACT
+    return METHOD_TOPK if comparison.top_check.passed else METHOD_TOPK_FALLBACK
+
+
+class _Columns:
+    """The columns of one table, named by its schema in store/schema.py and by nothing else."""
+
+    def __init__(self, table: str) -> None:
+        self.table = table
+        self.values: dict[str, list] = {name: [] for name in SCHEMAS[table].names}
+
+    def add(self, **row: object) -> None:
+        """One row, or a block of rows given as equal-length arrays; every column of the schema, no other."""
+        if row.keys() != self.values.keys():
+            missing, extra = sorted(self.values.keys() - row.keys()), sorted(row.keys() - self.values.keys())
+            raise RuntimeError(f"{self.table} row does not match store/schema.py: missing {missing}, extra {extra}")
+        for name, value in row.items():
+            self.values[name].append(value)
+
+    def stacked(self) -> dict[str, object]:
+        """Blocks of rows joined into one array per column."""
+        return {k: np.concatenate(v) if v else np.array([]) for k, v in self.values.items()}
+
+
 class _RowBuilder:
-    """Accumulates the columns of the three tables for one matrix."""
+    """Accumulates the rows of the three tables for one matrix."""
 
     def __init__(self, job: MatrixJob, options: AnalysisOptions) -> None:
         self.job, self.options = job, options
-        self.matrices: dict[str, list] = {k: [] for k in (
-            "model", "matrix", "layer", "module", "rows", "cols", "update", "delta_fro", "delta_rel",
-            "delta_effective_rank", "intruders", "null_max_cos", "seconds")}
-        self.spectra: dict[str, list] = {k: [] for k in (
-            "model", "role", "matrix", "side", "rank", "sigma", "max_cos", "argmax")}
-        self.similarity: dict[str, list] = {k: [] for k in (
-            "model", "matrix", "side", "tuned_rank", "base_rank", "cos")}
+        self.matrices, self.spectra, self.similarity = _Columns(MATRICES), _Columns(SPECTRA), _Columns(SIMILARITY)
 
     def _spectrum(self, model: str, role: str, side: str, sigma: np.ndarray,
                   max_cos: np.ndarray | None, argmax: np.ndarray | None) -> None:
         p = len(sigma)
-        cols = self.spectra
-        cols["model"].append(np.full(p, model, dtype=object))
-        cols["role"].append(np.full(p, role, dtype=object))
-        cols["matrix"].append(np.full(p, self.job.matrix, dtype=object))
-        cols["side"].append(np.full(p, side, dtype=object))
-        cols["rank"].append(np.arange(p, dtype=np.int32))
-        cols["sigma"].append(sigma.astype(np.float64))
-        cols["max_cos"].append(max_cos if max_cos is not None else np.full(p, np.nan))
-        cols["argmax"].append(argmax.astype(np.int32) if argmax is not None else np.full(p, -1, np.int32))
+        self.spectra.add(
+            model=np.full(p, model, dtype=object), role=np.full(p, role, dtype=object),
+            matrix=np.full(p, self.job.matrix, dtype=object), side=np.full(p, side, dtype=object),
+            rank=np.arange(p, dtype=np.int32), sigma=sigma.astype(np.float64),
+            max_cos=max_cos if max_cos is not None else np.full(p, np.nan),
+            argmax=argmax.astype(np.int32) if argmax is not None else np.full(p, -1, np.int32))
 
-    def add_base(self, reference: str, base: BaseSpectrum) -> None:
+    def add_base(self, base: BaseSpectrum) -> None:
+        """The base's spectrum rows, one block per side, labelled with the job's base_model."""
         sigma = base.s.detach().to("cpu", torch.float64).numpy()
         for side in self.options.sides:
-            self._spectrum(reference, "base", side, sigma, None, None)
+            self._spectrum(self.job.base_model, "base", side, sigma, None, None)
 
     def add_tuned(self, source: TunedSource, comparison: TunedComparison, base: BaseSpectrum,
                   seconds: float) -> None:
+        """One tuned model's matrices row, its spectrum rows and its similarity block, per side."""
         first_side = self.options.sides[0]  # the matrices table counts intruders on the first side
-        row = {
-            "model": source.model, "matrix": self.job.matrix, "layer": self.job.layer, "module": self.job.module,
-            "rows": self.job.rows, "cols": self.job.cols, "update": source.update,
-            "delta_fro": comparison.delta_fro, "delta_rel": comparison.delta_rel,
-            "delta_effective_rank": comparison.delta_effective_rank,
-            "intruders": intruder_count(comparison.sides[first_side].max_cos, self.options.k, self.options.epsilon),
-            "null_max_cos": base.null_max_cos[first_side], "seconds": seconds,
-        }
-        for key, value in row.items():
-            self.matrices[key].append(value)
+        self.matrices.add(
+            model=source.model, matrix=self.job.matrix, layer=self.job.layer, module=self.job.module,
+            rows=self.job.rows, cols=self.job.cols, update=source.update,
+            delta_fro=comparison.delta_fro, delta_rel=comparison.delta_rel,
+            delta_effective_rank=comparison.delta_effective_rank,
+            intruders=intruder_count(comparison.sides[first_side].max_cos, self.options.k, self.options.epsilon),
+            null_max_cos=base.null_max_cos[first_side], seconds=seconds, method=_method(comparison))
         for side, result in comparison.sides.items():
             self._spectrum(source.model, "tuned", side, comparison.s, result.max_cos, result.argmax)
             b = result.block.shape[0]
             tuned_rank, base_rank = np.divmod(np.arange(b * result.block.shape[1]), result.block.shape[1])
-            cols = self.similarity
-            cols["model"].append(np.full(tuned_rank.size, source.model, dtype=object))
-            cols["matrix"].append(np.full(tuned_rank.size, self.job.matrix, dtype=object))
-            cols["side"].append(np.full(tuned_rank.size, side, dtype=object))
-            cols["tuned_rank"].append(tuned_rank.astype(np.int32))
-            cols["base_rank"].append(base_rank.astype(np.int32))
-            cols["cos"].append(result.block.reshape(-1))
+            self.similarity.add(
+                model=np.full(tuned_rank.size, source.model, dtype=object),
+                matrix=np.full(tuned_rank.size, self.job.matrix, dtype=object),
+                side=np.full(tuned_rank.size, side, dtype=object), tuned_rank=tuned_rank.astype(np.int32),
+                base_rank=base_rank.astype(np.int32), cos=result.block.reshape(-1))
 
     def result(self) -> MatrixResult:
-        def stack(cols: dict[str, list]) -> dict[str, object]:
-            return {k: np.concatenate(v) if v else np.array([]) for k, v in cols.items()}
-
-        return MatrixResult(matrix=self.job.matrix, matrices=self.matrices,
-                            spectra=stack(self.spectra), similarity=stack(self.similarity))
+        """The rows gathered so far, as one MatrixResult."""
+        return MatrixResult(matrix=self.job.matrix, matrices=self.matrices.values,
+                            spectra=self.spectra.stacked(), similarity=self.similarity.stacked())

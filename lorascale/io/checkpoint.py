@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from lorascale.errors import CheckpointFormatError
 from lorascale.io.adapter import AdapterIndex, index_adapter, read_adapter_settings
 from lorascale.io.jsonfiles import read_weight_map
 from lorascale.io.safetensors_header import index_files
-from lorascale.records import AdapterSettings, Kind, ResolvedCheckpoint, TensorEntry
+from lorascale.records import AdapterSettings, HubFile, Kind, ResolvedCheckpoint, TensorEntry
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,7 @@ class Checkpoint:
 
 def open_checkpoint(resolved: ResolvedCheckpoint) -> Checkpoint:
     """Index every tensor of `resolved` (headers only) and check the shard index agrees with the shards."""
-    tensors = index_files(resolved.weight_files)
+    tensors = _with_hub_origin(resolved, index_files(resolved.weight_files))
     if resolved.index_file is not None:
         _check_index(resolved.index_file, tensors)
     if resolved.kind == "lora":
@@ -41,6 +41,15 @@ def open_checkpoint(resolved: ResolvedCheckpoint) -> Checkpoint:
         return Checkpoint(resolved, tensors, settings,
                           index_adapter(resolved.weight_files[0], settings, tensors))
     return Checkpoint(resolved, tensors)
+
+
+def _with_hub_origin(resolved: ResolvedCheckpoint, tensors: dict[str, TensorEntry]) -> dict[str, TensorEntry]:
+    """Hub tensors also name repo, commit and file, so that a Ray worker finds them in its own node's cache."""
+    if resolved.source != "hub" or resolved.repo_id is None or resolved.revision is None:
+        return tensors
+    return {name: replace(entry, hub=HubFile(resolved.repo_id, resolved.revision,
+                                             entry.file.relative_to(resolved.root).as_posix()))
+            for name, entry in tensors.items()}
 
 
 def _check_index(index_file: Path, tensors: dict[str, TensorEntry]) -> None:

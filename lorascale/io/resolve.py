@@ -15,7 +15,7 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from huggingface_hub import list_repo_files, snapshot_download
+from huggingface_hub import hf_hub_download, list_repo_files, snapshot_download
 
 try:  # huggingface_hub >= 0.25 keeps every exception class in `errors`
     from huggingface_hub.errors import (DisabledRepoError, EntryNotFoundError, GatedRepoError, HFValidationError,
@@ -28,7 +28,7 @@ except ImportError:  # 0.23-0.24: the HTTP ones only live in `utils` (which stil
 
 from lorascale.errors import CheckpointFormatError, CheckpointReferenceError
 from lorascale.io.jsonfiles import read_weight_map
-from lorascale.records import ResolvedCheckpoint
+from lorascale.records import HubFile, ResolvedCheckpoint
 from lorascale.settings import HubSettings, hub_settings
 
 _log = logging.getLogger(__name__)
@@ -159,6 +159,18 @@ def _check_revision(reference: str, revision: str) -> None:
 def _printable(reference: str) -> str:
     # The error is one line: a newline or escape sequence in the reference must not break or restyle it.
     return reference if reference.isprintable() else repr(reference)
+
+
+def hub_file(origin: HubFile) -> Path:
+    """The path of one file of a Hub commit in this machine's hub cache (HF_HUB_CACHE), fetched into it
+    unless HF_HUB_OFFLINE is set.  For Ray workers, whose node may keep its hub cache elsewhere than the
+    driver's.  Raises CheckpointReferenceError (not cached offline, or any Hub failure).
+    """
+    settings = hub_settings()
+    reference = f"{origin.repo_id}@{origin.revision}"
+    return Path(_hub_call(reference, origin.revision, settings, hf_hub_download, origin.repo_id, origin.filename,
+                          revision=origin.revision, cache_dir=settings.cache_dir,
+                          local_files_only=settings.offline))
 
 
 # --- Local ------------------------------------------------------------------------------------------------------

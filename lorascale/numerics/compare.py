@@ -84,7 +84,7 @@ def compare_to_base(base: BaseSpectrum, w: torch.Tensor, *, delta_singular_value
         u, s, vh = svd(w, driver=driver, backend=backend)
     else:
         s = svdvals(w, driver=driver, backend=backend)
-        top = top_singular(w, min(top_k, p), driver=driver)
+        top = top_singular(w, min(top_k, p), driver=driver, backend=backend)
         check = check_top(w, top, s, topk_tolerance, separated=separated)
         u, vh = top.u, top.vh
         if not check.passed:

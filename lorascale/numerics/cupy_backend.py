@@ -1,6 +1,6 @@
 """The "cupy" backend: cupy.linalg.svd (cuSOLVER gesvd) on CUDA tensors, shared through DLPack (no copy).
 
-cupy is optional and imported only when this backend is used; svd.resolve_backend checks that it is
+cupy is optional and imported only when this backend is used; backends.resolve checks that it is
 installed (importlib, without importing it) before a run starts.  cupy runs on torch's current stream, so
 no extra synchronisation is needed between the two libraries.
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from lorascale.errors import NumericalError, OptionError
+from lorascale.numerics.decomposition import Decomposition
 
 
 def _cupy():
@@ -41,10 +42,13 @@ def _run(matrix: torch.Tensor, compute_uv: bool):
     return torch.from_dlpack(result)
 
 
-def cupy_svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(U (m, p), S (p,), Vh (p, n)) of a CUDA tensor, as torch tensors on the same device."""
-    return _run(matrix, compute_uv=True)
+def svd(matrix: torch.Tensor, *, driver: str | None = None) -> Decomposition:
+    """(U (m, p), S (p,), Vh (p, n)) of a CUDA tensor, as torch tensors on the same device.
+
+    `driver` is accepted for the common backend signature and unused: cupy always calls cuSOLVER gesvd."""
+    return Decomposition(*_run(matrix, compute_uv=True))
 
 
-def cupy_svdvals(matrix: torch.Tensor) -> torch.Tensor:
+def svdvals(matrix: torch.Tensor, *, driver: str | None = None) -> torch.Tensor:
+    """Singular values (p,) of a CUDA tensor, descending; `driver` unused (see svd)."""
     return _run(matrix, compute_uv=False)

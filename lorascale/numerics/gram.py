@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from lorascale.errors import NumericalError
-from lorascale.numerics.svd import Decomposition, require_finite
+from lorascale.numerics.decomposition import Decomposition, require_finite
 
 _EPS64 = torch.finfo(torch.float64).eps
 
@@ -41,15 +41,19 @@ def _gram(matrix64: torch.Tensor) -> tuple[torch.Tensor, bool]:
     return matrix64 @ matrix64.T, False  # (m, n) @ (n, m) -> (m, m)
 
 
-def gram_svdvals(matrix: torch.Tensor) -> torch.Tensor:
-    """Singular values of `matrix` (m, n) from eigvalsh of its float64 Gram matrix, descending."""
+def svdvals(matrix: torch.Tensor, *, driver: str | None = None) -> torch.Tensor:
+    """Singular values of `matrix` (m, n) from eigvalsh of its float64 Gram matrix, descending.
+
+    `driver` is accepted for the common backend signature and unused: no cuSOLVER SVD runs here."""
     gram, _ = _gram(matrix.to(torch.float64))
     values, _ = _eigh_descending(gram, vectors=False)
     return values.clamp_min(0).sqrt().to(matrix.dtype)
 
 
-def gram_svd(matrix: torch.Tensor) -> Decomposition:
-    """Thin SVD of `matrix` (m, n) from eigh of its float64 Gram matrix; outputs in the input's dtype."""
+def svd(matrix: torch.Tensor, *, driver: str | None = None) -> Decomposition:
+    """Thin SVD of `matrix` (m, n) from eigh of its float64 Gram matrix; outputs in the input's dtype.
+
+    `driver` is accepted for the common backend signature and unused."""
     a = matrix.to(torch.float64)
     gram, tall = _gram(a)
     values, basis = _eigh_descending(gram, vectors=True)

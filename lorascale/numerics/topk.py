@@ -28,7 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
-from lorascale.numerics.svd import Decomposition, svd
+from lorascale.numerics.decomposition import Decomposition
+from lorascale.numerics.svd import svd
 
 DEFAULT_ITERATIONS = 10
 DEFAULT_OVERSAMPLE = 32
@@ -62,8 +63,12 @@ def _orthonormal(columns: torch.Tensor) -> torch.Tensor:
 
 
 def top_singular(matrix: torch.Tensor, rank: int, *, oversample: int = DEFAULT_OVERSAMPLE,
-                 iterations: int = DEFAULT_ITERATIONS, seed: int = 0, driver: str | None = None) -> Decomposition:
+                 iterations: int = DEFAULT_ITERATIONS, seed: int = 0, driver: str | None = None,
+                 backend: str = "torch") -> Decomposition:
     """The top `rank` singular triplets of `matrix` (m, n): U (m, rank), S (rank,), Vh (rank, n).
+
+    The small SVD of the projected matrix runs on `backend` with `driver` (numerics/backends.py), like every
+    other SVD of the run, so a backend chosen for its accuracy or its library applies here too.
 
     Deterministic: the sketch comes from a generator seeded with `seed` on the matrix's device.  The basis
     has at most (iterations + 1) * (rank + oversample) columns, and never more than min(m, n).
@@ -87,7 +92,7 @@ def top_singular(matrix: torch.Tensor, rank: int, *, oversample: int = DEFAULT_O
         width += step.shape[1]
     basis = torch.cat(blocks, dim=1)  # (m, w)
     small = basis.T @ matrix  # (w, m) @ (m, n) -> (w, n)
-    u_small, s, vh = svd(small, driver=driver)
+    u_small, s, vh = svd(small, driver=driver, backend=backend)
     u = basis @ u_small[:, :rank]  # (m, w) @ (w, rank) -> (m, rank)
     return Decomposition(u, s[:rank], vh[:rank])
 

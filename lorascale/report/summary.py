@@ -18,6 +18,7 @@ import pyarrow.compute as pc
 
 from lorascale.errors import OptionError
 from lorascale.report.tables import Order, Run, open_run
+from lorascale.store.schema import METHOD_TOPK_FALLBACK
 
 SummaryFormat = Literal["table", "csv", "json"]
 
@@ -42,6 +43,15 @@ def _mean(values: Any) -> float | None:
     return None if result is None or (isinstance(result, float) and math.isnan(result)) else float(result)
 
 
+def _fallbacks(table: Any) -> int | None:
+    """Matrices where --mode topk's guard failed and the exact SVD was used; None for a run written before
+    the `method` column existed.  In the JSON summary only: the table and CSV keep their columns."""
+    methods = table.column("method")
+    if methods.null_count == len(methods):
+        return None
+    return int(pc.sum(pc.equal(methods, METHOD_TOPK_FALLBACK)).as_py() or 0)
+
+
 def rows_for_run(run: Run) -> list[dict[str, Any]]:
     """Summary rows of an opened run, one per tuned model in display order."""
     rows: list[dict[str, Any]] = []
@@ -60,6 +70,7 @@ def rows_for_run(run: Run) -> list[dict[str, Any]]:
             "k": run.k,
             "epsilon": run.epsilon,
             "seconds": float(pc.sum(table.column("seconds")).as_py() or 0.0),
+            "topk_fallbacks": _fallbacks(table),
         })
     return rows
 
@@ -68,8 +79,9 @@ def summary_rows(results: str | Path, *, order: Order = "as-given",
                  allow_partial: bool = False) -> list[dict[str, Any]]:
     """One dict per tuned model: model, update, matrices, intruders (at the run's k and epsilon),
     matrices_with_intruders, mean_effective_rank (of dW; None if W == W0), mean_delta_rel, k, epsilon,
-    seconds. Raises OutputError when `results` is not a lorascale run with results, or (unless
-    `allow_partial`) when the run is not complete.
+    seconds, topk_fallbacks (matrices whose top-K result fell back to the exact SVD; None for runs written
+    before the `method` column).  Raises OutputError when `results` is not a lorascale run with results, or
+    (unless `allow_partial`) when the run is not complete.
 
     >>> summary_rows("results/")[0]["intruders"]  # doctest: +SKIP
     42

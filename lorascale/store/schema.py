@@ -20,6 +20,12 @@ REPORT_DIR = "report"  # default place of `lorascale report` inside a results di
 # rebuild or `run --overwrite` may replace (and nothing else).
 REPORT_GENERATOR = "lorascale report"
 
+# Values of matrices.method: how the tuned singular vectors behind max_cos and `intruders` were computed.
+METHOD_EXACT = "exact"  # --mode exact: the full SVD of W
+METHOD_TOPK = "topk"  # --mode topk: top-K triplets by block Krylov iteration, and its guard passed
+METHOD_TOPK_FALLBACK = "topk->exact"  # --mode topk, the guard failed (flat spectrum): the full SVD was used
+METHODS = (METHOD_EXACT, METHOD_TOPK, METHOD_TOPK_FALLBACK)
+
 # One row per (tuned model, matrix).
 MATRICES_SCHEMA = pa.schema(
     [
@@ -36,6 +42,9 @@ MATRICES_SCHEMA = pa.schema(
         pa.field("intruders", pa.int32(), nullable=False),  # at the run's k and epsilon
         pa.field("null_max_cos", pa.float64(), nullable=False),  # E[max |cos|] of a random unit vector
         pa.field("seconds", pa.float64(), nullable=False),  # compute time for this (model, matrix)
+        # One of METHODS.  Added after the first release, last and nullable so that older readers keep working
+        # and runs written before it read as null.
+        pa.field("method", pa.string()),
     ]
 )
 

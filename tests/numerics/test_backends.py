@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 import pytest
 import torch
 
 import oracle
 from lorascale.errors import OptionError
-from lorascale.numerics.svd import cupy_available, resolve_backend, resolve_driver, svd, svdvals
+from lorascale.numerics.backends import (BACKENDS, Compute, backend_functions, check, cupy_available,
+                                          resolve)
+from lorascale.numerics.svd import svd, svdvals
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -61,19 +65,64 @@ def test_gram_backend_orthonormal_on_rank_deficient_input():
 
 
 def test_backend_and_driver_resolution():
-    assert resolve_backend("auto", "cpu") == "torch"
-    assert resolve_backend("auto", "cuda") == "torch"  # cupy calls the same cuSOLVER routine
-    assert resolve_backend("gram", "cpu") == "gram"
-    with pytest.raises(OptionError, match="CUDA"):
-        resolve_backend("cupy", "cpu")
-    with pytest.raises(OptionError, match="unknown backend"):
-        resolve_backend("magma", "cpu")
-    assert resolve_driver(None, "cpu") is None
-    assert resolve_driver("gesvdj", "cpu") is None  # CPU has no cuSOLVER
-    assert resolve_driver(None, "cuda:0") == "gesvd"  # deliberate: not torch's gesvdj default
-    assert resolve_driver("gesvdj", "cuda") == "gesvdj"
-    with pytest.raises(OptionError, match="driver"):
-        resolve_driver("gesdd", "cuda")
+    assert resolve("cpu", "auto", None) == Compute("cpu", "torch", None)
+    assert resolve("cpu", "gram", None).backend == "gram"
+    assert resolve("cpu", "auto", "gesvdj").driver is None  # CPU has no cuSOLVER
+    if torch.cuda.is_available():
+        assert resolve("cuda", "auto", None) == Compute("cuda", "torch", "gesvd")  # not torch's gesvdj default
+        assert resolve("cuda:0", "torch", "gesvdj").driver == "gesvdj"
+
+
+# Every way a (device, backend, driver) request can be wrong on a machine without CUDA: (request, message).
+BAD_REQUESTS = [
+    (("tpu", "auto", None), "unknown device"),
+    (("cuda:x", "auto", None), "unknown device"),
+    (("cpu", "magma", None), "unknown backend"),
+    (("cpu", "auto", "gesdd"), "unknown cuSOLVER driver"),
+    (("cpu", "cupy", None), "needs a CUDA device"),
+]
+if not torch.cuda.is_available():
+    BAD_REQUESTS += [(("cuda", "auto", None), "no CUDA device"), (("cuda:1", "torch", "gesvd"), "no CUDA device"),
+                     (("auto", "cupy", None), "needs a CUDA device")]
+else:
+    BAD_REQUESTS += [((f"cuda:{torch.cuda.device_count()}", "auto", None), "CUDA device")]
+
+
+@pytest.mark.parametrize("request_, message", BAD_REQUESTS)
+def test_every_bad_request_is_an_option_error(request_, message):
+    with pytest.raises(OptionError, match=message) as raised:
+        resolve(*request_)
+    assert raised.value.exit_code == 2
+
+
+def test_check_needs_no_hardware():
+    """What a Ray driver without GPUs runs: names and contradictions only."""
+    check("cuda:3", "cupy", "gesvdj")  # may be fine on the workers
+    with pytest.raises(OptionError, match="needs a CUDA device"):
+        check("cpu", "cupy", None)
+
+
+def test_backend_table_has_one_signature():
+    for name in BACKENDS:
+        decompose, values = backend_functions(name)
+        for function in (decompose, values):
+            parameters = inspect.signature(function).parameters
+            assert list(parameters) == ["matrix", "driver"], (name, function)
+            assert parameters["driver"].kind is inspect.Parameter.KEYWORD_ONLY
+
+
+def test_top_singular_uses_the_backend(monkeypatch):
+    """--backend reaches the small SVD inside top_singular (it used the torch backend whatever was asked)."""
+    from lorascale.numerics import gram
+    from lorascale.numerics.topk import top_singular
+
+    calls = []
+    real = gram.svd
+    monkeypatch.setattr(gram, "svd", lambda matrix, *, driver=None: calls.append(matrix.shape) or real(matrix))
+    w = torch.from_numpy(oracle.separated(60, 40, RNG))
+    top = top_singular(w, 5, backend="gram")
+    assert calls, "the gram backend was not used"
+    np.testing.assert_allclose(top.s.numpy(), np.linalg.svd(w.numpy(), compute_uv=False)[:5], rtol=1e-8)
 
 
 def test_core_imports_without_cupy():
@@ -81,8 +130,16 @@ def test_core_imports_without_cupy():
     import subprocess
     import sys
 
-    code = ("import sys, lorascale.pipeline, lorascale.execute.worker, lorascale.numerics.svd as s; "
-            "s.resolve_backend('auto', 'cpu'); s.cupy_available(); assert 'cupy' not in sys.modules")
+    code = ("import sys, lorascale.pipeline, lorascale.execute.worker, lorascale.numerics.backends as b; "
+            "b.resolve('cpu', 'auto', None); b.cupy_available(); assert 'cupy' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_cli_reads_the_backend_table_without_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, lorascale.cli, lorascale.numerics.backends; assert 'torch' not in sys.modules, 'torch'")
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

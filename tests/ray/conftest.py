@@ -67,12 +67,12 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def reference_run(demo: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The demo compared in-process: what every Ray run must reproduce."""
-    from lorascale.execute.local import run_local
+    from lorascale.execute.local import LocalExecutor
     from lorascale.pipeline import compare
 
     out = tmp_path_factory.mktemp("reference") / "out"
     with one_torch_thread():  # and no SVD cache: every number computed here
-        compare(*demo_args(demo), out, executor=run_local, use_cache=False)
+        compare(*demo_args(demo), out, executor=LocalExecutor(), use_cache=False)
     return out
 
 

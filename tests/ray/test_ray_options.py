@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from dataclasses import astuple
 from pathlib import Path
 
 import pytest
@@ -15,8 +16,9 @@ from rayhelpers import demo_args, free_port
 
 from lorascale.cli import main
 from lorascale.errors import CheckpointReferenceError, ExecutionError, OptionError
-from lorascale.execute.ray_executor import RayExecutor, _MatrixWorker, public_address, wants_ray
-from lorascale.records import AnalysisOptions, TensorEntry
+from lorascale.execute.executor import public_address, wants_ray
+from lorascale.execute.ray_executor import RayExecutor, _MatrixWorker
+from lorascale.records import AnalysisOptions, HubFile, TensorEntry
 
 
 def test_public_address_drops_credentials_and_query():
@@ -35,12 +37,18 @@ def test_ray_is_used_only_when_asked():
     assert wants_ray("local", 1)
 
 
-@pytest.mark.parametrize("kwargs", [{"workers": 0}, {"cpus_per_worker": 0}, {"gpus_per_worker": -1},
-                                    {"device": "tpu"}, {"device": "cpu", "gpus_per_worker": 1},
-                                    {"backend": "magic"}, {"driver": "gesvdx"}, {"device": "cpu", "backend": "cupy"}])
+@pytest.mark.parametrize("kwargs", [{"workers": 0}, {"cpus_per_worker": 0}, {"gpus_per_worker": -1}])
 def test_bad_options_are_refused_before_ray_starts(kwargs):
     with pytest.raises(OptionError):
         RayExecutor(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs, options", [({}, {"device": "tpu"}), ({"gpus_per_worker": 1}, {"device": "cpu"}),
+                                             ({}, {"backend": "magic"}), ({}, {"driver": "gesvdx"}),
+                                             ({}, {"device": "cpu", "backend": "cupy"})])
+def test_bad_analysis_options_are_refused_before_ray_starts(kwargs, options):
+    with pytest.raises(OptionError):
+        RayExecutor(**kwargs).prepare(AnalysisOptions(**options))
 
 
 class FakeRay:
@@ -69,14 +77,16 @@ CPU_NODES = FakeRay({"CPU": 16}, {"CPU": 16}, {"CPU": 2})
     (FakeRay({"CPU": 2}), {"workers": 2}, (2, 1.0, 0.0, "cpu")),  # `--workers 2` on a laptop
 ])
 def test_worker_shape(ray, kwargs, shape):
-    assert RayExecutor(**kwargs)._shape(ray) == shape
+    device = kwargs.pop("device", "auto")
+    assert astuple(RayExecutor(**kwargs)._shape(ray, device)) == shape
 
 
 @pytest.mark.parametrize("ray, kwargs", [(CPU_NODES, {"device": "cuda"}), (CPU_NODES, {"gpus_per_worker": 1}),
                                          (CPU_NODES, {"cpus_per_worker": 17})])
 def test_impossible_worker_shape_is_an_option_error(ray, kwargs):
+    device = kwargs.pop("device", "auto")
     with pytest.raises(OptionError):
-        RayExecutor(**kwargs)._shape(ray)
+        RayExecutor(**kwargs)._shape(ray, device)
 
 
 def test_cli_passes_ray_options_and_keeps_credentials_out_of_the_command(monkeypatch):
@@ -102,8 +112,8 @@ def test_cli_refuses_zero_workers():
     assert result.exit_code == 2
 
 
-def _entry(path: Path) -> TensorEntry:
-    return TensorEntry(name="w", file=path, dtype="F32", shape=(2, 2), data_start=0, data_end=16)
+def _entry(path: Path, hub: HubFile | None = None) -> TensorEntry:
+    return TensorEntry(name="w", file=path, dtype="F32", shape=(2, 2), data_start=0, data_end=16, hub=hub)
 
 
 def test_worker_resolves_hub_files_in_its_own_cache(offline_hub: Path, tmp_path: Path):
@@ -112,8 +122,8 @@ def test_worker_resolves_hub_files_in_its_own_cache(offline_hub: Path, tmp_path:
     commit = make_hub_cache(offline_hub, "org/tiny", {"model.safetensors": b"x" * 64})
     # The driver's cache was elsewhere; this node's cache (HF_HUB_CACHE) holds the same commit.
     driver_path = tmp_path / "driver-cache" / "models--org--tiny" / "snapshots" / commit / "model.safetensors"
-    worker = _MatrixWorker("base", AnalysisOptions(), threads=1)
-    local = worker._local(_entry(driver_path))
+    worker = _MatrixWorker(AnalysisOptions(), threads=1)
+    local = worker._local(_entry(driver_path, HubFile("org/tiny", commit, "model.safetensors")))
     assert local.file == offline_hub / "models--org--tiny" / "snapshots" / commit / "model.safetensors"
     assert local.file.is_file() and local.data_end == 16
 
@@ -121,19 +131,21 @@ def test_worker_resolves_hub_files_in_its_own_cache(offline_hub: Path, tmp_path:
 def test_worker_resolves_device_options_for_its_own_device(monkeypatch, tmp_path: Path):
     """The driver may have no GPU: backend, cuSOLVER driver and cache directory are settled on the worker."""
     monkeypatch.setenv("LORASCALE_CACHE_DIR", str(tmp_path / "node-cache"))
-    on_gpu = _MatrixWorker("base", AnalysisOptions(device="cuda", cache_dir="/driver/cache"), 1, driver="gesvdj",
-                           node_cache_dir=True)
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)  # as on a GPU worker
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 1)
+    on_gpu = _MatrixWorker(AnalysisOptions(device="cuda", cache_dir="/driver/cache", backend="auto", driver="gesvdj"),
+                           1, node_cache_dir=True)
     assert (on_gpu._options.backend, on_gpu._options.driver) == ("torch", "gesvdj")
     assert on_gpu._options.cache_dir == str(tmp_path / "node-cache")
-    on_cpu = _MatrixWorker("base", AnalysisOptions(device="cpu", cache_dir="/shared/cache"), 1, driver="gesvdj")
+    on_cpu = _MatrixWorker(AnalysisOptions(device="cpu", cache_dir="/shared/cache", driver="gesvdj"), 1)
     assert (on_cpu._options.driver, on_cpu._options.cache_dir) == (None, "/shared/cache")  # explicit: kept
-    cupy_on_cpu = _MatrixWorker("base", AnalysisOptions(device="cpu"), 1, backend="cupy")
+    cupy_on_cpu = _MatrixWorker(AnalysisOptions(device="cpu", backend="cupy"), 1)
     with pytest.raises(OptionError, match="cupy"):
         cupy_on_cpu.where()  # how the driver learns it, with the error intact
 
 
 def test_worker_names_a_local_file_missing_on_its_node(tmp_path: Path):
-    worker = _MatrixWorker("base", AnalysisOptions(), threads=1)
+    worker = _MatrixWorker(AnalysisOptions(), threads=1)
     with pytest.raises(CheckpointReferenceError, match="not found on this Ray node"):
         worker._local(_entry(tmp_path / "nowhere" / "model.safetensors"))
 
