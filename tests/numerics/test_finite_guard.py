@@ -11,7 +11,7 @@ import torch
 
 from lorascale.errors import NumericalError
 from lorascale.numerics.compare import base_spectrum, compare_to_base
-from lorascale.numerics.gram import gram_svd, gram_svdvals
+from lorascale.numerics.gram import svd as gram_svd, svdvals as gram_svdvals
 from lorascale.numerics.metrics import lora_delta_singular_values
 from lorascale.numerics.svd import svd, svdvals
 
