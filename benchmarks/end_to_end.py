@@ -84,7 +84,7 @@ def child_bare(args: argparse.Namespace) -> dict:
     """Only the numerics calls lorascale makes, on tensors loaded (untimed) beforehand, job by job."""
     import torch
 
-    from lorascale.cache import BaseSpectrumCache
+    from lorascale.store.svd_cache import BaseSpectrumCache
     from lorascale.io.checkpoint import open_checkpoint
     from lorascale.io.resolve import resolve
     from lorascale.io.tensors import load_tensor

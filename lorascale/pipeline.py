@@ -96,7 +96,7 @@ def compare(base: str, tuned: Sequence[str], out: str | Path, *, k: int = 10, ep
     execute.executor.Executor) replaces that choice.
     `backend` picks the SVD backend (auto, torch, cupy, or the opt-in gram; numerics/backends.py).
     `mode="topk"` computes max_cos only for the top `top_k` tuned vectors (numerics/topk.py).  Base SVDs
-    are cached in `cache_dir` (default settings.cache_dir()) unless `use_cache=False` (cache.py).
+    are cached in `cache_dir` (default settings.cache_dir()) unless `use_cache=False` (store/svd_cache.py).
 
     >>> lorascale.compare(base="meta-llama/Llama-2-7b-hf",  # doctest: +SKIP
     ...                   tuned=["LoRA-TMLR-2024/magicoder-lora-rank-16-alpha-32"], out="results")

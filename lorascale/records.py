@@ -132,7 +132,7 @@ class AnalysisOptions:
     mode: Literal["exact", "topk"] = "exact"  # topk: max_cos only for the top_k tuned vectors
     top_k: int = 64  # tuned vectors computed in topk mode
     topk_tolerance: float = 1e-3  # topk guard (numerics/topk.py); above it the exact SVD is used
-    cache_dir: str | None = None  # on-disk cache of base SVDs (lorascale/cache.py); None: no cache
+    cache_dir: str | None = None  # on-disk cache of base SVDs (lorascale/store/svd_cache.py); None: no cache
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ import torch
 from safetensors import safe_open
 
 import oracle
-from lorascale.cache import BaseSpectrumCache
+from lorascale.store.svd_cache import BaseSpectrumCache
 from lorascale.execute import worker
 from lorascale.numerics.compare import base_spectrum
 from lorascale.pipeline import compare
@@ -111,7 +111,7 @@ def test_unreadable_entry_is_a_miss(tmp_path, caplog):
     path = cache.path("ef" * 32)
     path.parent.mkdir(parents=True)
     path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
-    with caplog.at_level(logging.WARNING, logger="lorascale.cache"):
+    with caplog.at_level(logging.WARNING, logger="lorascale.store.svd_cache"):
         assert cache.load("ef" * 32, "cpu") is None
     assert "unreadable" in caplog.text
     # A valid file stored under another key is not taken for this one.
@@ -126,7 +126,7 @@ def test_unwritable_cache_warns_once_and_never_fails(tmp_path, caplog):
     blocker.write_text("a file where the cache directory should be")
     cache = BaseSpectrumCache(blocker)
     base = base_spectrum(torch.eye(4), ("left",))
-    with caplog.at_level(logging.WARNING, logger="lorascale.cache"):
+    with caplog.at_level(logging.WARNING, logger="lorascale.store.svd_cache"):
         cache.store("23" * 32, base)
         cache.store("45" * 32, base)
     assert caplog.text.count("cannot write") == 1
@@ -156,6 +156,6 @@ def test_entry_with_damaged_metadata_is_a_miss(tmp_path, caplog, metadata):
     cache, key = BaseSpectrumCache(tmp_path), "ab" * 32
     cache.store(key, base_spectrum(torch.eye(4), ("left",)))
     _with_metadata(cache.path(key), metadata.replace(b"KEY", key.encode()))
-    with caplog.at_level(logging.WARNING, logger="lorascale.cache"):
+    with caplog.at_level(logging.WARNING, logger="lorascale.store.svd_cache"):
         assert cache.load(key, "cpu") is None
     assert "unreadable" in caplog.text

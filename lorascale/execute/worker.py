@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import torch
 
-from lorascale.cache import BaseSpectrumCache
+from lorascale.store.svd_cache import BaseSpectrumCache
 from lorascale.errors import NumericalError
 from lorascale.io.tensors import load_tensor, to_compute
 from lorascale.numerics.compare import BaseSpectrum, TunedComparison, base_spectrum, compare_to_base

@@ -46,7 +46,7 @@ class Backend:
     module: str
     cuda_only: bool = False
     requires: str | None = None  # an optional package it imports (checked with importlib.util, not imported)
-    family: str = "svd"  # backends of one family agree to rounding (cache.py keys cached base SVDs by it)
+    family: str = "svd"  # backends of one family agree to rounding (store/svd_cache.py keys cached base SVDs by it)
 
     def functions(self) -> tuple[SvdFunction, SvdvalsFunction]:
         """(svd, svdvals) of this backend, importing its module on first use."""

@@ -20,19 +20,18 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import uuid
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
-from lorascale.errors import CheckpointFormatError
+from lorascale.errors import CheckpointFormatError, OutputError
 from lorascale.io.safetensors_header import read_header
 from lorascale.numerics.backends import BACKENDS
 from lorascale.numerics.compare import BaseSpectrum
 from lorascale.records import AnalysisOptions, TensorEntry
+from lorascale.store.atomic import write_atomic
 
 FORMAT = "lorascale-base-svd/1"
 _LOG = logging.getLogger(__name__)
@@ -94,18 +93,10 @@ class BaseSpectrumCache:
         tensors.update({side: v.detach().cpu().contiguous() for side, v in base.vectors.items()})
         metadata = {"format": FORMAT, "key": key, "fro": repr(base.fro),
                     "null_max_cos": json.dumps(base.null_max_cos)}
-        tmp = path.with_name(f".tmp-{key}-{os.getpid()}-{uuid.uuid4().hex}.safetensors")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            save_file(tensors, tmp, metadata=metadata)
-            with open(tmp, "rb") as handle:
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-        except OSError as exc:
-            try:
-                tmp.unlink()
-            except OSError:
-                pass  # never created (no directory, no space): nothing to remove
+            write_atomic(path, save(tensors, metadata=metadata))
+        except (OSError, OutputError) as exc:  # write_atomic removed its temporary file already
             if not self._write_failed:
                 _LOG.warning("cannot write the base-SVD cache under %s (%s); continuing without it",
                              self.directory, exc)
