@@ -7,7 +7,9 @@ Runs on the GPU image as it is (torch with CUDA, cupy, numpy, safetensors, pyarr
 no network): lorascale from the working tree, Ray never imported (every stage process blocks it).
 
 Stages, each in its own process with its own time box (a stage that runs out of time records what it
-finished and the next one starts; the whole run is capped by --total-seconds):
+finished and the next one starts; the whole run is capped by --total-seconds).  The stage processes are
+all started at once and wait for their turn (a go file), so loading Python and torch overlaps the stage
+before; one that is still running 30 s past its box is killed with its process group:
   0. (background, CPU) write the synthetic Llama-2-7B stack for stage 3 and run lorascale on its layer 0 on
      the CPU: the intruder counts every device run must reproduce (benchmarks/gpu_e2e.py prepare).
   1. `pytest -m gpu` on the CUDA oracle tests (tests/numerics/test_cuda.py, test_backends.py).
@@ -66,6 +68,7 @@ class Run:
         self.stages: dict[str, dict] = {}
         self.pytest: dict | None = None
         self.procs: list[subprocess.Popen] = []  # every stage process started, to stop them on an interrupt
+        self.waiting: dict[str, subprocess.Popen] = {}  # started early, waiting for their go file
         self.log = open(self.out / "progress.log", "a", encoding="utf-8")  # noqa: SIM115  (closed in finish)
         self.env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
                     "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1", "OMP_WAIT_POLICY": "PASSIVE"}
@@ -155,24 +158,38 @@ class Run:
         self.say(f"pytest: {status} {self.pytest}")
         self.render()
 
+    def prestart(self) -> None:
+        """Start the SVD and end-to-end stage processes now: they load Python and torch (no CUDA yet) while
+        the stages before them run, and wait for their go file (gpu_records.wait_for_go)."""
+        a = self.args
+        if "svd" in a.stages:
+            self.waiting["svd"] = self.start(
+                [sys.executable, str(HERE / "gpu_svd.py"), "--out", str(self.out), "--device", a.device, "--shapes",
+                 a.shapes, "--precisions", a.precisions, "--max-item-seconds", str(a.max_item_seconds),
+                 "--go", str(a.work / "go-svd.json")] + (["--concurrency"] if a.concurrency else []))
+        if "e2e" in a.stages:
+            self.waiting["e2e"] = self.start(
+                [sys.executable, str(HERE / "gpu_e2e.py"), "run", "--out", str(self.out), "--data", str(a.work / "data"),
+                 "--layers", str(a.layers), "--device", a.device, "--configs", a.configs,
+                 "--go", str(a.work / "go-e2e.json")])
+
+    def go(self, name: str, deadline: float, **settings: object) -> subprocess.Popen:
+        write_atomic(self.args.work / f"go-{name}.json", json.dumps({"deadline": deadline, **settings}))
+        return self.waiting.pop(name)
+
     def run_svd(self) -> None:
         a = self.args
-        deadline, box = self.box(a.svd_seconds, reserve=60)
-        command = [sys.executable, str(HERE / "gpu_svd.py"), "--out", str(self.out), "--device", a.device,
-                   "--shapes", a.shapes, "--precisions", a.precisions, "--deadline", str(deadline),
-                   "--max-item-seconds", str(a.max_item_seconds)] + (["--concurrency"] if a.concurrency else [])
+        # Time the tests did not use goes to this stage, as long as stage 3 keeps its whole box.
+        seconds = max(a.svd_seconds, self.end - time.time() - a.e2e_seconds - 5) if "e2e" in a.stages else a.svd_seconds
+        deadline, box = self.box(seconds, reserve=60 if "e2e" in a.stages else 0)
         self.say(f"svd: box {box:.0f} s")
-        self.finish_stage("svd", self.wait("svd", self.start(command), deadline, box))
+        self.finish_stage("svd", self.wait("svd", self.go("svd", deadline), deadline, box))
 
     def run_e2e(self) -> None:
-        a = self.args
-        deadline, box = self.box(a.e2e_seconds, reserve=5)
+        deadline, box = self.box(self.args.e2e_seconds, reserve=5)
         fastest = (gpu_report.decide(read_records(self.out)).get("fp32") or {}).get("settings") or {"backend": "gram"}
-        command = [sys.executable, str(HERE / "gpu_e2e.py"), "run", "--out", str(self.out), "--data",
-                   str(a.work / "data"), "--layers", str(a.layers), "--device", a.device, "--deadline", str(deadline),
-                   "--configs", a.configs, "--fastest", json.dumps(fastest)]
         self.say(f"e2e: box {box:.0f} s, fastest settings {fastest}")
-        self.finish_stage("e2e", self.wait("e2e", self.start(command), deadline, box))
+        self.finish_stage("e2e", self.wait("e2e", self.go("e2e", deadline, fastest=fastest), deadline, box))
 
     # --- output ------------------------------------------------------------------------------------------------
 
@@ -226,7 +243,7 @@ def _iso(epoch: float) -> str:
 
 
 def _jsonable(options: dict) -> dict:
-    return {k: str(v) if isinstance(v, Path) else v for k, v in options.items()}
+    return {k: str(v) if isinstance(v, Path) else sorted(v) if isinstance(v, set) else v for k, v in options.items()}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -237,9 +254,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tiny", action="store_true", help=f"shapes {TINY_SHAPES}, data at scale {TINY_SCALE}")
     parser.add_argument("--total-seconds", type=float, default=420.0, help="cap on the whole run")
     parser.add_argument("--pytest-seconds", type=float, default=75.0)
-    parser.add_argument("--svd-seconds", type=float, default=105.0)
+    parser.add_argument("--svd-seconds", type=float, default=105.0, help="at least; more if pytest ends early")
     parser.add_argument("--e2e-seconds", type=float, default=240.0)
-    parser.add_argument("--max-item-seconds", type=float, default=45.0,
+    parser.add_argument("--max-item-seconds", type=float, default=60.0,
                         help="skip an SVD item predicted to take longer (e.g. Jacobi at 28672x8192)")
     parser.add_argument("--shapes", default=None, help=f"stage 2 shapes (default {SHAPES})")
     parser.add_argument("--precisions", default="fp32,fp64")
@@ -253,6 +270,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.out is None:
         parser.error("give --out (or set $OUT)")
+    args.stages = set(args.stages.split(","))
+    if not args.stages <= {"pytest", "svd", "e2e"}:
+        parser.error(f"unknown stages {sorted(args.stages - {'pytest', 'svd', 'e2e'})}")
     args.shapes = args.shapes or (TINY_SHAPES if args.tiny else SHAPES)
     args.scale = TINY_SCALE if args.tiny else 1.0
     if args.tiny:  # CI: two layers show the round robin and the CPU agreement as well as four
@@ -273,8 +293,9 @@ def main(argv: list[str] | None = None) -> int:
     keep_work = args.work is not None
     args.work = args.work or Path(tempfile.mkdtemp(prefix="gpu_check-"))
     run = Run(args)
-    stages = set(args.stages.split(","))
+    stages = args.stages
     prepare = run.prepare() if "e2e" in stages else None
+    run.prestart()
     status = "complete"
     try:
         if "pytest" in stages:

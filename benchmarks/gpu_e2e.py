@@ -36,7 +36,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 import gpu_api  # noqa: E402
-from gpu_records import Deadline, append_record, write_atomic  # noqa: E402
+from gpu_records import Deadline, append_record, wait_for_go, write_atomic  # noqa: E402
 
 TUNED = {"full": "full-a", "lora": "lora-r16"}  # pair label -> directory written by make_synthetic_llama
 READY = "READY"
@@ -190,7 +190,7 @@ def prepare(args: argparse.Namespace) -> None:
     # The CPU reference for intruder counts: lorascale on the CPU, layer 0, both fine-tunes.
     status = "done"
     for pair in ("full", "lora"):
-        if run_lorascale(args, "cpu", {"use_cache": False}, 0, pair, deadline, stage="prepare") != "done":
+        if run_lorascale(args, "cpu", {}, 0, pair, deadline, stage="prepare") != "done":  # lora reuses the base SVDs
             status = "timed out"
             break
     append_record(args.out, {"stage": "prepare", "kind": "stage_end", "status": status})
@@ -245,11 +245,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--scale", type=float, default=1.0)
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--deadline", type=float, required=True)
+    parser.add_argument("--deadline", type=float, default=None)
+    parser.add_argument("--go", type=Path, default=None,
+                        help="wait for this JSON file ({'deadline': ..., 'fastest': {...}}) first (gpu_check.py)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads in this process")
     parser.add_argument("--configs", default=",".join(DEFAULT_CONFIGS))
     parser.add_argument("--fastest", default='{"backend": "gram"}', help="JSON: compare() settings of the fastest route")
     args = parser.parse_args(argv)
+    if args.go is not None:
+        go = wait_for_go(args.go)
+        args.deadline, args.fastest = go["deadline"], json.dumps(go.get("fastest") or json.loads(args.fastest))
+    if args.deadline is None:
+        parser.error("give --deadline or --go")
     args.work = args.work or args.data.parent
     args.configs = [c for c in args.configs.split(",") if c]
     unknown = set(args.configs) - set(CONFIGS)

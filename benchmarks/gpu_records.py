@@ -59,3 +59,17 @@ class Deadline:
 
     def passed(self) -> bool:
         return self.left() <= 0
+
+
+def wait_for_go(path: Path, poll_s: float = 0.2) -> dict:
+    """Block until the parent writes `path` (a JSON object: this stage's deadline and settings), and return it.
+
+    gpu_check.py starts every stage process at once, so that Python and torch load while the stages before
+    it run; a stage waits here for its turn.  It exits if the parent has gone (nobody will ever write it).
+    """
+    parent = os.getppid()
+    while not path.exists():
+        if os.getppid() != parent:
+            raise SystemExit("gpu_check.py went away before this stage's turn")
+        time.sleep(poll_s)
+    return json.loads(path.read_text())

@@ -50,8 +50,8 @@ def svd_rows(records: list[dict]) -> list[dict]:
 
 
 def decide(records: list[dict]) -> dict:
-    """Per precision: the fastest route that is accurate at every shape it was measured at, compared on the
-    shapes every such route has a measurement for (summed seconds per matrix), against the default route."""
+    """Per precision: the fastest of the routes accurate at every shape they were measured at, by seconds per
+    matrix summed over the shapes (see below which), against the default route."""
     rows = svd_rows(records)
     device = device_kind(records)
     decision = {}
@@ -65,10 +65,18 @@ def decide(records: list[dict]) -> dict:
         if not candidates:
             decision[precision] = {"route": None, "reason": "no route measured accurate"}
             continue
-        common = set.intersection(*(set(s) for s in candidates.values()))
-        if not common:  # routes measured on disjoint shapes: compare on the largest each has, by flops
-            common = set(min(candidates.values(), key=len))
-            candidates = {r: s for r, s in candidates.items() if common <= set(s)}
+        inaccurate = sorted(set(by_route) - set(candidates))
+        # A route skipped at a shape (predicted too slow, or it failed there) cannot be the fastest: compare
+        # the routes measured at every shape any accurate route reached; only if none was, their common shapes.
+        every = set().union(*(set(s) for s in candidates.values()))
+        complete = {route: shapes for route, shapes in candidates.items() if set(shapes) == every}
+        if complete:
+            candidates, common = complete, every
+        else:
+            common = set.intersection(*(set(s) for s in candidates.values()))
+            if not common:
+                decision[precision] = {"route": None, "reason": "no two accurate routes share a shape"}
+                continue
         totals = {route: sum(shapes[s]["seconds"] for s in common) for route, shapes in candidates.items()}
         best = min(totals, key=totals.get)
         default = DEFAULT_ROUTE[device]
@@ -77,8 +85,8 @@ def decide(records: list[dict]) -> dict:
         decision[precision] = {
             "route": best, "settings": ROUTE_SETTINGS[best], "total_seconds": totals[best],
             "shapes": sorted(common, key=flops), "default_route": default, "default_total_seconds": default_total,
-            "default_accurate": default in candidates, "totals": totals,
-            "inaccurate": sorted(set(by_route) - set(candidates)),
+            "default_accurate": default in by_route and default not in inaccurate, "totals": totals,
+            "inaccurate": inaccurate, "not_at_every_shape": sorted(set(by_route) - set(candidates) - set(inaccurate)),
         }
     return decision
 
@@ -264,7 +272,8 @@ def _svd_section(report: dict) -> list[str]:
                       f"({d['default_total_seconds'] / d['total_seconds']:.2f}x)")
         parts.append(f"**Fastest accurate route ({precision}): {d['route']}** ({d['total_seconds']:.3g} s summed over "
                      f"{', '.join(d['shapes'])}{versus}; lorascale.compare settings {d['settings']}; "
-                     f"inaccurate: {', '.join(d['inaccurate']) or 'none'})  ")
+                     f"inaccurate: {', '.join(d['inaccurate']) or 'none'}; not measured at every shape: "
+                     f"{', '.join(d.get('not_at_every_shape', [])) or 'none'})  ")
     notes = [f"- {r['kind']}: {r.get('shape', '')} {r.get('precision', '')} {r.get('route', '')}: "
              f"{r.get('reason') or r.get('error')}" for r in report.get("svd_notes") or []]
     concurrency = [f"- {r['route']} at {r['shape']} fp32: {r['copies']} SVDs in sequence {r['sequential_seconds']:.3g} s, "

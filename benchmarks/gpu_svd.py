@@ -38,7 +38,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 import gpu_api  # noqa: E402
-from gpu_records import Deadline, append_record  # noqa: E402
+from gpu_records import Deadline, append_record, wait_for_go  # noqa: E402
 
 ROUTES = {  # name -> (lorascale backend, cuSOLVER driver)
     "cuda": {"torch-gesvd": ("torch", "gesvd"), "torch-gesvdj": ("torch", "gesvdj"),
@@ -181,10 +181,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--shapes", required=True, help="comma-separated MxN")
     parser.add_argument("--precisions", default="fp32,fp64")
-    parser.add_argument("--deadline", type=float, required=True, help="epoch seconds: stop starting items after")
+    parser.add_argument("--deadline", type=float, default=None, help="epoch seconds: stop starting items after")
+    parser.add_argument("--go", type=Path, default=None,
+                        help="wait for this JSON file ({'deadline': ...}) before starting (gpu_check.py)")
     parser.add_argument("--max-item-seconds", type=float, default=60.0)
     parser.add_argument("--concurrency", action="store_true", help="also time 4 SVDs on 4 CUDA streams")
     args = parser.parse_args(argv)
+    if args.go is not None:
+        args.deadline = wait_for_go(args.go)["deadline"]
+    if args.deadline is None:
+        parser.error("give --deadline or --go")
     deadline = Deadline(args.deadline)
     kind = args.device.split(":")[0]
     shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]

@@ -138,3 +138,25 @@ print("ok")
                           capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
     assert (tmp_path / "out" / "matrices").is_dir()
+
+
+def test_decision_excludes_inaccurate_routes_and_routes_skipped_at_a_shape():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import gpu_report
+
+    def row(route: str, shape: str, seconds: float, sigma_err: float = 1e-7, intruders: int = 3) -> dict:
+        return {"stage": "svd", "kind": "svd", "precision": "fp32", "route": route, "shape": shape, "seconds": seconds,
+                "sigma_err": sigma_err, "sigma_err_svdvals": sigma_err, "vec_err": 1e-6, "intruders": intruders,
+                "expected_intruders": 3}
+
+    records = [{"kind": "machine", "cuda": "H100"},
+               row("torch-gesvd", "64x64", 1.0), row("torch-gesvd", "128x128", 8.0),
+               row("gram", "64x64", 0.5), row("gram", "128x128", 4.0),
+               row("torch-gesvdj", "64x64", 0.1),  # fastest where measured, but skipped at 128x128
+               row("cupy", "64x64", 0.01, sigma_err=1e-3), row("cupy", "128x128", 0.02),  # inaccurate once
+               row("torch-gesvda", "64x64", 0.01, intruders=2), row("torch-gesvda", "128x128", 0.02)]
+    decision = gpu_report.decide(records)["fp32"]
+    assert decision["route"] == "gram" and decision["settings"] == {"backend": "gram"}
+    assert decision["total_seconds"] == 4.5 and decision["default_total_seconds"] == 9.0
+    assert decision["inaccurate"] == ["cupy", "torch-gesvda"]
+    assert gpu_report.decide(records)["fp64"]["route"] is None
