@@ -145,7 +145,8 @@ class Run:
 
     def run_pytest(self) -> None:
         deadline, box = self.box(self.args.pytest_seconds, reserve=60)
-        command = [sys.executable, "-m", "pytest", "-m", "gpu", "-p", "no:cacheprovider", "-q",
+        # -v: one line per test as it finishes, so a log cut off at the time box still says what passed.
+        command = [sys.executable, "-m", "pytest", "-m", "gpu", "-p", "no:cacheprovider", "-v",
                    f"--junitxml={self.out / 'pytest-gpu.xml'}", *GPU_TESTS]
         self.say(f"pytest: {' '.join(command[1:])} (box {box:.0f} s)")
         with open(self.out / "pytest-gpu.log", "w", encoding="utf-8") as log:

@@ -51,7 +51,7 @@ def svd_rows(records: list[dict]) -> list[dict]:
 
 def decide(records: list[dict]) -> dict:
     """Per precision: the fastest of the routes accurate at every shape they were measured at, by seconds per
-    matrix summed over the shapes (see below which), against the default route."""
+    matrix summed over the shapes all of them were measured at, against the default route there."""
     rows = svd_rows(records)
     device = device_kind(records)
     decision = {}
@@ -66,17 +66,15 @@ def decide(records: list[dict]) -> dict:
             decision[precision] = {"route": None, "reason": "no route measured accurate"}
             continue
         inaccurate = sorted(set(by_route) - set(candidates))
-        # A route skipped at a shape (predicted too slow, or it failed there) cannot be the fastest: compare
-        # the routes measured at every shape any accurate route reached; only if none was, their common shapes.
-        every = set().union(*(set(s) for s in candidates.values()))
-        complete = {route: shapes for route, shapes in candidates.items() if set(shapes) == every}
-        if complete:
-            candidates, common = complete, every
-        else:
-            common = set.intersection(*(set(s) for s in candidates.values()))
-            if not common:
-                decision[precision] = {"route": None, "reason": "no two accurate routes share a shape"}
-                continue
+        # A route that failed at a shape, or was skipped there as predicted slower than --max-item-seconds,
+        # cannot be the fastest; routes merely not reached before the time box are compared where they ran.
+        slow = {r["route"] for r in records if r.get("stage") == "svd" and r.get("precision") == precision
+                and (r.get("kind") == "error" or (r.get("kind") == "skipped" and r.get("cause") == "slow"))}
+        candidates = {route: shapes for route, shapes in candidates.items() if route not in slow}
+        common = set.intersection(*(set(s) for s in candidates.values())) if candidates else set()
+        if not common:
+            decision[precision] = {"route": None, "reason": "no accurate route measured at a shape all others were"}
+            continue
         totals = {route: sum(shapes[s]["seconds"] for s in common) for route, shapes in candidates.items()}
         best = min(totals, key=totals.get)
         default = DEFAULT_ROUTE[device]
@@ -86,7 +84,7 @@ def decide(records: list[dict]) -> dict:
             "route": best, "settings": ROUTE_SETTINGS[best], "total_seconds": totals[best],
             "shapes": sorted(common, key=flops), "default_route": default, "default_total_seconds": default_total,
             "default_accurate": default in by_route and default not in inaccurate, "totals": totals,
-            "inaccurate": inaccurate, "not_at_every_shape": sorted(set(by_route) - set(candidates) - set(inaccurate)),
+            "inaccurate": inaccurate, "slow_or_failed": sorted(slow & set(by_route) - set(inaccurate)),
         }
     return decision
 
@@ -242,8 +240,11 @@ def render_markdown(report: dict) -> str:
                                        for name, s in report["stages"].items()]), ""]
     pytest = report.get("pytest")
     if pytest:
-        parts += ["## 1. `pytest -m gpu` (every CUDA path against the float64 oracle)", "",
-                  f"{pytest.get('passed', 0)} passed, {pytest.get('failed', 0)} failed, {pytest.get('errors', 0)} "
+        parts += ["## 1. `pytest -m gpu` (every CUDA path against the float64 oracle)", ""]
+        if "passed" not in pytest:
+            parts += ["No JUnit report: pytest was stopped at its time box or failed to start; `pytest-gpu.log` "
+                      "lists every test it finished.", ""]
+        parts += [f"{pytest.get('passed', 0)} passed, {pytest.get('failed', 0)} failed, {pytest.get('errors', 0)} "
                   f"errors, {pytest.get('skipped', 0)} skipped (pytest exit code {pytest.get('exit_code')}); "
                   "log: `pytest-gpu.log`.", ""]
         parts += [f"- FAILED {name}" for name in pytest.get("failures", [])] + [""]
@@ -272,8 +273,8 @@ def _svd_section(report: dict) -> list[str]:
                       f"({d['default_total_seconds'] / d['total_seconds']:.2f}x)")
         parts.append(f"**Fastest accurate route ({precision}): {d['route']}** ({d['total_seconds']:.3g} s summed over "
                      f"{', '.join(d['shapes'])}{versus}; lorascale.compare settings {d['settings']}; "
-                     f"inaccurate: {', '.join(d['inaccurate']) or 'none'}; not measured at every shape: "
-                     f"{', '.join(d.get('not_at_every_shape', [])) or 'none'})  ")
+                     f"inaccurate: {', '.join(d['inaccurate']) or 'none'}; too slow or failed at a shape: "
+                     f"{', '.join(d.get('slow_or_failed', [])) or 'none'})  ")
     notes = [f"- {r['kind']}: {r.get('shape', '')} {r.get('precision', '')} {r.get('route', '')}: "
              f"{r.get('reason') or r.get('error')}" for r in report.get("svd_notes") or []]
     concurrency = [f"- {r['route']} at {r['shape']} fp32: {r['copies']} SVDs in sequence {r['sequential_seconds']:.3g} s, "
@@ -314,9 +315,12 @@ def _e2e_section(e2e: dict) -> list[str]:
                  _duration(x.get("llama2_7b_load_seconds")), _duration(x["llama2_70b_seconds"]),
                  _duration(x.get("llama2_70b_load_seconds")), "yes" if x["flop_scaled"] else "no"]
                 for name, x in sorted(extrapolation.items())]
+        scale = (data or {}).get("scale", 1.0)
+        scaled = (f" **Every dimension x {scale:g} (--tiny): these are not Llama-2 figures, only a check of the "
+                  "arithmetic.**") if scale != 1.0 else ""
         parts += ["Extrapolated to whole models, one base + one fine-tune (`/full`: first fine-tune, computes the base "
                   "SVDs; `/lora`: a further fine-tune with the base SVDs cached). 70B from the SVD-equivalents per "
-                  "matrix measured here x stage 2's seconds at the 70B shapes.", "",
+                  "matrix measured here x stage 2's seconds at the 70B shapes." + scaled, "",
                   _table(["config/pair", "route", "SVD-equivalents / matrix", "Llama-2-7B", "+ reference load",
                           "Llama-2-70B", "+ reference load", "flop-scaled"], rows), ""]
     return parts

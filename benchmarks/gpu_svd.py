@@ -17,8 +17,8 @@ count 3.
 Per (shape, precision, route) one record: seconds of svd(A) and svd(W) (the faster is "seconds"), of
 svdvals(A); sigma error max|s - s_true| / s_1 (both calls); top-10 vector error = max over the top 10
 left and right vectors of sin(angle to the true vector); the intruder count of W against A.  Items run
-by priority (fp32 default and Gram routes on every shape first, then the other fp32 routes, then fp64),
-and an item predicted (by flop scaling from the same route's last measurement) not to fit the time left
+by priority (TIERS: every fp32 route at the smaller shapes first, then the default and Gram routes at the
+large ones, then fp64), and an item predicted (by flop scaling from the same route's last measurement) not to fit the time left
 or --max-item-seconds is recorded as skipped, not run.
 """
 
@@ -46,11 +46,16 @@ ROUTES = {  # name -> (lorascale backend, cuSOLVER driver)
     "cpu": {"torch": ("torch", None), "gram": ("gram", None)},
 }
 DEFAULT_ROUTE = {"cuda": "torch-gesvd", "cpu": "torch"}
-# Priority tiers: what the decision needs most comes first (see the module docstring).
+# Priority tiers, (precision, routes, shapes): what the decision needs most comes first.  "small" are the
+# shapes up to the second-largest but one (the 7B shapes and 1024x8192 by default), "large" the two largest.
 TIERS = {
-    "cuda": [("fp32", ("torch-gesvd", "gram")), ("fp32", ("torch-gesvdj", "cupy", "torch-gesvda")),
-             ("fp64", ("gram", "torch-gesvd")), ("fp64", ("torch-gesvdj", "cupy", "torch-gesvda"))],
-    "cpu": [("fp32", ("torch", "gram")), ("fp64", ("torch", "gram"))],
+    "cuda": [("fp32", ("torch-gesvd", "gram", "torch-gesvdj", "cupy", "torch-gesvda"), "small"),
+             ("fp32", ("torch-gesvd", "gram"), "large"),
+             ("fp64", ("gram", "torch-gesvd"), "small"),
+             ("fp32", ("torch-gesvdj", "cupy", "torch-gesvda"), "large"),
+             ("fp64", ("gram", "torch-gesvd"), "large"),
+             ("fp64", ("torch-gesvdj", "cupy", "torch-gesvda"), "all")],
+    "cpu": [("fp32", ("torch", "gram"), "all"), ("fp64", ("torch", "gram"), "all")],
 }
 DTYPES = {"fp32": torch.float32, "fp64": torch.float64}
 PLANTED = (2.0, 1.6, 1.3)  # strengths of the planted intruders, in units of sigma_1
@@ -160,9 +165,15 @@ def concurrency(matrix: TestMatrix, route: str, device: str, copies: int = 4) ->
 
 
 def plan(device: str, shapes: list[tuple[int, int]], precisions: list[str]) -> list[tuple[tuple[int, int], str, str]]:
-    kind = device.split(":")[0]
-    return [(shape, precision, route) for precision, routes in TIERS[kind] if precision in precisions
-            for shape in sorted(shapes, key=lambda s: flops(*s)) for route in routes]
+    """Every (shape, precision, route) item in the order it is run: tier by tier, small shapes first."""
+    ordered = sorted(shapes, key=lambda s: flops(*s))
+    split = max(1, len(ordered) - 2)
+    groups = {"small": ordered[:split], "large": ordered[split:], "all": ordered}
+    items = []
+    for precision, routes, group in TIERS[device.split(":")[0]]:
+        if precision in precisions:
+            items += [(shape, precision, route) for shape in groups[group] for route in routes]
+    return items
 
 
 def predict(history: dict[tuple[str, str], tuple[tuple[int, int], float]], shape: tuple[int, int],
@@ -198,7 +209,7 @@ def main(argv: list[str] | None = None) -> None:
 
     append_record(args.out, {"stage": "svd", "kind": "machine", **machine(),
                              "cupy_available": gpu_api.cupy_available(), "torch_cuda": torch.version.cuda})
-    routes = {r for _, rs in TIERS[kind] for r in rs}
+    routes = {route for _, tier_routes, _ in TIERS[kind] for route in tier_routes}
     if "cupy" in routes and not gpu_api.cupy_available():
         append_record(args.out, {"stage": "svd", "kind": "skipped", "route": "cupy", "reason": "cupy not installed"})
         routes.discard("cupy")
@@ -220,11 +231,13 @@ def main(argv: list[str] | None = None) -> None:
         item = {"stage": "svd", "shape": f"{shape[0]}x{shape[1]}", "precision": precision, "route": route}
         if deadline.passed():
             status = "timed out"
-            append_record(args.out, {**item, "kind": "skipped", "reason": "stage time box reached"})
+            append_record(args.out, {**item, "kind": "skipped", "cause": "time", "reason": "stage time box reached"})
             continue
         predicted = predict(history, shape, precision, route)
         if predicted is not None and predicted > min(deadline.left(), args.max_item_seconds):
+            slow = predicted > args.max_item_seconds  # too slow to be the answer, not merely out of time
             append_record(args.out, {**item, "kind": "skipped", "predicted_seconds": round(predicted, 1),
+                                     "cause": "slow" if slow else "time",
                                      "reason": f"predicted {predicted:.0f} s > "
                                                f"min({deadline.left():.0f} s left, {args.max_item_seconds:.0f} s)"})
             status = "timed out" if predicted > deadline.left() else status

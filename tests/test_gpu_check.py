@@ -152,11 +152,19 @@ def test_decision_excludes_inaccurate_routes_and_routes_skipped_at_a_shape():
     records = [{"kind": "machine", "cuda": "H100"},
                row("torch-gesvd", "64x64", 1.0), row("torch-gesvd", "128x128", 8.0),
                row("gram", "64x64", 0.5), row("gram", "128x128", 4.0),
-               row("torch-gesvdj", "64x64", 0.1),  # fastest where measured, but skipped at 128x128
+               row("torch-gesvdj", "64x64", 0.1),  # fastest where measured, but predicted too slow at 128x128
+               {"stage": "svd", "kind": "skipped", "precision": "fp32", "route": "torch-gesvdj", "shape": "128x128",
+                "cause": "slow"},
                row("cupy", "64x64", 0.01, sigma_err=1e-3), row("cupy", "128x128", 0.02),  # inaccurate once
                row("torch-gesvda", "64x64", 0.01, intruders=2), row("torch-gesvda", "128x128", 0.02)]
     decision = gpu_report.decide(records)["fp32"]
     assert decision["route"] == "gram" and decision["settings"] == {"backend": "gram"}
     assert decision["total_seconds"] == 4.5 and decision["default_total_seconds"] == 9.0
-    assert decision["inaccurate"] == ["cupy", "torch-gesvda"]
+    assert decision["inaccurate"] == ["cupy", "torch-gesvda"] and decision["slow_or_failed"] == ["torch-gesvdj"]
     assert gpu_report.decide(records)["fp64"]["route"] is None
+    # A route the time box did not reach at 128x128 is compared where it did run.
+    records.append(row("gram", "32x32", 0.2))
+    records += [row("torch-gesvd", "32x32", 0.3), row("torch-gesvdj", "32x32", 0.05)]
+    records = [r for r in records if r.get("cause") != "slow"]
+    decision = gpu_report.decide(records)["fp32"]
+    assert decision["route"] == "torch-gesvdj" and decision["shapes"] == ["32x32", "64x64"]
