@@ -91,7 +91,7 @@ class Run:
     def wait(self, name: str, proc: subprocess.Popen, deadline: float, box: float) -> int | None:
         """Wait for a stage, re-rendering the summary every few seconds; kill it GRACE_S past its deadline."""
         started = time.time()
-        self.stages[name] = {"status": "running", "box": round(box)}
+        self.stages.setdefault(name, {"box": round(box)})["status"] = "running"
         while True:
             try:
                 code = proc.wait(timeout=5)
@@ -293,6 +293,9 @@ def main(argv: list[str] | None = None) -> int:
         (args.out / name).unlink(missing_ok=True)
     keep_work = args.work is not None
     args.work = args.work or Path(tempfile.mkdtemp(prefix="gpu_check-"))
+    args.work.mkdir(parents=True, exist_ok=True)
+    for stale in [*args.work.glob("go-*.json"), args.work / "data" / "READY"]:  # a reused --work: no early starts
+        stale.unlink(missing_ok=True)
     run = Run(args)
     stages = args.stages
     prepare = run.prepare() if "e2e" in stages else None

@@ -248,8 +248,10 @@ def render_markdown(report: dict) -> str:
                   f"errors, {pytest.get('skipped', 0)} skipped (pytest exit code {pytest.get('exit_code')}); "
                   "log: `pytest-gpu.log`.", ""]
         parts += [f"- FAILED {name}" for name in pytest.get("failures", [])] + [""]
-    parts += _svd_section(report)
-    parts += _e2e_section(report.get("e2e") or {})
+    if "svd" in report["stages"]:
+        parts += _svd_section(report)
+    if "e2e" in report["stages"]:
+        parts += _e2e_section(report.get("e2e") or {})
     return "\n".join(parts).rstrip() + "\n"
 
 
