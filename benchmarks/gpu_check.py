@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -188,7 +189,8 @@ class Run:
 
     def run_e2e(self) -> None:
         deadline, box = self.box(self.args.e2e_seconds, reserve=5)
-        fastest = (gpu_report.decide(read_records(self.out)).get("fp32") or {}).get("settings") or {"backend": "gram"}
+        decided = (gpu_report.decide(read_records(self.out)).get("fp32") or {}).get("settings")
+        fastest = json.loads(self.args.fastest) if self.args.fastest else decided or {"backend": "gram"}
         self.say(f"e2e: box {box:.0f} s, fastest settings {fastest}")
         self.finish_stage("e2e", self.wait("e2e", self.go("e2e", deadline, fastest=fastest), deadline, box))
 
@@ -267,6 +269,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--configs", default="default,fastest,reference",
                         help="stage 3 configurations, in order (also: fastest-exact)")
     parser.add_argument("--stages", default="pytest,svd,e2e", help="which of pytest,svd,e2e to run")
+    parser.add_argument("--fastest", default=None,
+                        help="stage 3's fastest settings as JSON, e.g. '{\"backend\": \"gram\"}' (default: stage 2's "
+                             "fastest accurate fp32 route, else the Gram backend)")
     parser.add_argument("--work", type=Path, default=None, help="scratch directory (default: a new temp dir)")
     args = parser.parse_args(argv)
     if args.out is None:
@@ -294,8 +299,10 @@ def main(argv: list[str] | None = None) -> int:
     keep_work = args.work is not None
     args.work = args.work or Path(tempfile.mkdtemp(prefix="gpu_check-"))
     args.work.mkdir(parents=True, exist_ok=True)
-    for stale in [*args.work.glob("go-*.json"), args.work / "data" / "READY"]:  # a reused --work: no early starts
+    for stale in [*args.work.glob("go-*.json"), args.work / "data" / "READY"]:  # a reused --work: no early starts,
         stale.unlink(missing_ok=True)
+    for stale in [args.work / "runs", *args.work.glob("cache-*")]:  # and every lorascale cache starts cold
+        shutil.rmtree(stale, ignore_errors=True)
     run = Run(args)
     stages = args.stages
     prepare = run.prepare() if "e2e" in stages else None
@@ -320,8 +327,6 @@ def main(argv: list[str] | None = None) -> int:
         run.say(f"{status}: {args.out / 'gpu_check.md'}")
         run.log.close()
         if not keep_work:
-            import shutil
-
             shutil.rmtree(args.work, ignore_errors=True)
     return 130 if status == "interrupted" else 0
 

@@ -39,7 +39,8 @@ import gpu_api  # noqa: E402
 from gpu_records import Deadline, append_record, wait_for_go, write_atomic  # noqa: E402
 
 TUNED = {"full": "full-a", "lora": "lora-r16"}  # pair label -> directory written by make_synthetic_llama
-READY = "READY"
+READY = "READY"  # the checkpoints are complete (written by `prepare` on every run)
+BUILT = "BUILT.json"  # what was built there: layers, scale, fine-tunes
 CONFIGS = ("default", "fastest", "reference", "fastest-exact")
 DEFAULT_CONFIGS = ("default", "fastest", "reference")
 
@@ -77,19 +78,22 @@ def run_lorascale(args: argparse.Namespace, config: str, settings: dict, layer: 
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
-    status = "done"
+    status, error = "done", None
     try:
         gpu_api.compare(str(args.data / "base"), [str(args.data / TUNED[pair])], out, device=args.device,
                         include=_layer_glob(layer), overwrite=True, progress=stop_when_due,
                         cache_dir=args.work / f"cache-{config}", **settings)
     except TimeBox:
         status = "timed out"
+    except Exception as exc:  # noqa: BLE001  (a configuration that fails is a finding; the others still run)
+        status, error = "failed", f"{type(exc).__name__}: {exc}"[:500]
     wall = time.perf_counter() - started
     peak = torch.cuda.max_memory_allocated() / 2**20 if args.device.startswith("cuda") else None
     for record in _matrix_records(out, stage, config, pair, layer):
         append_record(args.out, record)
     append_record(args.out, {"stage": stage, "kind": "call", "config": config, "pair": pair, "layer": layer,
-                             "settings": settings, "wall_seconds": wall, "peak_device_mb": peak, "status": status})
+                             "settings": settings, "wall_seconds": wall, "peak_device_mb": peak, "status": status,
+                             "error": error})
     return status
 
 
@@ -180,12 +184,17 @@ def prepare(args: argparse.Namespace) -> None:
 
     deadline = Deadline(args.deadline)
     started = time.perf_counter()
-    build(args.data, layers=args.layers, scale=args.scale, only=tuple(TUNED.values()))
+    built = {"layers": args.layers, "scale": args.scale, "tuned": sorted(TUNED.values())}
+    reused = (args.data / BUILT).exists() and json.loads((args.data / BUILT).read_text()) == built
+    if not reused:  # a rerun with the same --work (a warm machine) keeps the checkpoints it wrote
+        (args.data / BUILT).unlink(missing_ok=True)
+        build(args.data, layers=args.layers, scale=args.scale, only=tuple(TUNED.values()))
+        write_atomic(args.data / BUILT, json.dumps(built))
     config = json.loads((args.data / "base" / "config.json").read_text())
     nbytes = sum(f.stat().st_size for f in args.data.rglob("*.safetensors"))
     append_record(args.out, {"stage": "prepare", "kind": "data", "layers": args.layers, "scale": args.scale,
                              "hidden": config["hidden_size"], "intermediate": config["intermediate_size"],
-                             "seconds": time.perf_counter() - started, "bytes": nbytes})
+                             "seconds": time.perf_counter() - started, "bytes": nbytes, "reused": reused})
     write_atomic(args.data / READY, "ready\n")
     # The CPU reference for intruder counts: lorascale on the CPU, layer 0, both fine-tunes.
     status = "done"
@@ -209,31 +218,39 @@ def run(args: argparse.Namespace) -> None:
     settings = {"default": {}, "fastest": {**fastest, "mode": "topk", "top_k": 64},
                 "fastest-exact": {**fastest, "mode": "exact"}}
     reference = None
-    status, layers_done, last_round = "done", 0, 0.0
+    status, layers_done, last_round, failed = "done", 0, 0.0, []
     for layer in range(args.layers):
         if layers_done and last_round > deadline.left():
             status = "timed out"
             break
         round_started = time.perf_counter()
-        for config in args.configs:
+        for config in (c for c in args.configs if c not in failed):
             print(f"e2e layer {layer} {config} ...", file=sys.stderr, flush=True)
             if config == "reference":
-                reference = reference or Reference(args)
-                outcome = reference.layer(args, layer, deadline)
+                try:
+                    reference = reference or Reference(args)
+                    outcome = reference.layer(args, layer, deadline)
+                except Exception as exc:  # noqa: BLE001  (out of device memory, say: record it, go on)
+                    append_record(args.out, {"stage": "e2e", "kind": "call", "config": config, "layer": layer,
+                                             "status": "failed", "error": f"{type(exc).__name__}: {exc}"[:500]})
+                    outcome = "failed"
             else:
                 outcome = "done"
                 for pair in ("full", "lora"):
                     outcome = run_lorascale(args, config, settings[config], layer, pair, deadline)
                     if outcome != "done":
                         break
-            if outcome != "done":
+            if outcome == "failed":
+                failed.append(config)  # its error is recorded; do not spend the time box on it again
+            elif outcome != "done":
                 status = "timed out"
         if status != "done":
             break
         layers_done += 1
         last_round = time.perf_counter() - round_started
     append_record(args.out, {"stage": "e2e", "kind": "stage_end", "status": status, "layers_done": layers_done,
-                             "configs": list(args.configs)})
+                             "configs": list(args.configs),
+                             "reason": f"failed: {', '.join(failed)} (errors in records.jsonl)" if failed else ""})
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -118,14 +118,16 @@ def e2e_summary(records: list[dict], decision: dict) -> dict:
                  "matrices": sum(1 for key in counts[config]),
                  "layers": sorted({r["layer"] for r in matrices if r["config"] == config}),
                  "peak_device_mb": max((c["peak_device_mb"] for c in calls
-                                        if c["config"] == config and c["peak_device_mb"] is not None), default=None),
-                 "wall_seconds": sum(c["wall_seconds"] for c in calls if c["config"] == config)}
+                                        if c["config"] == config and c.get("peak_device_mb") is not None), default=None),
+                 "wall_seconds": sum(c.get("wall_seconds", 0.0) for c in calls if c["config"] == config)}
         for other in ("reference", "cpu"):
             if other == config or other not in counts:
                 continue
             shared = set(counts[config]) & set(counts[other])
             entry[f"equal_to_{other}"] = [sum(counts[config][k] == counts[other][k] for k in shared), len(shared)]
         summary["configs"][config] = entry
+    summary["errors"] = [f"{r['config']} layer {r['layer']}: {r['error']}" for r in records
+                         if r.get("kind") == "call" and r.get("error")]
     summary["read"] = next((r for r in records if r.get("kind") == "read"), None)
     summary["reference_load"] = next((r for r in records if r.get("kind") == "reference_load"), None)
     if data:
@@ -292,7 +294,7 @@ def _e2e_section(e2e: dict) -> list[str]:
     if data:
         parts += [f"Data: {data['layers']} layers generated, hidden {data['hidden']}, intermediate "
                   f"{data['intermediate']} (scale {data['scale']}), {data['bytes'] / 1e9:.2f} GB fp16 on disk, "
-                  f"written in {data['seconds']:.0f} s.", ""]
+                  + ("reused from --work." if data.get("reused") else f"written in {data['seconds']:.0f} s."), ""]
     configs = e2e.get("configs") or {}
     if configs:
         shapes = sorted({s for c in configs.values() for p in c["seconds_by_shape"].values() for s in p}, key=flops)
@@ -306,6 +308,8 @@ def _e2e_section(e2e: dict) -> list[str]:
                   "does 2 SVDs per matrix for each.", "",
                   _table(["config", "pair", "layers", *shapes, "peak device MB", "intruders = reference",
                           "intruders = CPU (layer 0)"], rows), ""]
+    if e2e.get("errors"):
+        parts += ["Configurations that failed (not run again):", ""] + [f"- {e}" for e in e2e["errors"]] + [""]
     read = e2e.get("read")
     if read:
         parts += [f"Read throughput disk -> device (lorascale's reader, {read['tensors']} tensors, "

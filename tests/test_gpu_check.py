@@ -140,8 +140,8 @@ print("ok")
     assert (tmp_path / "out" / "matrices").is_dir()
 
 
-def test_decision_excludes_inaccurate_routes_and_routes_skipped_at_a_shape():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
+def test_decision_excludes_inaccurate_routes_and_routes_skipped_at_a_shape(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     import gpu_report
 
     def row(route: str, shape: str, seconds: float, sigma_err: float = 1e-7, intruders: int = 3) -> dict:
@@ -168,3 +168,26 @@ def test_decision_excludes_inaccurate_routes_and_routes_skipped_at_a_shape():
     records = [r for r in records if r.get("cause") != "slow"]
     decision = gpu_report.decide(records)["fp32"]
     assert decision["route"] == "torch-gesvdj" and decision["shapes"] == ["32x32", "64x64"]
+
+
+def test_a_failing_configuration_is_recorded_and_the_others_still_run(tmp_path, monkeypatch, one_thread):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import time
+
+    import gpu_e2e
+    import gpu_records
+    from make_synthetic_llama import build
+
+    build(tmp_path / "data", layers=1, scale=1 / 32, only=tuple(gpu_e2e.TUNED.values()))
+    (tmp_path / "data" / gpu_e2e.READY).write_text("ready\n")
+    gpu_e2e.main(["run", "--out", str(tmp_path), "--data", str(tmp_path / "data"), "--layers", "1", "--device", "cpu",
+                  "--deadline", str(time.time() + 300), "--configs", "fastest,default",
+                  "--fastest", json.dumps({"backend": "magma"})])  # not a backend: compare() refuses it
+    records = gpu_records.read_records(tmp_path)
+    calls = {(r["config"], r["pair"]): r for r in records if r["kind"] == "call"}
+    assert calls["fastest", "full"]["status"] == "failed" and "magma" in calls["fastest", "full"]["error"]
+    assert ("fastest", "lora") not in calls  # not tried again
+    assert calls["default", "full"]["status"] == calls["default", "lora"]["status"] == "done"
+    end = next(r for r in records if r["kind"] == "stage_end")
+    assert end["status"] == "done" and end["layers_done"] == 1 and "fastest" in end["reason"]
+    assert len([r for r in records if r["kind"] == "matrix" and r["config"] == "default"]) == 14
