@@ -43,6 +43,7 @@ import tempfile
 import time
 import xml.etree.ElementTree as ElementTree
 from pathlib import Path
+from typing import IO
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -82,7 +83,7 @@ class Run:
         self.log.write(line + "\n")
         self.log.flush()
 
-    def start(self, command: list[str], *, stdout=None) -> subprocess.Popen:
+    def start(self, command: list[str], *, stdout: IO[str] | None = None) -> subprocess.Popen:
         # Own session: a stage that has to be killed takes its children with it, and nothing else.
         proc = subprocess.Popen(command, cwd=ROOT, env=self.env, stdout=stdout or self.log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
