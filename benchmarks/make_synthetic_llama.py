@@ -116,14 +116,18 @@ class ShardedWriter:
         (self.directory / "config.json").write_text(json.dumps(self.config, indent=2))
 
 
-def build(out: Path, *, layers: int = 2, scale: float = 1.0, seed: int = 0) -> dict[str, Path]:
-    """Write base, full-a, full-b, lora-r16, lora-r64 under `out`; return their paths."""
+def build(out: Path, *, layers: int = 2, scale: float = 1.0, seed: int = 0,
+          only: tuple[str, ...] | None = None) -> dict[str, Path]:
+    """Write base, full-a, full-b, lora-r16, lora-r64 under `out` (or base and the fine-tunes named in
+    `only`); return their paths.  A fine-tune's bytes do not depend on which others are written."""
+    tunes = {name: strength for name, strength in FULL_TUNES.items() if only is None or name in only}
+    adapter_ranks = {name: r for name, r in ADAPTERS.items() if only is None or name in only}
     dims = {"h": round(HIDDEN * scale), "i": round(INTERMEDIATE * scale)}
     config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": dims["h"],
               "intermediate_size": dims["i"], "num_hidden_layers": layers, "num_attention_heads": 32,
               "torch_dtype": "float16", "lorascale_synthetic": {"seed": seed, "scale": scale}}
-    writers = {name: ShardedWriter(out / name, config) for name in ("base", *FULL_TUNES)}
-    adapters: dict[str, dict[str, torch.Tensor]] = {name: {} for name in ADAPTERS}
+    writers = {name: ShardedWriter(out / name, config) for name in ("base", *tunes)}
+    adapters: dict[str, dict[str, torch.Tensor]] = {name: {} for name in adapter_ranks}
     for layer in range(layers):
         for name in ("input_layernorm", "post_attention_layernorm"):
             for writer in writers.values():
@@ -134,16 +138,20 @@ def build(out: Path, *, layers: int = 2, scale: float = 1.0, seed: int = 0) -> d
             w0 = base_weight(m, n, _generator(seed, layer, index, 0))
             writers["base"].add(tensor, w0)
             for t, (tune, strength) in enumerate(FULL_TUNES.items()):
+                if tune not in tunes:
+                    continue
                 writers[tune].add(tensor, w0 + full_update(w0, strength, _generator(seed, layer, index, 1 + t)))
             del w0
             for a_i, (adapter, r) in enumerate(ADAPTERS.items()):
+                if adapter not in adapter_ranks:
+                    continue
                 a, b = lora_factors(m, n, r, _generator(seed, layer, index, 10 + a_i))
                 prefix = f"base_model.model.model.layers.{layer}.{module}"
                 adapters[adapter][f"{prefix}.lora_A.weight"] = a.to(torch.float16)
                 adapters[adapter][f"{prefix}.lora_B.weight"] = b.to(torch.float16)
     for writer in writers.values():
         writer.close()
-    for adapter, r in ADAPTERS.items():
+    for adapter, r in adapter_ranks.items():
         directory = out / adapter
         directory.mkdir(parents=True, exist_ok=True)
         save_file(adapters[adapter], directory / "adapter_model.safetensors", metadata={"format": "pt"})
@@ -152,7 +160,7 @@ def build(out: Path, *, layers: int = 2, scale: float = 1.0, seed: int = 0) -> d
                        "bias": "none", "use_rslora": False, "fan_in_fan_out": False,
                        "base_model_name_or_path": str(out / "base")}
         (directory / "adapter_config.json").write_text(json.dumps(peft_config, indent=2))
-    return {name: out / name for name in ("base", *FULL_TUNES, *ADAPTERS)}
+    return {name: out / name for name in ("base", *tunes, *adapter_ranks)}
 
 
 def main() -> None:
