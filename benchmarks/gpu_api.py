@@ -11,7 +11,8 @@ from lorascale import compare  # noqa: F401  (the documented Python entry point)
 from lorascale.io.checkpoint import open_checkpoint  # noqa: F401
 from lorascale.io.resolve import resolve  # noqa: F401
 from lorascale.io.tensors import load_tensor  # noqa: F401
-from lorascale.numerics.svd import cupy_available, svd, svdvals  # noqa: F401
+from lorascale.numerics.backends import cupy_available  # noqa: F401
+from lorascale.numerics.svd import svd, svdvals  # noqa: F401
 
 
 def tensor_entries(reference: str) -> list:

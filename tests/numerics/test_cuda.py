@@ -21,7 +21,8 @@ import checkpoints
 import oracle
 from lorascale.numerics.compare import base_spectrum, compare_to_base
 from lorascale.numerics.metrics import lora_delta_singular_values
-from lorascale.numerics.svd import cupy_available, svd, svdvals
+from lorascale.numerics.backends import cupy_available
+from lorascale.numerics.svd import svd, svdvals
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
