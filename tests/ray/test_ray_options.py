@@ -158,7 +158,9 @@ def test_lorascale_imports_and_runs_without_ray(tmp_path: Path):
             raise AssertionError("no ExecutionError")
         print("ok")
     """)
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}  # for rayhelpers
+    # rayhelpers is in this directory; the rest of PYTHONPATH is kept (it may be what finds lorascale).
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parent),
+                                                                      os.environ.get("PYTHONPATH")]))}
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env,
                           check=False)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
