@@ -20,9 +20,10 @@ def isolated_caches(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """Every test, and every session fixture, runs with its caches in a session tmp dir, never the user's:
     lorascale's base-SVD cache (on by default), the Hugging Face hub cache (offline), and XDG_CACHE_HOME
     (the default of both, and where matplotlib keeps its font list).  Ray and the CLI subprocesses inherit
-    this environment.  Session-scoped (through a MonkeyPatch context, undone at the end) because session
-    fixtures such as the MiniLM fine-tunes run before any function-scoped fixture; a test that needs
-    different values monkeypatches them itself.  Returns the root of the tmp caches.
+    this environment.  Session-scoped (through a MonkeyPatch context, undone at the end) because session-
+    and module-scoped fixtures (the demo, the MiniLM fine-tunes and their lorascale run) are set up before
+    any function-scoped fixture; a test that needs other values monkeypatches them itself.  Returns the root
+    of the tmp caches.
     """
     root = tmp_path_factory.mktemp("caches")
     with pytest.MonkeyPatch.context() as patch:
