@@ -47,6 +47,17 @@ def local_ray():
     return ray
 
 
+@pytest.fixture
+def no_ray_connection():
+    """No Ray connection in this process, for tests of how lorascale connects: an open one (the session's
+    local Ray, if an earlier test started it) would be used instead.  `local_ray` starts it again when next
+    needed."""
+    ray = pytest.importorskip("ray")
+    if ray.is_initialized():
+        ray.shutdown()
+    return ray
+
+
 @pytest.fixture(scope="session")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """lorascale's demo checkpoints: sharded bf16 base, fp16 full fine-tune, LoRA adapter; 28 matrices."""

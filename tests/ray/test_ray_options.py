@@ -173,11 +173,10 @@ def test_worker_resources_without_ray_are_refused(tmp_path: Path):
         compare("base", ["tuned"], tmp_path / "out", cpus_per_worker=2)
 
 
-def test_unreachable_address_fails_fast_without_credentials(demo, tmp_path: Path):
+def test_unreachable_address_fails_fast_without_credentials(demo, no_ray_connection, tmp_path: Path):
     """ray.init would retry an address that does not answer for ever; lorascale probes it and says so."""
     from lorascale.pipeline import compare
 
-    pytest.importorskip("ray")
     port = free_port()  # nothing listens there
     with pytest.raises(ExecutionError, match="cannot start or reach Ray") as raised:
         compare(*demo_args(demo), tmp_path / "out", ray_address=f"ray://me:s3cret@127.0.0.1:{port}")
