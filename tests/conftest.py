@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny real checkpoints (built once per session) and the offline hub cache."""
+"""Shared fixtures: the isolated caches every test runs with, tiny real checkpoints (built once per session),
+and the offline hub cache."""
 
 from __future__ import annotations
 
@@ -11,7 +12,28 @@ import pytest
 import torch
 
 import checkpoints
-from hubcache import offline_hub  # noqa: F401  (the fixture, for tests that use the hub path)
+from hubcache import offline_hub, point_hub_at  # noqa: F401  (offline_hub: the fixture, for tests of the hub path)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_caches(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Every test, and every session fixture, runs with its caches in a session tmp dir, never the user's:
+    lorascale's base-SVD cache (on by default), the Hugging Face hub cache (offline), and XDG_CACHE_HOME
+    (the default of both, and where matplotlib keeps its font list).  Ray and the CLI subprocesses inherit
+    this environment.  Session-scoped (through a MonkeyPatch context, undone at the end) because session-
+    and module-scoped fixtures (the demo, the MiniLM fine-tunes and their lorascale run) are set up before
+    any function-scoped fixture; a test that needs other values monkeypatches them itself.  Returns the root
+    of the tmp caches.
+    """
+    root = tmp_path_factory.mktemp("caches")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LORASCALE_CACHE_DIR", str(root / "lorascale"))
+        patch.setenv("XDG_CACHE_HOME", str(root / "xdg"))
+        (root / "hf-home" / "hub").mkdir(parents=True)
+        point_hub_at(patch, root / "hf-home" / "hub")
+        patch.setenv("TOKENIZERS_PARALLELISM", "false")  # tokenizers warns when Ray or subprocesses fork
+        patch.setenv("RAY_USAGE_STATS_ENABLED", "0")
+        yield root
 
 
 @contextlib.contextmanager
@@ -38,18 +60,6 @@ def one_thread() -> Iterator[None]:
     """Opt-in (pytestmark = pytest.mark.usefixtures("one_thread")): see single_threaded()."""
     with single_threaded():
         yield
-
-
-@pytest.fixture(scope="session")
-def _session_svd_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("svd-cache")
-
-
-@pytest.fixture
-def isolated_cache(_session_svd_cache: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Opt-in: lorascale's base-SVD cache (on by default) in a per-session tmp dir, not in ~/.cache."""
-    monkeypatch.setenv("LORASCALE_CACHE_DIR", str(_session_svd_cache))
-    return _session_svd_cache
 
 
 @dataclass

@@ -94,17 +94,14 @@ def make_hub_cache(cache_dir: Path, repo_id: str, files: dict[str, bytes | Path]
     return commit
 
 
-@pytest.fixture
-def offline_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """An empty hub cache in tmp, with huggingface_hub offline and pointed at it; returns the cache dir.
+def point_hub_at(monkeypatch: pytest.MonkeyPatch, cache: Path) -> None:
+    """huggingface_hub offline and pointed at `cache` (HF_HOME is its parent), until `monkeypatch` undoes it.
 
     Environment variables are what lorascale reads (at call time). huggingface_hub reads them once, at import,
     into `huggingface_hub.constants` (0.23 also binds HF_HUB_CACHE into `_snapshot_download`/`file_download`), so
-    those copies are patched too: any call that does not pass cache_dir/local_files_only stays offline and in tmp.
+    those copies are patched too: any call that does not pass cache_dir/local_files_only stays offline and there.
     """
-    cache = tmp_path / "hf-home" / "hub"
-    cache.mkdir(parents=True)
-    for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HUGGINGFACE_HUB_CACHE", "TRANSFORMERS_OFFLINE"):
+    for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HUGGINGFACE_HUB_CACHE"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("HF_HOME", str(cache.parent))
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
@@ -119,4 +116,14 @@ def offline_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         for attr, value in patches.items():
             if hasattr(module, attr):  # only replace copies that exist in this version
                 monkeypatch.setattr(module, attr, value)
+
+
+@pytest.fixture
+def offline_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty hub cache of this test's own, with huggingface_hub offline and pointed at it; returns the cache
+    dir.  TRANSFORMERS_OFFLINE is unset, so that HF_HUB_OFFLINE alone decides (see point_hub_at)."""
+    cache = tmp_path / "hf-home" / "hub"
+    cache.mkdir(parents=True)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    point_hub_at(monkeypatch, cache)
     return cache

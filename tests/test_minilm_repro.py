@@ -7,8 +7,10 @@ effective rank of the LoRA update is far below that of full fine-tuning.
 
 The fixture fine-tunes the model twice on CPU (tests/minilm_finetune.py: fully, saved as a sharded
 safetensors checkpoint; rank-1 LoRA with alpha = 2, saved as a peft adapter), runs lorascale on both, and
-checks the counts it stores.  The thresholds below come from measurements with a throwaway float64 numpy
-checker on these exact checkpoints (seed 0) and on seeds 1-5; see the comments at each assertion.
+checks the counts it stores.  The test runs seed 0; its thresholds come from the same fine-tunes and
+lorascale run over several seeds, recorded by benchmarks/minilm_seeds.py in
+benchmarks/results/minilm_seeds.json (table: minilm_seeds.md), so that they hold for the recipe and not only
+for one lucky draw.  See the comments at each assertion.
 """
 
 from __future__ import annotations
@@ -57,7 +59,10 @@ def results(finetuned, tmp_path_factory):
     full, lora = finetuned
     out = tmp_path_factory.mktemp("minilm-lorascale") / "results"
     full_ref, lora_ref = str(full.out_dir), str(lora.out_dir)
-    lorascale.compare(base=str(base_model_dir()), tuned=[full_ref, lora_ref], out=str(out), k=K, epsilon=0.5)
+    # Only the encoder layers: the findings concern them, and the 30522 x 384 word embeddings (unchanged by
+    # both fine-tunes) would double the cost of this run.
+    lorascale.compare(base=str(base_model_dir()), tuned=[full_ref, lora_ref], out=str(out), k=K, epsilon=0.5,
+                      include=("encoder.layer.*",))
     spectra = pa_dataset.dataset(out / "spectra", format="parquet").to_table().to_pylist()
     matrices = pa_dataset.dataset(out / "matrices", format="parquet").to_table().to_pylist()
     return {"full": full_ref, "lora": lora_ref, "spectra": spectra, "matrices": matrices}
@@ -87,8 +92,9 @@ def _rows(matrices: list[dict], model: str) -> dict[str, dict]:
 
 
 def test_finetunes_reach_equal_accuracy(finetuned):
-    # The paper compares models of equal task accuracy.  Measured (seed 0): full 0.998, LoRA 1.000 on 512
-    # held-out sentences; both start at chance (fresh head).
+    # The paper compares models of equal task accuracy.  Measured (benchmarks/results/minilm_seeds.json,
+    # seeds 0-4): seed 0 full 1.000, LoRA 1.000 on 512 held-out sentences; lowest over the seeds
+    # full 0.998, LoRA 0.994, largest gap 0.006.  Both start at chance (fresh head).
     full, lora = finetuned
     for result in (full, lora):
         assert 0.35 < result.accuracy_before < 0.65
@@ -132,7 +138,7 @@ def test_matrices_table_covers_both_models(results):
     full_rows = _rows(results["matrices"], results["full"])
     lora_rows = _rows(results["matrices"], results["lora"])
     # Names are in the base's naming (no `bert.` / `base_model.model.` prefix) and matched across models.
-    assert ADAPTED <= set(full_rows)
+    assert set(full_rows) == ADAPTED  # --include encoder.layer.*: their 36 matrices, and nothing else
     assert {m for m, row in lora_rows.items() if row["delta_fro"] > 0} == ADAPTED
     assert all(row["update"] == "lora" for m, row in lora_rows.items() if m in ADAPTED)
     assert all(row["update"] == "full" for row in full_rows.values())
@@ -148,15 +154,20 @@ def test_lora_has_intruder_dimensions_full_finetuning_does_not(results):
     spectra = results["spectra"]
     lora = {eps: _intruders(spectra, results["lora"], eps, ADAPTED) for eps in EPSILONS}
     full = {eps: _intruders(spectra, results["full"], eps, ADAPTED) for eps in EPSILONS}
-    # Measured with the float64 checker (k = 10, summed over the 36 adapted matrices, 360 vectors):
-    #   seed 0  LoRA  0.5: 9   0.6: 17  0.7: 28  0.8: 50  0.9: 86      full: 0 at every epsilon
-    #   seeds 1-5 (LoRA at 0.5 / 0.9): TODO
-    # LoRA's count grows with epsilon; full fine-tuning stays at zero even at 0.9 (its top singular vectors
-    # keep |cos| > 0.9 with a base vector: the update is small and spread over many directions).
-    # Thresholds leave about a factor of two below the weakest seed for LoRA, and allow full fine-tuning a
-    # few intruders at the loosest epsilons (Fig. 5 shows "almost never" in the 0.6-0.9 range).
-    lora_minimum = {0.5: 4, 0.6: 8, 0.7: 14, 0.8: 25, 0.9: 40}
-    full_maximum = {0.5: 0, 0.6: 0, 0.7: 1, 0.8: 3, 0.9: 6}
+    # benchmarks/results/minilm_seeds.json (5 seeds; k = 10, summed over the 36 adapted matrices,
+    # 360 vectors; this test is seed 0):
+    #   LoRA  seed 0             0.5:   8  0.6:  15  0.7:  33  0.8:  64  0.9: 104
+    #   LoRA  fewest (any seed)  0.5:   3  0.6:  15  0.7:  33  0.8:  64  0.9: 104
+    #   LoRA  most (any seed)    0.5:  13  0.6:  30  0.7:  49  0.8:  82  0.9: 127
+    #   full  seed 0             0.5:   0  0.6:   0  0.7:   0  0.8:   2  0.9:   2
+    #   full  most (any seed)    0.5:   0  0.6:   0  0.7:   0  0.8:   2  0.9:   2
+    # LoRA's count grows with epsilon; full fine-tuning has none up to 0.7 in every seed and at most
+    # 2 at 0.9 (its top singular vectors keep a close base partner: the update is small and spread
+    # over many directions).  Thresholds: half the fewest for LoRA; for full fine-tuning zero
+    # where no seed had any at 0.5 / 0.6 (the paper's core claim), elsewhere twice the most plus one
+    # (Fig. 5: "almost never" in the 0.6-0.9 range).
+    lora_minimum = {0.5: 1, 0.6: 7, 0.7: 16, 0.8: 32, 0.9: 52}
+    full_maximum = {0.5: 0, 0.6: 0, 0.7: 1, 0.8: 5, 0.9: 5}
     for eps in EPSILONS:
         assert lora[eps] > full[eps], (eps, lora, full)
         assert lora[eps] >= lora_minimum[eps], (eps, lora)
@@ -177,7 +188,8 @@ def test_matrices_intruders_match_spectra(results):
 
 def test_update_effective_rank(results):
     # Fig. 6: a rank-1 adapter's update has effective rank 1 (one nonzero singular value); full fine-tuning
-    # spreads its update over many directions.  Measured mean over the 36 matrices: LoRA 1.00, full ~150.
+    # spreads its update over many directions.  Measured mean over the 36 matrices (seeds 0-4): LoRA
+    # 1.00-1.00 (largest single matrix 1.00), full 145-148 (smallest single matrix 86).
     lora_rows = _rows(results["matrices"], results["lora"])
     full_rows = _rows(results["matrices"], results["full"])
     lora_ranks = [lora_rows[m]["delta_effective_rank"] for m in ADAPTED]

@@ -18,21 +18,13 @@ from rayhelpers import MARKER, build_wide_checkpoints, demo_args, init_local_ray
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _ray_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """Base SVDs cached in tmp, not in the user's cache (Ray workers inherit this environment); at the end,
-    shut down whatever Ray connection the tests left, also after failures."""
-    saved = {name: os.environ.get(name) for name in ("RAY_USAGE_STATS_ENABLED", "LORASCALE_CACHE_DIR")}
-    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
-    os.environ["LORASCALE_CACHE_DIR"] = str(tmp_path_factory.mktemp("svd-cache"))
+def _ray_session() -> Iterator[None]:
+    """At the end, shut down whatever Ray connection the tests left, also after failures.  (Caches and
+    RAY_USAGE_STATS_ENABLED come from the root conftest's isolated_caches, which Ray workers inherit.)"""
     yield
     ray = sys.modules.get("ray")
     if ray is not None and ray.is_initialized():
         ray.shutdown()
-    for name, value in saved.items():
-        if value is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = value
 
 
 @contextlib.contextmanager
@@ -52,6 +44,17 @@ def local_ray():
     ray = pytest.importorskip("ray")
     if not ray.is_initialized():
         init_local_ray(ray)
+    return ray
+
+
+@pytest.fixture
+def no_ray_connection():
+    """No Ray connection in this process, for tests of how lorascale connects: an open one (the session's
+    local Ray, if an earlier test started it) would be used instead.  `local_ray` starts it again when next
+    needed."""
+    ray = pytest.importorskip("ray")
+    if ray.is_initialized():
+        ray.shutdown()
     return ray
 
 

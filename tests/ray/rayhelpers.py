@@ -70,8 +70,10 @@ def assert_same_tables(out: Path, reference: Path) -> None:
                 assert (actual == expected).all(), f"{table}.{name} differs"
 
 
-def build_wide_checkpoints(root: Path, *, matrices: int = 64, size: int = 512) -> dict[str, Path]:
-    """A base and a full fine-tune with many equal square matrices: slow enough to interrupt mid-run."""
+def build_wide_checkpoints(root: Path, *, matrices: int = 64, size: int = 128) -> dict[str, Path]:
+    """A base and a full fine-tune with many small equal square matrices: several matrices parts (the writer
+    flushes every 16), so a run can be stopped between two of them (the tests pause it there; its speed
+    does not matter)."""
     gen = torch.Generator().manual_seed(0)
     base = {f"model.layers.{i}.mlp.up_proj.weight": torch.randn(size, size, generator=gen) / size ** 0.5
             for i in range(matrices)}

@@ -170,7 +170,9 @@ def test_lorascale_imports_and_runs_without_ray(tmp_path: Path):
             raise AssertionError("no ExecutionError")
         print("ok")
     """)
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}  # for rayhelpers
+    # rayhelpers is in this directory; the rest of PYTHONPATH is kept (it may be what finds lorascale).
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parent),
+                                                                      os.environ.get("PYTHONPATH")]))}
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env,
                           check=False)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
@@ -183,11 +185,10 @@ def test_worker_resources_without_ray_are_refused(tmp_path: Path):
         compare("base", ["tuned"], tmp_path / "out", cpus_per_worker=2)
 
 
-def test_unreachable_address_fails_fast_without_credentials(demo, tmp_path: Path):
+def test_unreachable_address_fails_fast_without_credentials(demo, no_ray_connection, tmp_path: Path):
     """ray.init would retry an address that does not answer for ever; lorascale probes it and says so."""
     from lorascale.pipeline import compare
 
-    pytest.importorskip("ray")
     port = free_port()  # nothing listens there
     with pytest.raises(ExecutionError, match="cannot start or reach Ray") as raised:
         compare(*demo_args(demo), tmp_path / "out", ray_address=f"ray://me:s3cret@127.0.0.1:{port}")
