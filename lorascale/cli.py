@@ -41,8 +41,8 @@ class _Group(click.Group):
         except KeyboardInterrupt as exc:
             # 128 + signal number, as shells report a process ended by that signal.
             code, how = (143, "terminated") if isinstance(exc, Terminated) else (130, "interrupted")
-            click.echo(f"lorascale: {how}: the run is marked interrupted; finished matrices are saved, rerun the "
-                       "same command to resume", err=True)
+            click.echo(f"lorascale: {how}; finished matrices are saved and the run is marked interrupted, rerun "
+                       "the same command to resume", err=True)
             ctx.exit(code)
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
