@@ -21,7 +21,7 @@ import checkpoints
 from lorascale.cli import main
 from lorascale.store.schema import MANIFEST, MATRICES
 
-pytestmark = pytest.mark.usefixtures("one_thread", "isolated_cache")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 HOOKS = Path(__file__).resolve().parents[1] / "hooks"
 Q_PROJ = "model.layers.0.self_attn.q_proj.weight"
