@@ -93,8 +93,8 @@ def _rows(matrices: list[dict], model: str) -> dict[str, dict]:
 
 def test_finetunes_reach_equal_accuracy(finetuned):
     # The paper compares models of equal task accuracy.  Measured (benchmarks/results/minilm_seeds.json,
-    # seeds 0-4): seed 0 full 1.000, LoRA 1.000 on 512 held-out sentences; lowest over the seeds
-    # full 0.998, LoRA 0.994, largest gap 0.006.  Both start at chance (fresh head).
+    # seeds 0-7): seed 0 full 1.000, LoRA 1.000 on 512 held-out sentences; lowest over the seeds
+    # full 0.998, LoRA 0.986, largest gap 0.014.  Both start at chance (fresh head).
     full, lora = finetuned
     for result in (full, lora):
         assert 0.35 < result.accuracy_before < 0.65
@@ -154,10 +154,10 @@ def test_lora_has_intruder_dimensions_full_finetuning_does_not(results):
     spectra = results["spectra"]
     lora = {eps: _intruders(spectra, results["lora"], eps, ADAPTED) for eps in EPSILONS}
     full = {eps: _intruders(spectra, results["full"], eps, ADAPTED) for eps in EPSILONS}
-    # benchmarks/results/minilm_seeds.json (5 seeds; k = 10, summed over the 36 adapted matrices,
+    # benchmarks/results/minilm_seeds.json (8 seeds; k = 10, summed over the 36 adapted matrices,
     # 360 vectors; this test is seed 0):
     #   LoRA  seed 0             0.5:   8  0.6:  15  0.7:  33  0.8:  64  0.9: 104
-    #   LoRA  fewest (any seed)  0.5:   3  0.6:  15  0.7:  33  0.8:  64  0.9: 104
+    #   LoRA  fewest (any seed)  0.5:   3  0.6:  13  0.7:  30  0.8:  55  0.9:  89
     #   LoRA  most (any seed)    0.5:  13  0.6:  30  0.7:  49  0.8:  82  0.9: 127
     #   full  seed 0             0.5:   0  0.6:   0  0.7:   0  0.8:   2  0.9:   2
     #   full  most (any seed)    0.5:   0  0.6:   0  0.7:   0  0.8:   2  0.9:   2
@@ -166,7 +166,7 @@ def test_lora_has_intruder_dimensions_full_finetuning_does_not(results):
     # over many directions).  Thresholds: half the fewest for LoRA; for full fine-tuning zero
     # where no seed had any at 0.5 / 0.6 (the paper's core claim), elsewhere twice the most plus one
     # (Fig. 5: "almost never" in the 0.6-0.9 range).
-    lora_minimum = {0.5: 1, 0.6: 7, 0.7: 16, 0.8: 32, 0.9: 52}
+    lora_minimum = {0.5: 1, 0.6: 6, 0.7: 15, 0.8: 27, 0.9: 44}
     full_maximum = {0.5: 0, 0.6: 0, 0.7: 1, 0.8: 5, 0.9: 5}
     for eps in EPSILONS:
         assert lora[eps] > full[eps], (eps, lora, full)
@@ -188,8 +188,8 @@ def test_matrices_intruders_match_spectra(results):
 
 def test_update_effective_rank(results):
     # Fig. 6: a rank-1 adapter's update has effective rank 1 (one nonzero singular value); full fine-tuning
-    # spreads its update over many directions.  Measured mean over the 36 matrices (seeds 0-4): LoRA
-    # 1.00-1.00 (largest single matrix 1.00), full 145-148 (smallest single matrix 86).
+    # spreads its update over many directions.  Measured mean over the 36 matrices (seeds 0-7): LoRA
+    # 1.00-1.00 (largest single matrix 1.00), full 145-149 (smallest single matrix 86).
     lora_rows = _rows(results["matrices"], results["lora"])
     full_rows = _rows(results["matrices"], results["full"])
     lora_ranks = [lora_rows[m]["delta_effective_rank"] for m in ADAPTED]
