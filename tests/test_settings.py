@@ -13,7 +13,8 @@ from lorascale import settings
 @pytest.fixture
 def home(tmp_path, monkeypatch) -> Path:
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    for name in ("XDG_CACHE_HOME", "LORASCALE_CACHE_DIR", "RAY_ADDRESS", "LORASCALE_DEBUG"):
+    for name in ("XDG_CACHE_HOME", "LORASCALE_CACHE_DIR", "RAY_ADDRESS", "LORASCALE_DEBUG", "HF_HOME", "HF_HUB_CACHE",
+                 "HUGGINGFACE_HUB_CACHE"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.chdir(tmp_path)
     return tmp_path / "home"
