@@ -145,7 +145,14 @@ def _remove_if_unused(out: Path) -> None:
 
 
 def _contents(out: Path) -> list[str]:
-    return sorted(p.name for p in out.iterdir() if p.name not in (LOCK_NAME, PID_NAME))
+    """What is in `out` besides the lock; temporary files a killed lorascale left there are removed."""
+    names = []
+    for path in out.iterdir():
+        if path.name.startswith(TMP_PREFIX) and path.is_file() and not path.is_symlink():
+            path.unlink()  # we hold the lock: no other lorascale is writing it
+        elif path.name not in (LOCK_NAME, PID_NAME):
+            names.append(path.name)
+    return sorted(names)
 
 
 def _prepare(out: Path, manifest: Manifest, *, overwrite: bool, resume: bool) -> Manifest | None:
@@ -218,8 +225,10 @@ def _write_in_place(path: Path, manifest: Manifest) -> None:
     except OSError:
         return
     try:
-        os.write(fd, text.ljust(os.fstat(fd).st_size))  # trailing spaces keep the JSON valid
-        os.fsync(fd)
+        size = os.fstat(fd).st_size
+        if len(text) <= size:  # a longer text could end half-written: better the old manifest, whole
+            os.write(fd, text.ljust(size))  # trailing spaces keep the JSON valid
+            os.fsync(fd)
     except OSError:
         pass  # nothing more can be done on this disk; check_complete still reports the run as not complete
     finally:

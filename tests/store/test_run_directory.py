@@ -315,3 +315,13 @@ def test_read_only_output_is_a_one_line_error(private, tmp_path, small_filesyste
                               env=_env(), timeout=300)
         assert done.returncode == 6, done.stderr
         assert done.stderr.count("\n") == 1 and "Read-only file system" in done.stderr
+
+
+def test_a_temporary_manifest_left_by_a_killed_run_is_not_foreign(private, tmp_path):
+    base, full, _ = private
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".tmp-manifest.json-12345-abcdef01").write_text('{"half": ')  # SIGKILL during the first write
+    result = _cli(_args(base, [full], out))
+    assert result.exit_code == 0, result.output
+    assert not list(out.glob(".tmp-*")) and _status(out) == "complete"
