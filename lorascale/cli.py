@@ -212,9 +212,11 @@ def summary(results: Path, fmt: str, order: str, allow_partial: bool) -> None:
 
 
 def _warn_if_partial(results: Path) -> None:
-    from lorascale.report.tables import open_run
+    from lorascale.store.manifest import read_manifest
+    from lorascale.store.run_directory import effective_status
 
-    status = open_run(results, allow_partial=True).status
+    manifest = read_manifest(results)  # the caller has already read it whole: it exists and is valid
+    status = effective_status(results, manifest) if manifest is not None else "unknown"
     if status != "complete":
         click.echo(f"lorascale: warning: PARTIAL RESULTS: the run is {status}; totals are incomplete", err=True)
 

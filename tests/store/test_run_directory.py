@@ -221,6 +221,11 @@ def test_a_failed_run_is_never_summarised(private, tmp_path):
     for command in (["summary", str(out)], ["report", str(out)]):
         _one_line_error(_cli(command), 6, "failed", "partial")
     assert not (out / "report").exists()
+    labelled = _cli(["summary", str(out), "--partial"])
+    assert labelled.exit_code == 0 and "PARTIAL RESULTS: the run is failed" in labelled.stderr
+    assert str(full) in labelled.stdout  # the finished matrices' rows, under the warning
+    report = _cli(["report", str(out), "--partial"])
+    assert report.exit_code == 0 and "PARTIAL RESULTS" in (out / "report" / "index.html").read_text()
 
 
 def test_a_dead_running_run_reads_as_interrupted(private, tmp_path):
