@@ -38,9 +38,7 @@ def part_files(table_dir: Path) -> list[Path]:
 
 
 def part_numbers(table_dir: Path) -> set[int]:
-    if not table_dir.is_dir():
-        return set()
-    return {int(m.group(1)) for p in table_dir.iterdir() if (m := _PART.match(p.name))}
+    return {int(_PART.match(p.name).group(1)) for p in part_files(table_dir)}  # type: ignore[union-attr]
 
 
 def remove_orphans(out: Path) -> None:
@@ -52,7 +50,8 @@ def remove_orphans(out: Path) -> None:
             continue
         for path in directory.iterdir():
             match = _PART.match(path.name)
-            if path.name.startswith(TMP_PREFIX) or (match and table != MATRICES and int(match.group(1)) not in complete):
+            orphan = match is not None and table != MATRICES and int(match.group(1)) not in complete
+            if path.name.startswith(TMP_PREFIX) or orphan:
                 path.unlink()
 
 
