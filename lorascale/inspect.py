@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 
 from lorascale.io.checkpoint import open_checkpoint
 from lorascale.io.resolve import resolve
@@ -10,14 +11,18 @@ from lorascale.plan import layer_and_module, matrix_problem, selected
 
 
 def describe_checkpoint(reference: str) -> dict:
-    """Kind, files, dtypes, matrices and adapter settings of one checkpoint reference."""
-    checkpoint = open_checkpoint(resolve(reference))
+    """Kind, files, dtypes, matrices and adapter settings of one checkpoint reference.
+
+    Reads headers and configs only: a Hub repo's weight files are not downloaded (their headers come by HTTP
+    range requests; offline, from the local hub cache).
+    """
+    checkpoint = open_checkpoint(resolve(reference, headers_only=True))
     resolved = checkpoint.resolved
     tensors = checkpoint.tensors
     info: dict = {
         "reference": reference, "kind": resolved.kind, "source": resolved.source, "path": str(resolved.root),
         "repo_id": resolved.repo_id, "revision": resolved.revision,
-        "files": [{"name": p.name, "bytes": p.stat().st_size} for p in resolved.weight_files],
+        "files": [{"name": p.name, "bytes": _size(p, tensors)} for p in resolved.weight_files],
         "tensors": len(tensors),
         "parameters": sum(_numel(e.shape) for e in tensors.values()),
         "dtypes": dict(Counter(e.dtype for e in tensors.values())),
@@ -52,3 +57,10 @@ def _numel(shape: tuple[int, ...]) -> int:
     for dim in shape:
         total *= dim
     return total
+
+
+def _size(path: Path, tensors: dict) -> int:
+    """A weight file's size: from disk, or (not downloaded) where its last tensor's data ends."""
+    if path.exists():
+        return path.stat().st_size
+    return max((e.data_end for e in tensors.values() if e.file == path), default=0)

@@ -29,6 +29,7 @@ class ResolvedCheckpoint:
     repo_id: str | None = None  # hub only
     revision: str | None = None  # hub only: the resolved commit hash
     file_hashes: dict[str, str] = field(default_factory=dict, compare=False)  # file name -> sha256 when known
+    headers_only: bool = False  # hub: weight files not fetched; headers come by HTTP range (inspect)
 
 
 @dataclass(frozen=True)

@@ -49,6 +49,7 @@ class HubSettings:
     cache_dir: Path
     offline: bool
     token: str | None = field(default=None, repr=False)
+    endpoint: str | None = None  # HF_ENDPOINT (a mirror or a test server); None: huggingface_hub's default
 
 
 def hub_settings(environ: Mapping[str, str] | None = None) -> HubSettings:
@@ -62,7 +63,9 @@ def hub_settings(environ: Mapping[str, str] | None = None) -> HubSettings:
     cache = _env("HF_HUB_CACHE", environ) or _env("HUGGINGFACE_HUB_CACHE", environ) or os.path.join(home, "hub")
     offline = (_env("HF_HUB_OFFLINE", environ) or _env("TRANSFORMERS_OFFLINE", environ) or "").strip().upper() in _TRUE
     token = (_env("HF_TOKEN", environ) or _env("HUGGING_FACE_HUB_TOKEN", environ) or "").strip() or None
-    return HubSettings(Path(os.path.abspath(os.path.expanduser(os.path.expandvars(cache)))), offline, token)
+    endpoint = (_env("HF_ENDPOINT", environ) or "").strip().rstrip("/") or None
+    return HubSettings(Path(os.path.abspath(os.path.expanduser(os.path.expandvars(cache)))), offline, token,
+                       endpoint)
 
 
 def cache_dir() -> Path:

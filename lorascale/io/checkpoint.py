@@ -8,7 +8,8 @@ from pathlib import Path
 from lorascale.errors import CheckpointFormatError
 from lorascale.io.adapter import AdapterIndex, index_adapter, read_adapter_settings
 from lorascale.io.jsonfiles import read_weight_map
-from lorascale.io.safetensors_header import index_files
+from lorascale.io.resolve import remote_header
+from lorascale.io.safetensors_header import index_files, parse_header
 from lorascale.records import AdapterSettings, HubFile, Kind, ResolvedCheckpoint, TensorEntry
 
 
@@ -31,8 +32,18 @@ class Checkpoint:
 
 
 def open_checkpoint(resolved: ResolvedCheckpoint) -> Checkpoint:
-    """Index every tensor of `resolved` (headers only) and check the shard index agrees with the shards."""
-    tensors = _with_hub_origin(resolved, index_files(resolved.weight_files))
+    """Index every tensor of `resolved` (headers only) and check the shard index agrees with the shards.
+
+    A headers-only Hub checkpoint (resolve(..., headers_only=True)) has its headers read over HTTP.
+    """
+    if resolved.headers_only:
+        def read(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
+            return parse_header(path, *remote_header(resolved, path))
+
+        indexed = index_files(resolved.weight_files, read=read)
+    else:
+        indexed = index_files(resolved.weight_files)
+    tensors = _with_hub_origin(resolved, indexed)
     if resolved.index_file is not None:
         _check_index(resolved.index_file, tensors)
     if resolved.kind == "lora":

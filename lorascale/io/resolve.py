@@ -15,7 +15,8 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from huggingface_hub import hf_hub_download, list_repo_files, snapshot_download
+from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url, list_repo_files, snapshot_download
+from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
 
 try:  # huggingface_hub >= 0.25 keeps every exception class in `errors`
     from huggingface_hub.errors import (DisabledRepoError, EntryNotFoundError, GatedRepoError, HFValidationError,
@@ -28,6 +29,7 @@ except ImportError:  # 0.23-0.24: the HTTP ones only live in `utils` (which stil
 
 from lorascale.errors import CheckpointFormatError, CheckpointReferenceError
 from lorascale.io.jsonfiles import read_weight_map
+from lorascale.io.safetensors_header import MAX_HEADER_BYTES
 from lorascale.records import HubFile, ResolvedCheckpoint
 from lorascale.settings import HubSettings, hub_settings
 
@@ -102,8 +104,11 @@ def _existing(root: Path, name: str) -> Path | None:
 
 # --- Public entry point -----------------------------------------------------------------------------------------
 
-def resolve(reference: str) -> ResolvedCheckpoint:
+def resolve(reference: str, *, headers_only: bool = False) -> ResolvedCheckpoint:
     """Resolve a local directory, a local .safetensors file or a Hub `org/name[@revision]` to local files.
+
+    `headers_only`: for a Hub repo (online), fetch the metadata files but no weight file; the weight files'
+    headers are then read by HTTP range requests (`remote_header`), as `lorascale inspect` does.
 
     Raises CheckpointReferenceError (missing path, not a checkpoint, pickle-only weights, any Hub failure) or
     CheckpointFormatError (bad index JSON, index naming a missing shard).
@@ -119,7 +124,7 @@ def resolve(reference: str) -> ResolvedCheckpoint:
         _check_repo_id(reference, match["repo"])
         if match["rev"] is not None:
             _check_revision(reference, match["rev"])
-        return _resolve_hub(reference, match["repo"], match["rev"], hub_settings())
+        return _resolve_hub(reference, match["repo"], match["rev"], hub_settings(), headers_only=headers_only)
     raise CheckpointReferenceError("no such file or directory", path=_printable(reference),
                                    fix="give a local path, or a Hugging Face repo id as org/name[@revision]")
 
@@ -173,6 +178,36 @@ def hub_file(origin: HubFile) -> Path:
                           local_files_only=settings.offline))
 
 
+def remote_header(resolved: ResolvedCheckpoint, path: Path) -> tuple[bytes, int]:
+    """(header JSON bytes, file size) of weight file `path` of a headers-only Hub checkpoint, read with two
+    HTTP range requests (the 8-byte length, then the header) through huggingface_hub's session: no tensor
+    data is transferred.  Raises CheckpointReferenceError for Hub failures, CheckpointFormatError for a
+    length prefix that does not fit the file."""
+    settings = hub_settings()
+    assert resolved.repo_id is not None and resolved.revision is not None
+    url = hf_hub_url(resolved.repo_id, path.relative_to(resolved.root).as_posix(), revision=resolved.revision,
+                     endpoint=settings.endpoint)
+    size = _hub_call(resolved.reference, resolved.revision, settings, _remote_size, url)
+    prefix = _hub_call(resolved.reference, resolved.revision, settings, _remote_range, url, 0, 8)
+    length = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
+    if length < 0 or 8 + length > (size or 0) or length > MAX_HEADER_BYTES:
+        raise CheckpointFormatError(f"header length {length} does not fit in a file of {size} bytes", path=path,
+                                    fix="the file on the Hub is not a safetensors file")
+    return _hub_call(resolved.reference, resolved.revision, settings, _remote_range, url, 8, length), size
+
+
+def _remote_size(url: str, *, token: str | None) -> int | None:
+    return get_hf_file_metadata(url, token=token).size
+
+
+def _remote_range(url: str, start: int, length: int, *, token: str | None) -> bytes:
+    # The session follows redirects (to the CDN) by default, with requests and with httpx alike.
+    response = get_session().get(url, headers={**build_hf_headers(token=token),
+                                               "Range": f"bytes={start}-{start + length - 1}"})
+    hf_raise_for_status(response)
+    return response.content[:length]
+
+
 # --- Local ------------------------------------------------------------------------------------------------------
 
 def _resolve_local(reference: str, path: Path) -> ResolvedCheckpoint:
@@ -207,7 +242,8 @@ def _resolve_dir(reference: str, root: Path) -> ResolvedCheckpoint:
 
 # --- Hugging Face Hub -------------------------------------------------------------------------------------------
 
-def _resolve_hub(reference: str, repo_id: str, revision: str | None, settings: HubSettings) -> ResolvedCheckpoint:
+def _resolve_hub(reference: str, repo_id: str, revision: str | None, settings: HubSettings, *,
+                 headers_only: bool = False) -> ResolvedCheckpoint:
     # Two rounds so that only what is needed is fetched: the small metadata decides which weights to get.
     snap = _snapshot(reference, repo_id, revision, _META_FILES, settings)
     commit = snap.name  # snapshot folders are named by commit hash, whatever revision was asked for
@@ -215,6 +251,14 @@ def _resolve_hub(reference: str, repo_id: str, revision: str | None, settings: H
     index = None if adapter else index
     shards = _read_index(index) if index else None
     wanted = [ADAPTER_WEIGHTS] if adapter else shards or ["model.safetensors"]
+    if headers_only and not settings.offline:  # (offline, the cache is all there is: read it as usual)
+        if not (adapter or shards):  # which single file: a listing, not a download
+            names = set(_hub_call(reference, commit, settings, list_repo_files, repo_id, revision=commit))
+            wanted = _choose_weights(reference, names, adapter=False, shards=None)
+        return ResolvedCheckpoint(reference=reference, source="hub", kind="lora" if adapter else "full",
+                                  root=snap, weight_files=tuple(snap / n for n in wanted), index_file=index,
+                                  adapter_config=adapter, config=config, repo_id=repo_id, revision=commit,
+                                  headers_only=True)
     snap = _snapshot(reference, repo_id, commit, wanted, settings)
     if missing := [n for n in wanted if not (snap / n).is_file()]:
         # Only now pay for a listing: the rest of the directory rules, or the precise reason for the failure.

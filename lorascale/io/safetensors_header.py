@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import struct
+from collections.abc import Callable
 from pathlib import Path
 
 from lorascale.errors import CheckpointFormatError
@@ -95,6 +96,12 @@ def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
     >>> entries, meta = read_header(Path("model.safetensors"))  # doctest: +SKIP
     """
     raw, size = _read_prefix_and_header(path)
+    return parse_header(path, raw, size)
+
+
+def parse_header(path: Path, raw: bytes, size: int) -> tuple[dict[str, TensorEntry], dict[str, str]]:
+    """({tensor name: entry}, metadata) from the header bytes `raw` of file `path` of `size` bytes, wherever
+    the bytes came from (the file, or HTTP range requests to the Hub); every check of read_header applies."""
     header = parse_json(raw, path=path, what="header", fix=_FIX)
     if not isinstance(header, dict):
         raise CheckpointFormatError("header is not a JSON object", path=path, fix=_FIX)
@@ -197,11 +204,14 @@ def _entry(path: Path, name: str, info: object, data_start: int, buffer_len: int
     )
 
 
-def index_files(paths: tuple[Path, ...]) -> dict[str, TensorEntry]:
-    """Merge the headers of several shards; a tensor in two shards is an error."""
+def index_files(paths: tuple[Path, ...], *,
+                read: Callable[[Path], tuple[dict[str, TensorEntry], dict[str, str]]] = read_header,
+                ) -> dict[str, TensorEntry]:
+    """Merge the headers of several shards (each read by `read`, from disk by default); a tensor in two
+    shards is an error."""
     merged: dict[str, TensorEntry] = {}
     for path in paths:
-        entries, _ = read_header(path)
+        entries, _ = read(path)
         for name, entry in entries.items():
             if name in merged:
                 raise CheckpointFormatError(
