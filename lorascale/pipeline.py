@@ -115,8 +115,7 @@ def compare(base: str, tuned: Sequence[str], out: str | Path, *, k: int = 10, ep
                                              driver=driver, backend=backend, mode=mode, top_k=top_k,
                                              cache_dir=cache_dir if use_cache else None))
     # Everything that can be wrong with the input is found here, before the output directory is touched.
-    base_checkpoint = open_checkpoint(resolve(base))
-    tuned_checkpoints = [open_checkpoint(resolve(t)) for t in tuned]
+    base_checkpoint, *tuned_checkpoints = _open_checkpoints([base, *tuned], include, exclude)
     plan: Plan = plan_jobs(base_checkpoint, tuned_checkpoints, include=tuple(include), exclude=tuple(exclude))
 
     out = Path(out)
@@ -137,6 +136,16 @@ def compare(base: str, tuned: Sequence[str], out: str | Path, *, k: int = 10, ep
                 executor.close()  # releases its workers now, not at garbage collection
                 _record_execution(manifest, executor.describe())
     return RunResult(out=out, manifest=manifest, computed=len(jobs), planned=len(plan.jobs))
+
+
+def _open_checkpoints(references: list[str], include: Sequence[str], exclude: Sequence[str]) -> list[Checkpoint]:
+    """Resolve and index every reference.  Hub repos are planned from their headers first (HTTP range
+    requests), so a comparison that cannot work fails before any weight file is downloaded."""
+    headers = [open_checkpoint(resolve(r, headers_only=True)) for r in references]
+    if not any(c.resolved.headers_only for c in headers):
+        return headers  # local or offline: these are the files themselves
+    plan_jobs(headers[0], headers[1:], include=tuple(include), exclude=tuple(exclude))  # raises if hopeless
+    return [open_checkpoint(resolve(r)) if c.resolved.headers_only else c for r, c in zip(references, headers)]
 
 
 def _record_execution(manifest: Manifest, execution: dict) -> None:

@@ -131,3 +131,24 @@ def test_a_truncated_header_on_the_hub_is_a_format_error(llama, offline_hub, hub
     assert result.exit_code == 3, result.output
     assert result.stderr.count("\n") == 1 and "safetensors" in result.stderr
     assert json.dumps(result.stderr)  # one printable line
+
+
+def test_run_plans_a_hub_comparison_from_headers_before_downloading(llama, gpt2, offline_hub, hub_server,
+                                                                    monkeypatch, tmp_path):
+    """An adapter for another base fails the plan (exit 5) with no weight file fetched and no --out."""
+    from click.testing import CliRunner
+
+    from lorascale.cli import main
+
+    local = llama.base["bf16"]
+    names = [p.name for p in local.iterdir() if p.is_file()]
+    make_hub_cache(offline_hub, "org/model", {n: local / n for n in names if not n.endswith(".safetensors")},
+                   commit=COMMIT)
+    hub_server.files = {n: (local / n).read_bytes() for n in names if n.endswith(".safetensors")}
+    monkeypatch.setattr(resolve_module, "_snapshot", _metadata_only(offline_hub, "org/model"))
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["run", "--base", "org/model", "--tuned", str(gpt2.lora.path),
+                                       "--out", str(out), "--device", "cpu", "--quiet"])
+    assert result.exit_code == 5, result.output
+    assert not out.exists()
+    assert all(r[2] is not None for r in hub_server.requests if r[0] == "GET")
