@@ -88,10 +88,10 @@ def analyse_job(job: MatrixJob, options: AnalysisOptions, *, load: TensorLoader 
             raise NumericalError(f"{exc} while comparing {source.model}", path=source.model, tensor=job.matrix,
                                  fix=_OVERFLOW_FIX) from exc
         if comparison.top_check is not None and not comparison.top_check.passed:
+            check = comparison.top_check
             _LOG.info("%s / %s: top-%d guard failed (sigma error %.1e, residual %.1e, angle bound %.1e); "
-                      "used the exact SVD (matrices.method = %s)", source.model, job.matrix, options.top_k, comparison.top_check.sigma_error,
-                      comparison.top_check.residual, comparison.top_check.angle_bound,
-                      METHOD_TOPK_FALLBACK)
+                      "used the exact SVD (matrices.method = %s)", source.model, job.matrix, options.top_k,
+                      check.sigma_error, check.residual, check.angle_bound, METHOD_TOPK_FALLBACK)
         # The base SVD is shared; charge each model an equal part of it.
         seconds = time.perf_counter() - t0 + base_seconds / len(job.tuned)
         builder.add_tuned(source, comparison, base, seconds)
