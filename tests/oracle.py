@@ -44,3 +44,14 @@ def separated(rows: int, cols: int, rng: np.random.Generator, *, top: float = 10
     v, _ = np.linalg.qr(rng.standard_normal((cols, p)))
     s = top * gap ** np.arange(p) + 0.05 * top * np.linspace(1, 0.5, p)
     return (u * s) @ v.T
+
+
+def singular_value_gaps(s: np.ndarray, complement: bool) -> np.ndarray:
+    """Distance of each singular value to its nearest neighbour (and to 0 when the side has a complement)."""
+    gap = np.full(len(s), np.inf)
+    diff = -np.diff(s)
+    gap[:-1] = np.minimum(gap[:-1], diff)
+    gap[1:] = np.minimum(gap[1:], diff)
+    if complement:
+        gap = np.minimum(gap, s)
+    return np.maximum(gap, 1e-300)

@@ -52,17 +52,6 @@ class Lora:
     adapter: checkpoints.Adapter
 
 
-def _gaps(s: np.ndarray, complement: bool) -> np.ndarray:
-    """Distance of each singular value to its nearest neighbour (and to 0 when the side has a complement)."""
-    gap = np.full(len(s), np.inf)
-    diff = -np.diff(s)
-    gap[:-1] = np.minimum(gap[:-1], diff)
-    gap[1:] = np.minimum(gap[1:], diff)
-    if complement:
-        gap = np.minimum(gap, s)
-    return np.maximum(gap, 1e-300)
-
-
 @dataclass
 class OracleMatrix:
     w0: np.ndarray
@@ -80,7 +69,7 @@ class OracleMatrix:
         m, n = self.w.shape
         complement = m > n if side == "left" else n > m
         return {"s": s, "s0": s0, "max_cos": mc, "argmax": argmax, "block": block, "second": second,
-                "gap": _gaps(s, complement), "gap0": _gaps(s0, complement)}
+                "gap": oracle.singular_value_gaps(s, complement), "gap0": oracle.singular_value_gaps(s0, complement)}
 
 
 def oracle_matrices(base_dir: Path, tuned: dict[str, Full | Lora]) -> dict[tuple[str, str], OracleMatrix]:

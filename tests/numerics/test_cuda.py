@@ -19,9 +19,9 @@ import torch
 
 import checkpoints
 import oracle
+from lorascale.numerics.backends import cupy_available
 from lorascale.numerics.compare import base_spectrum, compare_to_base
 from lorascale.numerics.metrics import lora_delta_singular_values
-from lorascale.numerics.backends import cupy_available
 from lorascale.numerics.svd import svd, svdvals
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -44,22 +44,12 @@ def _np(tensor: torch.Tensor) -> np.ndarray:
     return tensor.detach().to("cpu", torch.float64).numpy()
 
 
-def _gaps(s: np.ndarray, complement: bool) -> np.ndarray:
-    """Distance of each singular value to its nearest neighbour (and to 0 when the side has a complement)."""
-    gap = np.full(len(s), np.inf)
-    diff = -np.diff(s)
-    gap[:-1] = np.minimum(gap[:-1], diff)
-    gap[1:] = np.minimum(gap[1:], diff)
-    if complement:
-        gap = np.minimum(gap, s)
-    return np.maximum(gap, 1e-300)
-
-
 def _vector_tol(w0: np.ndarray, w: np.ndarray, precision: str) -> np.ndarray:
     """Per tuned vector: how far max_cos may be from the oracle's (Wedin; see the module docstring)."""
     s, s0 = np.linalg.svd(w, compute_uv=False), np.linalg.svd(w0, compute_uv=False)
     complement = w.shape[0] > w.shape[1]
-    return C * UNIT[precision] * (s[0] / _gaps(s, complement) + s0[0] / _gaps(s0, complement).min())
+    gaps, gaps0 = oracle.singular_value_gaps(s, complement), oracle.singular_value_gaps(s0, complement)
+    return C * UNIT[precision] * (s[0] / gaps + s0[0] / gaps0.min())
 
 
 # --- Every route, against the oracle ----------------------------------------------------------------------------
