@@ -1,0 +1,126 @@
+"""`lorascale.load(out)`: a results directory as pyarrow tables and a typed manifest, for notebooks.
+
+The tables are the output contract of store/schema.py, read with that schema (plain types, every part
+file alike).  `matrices` is small and read on first access; `spectra` and `similarity` hold one row per
+singular value or block cell (about a million rows per model for a 7B run): they too are read on first
+access, or scanned lazily through `dataset(name)` with column projection and filters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.dataset as ds
+
+from lorascale.errors import OptionError, OutputError
+from lorascale.store.manifest import Manifest, read_manifest
+from lorascale.store.run_directory import check_complete, effective_status
+from lorascale.store.schema import MATRICES, SCHEMAS, SIMILARITY, SPECTRA
+from lorascale.store.writer import part_files
+
+TABLES = (MATRICES, SPECTRA, SIMILARITY)
+_RUN_FIX = "pass the out directory of lorascale.compare() or `lorascale run` (it holds manifest.json)"
+
+
+@dataclass
+class Results:
+    """One results directory.  `matrices`, `spectra` and `similarity` are pyarrow Tables with the
+    contract's columns (README, "Output contract"); `manifest` is the typed run record."""
+
+    root: Path
+    manifest: Manifest
+    _tables: dict[str, pa.Table] = field(default_factory=dict, repr=False)
+
+    @property
+    def status(self) -> str:
+        """complete, running, failed or interrupted (a `running` run whose process is gone)."""
+        return effective_status(self.root, self.manifest)
+
+    @property
+    def models(self) -> tuple[str, ...]:
+        """The tuned references, in the order they were given."""
+        return self.manifest.references
+
+    def dataset(self, name: str) -> ds.Dataset:
+        """A lazy pyarrow dataset of table `name`: scan big tables with `columns=` and `filter=`."""
+        _check_name(name)
+        parts = part_files(self.root / name)
+        return ds.dataset([str(p) for p in parts], format="parquet", schema=SCHEMAS[name])
+
+    def table(self, name: str) -> pa.Table:
+        """The whole of table `name` (matrices, spectra or similarity), read once and kept."""
+        _check_name(name)
+        if name not in self._tables:
+            try:
+                self._tables[name] = self.dataset(name).to_table()
+            except (pa.ArrowException, OSError) as exc:
+                raise OutputError(f"table cannot be read: {exc}", path=self.root / name,
+                                  fix="a part file may be truncated by a crash; resume or re-run the run") from exc
+        return self._tables[name]
+
+    @property
+    def matrices(self) -> pa.Table:
+        return self.table(MATRICES)
+
+    @property
+    def spectra(self) -> pa.Table:
+        return self.table(SPECTRA)
+
+    @property
+    def similarity(self) -> pa.Table:
+        return self.table(SIMILARITY)
+
+    def to_pandas(self, name: str = MATRICES) -> Any:
+        """Table `name` as a pandas DataFrame (needs pandas)."""
+        try:
+            import pandas  # noqa: F401 - pyarrow's to_pandas needs it; say so in our words
+        except ImportError:
+            raise OptionError("to_pandas() needs pandas, which is not installed",
+                              fix="pip install pandas, or use the pyarrow table itself") from None
+        return self.table(name).to_pandas()
+
+    def to_polars(self, name: str = MATRICES) -> Any:
+        """Table `name` as a polars DataFrame (needs polars)."""
+        try:
+            import polars
+        except ImportError:
+            raise OptionError("to_polars() needs polars, which is not installed",
+                              fix="pip install polars, or use the pyarrow table itself") from None
+        return polars.from_arrow(self.table(name))
+
+    def summary(self) -> list[dict[str, Any]]:
+        """One row per tuned model: what `lorascale summary` prints (report/summary.py)."""
+        from lorascale.report.summary import rows_for_run
+        from lorascale.report.tables import open_run
+
+        return rows_for_run(open_run(self.root, allow_partial=self.status != "complete"))
+
+
+def _check_name(name: str) -> None:
+    if name not in TABLES:
+        raise OptionError(f"unknown table {name!r}", fix=f"use one of {', '.join(TABLES)}")
+
+
+def load(out: str | Path, *, partial: bool = False) -> Results:
+    """Open the results directory `out` written by `lorascale.compare()` or `lorascale run`.
+
+    A run that is not complete (running, failed, interrupted) holds partial tables: it is refused
+    (OutputError) unless `partial=True`.
+
+    >>> results = lorascale.load("results/")  # doctest: +SKIP
+    >>> results.matrices.to_pandas()           # doctest: +SKIP
+    """
+    root = Path(out)
+    if not root.is_dir():
+        raise OutputError("results directory does not exist" if not root.exists() else
+                          "results path is not a directory", path=root, fix=_RUN_FIX)
+    manifest = read_manifest(root)
+    if manifest is None:
+        raise OutputError("not a lorascale results directory: there is no manifest.json", path=root,
+                          fix=_RUN_FIX)
+    if not partial:
+        check_complete(root, manifest)
+    return Results(root=root, manifest=manifest)
