@@ -139,9 +139,10 @@ def _compare_dora(factors: LoraFactors, a: torch.Tensor, b: torch.Tensor, w0: to
     try:
         w = dora_merge(w0, a, b, factors.scale, magnitude, fan_in_fan_out=factors.fan_in_fan_out)
     except NumericalError as exc:
-        raise NumericalError(f"{exc}; W0 and the adapter's tensors are finite, so the adapter does not fit this "
-                             "matrix or overflows", path=factors.magnitude.file, tensor=matrix,
-                             fix=_OVERFLOW_FIX) from exc
+        # W0, A, B and m were checked finite on load: the merge itself is the cause.
+        raise NumericalError(f"{exc}, although W0 and the adapter's tensors are finite", path=factors.magnitude.file,
+                             tensor=matrix, fix="check that the adapter was trained on this base; --precision fp64 "
+                             "helps an overflow, --exclude leaves the matrix out") from exc
     return compare_to_base(base, w, w0=w0, **numerics)
 
 

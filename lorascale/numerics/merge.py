@@ -32,8 +32,13 @@ def dora_merge(w0: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float,
                              f"have Inf/NaN values in {str(v.dtype).removeprefix('torch.')}")
     zero = torch.nonzero(norm == 0).flatten()
     if zero.numel():
-        raise NumericalError(f"{zero.numel()} row(s) of W0 + s*B@A are all zero (first: output {int(zero[0])}); "
-                             "DoRA divides each output row by its norm, so the merge is undefined (peft gives NaN)")
+        dtype = str(v.dtype).removeprefix("torch.")
+        if bool((v[zero] != 0).any(dim=1).all()):  # tiny rows whose squares underflow, none really zero
+            raise NumericalError(f"the row norms of W0 + s*B@A underflow to 0 in {dtype} (first: output "
+                                 f"{int(zero[0])}); DoRA divides each output row by its norm")
+        raise NumericalError(f"{zero.numel()} row(s) of W0 + s*B@A are all zero or underflow (first: output "
+                             f"{int(zero[0])}); DoRA divides each output row by its norm, so the merge is undefined "
+                             "(peft gives NaN)")
     merged = (magnitude / norm).unsqueeze(1) * v  # (out, 1) * (out, in) -> (out, in)
     if not bool(torch.isfinite(merged).all()):
         raise NumericalError("merging the DoRA adapter overflowed: m * V / ||V|| has Inf/NaN values in "
