@@ -186,7 +186,8 @@ def lora_adapter(model: torch.nn.Module, directory: Path, *, seed: int = 2, r: i
             b_param.copy_((q * (strength / scale)).to(b_param.dtype))
             if "default" in getattr(module, "lora_magnitude_vector", {}):
                 m = module.lora_magnitude_vector["default"].weight  # (out,)
-                m.mul_(torch.exp(magnitude_noise * torch.randn(m.shape, generator=gen, dtype=torch.float64)).to(m.dtype))
+                noise = magnitude_noise * torch.randn(m.shape, generator=gen, dtype=torch.float64)
+                m.mul_(torch.exp(noise).to(m.dtype))
             key = name.removeprefix("base_model.model.")
             scaling[key], ranks[key] = scale, rank
     if save_dtype != "fp32":
@@ -207,7 +208,8 @@ def lora_bias_adapter(model: torch.nn.Module, directory: Path) -> Path:
     return Path(directory)
 
 
-def dora_delta(adapter: Adapter, module: str, w0: np.ndarray, tensors: dict[str, np.ndarray] | None = None) -> np.ndarray:
+def dora_delta(adapter: Adapter, module: str, w0: np.ndarray,
+               tensors: dict[str, np.ndarray] | None = None) -> np.ndarray:
     """W' - W0 of a DoRA module in float64, from the saved file, by the DoRA paper's formula
     W' = m * V / ||V||_row, V = W0 + s * B @ A ([out, in]; transposed back to [in, out] for fan_in_fan_out)."""
     tensors = load_float64(adapter.path) if tensors is None else tensors

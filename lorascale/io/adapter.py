@@ -24,7 +24,8 @@ _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])(?:\.(?P<adapter>[
 # module adds, and the adapter name); older or hand-made files may keep either or both.
 _MAGNITUDE_KEY = re.compile(r"^(?P<module>.+)\.lora_magnitude_vector(?:\.(?P<adapter>[^.]+))??(?:\.weight)?$")
 _EMBEDDING_KEY = re.compile(r"^(?P<module>.+)\.lora_embedding_[AB](?:\.[^.]+)?$")
-_CONVERT_FIX = "lorascale reads LoRA and DoRA adapters; merge it with peft (merge_and_unload) and compare the merged model"
+_CONVERT_FIX = ("lorascale reads LoRA and DoRA adapters; merge it with peft (merge_and_unload) and compare the "
+                "merged model")
 
 
 # peft's LoraConfig defaults, for keys an adapter_config.json leaves out (peft fills them in the same way).
@@ -226,7 +227,8 @@ def _attach_magnitudes(path: Path, settings: AdapterSettings, tensors: dict[str,
                 other[entry.name] = "DoRA magnitude of a module whose LoRA factors are not analysed"
             else:
                 raise CheckpointFormatError(f"DoRA magnitude vector for {module} has no lora_A/lora_B beside it",
-                                            path=path, tensor=entry.name, fix="the adapter file is incomplete; re-save it")
+                                            path=path, tensor=entry.name,
+                                            fix="the adapter file is incomplete; re-save it")
             continue
         out_dim = lora.b.shape[0]
         if entry.shape != (out_dim,):
