@@ -39,7 +39,7 @@ def dora_merge(w0: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float,
         raise NumericalError(f"{zero.numel()} row(s) of W0 + s*B@A are all zero or underflow (first: output "
                              f"{int(zero[0])}); DoRA divides each output row by its norm, so the merge is undefined "
                              "(peft gives NaN)")
-    merged = (magnitude / norm).unsqueeze(1) * v  # (out, 1) * (out, in) -> (out, in)
+    merged = v.mul_((magnitude / norm).unsqueeze(1))  # (out, in) * (out, 1), in place: v is our own temporary
     if not bool(torch.isfinite(merged).all()):
         raise NumericalError("merging the DoRA adapter overflowed: m * V / ||V|| has Inf/NaN values in "
                              f"{str(v.dtype).removeprefix('torch.')}")
