@@ -20,7 +20,7 @@ def describe_checkpoint(reference: str) -> dict:
     resolved = checkpoint.resolved
     tensors = checkpoint.tensors
     info: dict = {
-        "reference": reference, "kind": resolved.kind, "source": resolved.source, "path": str(resolved.root),
+        "reference": reference, "kind": checkpoint.update, "source": resolved.source, "path": str(resolved.root),
         "repo_id": resolved.repo_id, "revision": resolved.revision,
         "files": [{"name": p.name, "bytes": _size(p, tensors)} for p in resolved.weight_files],
         "tensors": len(tensors),
@@ -31,7 +31,7 @@ def describe_checkpoint(reference: str) -> dict:
         settings = checkpoint.adapter
         info["adapter"] = {
             "r": settings.r, "lora_alpha": settings.lora_alpha, "use_rslora": settings.use_rslora,
-            "fan_in_fan_out": settings.fan_in_fan_out, "target_modules": settings.target_modules,
+            "fan_in_fan_out": settings.fan_in_fan_out, "use_dora": settings.use_dora, "target_modules": settings.target_modules,
             "rank_pattern": settings.rank_pattern, "alpha_pattern": settings.alpha_pattern,
             "base_model_name_or_path": settings.base_model_name_or_path,
             "adapted_modules": len(checkpoint.lora.factors),

@@ -218,7 +218,8 @@ def _match_adapter(model: Checkpoint, selection: _Selection,
                 fix="the adapter was trained on a different base model" + (
                     "" if factors.fan_in_fan_out else " (or it needs fan_in_fan_out)") + ", or exclude it",
             )
-        found[target] = TunedSource(model=model.reference, update="lora", lora=factors)
+        found[target] = TunedSource(model=model.reference, update="lora" if factors.magnitude is None else "dora",
+                                    lora=factors)
     if unknown:
         trained_on = model.adapter.base_model_name_or_path if model.adapter else None
         raise MismatchError(

@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Literal
 
 Kind = Literal["full", "lora"]
+# How a tuned W was obtained: read whole ("full"), W0 + s*B@A ("lora"), or DoRA's rescaled merge ("dora").
+Update = Literal["full", "lora", "dora"]
 Side = Literal["left", "right"]
 
 
@@ -62,6 +64,7 @@ class AdapterSettings:
     lora_alpha: float
     use_rslora: bool = False
     fan_in_fan_out: bool = False
+    use_dora: bool = False  # DoRA: W = m * (W0 + s*B@A) / row norms (numerics/merge.py)
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     target_modules: tuple[str, ...] | str | None = None
@@ -77,14 +80,15 @@ class LoraFactors:
     rank: int
     scale: float  # lora_alpha / r, or lora_alpha / sqrt(r) with rsLoRA
     fan_in_fan_out: bool  # W0 stored [in, out] (GPT-2 Conv1D): add (B @ A)^T
+    magnitude: TensorEntry | None = None  # DoRA's lora_magnitude_vector m [out]; None for plain LoRA
 
 
 @dataclass(frozen=True)
 class TunedSource:
-    """How to obtain W for one tuned model: a full tensor, or W0 + s * B @ A."""
+    """How to obtain W for one tuned model: a full tensor, W0 + s * B @ A, or DoRA's merge of it."""
 
     model: str  # the tuned reference exactly as given
-    update: Kind
+    update: Update
     full: TensorEntry | None = None
     lora: LoraFactors | None = None
 

@@ -157,9 +157,13 @@ def _peft_model(model: torch.nn.Module, config):
 
 def lora_adapter(model: torch.nn.Module, directory: Path, *, seed: int = 2, r: int = 4, lora_alpha: float = 8,
                  target_modules=LLAMA_MODULES, strengths=LORA_STRENGTHS, save_dtype: str = "fp32",
-                 **config) -> Adapter:
+                 magnitude_noise: float = 0.3, **config) -> Adapter:
     """get_peft_model + LoraConfig(init_lora_weights=False) + save_pretrained, with factors set so that
-    s * B @ A has singular values `strengths * TOP` along random directions (s is peft's own scaling)."""
+    s * B @ A has singular values `strengths * TOP` along random directions (s is peft's own scaling).
+
+    With use_dora=True, peft initialises each magnitude vector m to the row norms of W0 + s*B@A for its
+    initial factors; after the factors are replaced, m is also multiplied by exp(magnitude_noise * N(0, 1))
+    per row, so that m / ||W0 + s*B@A|| is far from 1 (a trained DoRA adapter, not an identity)."""
     from peft import LoraConfig
     from peft.tuners.lora import LoraLayer
 
@@ -180,6 +184,10 @@ def lora_adapter(model: torch.nn.Module, directory: Path, *, seed: int = 2, r: i
             strength = torch.tensor([strengths[i % len(strengths)] * TOP for i in range(rank)], dtype=torch.float64)
             a_param.copy_(a.T.to(a_param.dtype))
             b_param.copy_((q * (strength / scale)).to(b_param.dtype))
+            if "default" in getattr(module, "lora_magnitude_vector", {}):
+                m = module.lora_magnitude_vector["default"].weight  # (out,)
+                noise = magnitude_noise * torch.randn(m.shape, generator=gen, dtype=torch.float64)
+                m.mul_(torch.exp(noise).to(m.dtype))
             key = name.removeprefix("base_model.model.")
             scaling[key], ranks[key] = scale, rank
     if save_dtype != "fp32":
@@ -189,12 +197,27 @@ def lora_adapter(model: torch.nn.Module, directory: Path, *, seed: int = 2, r: i
                    peft_model)
 
 
-def dora_adapter(model: torch.nn.Module, directory: Path) -> Path:
+def lora_bias_adapter(model: torch.nn.Module, directory: Path) -> Path:
+    """A LoRA adapter that also trains a bias (lora_bias=True), which lorascale refuses."""
     from peft import LoraConfig
 
-    _peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
-                                  use_dora=True)).save_pretrained(directory)
+    with warnings.catch_warnings():  # peft warns that the Llama's bias-free layers make the bias unmergeable
+        warnings.simplefilter("ignore")
+        _peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"],
+                                      init_lora_weights=False, lora_bias=True)).save_pretrained(directory)
     return Path(directory)
+
+
+def dora_delta(adapter: Adapter, module: str, w0: np.ndarray,
+               tensors: dict[str, np.ndarray] | None = None) -> np.ndarray:
+    """W' - W0 of a DoRA module in float64, from the saved file, by the DoRA paper's formula
+    W' = m * V / ||V||_row, V = W0 + s * B @ A ([out, in]; transposed back to [in, out] for fan_in_fan_out)."""
+    tensors = load_float64(adapter.path) if tensors is None else tensors
+    magnitude = tensors[f"base_model.model.{module}.lora_magnitude_vector"]
+    delta = lora_delta(adapter, module, tensors)  # stored layout
+    v = (w0 + delta).T if adapter.fan_in_fan_out else w0 + delta  # (out, in)
+    merged = (magnitude / np.linalg.norm(v, axis=1))[:, None] * v
+    return (merged.T if adapter.fan_in_fan_out else merged) - w0
 
 
 def ia3_adapter(model: torch.nn.Module, directory: Path) -> Path:

@@ -73,6 +73,7 @@ class LlamaSet:
     lora: checkpoints.Adapter  # plain LoRA on all 7 linear modules, r=4, alpha=8
     rslora: checkpoints.Adapter  # use_rslora=True, r=4, alpha=8
     pattern: checkpoints.Adapter  # rank_pattern/alpha_pattern on q/v/down only
+    dora: checkpoints.Adapter  # use_dora=True on all 7 linear modules, r=4, alpha=8, magnitudes perturbed
 
 
 @dataclass
@@ -80,6 +81,7 @@ class Gpt2Set:
     model: object
     base: Path
     lora: checkpoints.Adapter  # fan_in_fan_out on c_attn, c_proj, c_fc
+    dora: checkpoints.Adapter  # the same with use_dora=True, magnitudes perturbed
 
 
 @pytest.fixture(scope="session")
@@ -99,7 +101,8 @@ def _build_llama(root: Path) -> LlamaSet:
     pattern = checkpoints.lora_adapter(
         model, root / "pattern", seed=4, r=4, lora_alpha=8, target_modules=("q_proj", "v_proj", "down_proj"),
         rank_pattern={"q_proj": 2, "layers.1.mlp.down_proj": 6}, alpha_pattern={"v_proj": 3.0})
-    return LlamaSet(model, tuned_model, base, tuned, lora, rslora, pattern)
+    dora = checkpoints.lora_adapter(model, root / "dora", seed=6, use_dora=True)
+    return LlamaSet(model, tuned_model, base, tuned, lora, rslora, pattern, dora)
 
 
 @pytest.fixture(scope="session")
@@ -114,4 +117,6 @@ def _build_gpt2(root: Path) -> Gpt2Set:
     base = checkpoints.save_full(model, root / "base", "fp32", max_shard_size=None)
     lora = checkpoints.lora_adapter(model, root / "lora", seed=5, r=4, lora_alpha=8,
                                     target_modules=checkpoints.GPT2_MODULES, fan_in_fan_out=True)
-    return Gpt2Set(model, base, lora)
+    dora = checkpoints.lora_adapter(model, root / "dora", seed=7, r=4, lora_alpha=8,
+                                    target_modules=checkpoints.GPT2_MODULES, fan_in_fan_out=True, use_dora=True)
+    return Gpt2Set(model, base, lora, dora)

@@ -126,9 +126,27 @@ def nan_tensor(llama, tmp: Path) -> Case:
                 [Q_PROJ, str(shard), "NaN", "--exclude"], out=tmp / "out")
 
 
-def dora_adapter(llama, tmp: Path) -> Case:
-    dora = checkpoints.dora_adapter(llama.model, tmp / "dora")
-    return Case(_run_args(llama.base["fp32"], [dora], tmp / "out"), 4, [str(dora), "DoRA", "merge_and_unload"])
+def lora_bias_adapter(llama, tmp: Path) -> Case:
+    adapter = checkpoints.lora_bias_adapter(llama.model, tmp / "lora-bias")
+    return Case(_run_args(llama.base["fp32"], [adapter], tmp / "out"), 4,
+                [str(adapter), "lora_bias", "merge_and_unload"])
+
+
+def dora_zero_row(llama, tmp: Path) -> Case:
+    """A DoRA merge is undefined where a row of W0 + s*B@A is zero (peft divides by its norm and gets NaN)."""
+    base = checkpoints.copy_checkpoint(llama.base["fp32"], tmp / "base")
+    adapter = checkpoints.copy_checkpoint(llama.dora.path, tmp / "dora")
+
+    def zero_row(t: torch.Tensor) -> torch.Tensor:
+        t = t.clone()
+        t[5] = 0
+        return t
+
+    checkpoints.rewrite_tensor(_shard_of(base, Q_PROJ), Q_PROJ, zero_row)
+    checkpoints.rewrite_tensor(adapter / "adapter_model.safetensors",
+                               "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight", zero_row)
+    return Case(_run_args(base, [adapter], tmp / "out", "--include", "*layers.0.self_attn.q_proj*"), 7,
+                [Q_PROJ, "adapter_model.safetensors", "zero", "DoRA", "--exclude"], out=tmp / "out")
 
 
 def ia3_adapter(llama, tmp: Path) -> Case:
@@ -187,7 +205,7 @@ def out_is_a_file(llama, tmp: Path) -> Case:
 
 CASES: dict[str, Callable] = {f.__name__: f for f in (
     missing_path, not_a_checkpoint, adapter_targets_not_in_base, shape_mismatch, truncated_shard, truncated_adapter,
-    garbage_header, bad_json_header, missing_shard, nan_tensor, dora_adapter, ia3_adapter, pickle_only_adapter,
+    garbage_header, bad_json_header, missing_shard, nan_tensor, lora_bias_adapter, dora_zero_row, ia3_adapter, pickle_only_adapter,
     malicious_pickle_checkpoint, k_zero, epsilon_two, base_is_adapter, out_is_a_file)}
 
 WITH_FIX = list(CASES)

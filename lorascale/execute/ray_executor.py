@@ -350,13 +350,7 @@ class _MatrixWorker:
         """The job's result, from tensors found on this node."""
         import torch
 
-        def source(s: TunedSource) -> TunedSource:
-            if s.full is not None:
-                return replace(s, full=self._local(s.full))
-            assert s.lora is not None
-            return replace(s, lora=replace(s.lora, a=self._local(s.lora.a), b=self._local(s.lora.b)))
-
-        job = replace(job, base=self._local(job.base), tuned=tuple(source(s) for s in job.tuned))
+        job = self._localized(job)
         _warm_page_cache(job)  # outside the lock: overlaps the other call's compute
         with self._compute:
             torch.set_num_threads(self._threads)  # in each call: OpenMP settings are per thread
@@ -364,6 +358,18 @@ class _MatrixWorker:
                 return next(iter(self._executor.run([job], self._options)))
             finally:
                 self._executor.close()  # its prefetch thread ends with the job
+
+    def _localized(self, job: MatrixJob) -> MatrixJob:
+        """The job with every tensor it reads (worker.job_entries) found on this node."""
+        def source(s: TunedSource) -> TunedSource:
+            if s.full is not None:
+                return replace(s, full=self._local(s.full))
+            assert s.lora is not None
+            magnitude = None if s.lora.magnitude is None else self._local(s.lora.magnitude)  # DoRA
+            return replace(s, lora=replace(s.lora, a=self._local(s.lora.a), b=self._local(s.lora.b),
+                                           magnitude=magnitude))
+
+        return replace(job, base=self._local(job.base), tuned=tuple(source(s) for s in job.tuned))
 
     def _local(self, entry: TensorEntry) -> TensorEntry:
         """The same tensor on this node: local paths must be shared; hub files are looked up in this node's

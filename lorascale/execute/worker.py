@@ -19,8 +19,9 @@ from lorascale.store.svd_cache import BaseSpectrumCache
 from lorascale.errors import NumericalError
 from lorascale.io.tensors import load_tensor, to_compute
 from lorascale.numerics.compare import BaseSpectrum, TunedComparison, base_spectrum, compare_to_base
+from lorascale.numerics.merge import dora_merge
 from lorascale.numerics.metrics import intruder_count, lora_delta_singular_values
-from lorascale.records import AnalysisOptions, MatrixJob, MatrixResult, TensorEntry, TunedSource
+from lorascale.records import AnalysisOptions, LoraFactors, MatrixJob, MatrixResult, TensorEntry, TunedSource
 from lorascale.store.schema import (MATRICES, METHOD_EXACT, METHOD_TOPK, METHOD_TOPK_FALLBACK, SCHEMAS, SIMILARITY,
                                     SPECTRA)
 
@@ -46,6 +47,8 @@ def job_entries(job: MatrixJob) -> Iterator[TensorEntry]:
         elif source.lora is not None:
             yield source.lora.a
             yield source.lora.b
+            if source.lora.magnitude is not None:
+                yield source.lora.magnitude
 
 
 def analyse_job(job: MatrixJob, options: AnalysisOptions, *, load: TensorLoader = load_tensor) -> MatrixResult:
@@ -111,6 +114,8 @@ def _compare_source(source: TunedSource, w0: torch.Tensor, base: BaseSpectrum, d
     assert factors is not None
     a = to_compute(load(factors.a), factors.a, dtype=dtype, device=options.device)  # (r, n)
     b = to_compute(load(factors.b), factors.b, dtype=dtype, device=options.device)  # (m, r)
+    if factors.magnitude is not None:
+        return _compare_dora(factors, a, b, w0, base, dtype, options, load, numerics, matrix=matrix)
     update = factors.scale * (b @ a)  # (m, r) @ (r, n) -> (m, n)
     w = w0 + (update.T if factors.fan_in_fan_out else update)  # Conv1D stores W0 as [in, out]
     del update
@@ -122,6 +127,23 @@ def _compare_source(source: TunedSource, w0: torch.Tensor, base: BaseSpectrum, d
             f"scale or factors are the cause", path=factors.a.file, tensor=matrix, fix=_OVERFLOW_FIX)
     delta = lora_delta_singular_values(a, b, factors.scale)
     return compare_to_base(base, w, delta_singular_values=delta, **numerics)
+
+
+def _compare_dora(factors: LoraFactors, a: torch.Tensor, b: torch.Tensor, w0: torch.Tensor, base: BaseSpectrum,
+                  dtype: torch.dtype, options: AnalysisOptions, load: TensorLoader, numerics: dict, *,
+                  matrix: str) -> TunedComparison:
+    """DoRA: W' = m * (W0 + s*B@A) / row norms (numerics/merge.py); dW = W' - W0 has full rank, so its
+    singular values come from svdvals(W' - W0), as for a full fine-tune."""
+    assert factors.magnitude is not None
+    magnitude = to_compute(load(factors.magnitude), factors.magnitude, dtype=dtype, device=options.device)  # (m,)
+    try:
+        w = dora_merge(w0, a, b, factors.scale, magnitude, fan_in_fan_out=factors.fan_in_fan_out)
+    except NumericalError as exc:
+        # W0, A, B and m were checked finite on load: the merge itself is the cause.
+        raise NumericalError(f"{exc}, although W0 and the adapter's tensors are finite", path=factors.magnitude.file,
+                             tensor=matrix, fix="check that the adapter was trained on this base; --precision fp64 "
+                             "helps an overflow, --exclude leaves the matrix out") from exc
+    return compare_to_base(base, w, w0=w0, **numerics)
 
 
 def _method(comparison: TunedComparison) -> str:

@@ -1,14 +1,15 @@
 """Read PEFT LoRA adapters: adapter_config.json and the A/B factors in adapter_model.safetensors.
 
-The merge itself (W = W0 + s * B @ A) happens one matrix at a time in execute/; here we only work out,
-from headers and the config, which base module each factor pair belongs to and with what scale.
+The merge itself (W = W0 + s * B @ A, or DoRA's rescaled version of it) happens one matrix at a time in
+execute/; here we only work out, from headers and the config, which base module each factor pair (and
+DoRA magnitude vector) belongs to and with what scale.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from lorascale.errors import CheckpointFormatError, UnsupportedAdapterError
@@ -19,7 +20,12 @@ from lorascale.records import AdapterSettings, LoraFactors, TensorEntry
 PEFT_PREFIX = "base_model.model."
 # lora_A / lora_B with an optional adapter name (older PEFT kept ".default" in saved keys).
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$")
-_CONVERT_FIX = "lorascale reads plain LoRA adapters; merge it with peft (merge_and_unload) and compare the merged model"
+# DoRA's magnitude vector. peft saves "<module>.lora_magnitude_vector" (it strips the ".weight" its DoraLayer
+# module adds, and the adapter name); older or hand-made files may keep either or both.
+_MAGNITUDE_KEY = re.compile(r"^(?P<module>.+)\.lora_magnitude_vector(?:\.(?P<adapter>[^.]+))??(?:\.weight)?$")
+_EMBEDDING_KEY = re.compile(r"^(?P<module>.+)\.lora_embedding_[AB](?:\.[^.]+)?$")
+_CONVERT_FIX = ("lorascale reads LoRA and DoRA adapters; merge it with peft (merge_and_unload) and compare the "
+                "merged model")
 
 
 # peft's LoraConfig defaults, for keys an adapter_config.json leaves out (peft fills them in the same way).
@@ -41,8 +47,12 @@ def read_adapter_settings(path: Path) -> AdapterSettings:
     if peft_type != "LORA":
         raise UnsupportedAdapterError(f"PEFT type {peft_type} is not supported (only LORA)", path=path,
                                       fix=_CONVERT_FIX)
+    use_dora = _flag(path, config, "use_dora")
+    if use_dora and config.get("target_parameters"):  # peft's ParamWrapper refuses this combination too
+        raise UnsupportedAdapterError("DoRA (use_dora) on raw parameters (target_parameters) is not something peft "
+                                      "can build or merge", path=path,
+                                      fix="adapter_config.json is inconsistent; re-save the adapter with peft")
     unsupported = {
-        "use_dora": "DoRA adapters (use_dora) rescale W by a learned magnitude vector",
         "lora_bias": "adapters with a LoRA bias (lora_bias) also change the bias",
         "target_parameters": "adapters on raw parameters (target_parameters) are not supported",
         "layer_replication": "adapters with layer_replication change the model's depth",
@@ -60,6 +70,7 @@ def read_adapter_settings(path: Path) -> AdapterSettings:
         lora_alpha=_alpha(path, "lora_alpha", config.get("lora_alpha", PEFT_DEFAULT_ALPHA)),
         use_rslora=_flag(path, config, "use_rslora"),
         fan_in_fan_out=_flag(path, config, "fan_in_fan_out"),
+        use_dora=use_dora,
         rank_pattern={key: _rank(path, f"rank_pattern[{key!r}]", value)
                       for key, value in _patterns(path, config, "rank_pattern").items()},
         alpha_pattern={key: _alpha(path, f"alpha_pattern[{key!r}]", value)
@@ -138,13 +149,20 @@ class AdapterIndex:
 
 
 def index_adapter(path: Path, settings: AdapterSettings, tensors: dict[str, TensorEntry]) -> AdapterIndex:
-    """Pair lora_A/lora_B tensors by module and attach each module's scale."""
+    """Pair lora_A/lora_B tensors by module and attach each module's scale (and DoRA magnitude vector)."""
     halves: dict[str, dict[str, TensorEntry]] = {}
+    magnitudes: dict[str, TensorEntry] = {}
     other: dict[str, str] = {}
     for name, entry in tensors.items():
-        if "lora_magnitude_vector" in name:
-            raise UnsupportedAdapterError("DoRA adapters (lora_magnitude_vector) are not supported yet",
-                                          path=path, tensor=name, fix=_CONVERT_FIX)
+        magnitude = _MAGNITUDE_KEY.match(name)
+        if magnitude is not None:
+            module = magnitude["module"].removeprefix(PEFT_PREFIX)
+            if module in magnitudes:
+                raise CheckpointFormatError(
+                    f"module {module} has two DoRA magnitude vectors ({magnitudes[module].name}, {name})",
+                    path=path, tensor=name, fix="the file holds more than one adapter; save each one on its own")
+            magnitudes[module] = entry
+            continue
         match = _LORA_KEY.match(name)
         if match is None:
             if "lora_embedding_" in name:
@@ -181,4 +199,51 @@ def index_adapter(path: Path, settings: AdapterSettings, tensors: dict[str, Tens
                 path=path, tensor=a.name, fix="adapter_config.json does not belong to these weights")
         factors[module] = LoraFactors(a=a, b=b, rank=rank, scale=scale_for(settings, module, rank),
                                       fan_in_fan_out=settings.fan_in_fan_out)
+    if magnitudes or settings.use_dora:
+        _attach_magnitudes(path, settings, tensors, factors, magnitudes, halves, other)
     return AdapterIndex(factors=factors, other=other)
+
+
+def _attach_magnitudes(path: Path, settings: AdapterSettings, tensors: dict[str, TensorEntry],
+                       factors: dict[str, LoraFactors], magnitudes: dict[str, TensorEntry],
+                       halves: dict[str, dict[str, TensorEntry]], other: dict[str, str]) -> None:
+    """Give every analysed module of a DoRA adapter its magnitude vector m [out] (in place).
+
+    A config and weights that disagree about DoRA are refused: merging without m (or with an m the config
+    does not ask for) would give a W that peft never computes.
+    """
+    if not settings.use_dora:
+        name = next(iter(magnitudes.values())).name
+        raise CheckpointFormatError(
+            "the weights hold DoRA magnitude vectors (lora_magnitude_vector) but adapter_config.json does not "
+            "set use_dora", path=path, tensor=name, fix="adapter_config.json does not belong to these weights")
+    embeddings = {m["module"].removeprefix(PEFT_PREFIX) for m in map(_EMBEDDING_KEY.match, tensors) if m}
+    for module, entry in magnitudes.items():
+        lora = factors.get(module)
+        if lora is None:
+            if module in embeddings:
+                other[entry.name] = "DoRA magnitude of an embedding layer (embeddings are not analysed)"
+            elif module in halves:  # its factors were set aside above (convolution, quantized dtype)
+                other[entry.name] = "DoRA magnitude of a module whose LoRA factors are not analysed"
+            else:
+                raise CheckpointFormatError(f"DoRA magnitude vector for {module} has no lora_A/lora_B beside it",
+                                            path=path, tensor=entry.name,
+                                            fix="the adapter file is incomplete; re-save it")
+            continue
+        out_dim = lora.b.shape[0]
+        if entry.shape != (out_dim,):
+            raise CheckpointFormatError(
+                f"DoRA magnitude vector is {list(entry.shape)} but lora_B gives {out_dim} outputs",
+                path=path, tensor=entry.name, fix="the adapter file is corrupt; re-save it")
+        problem = dtype_not_analysed(entry.dtype)
+        if problem is not None:
+            del factors[module]
+            other[entry.name] = f"DoRA magnitude not analysed: {problem}"
+            continue
+        factors[module] = replace(lora, magnitude=entry)
+    missing = sorted(set(factors) - set(magnitudes))
+    if missing:
+        raise CheckpointFormatError(
+            f"adapter_config.json sets use_dora but module {missing[0]} has no lora_magnitude_vector"
+            + (f" (nor {len(missing) - 1} more)" if len(missing) > 1 else ""),
+            path=path, tensor=factors[missing[0]].b.name, fix="the adapter file is incomplete; re-save it with peft")

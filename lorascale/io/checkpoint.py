@@ -10,7 +10,7 @@ from lorascale.io.adapter import AdapterIndex, index_adapter, read_adapter_setti
 from lorascale.io.jsonfiles import read_weight_map
 from lorascale.io.resolve import remote_header
 from lorascale.io.safetensors_header import index_files, parse_header
-from lorascale.records import AdapterSettings, HubFile, Kind, ResolvedCheckpoint, TensorEntry
+from lorascale.records import AdapterSettings, HubFile, Kind, ResolvedCheckpoint, TensorEntry, Update
 
 
 @dataclass(frozen=True)
@@ -28,6 +28,13 @@ class Checkpoint:
 
     @property
     def kind(self) -> Kind:
+        return self.resolved.kind
+
+    @property
+    def update(self) -> Update:
+        """How this checkpoint changes the base: "full", "lora", or "dora" (a LoRA adapter with use_dora)."""
+        if self.adapter is not None and self.adapter.use_dora:
+            return "dora"
         return self.resolved.kind
 
 

@@ -55,7 +55,7 @@ def describe(checkpoint: Checkpoint) -> dict[str, Any]:
     """The manifest's record of `checkpoint`: where it is, its kind, and the identity of every file read."""
     resolved = checkpoint.resolved
     described: dict[str, Any] = {
-        "reference": resolved.reference, "kind": resolved.kind, "source": resolved.source,
+        "reference": resolved.reference, "kind": checkpoint.update, "source": resolved.source,
         "path": str(resolved.root), "repo_id": resolved.repo_id, "revision": resolved.revision,
         "files": [_weight_file(p, resolved.file_hashes.get(p.name)) for p in resolved.weight_files],
         "metadata_files": {p.name: _sha256(p) for p in (resolved.adapter_config, resolved.index_file, resolved.config)

@@ -58,8 +58,8 @@ def short_labels(references: Sequence[str], *, limit: int = _MAX_LABEL) -> dict[
 
 
 def kind_label(kind: str) -> str:
-    """How an update kind reads in legends: "LoRA", "full FT"."""
-    return {"lora": "LoRA", "full": "full FT"}.get(kind, kind)
+    """How an update kind reads in legends: "LoRA", "DoRA", "full FT"."""
+    return {"lora": "LoRA", "dora": "DoRA", "full": "full FT"}.get(kind, kind)
 
 
 def slug(text: str, *, limit: int = 60) -> str:

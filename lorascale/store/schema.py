@@ -35,7 +35,7 @@ MATRICES_SCHEMA = pa.schema(
         pa.field("module", pa.string(), nullable=False),  # e.g. q_proj
         pa.field("rows", pa.int64(), nullable=False),
         pa.field("cols", pa.int64(), nullable=False),
-        pa.field("update", pa.string(), nullable=False),  # "full" or "lora"
+        pa.field("update", pa.string(), nullable=False),  # "full", "lora" or "dora" (DoRA adapters, added later)
         pa.field("delta_fro", pa.float64(), nullable=False),  # ||W - W0||_F
         pa.field("delta_rel", pa.float64(), nullable=False),  # ||W - W0||_F / ||W0||_F
         pa.field("delta_effective_rank", pa.float64()),  # null when W == W0

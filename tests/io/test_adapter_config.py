@@ -110,5 +110,16 @@ def test_null_patterns_and_flags_are_defaults(tmp_path):
 
 
 def test_unsupported_kinds_keep_their_exit_code(tmp_path):
-    with pytest.raises(UnsupportedAdapterError):
-        read_adapter_settings(write_config(tmp_path, {**GOOD, "use_dora": True}))
+    for refused_kind in ({"lora_bias": True}, {"layer_replication": [[0, 2]]}, {"peft_type": "IA3"},
+                         {"use_dora": True, "target_parameters": ["mlp.experts.down_proj"]}):
+        with pytest.raises(UnsupportedAdapterError) as info:
+            read_adapter_settings(write_config(tmp_path, {**GOOD, **refused_kind}))
+        assert info.value.exit_code == 4 and str(tmp_path) in str(info.value)
+
+
+def test_use_dora_is_read_and_must_be_a_boolean(tmp_path):
+    assert read_adapter_settings(write_config(tmp_path, {**GOOD, "use_dora": True})).use_dora is True
+    assert read_adapter_settings(write_config(tmp_path, {**GOOD, "use_dora": False})).use_dora is False
+    assert read_adapter_settings(write_config(tmp_path, GOOD)).use_dora is False
+    # "false" is truthy: a string would silently turn the DoRA merge on or off.
+    assert "use_dora" in refused(tmp_path, use_dora="false")

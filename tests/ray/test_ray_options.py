@@ -128,6 +128,33 @@ def test_worker_resolves_hub_files_in_its_own_cache(offline_hub: Path, tmp_path:
     assert local.file.is_file() and local.data_end == 16
 
 
+def test_worker_finds_every_tensor_of_a_dora_job_in_its_own_cache(offline_hub: Path, tmp_path: Path):
+    """A DoRA job also reads the magnitude vector: it too must come from this node's hub cache."""
+    from dataclasses import replace
+
+    from hubcache import make_hub_cache
+
+    from lorascale.execute.worker import job_entries
+    from lorascale.records import LoraFactors, MatrixJob, TunedSource
+
+    commit = make_hub_cache(offline_hub, "org/tiny", {"model.safetensors": b"x" * 64,
+                                                      "adapter_model.safetensors": b"y" * 64})
+    driver = tmp_path / "driver-cache" / "models--org--tiny" / "snapshots" / commit
+
+    def entry(name: str, file: str) -> TensorEntry:
+        return replace(_entry(driver / file, HubFile("org/tiny", commit, file)), name=name)
+
+    adapter = "adapter_model.safetensors"
+    factors = LoraFactors(a=entry("a", adapter), b=entry("b", adapter), rank=2, scale=1.0, fan_in_fan_out=False,
+                          magnitude=entry("m", adapter))
+    job = MatrixJob(matrix="w", layer=None, module="w", rows=2, cols=2, base=entry("w", "model.safetensors"),
+                    tuned=(TunedSource(model="org/dora", update="dora", lora=factors),), base_model="org/tiny")
+    local = _MatrixWorker(AnalysisOptions(), threads=1)._localized(job)
+    entries = list(job_entries(local))
+    assert [e.name for e in entries] == ["w", "a", "b", "m"]
+    assert all(e.file.parent == offline_hub / "models--org--tiny" / "snapshots" / commit for e in entries)
+
+
 def test_worker_resolves_device_options_for_its_own_device(monkeypatch, tmp_path: Path):
     """The driver may have no GPU: backend, cuSOLVER driver and cache directory are settled on the worker."""
     monkeypatch.setenv("LORASCALE_CACHE_DIR", str(tmp_path / "node-cache"))
