@@ -100,7 +100,8 @@ def test_matcher_base_with_extra_prefix():
 
 def test_matcher_refuses_ambiguous_suffixes():
     matcher = NameMatcher(["encoder.layer.0.dense.weight", "decoder.layer.0.dense.weight"])
-    assert matcher.match("layer.0.dense.weight") is None  # could be either
+    with pytest.raises(MismatchError, match="'encoder.layer.0.dense.weight' and 'decoder.layer.0.dense.weight'"):
+        matcher.match("layer.0.dense.weight")  # could be either
     assert matcher.match("x.encoder.layer.0.dense.weight") == "encoder.layer.0.dense.weight"
 
 
