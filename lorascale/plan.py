@@ -105,6 +105,8 @@ class NameMatcher:
       - and what it leaves in front (the two prefixes, e.g. `bert.` and ``) is a prefix pair that at least one
         other match also uses, or the only one: a task head's `classifier.dense.weight` does not become the
         base's `pooler.dense.weight` just because both end in `dense.weight`.
+    An ambiguous suffix is an error only where its prefix pair is one the checkpoints use (by other matches,
+    or by other ambiguities: every layer of a two-tower base), or when nothing else matched.
     Longer common suffixes are matched first.
     """
 
@@ -162,8 +164,11 @@ class NameMatcher:
         for name, (base, pair) in tentative.items():
             if pair in confirmed:
                 result[name] = base
+        # An ambiguity is an error when its prefix pair is one the checkpoints use (other matches, or other
+        # ambiguities like it: every layer of a two-tower base), not for a lone task-head lookalike.
+        usage = counts + Counter(pair for _, _, pairs, _ in ambiguous for pair in set(pairs))
         for subject, shown, pairs, suffix in ambiguous:
-            if confirmed.intersection(pairs) or not result:
+            if any(usage[pair] >= 2 for pair in pairs) or confirmed.intersection(pairs) or not result:
                 raise MismatchError(
                     f"ambiguous name match: {shown[0]!r} and {shown[1]!r} both end in {suffix!r}",
                     path=where, tensor=subject, fix="say which one with --rename FROM=TO (a regex on the tuned names)")
