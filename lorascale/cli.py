@@ -111,6 +111,8 @@ def _print_summary(out: Path) -> None:
 @click.option("--no-cache", is_flag=True, help="Neither read nor write the base-SVD cache.")
 @click.option("--include", multiple=True, help="Glob on base tensor names to analyse (repeatable).")
 @click.option("--exclude", multiple=True, help="Glob on base tensor names to skip (repeatable).")
+@click.option("--rename", multiple=True, metavar="FROM=TO",
+              help="Regex rewrite of tuned tensor names before matching them to the base's (repeatable, in order).")
 @click.option("--overwrite", is_flag=True, help="Replace a different earlier run in --out.")
 @click.option("--resume", is_flag=True, help="Require an earlier run in --out and continue it.")
 @click.option("--report", "make_report", is_flag=True, help="Also write RESULTS/report/ (figures + index.html).")
@@ -128,7 +130,7 @@ def run(base: str, tuned: tuple[str, ...], out: Path, k: int, epsilon: float, si
         device: str, include: tuple[str, ...], exclude: tuple[str, ...], overwrite: bool, resume: bool,
         quiet: bool, ray_address: str | None, workers: int | None, cpus_per_worker: float | None,
         gpus_per_worker: float | None, backend: str, mode: str, top_k: int, cache_dir: Path | None,
-        no_cache: bool, make_report: bool) -> None:
+        no_cache: bool, make_report: bool, rename: tuple[str, ...]) -> None:
     """Compare BASE with each --tuned checkpoint and write Parquet tables to --out."""
     from lorascale.execute.executor import public_command
     from lorascale.pipeline import compare
@@ -137,8 +139,8 @@ def run(base: str, tuned: tuple[str, ...], out: Path, k: int, epsilon: float, si
     argv = public_command(sys.argv[1:])  # the manifest records the command: never credentials an address carries
     try:
         result = compare(base, list(tuned), out, k=k, epsilon=epsilon, side=side, precision=precision,
-                         device=device, include=include, exclude=exclude, overwrite=overwrite, resume=resume,
-                         ray_address=ray_address, workers=workers, cpus_per_worker=cpus_per_worker,
+                         device=device, include=include, exclude=exclude, rename=rename, overwrite=overwrite,
+                         resume=resume, ray_address=ray_address, workers=workers, cpus_per_worker=cpus_per_worker,
                          gpus_per_worker=gpus_per_worker, backend=backend, mode=mode, top_k=top_k,
                          cache_dir=cache_dir, use_cache=not no_cache, progress=progress,
                          command=shlex.join(["lorascale", *argv]))

@@ -13,7 +13,7 @@ from lorascale.errors import OptionError
 from lorascale.execute.executor import Executor, make_executor
 from lorascale.io.checkpoint import Checkpoint, open_checkpoint
 from lorascale.io.resolve import resolve
-from lorascale.plan import Plan, plan_jobs
+from lorascale.plan import Plan, Rename, parse_renames, plan_jobs
 from lorascale.io.identity import describe
 from lorascale.records import AnalysisOptions
 from lorascale.store.manifest import Manifest
@@ -66,11 +66,13 @@ def _performance_options(*, device: str, driver: str | None, backend: str, mode:
 
 
 def _new_manifest(base: Checkpoint, tuned: list[Checkpoint], plan: Plan, options: AnalysisOptions, *,
-                  command: str, side: str, include: Sequence[str], exclude: Sequence[str]) -> Manifest:
+                  command: str, side: str, include: Sequence[str], exclude: Sequence[str],
+                  rename: Sequence[str] = ()) -> Manifest:
     return Manifest(
         lorascale_version=__version__, command=command,
         options={"k": options.k, "epsilon": options.epsilon, "side": side, "precision": options.precision,
-                 "include": list(include), "exclude": list(exclude), "driver": options.driver,
+                 "include": list(include), "exclude": list(exclude), **({"rename": list(rename)} if rename else {}),
+                 "driver": options.driver,
                  "backend": options.backend, "mode": options.mode,
                  "top_k": options.top_k if options.mode == "topk" else None, "cache_dir": options.cache_dir},
         base=describe(base), tuned=[describe(c) for c in tuned], device=options.device,
@@ -80,8 +82,8 @@ def _new_manifest(base: Checkpoint, tuned: list[Checkpoint], plan: Plan, options
 
 def compare(base: str, tuned: Sequence[str], out: str | Path, *, k: int = 10, epsilon: float = 0.5,
             side: str = "left", precision: str = "fp32", device: str = "auto",
-            include: Sequence[str] = (), exclude: Sequence[str] = (), overwrite: bool = False,
-            resume: bool = False, driver: str | None = None, backend: str = "auto", mode: str = "exact",
+            include: Sequence[str] = (), exclude: Sequence[str] = (), rename: Sequence[str] = (),
+            overwrite: bool = False, resume: bool = False, driver: str | None = None, backend: str = "auto", mode: str = "exact",
             top_k: int = 64, cache_dir: str | Path | None = None, use_cache: bool = True,
             executor: Executor | None = None,
             ray_address: str | None = None, workers: int | None = None, cpus_per_worker: float | None = None,
@@ -95,6 +97,8 @@ def compare(base: str, tuned: Sequence[str], out: str | Path, *, k: int = 10, ep
     (execute/ray_executor.py), `cpus_per_worker` / `gpus_per_worker` each; `executor` (an
     execute.executor.Executor) replaces that choice.
     `backend` picks the SVD backend (auto, torch, cupy, or the opt-in gram; numerics/backends.py).
+    `rename` holds "FROM=TO" rules (a regex and its replacement) applied in order to every tuned tensor name
+    (and adapter module path) before it is matched to the base's names; base names are never renamed.
     `mode="topk"` computes max_cos only for the top `top_k` tuned vectors (numerics/topk.py).  Base SVDs
     are cached in `cache_dir` (default settings.cache_dir()) unless `use_cache=False` (store/svd_cache.py).
 
@@ -105,6 +109,7 @@ def compare(base: str, tuned: Sequence[str], out: str | Path, *, k: int = 10, ep
         raise OptionError("give at least one tuned checkpoint (--tuned)")
     if len(set(tuned)) != len(tuned):
         raise OptionError("the same --tuned reference is given twice")
+    rules = parse_renames(rename)
     if executor is None:
         executor = make_executor(address=ray_address or settings.ray_address(), workers=workers,
                                  cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker,
@@ -115,12 +120,13 @@ def compare(base: str, tuned: Sequence[str], out: str | Path, *, k: int = 10, ep
                                              driver=driver, backend=backend, mode=mode, top_k=top_k,
                                              cache_dir=cache_dir if use_cache else None))
     # Everything that can be wrong with the input is found here, before the output directory is touched.
-    base_checkpoint, *tuned_checkpoints = _open_checkpoints([base, *tuned], include, exclude)
-    plan: Plan = plan_jobs(base_checkpoint, tuned_checkpoints, include=tuple(include), exclude=tuple(exclude))
+    base_checkpoint, *tuned_checkpoints = _open_checkpoints([base, *tuned], include, exclude, rules)
+    plan: Plan = plan_jobs(base_checkpoint, tuned_checkpoints, include=tuple(include), exclude=tuple(exclude),
+                           rename=rules)
 
     out = Path(out)
     manifest = _new_manifest(base_checkpoint, tuned_checkpoints, plan, options, side=side, include=include,
-                             exclude=exclude, command=command or f"lorascale.compare(base={base!r}, "
+                             exclude=exclude, rename=rename, command=command or f"lorascale.compare(base={base!r}, "
                                                                  f"tuned={list(tuned)!r}, out={str(out)!r})")
     with RunDirectory.open(out, manifest, overwrite=overwrite, resume=resume) as run_dir:
         jobs = run_dir.pending(plan.jobs)
@@ -138,13 +144,15 @@ def compare(base: str, tuned: Sequence[str], out: str | Path, *, k: int = 10, ep
     return RunResult(out=out, manifest=manifest, computed=len(jobs), planned=len(plan.jobs))
 
 
-def _open_checkpoints(references: list[str], include: Sequence[str], exclude: Sequence[str]) -> list[Checkpoint]:
+def _open_checkpoints(references: list[str], include: Sequence[str], exclude: Sequence[str],
+                      rename: Sequence[Rename] = ()) -> list[Checkpoint]:
     """Resolve and index every reference.  Hub repos are planned from their headers first (HTTP range
     requests), so a comparison that cannot work fails before any weight file is downloaded."""
     headers = [open_checkpoint(resolve(r, headers_only=True)) for r in references]
     if not any(c.resolved.headers_only for c in headers):
         return headers  # local or offline: these are the files themselves
-    plan_jobs(headers[0], headers[1:], include=tuple(include), exclude=tuple(exclude))  # raises if hopeless
+    plan_jobs(headers[0], headers[1:], include=tuple(include), exclude=tuple(exclude),
+              rename=rename)  # raises if hopeless
     return [open_checkpoint(resolve(r)) if c.resolved.headers_only else c for r, c in zip(references, headers)]
 
 

@@ -1,24 +1,40 @@
 """Plan the matrix jobs: which base matrices to analyse, and each tuned model's version of them.
 
-Tuned names are matched to the base's naming: exact, then by dotted suffix in either direction, so that
-`bert.encoder.layer.0.attention.self.query.weight` (a task head's model) or a PEFT module path
-`base_model.model.model.layers.0.self_attn.q_proj` finds `encoder.layer.0...` / `model.layers.0...`.
+Tuned names are matched to the base's naming by their longest unambiguous common dotted suffix, so that
+`bert.encoder.layer.0.attention.self.query.weight` (a task head's model), `transformer.h.0...` against
+`model.h.0...`, or a PEFT module path `base_model.model.model.layers.0.self_attn.q_proj` find the base's
+tensor; `--rename` rewrites tuned names first for anything else.
+
+Mixture-of-experts: per-expert 2-D tensors (`experts.N.w1`) are ordinary matrices labelled with their expert;
+fused 3-D expert tensors ([num_experts, d1, d2] under an `experts` module) become one job per expert slice.
 """
 
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import dataclass
+import re
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
 
-from lorascale.errors import MismatchError
+from lorascale.errors import MismatchError, OptionError
+from lorascale.io.adapter import ParameterFactors, rank_for, scale_for
 from lorascale.io.checkpoint import Checkpoint
 from lorascale.io.safetensors_header import dtype_not_analysed
-from lorascale.records import MatrixJob, Skipped, TensorEntry, TunedSource
+from lorascale.records import LoraFactors, MatrixJob, Skipped, TensorEntry, TunedSource
 
 # Embeddings and output heads are tables of vectors, not linear maps between hidden states: the paper
 # leaves them out, and their vocab-sized SVDs would dominate the run time.
 DEFAULT_EXCLUDE = ("*embed*", "*lm_head*", "*.wte.weight", "*.wpe.weight", "wte.weight", "wpe.weight",
                    "shared.weight")
+# transformers' expert modules that store fused tensors as [E, in, out] (`is_transposed=True` in
+# transformers.integrations.moe, which peft's ParamWrapper reads); every other layout is [E, out, in].  Only
+# needed when d1 == d2, where the adapter's factor shapes cannot tell the two apart.
+TRANSPOSED_EXPERT_MODEL_TYPES = frozenset({"gpt_oss", "openai_privacy_filter", "aria"})
+_EXPERTS = re.compile(r"(?:^|\.)experts(?:\.|$)")
+_EXPERT_INDEX = re.compile(r"(?:^|\.)experts\.(\d+)(?:\.|$)")
+
+Rename = tuple[re.Pattern[str], str]
 
 
 @dataclass(frozen=True)
@@ -27,28 +43,136 @@ class Plan:
     skipped: tuple[Skipped, ...]
 
 
-class NameMatcher:
-    """Map names from another checkpoint onto the base's names."""
+def parse_renames(specs: Sequence[str]) -> tuple[Rename, ...]:
+    """--rename FROM=TO rules (FROM a Python regex, TO its replacement with \\1 groups), in the order given."""
+    rules = []
+    for spec in specs:
+        source, sep, target = spec.partition("=")
+        if not sep or not source:
+            raise OptionError(f"--rename {spec!r} is not FROM=TO", fix="e.g. --rename '^transformer\\.=model.'")
+        try:
+            pattern = re.compile(source)
+            _check_template(pattern, target)
+        except (re.error, IndexError) as exc:
+            raise OptionError(f"--rename {spec!r}: invalid regular expression or replacement ({exc})",
+                              fix="FROM is a Python regular expression, TO may use \\1 for its groups") from None
+        rules.append((pattern, target))
+    return tuple(rules)
 
-    def __init__(self, base_names: list[str]) -> None:
-        self._names = set(base_names)
-        suffixes: dict[str, list[str]] = {}
-        for name in base_names:
-            parts = name.split(".")
-            for i in range(1, len(parts)):
-                suffixes.setdefault(".".join(parts[i:]), []).append(name)
-        # Only unambiguous suffixes may be used.
-        self._suffix = {s: names[0] for s, names in suffixes.items() if len(names) == 1}
+
+def _check_template(pattern: re.Pattern[str], target: str) -> None:
+    """Group references in `target` must exist in `pattern` (re only finds out on the first match)."""
+    for match in re.finditer(r"\\(\d+)|\\g<([^>]*)>", target):
+        group = match[1] or match[2]
+        if group.isdigit() and int(group) > pattern.groups:
+            raise re.error(f"invalid group reference {group}")
+        if not group.isdigit() and group not in pattern.groupindex:
+            raise re.error(f"unknown group name {group!r}")
+
+
+def renamed(name: str, rules: Sequence[Rename]) -> str:
+    for pattern, target in rules:
+        name = pattern.sub(target, name)
+    return name
+
+
+def _suffixes(name: str) -> list[str]:
+    """Dotted suffixes of at least two components (more than the bare `weight`), longest (the name) first."""
+    parts = name.split(".")
+    return [".".join(parts[i:]) for i in range(max(len(parts) - 1, 1))]
+
+
+def _suffix_index(names: Iterable[str]) -> dict[str, list[str]]:
+    index: dict[str, list[str]] = {}
+    for name in names:
+        for suffix in _suffixes(name):
+            index.setdefault(suffix, []).append(name)
+    return index
+
+
+def _digits(name: str) -> set[str]:
+    return {p for p in name.split(".") if p.isdigit()}
+
+
+class NameMatcher:
+    """Map names from another checkpoint onto the base's names.
+
+    Rule: identical names match; otherwise a name matches the base name with which it shares the longest
+    common dotted suffix, when that suffix
+      - has at least two components and holds every index (all-digit component) of both names,
+      - is shared by no other unmatched base name (else: MismatchError naming both candidates), and by no
+        other unmatched name of the same checkpoint (else: MismatchError naming both),
+      - and what it leaves in front (the two prefixes, e.g. `bert.` and ``) is a prefix pair that at least one
+        other match also uses, or the only one: a task head's `classifier.dense.weight` does not become the
+        base's `pooler.dense.weight` just because both end in `dense.weight`.
+    An ambiguous suffix is an error only where its prefix pair is one the checkpoints use (by other matches,
+    or by other ambiguities: every layer of a two-tower base), or when nothing else matched.
+    Longer common suffixes are matched first.
+    """
+
+    def __init__(self, base_names: Iterable[str]) -> None:
+        self._names = list(dict.fromkeys(base_names))
+        self._known = set(self._names)
+        self._index = _suffix_index(self._names)
 
     def match(self, name: str) -> str | None:
-        if name in self._names:
-            return name
-        parts = name.split(".")
-        for i in range(1, len(parts) - 1):  # the other side carries extra leading components
-            candidate = ".".join(parts[i:])
-            if candidate in self._names:
-                return candidate
-        return self._suffix.get(name)  # the base carries extra leading components
+        return self.match_all([name]).get(name)
+
+    def match_all(self, names: Iterable[str], *, where: str | None = None) -> dict[str, str]:
+        """name -> base name for every name that matches; MismatchError (naming `where`) for an ambiguous one."""
+        names = list(dict.fromkeys(names))
+        result = {n: n for n in names if n in self._known}
+        claimed = set(result.values())
+        rest = [n for n in names if n not in result]
+        others = _suffix_index(rest)
+
+        def best(name: str) -> tuple[str, list[str]] | None:
+            for suffix in _suffixes(name):
+                candidates = [b for b in self._index.get(suffix, ()) if b not in claimed]
+                if candidates:
+                    return suffix, candidates
+            return None
+
+        def length(name: str) -> int:
+            found = best(name)
+            return found[0].count(".") if found else -1
+
+        tentative: dict[str, tuple[str, tuple[str, str]]] = {}  # name -> (base name, prefix pair)
+        ambiguous: list[tuple[str, list[str], list[tuple[str, str]], str]] = []
+        for name in sorted(rest, key=lambda n: -length(n)):  # longest common suffixes first
+            found = best(name)
+            if found is None:
+                continue
+            suffix, candidates = found
+            if _digits(name) - _digits(suffix) or suffix.count(".") < 1:
+                continue
+            rivals = [n for n in others.get(suffix, ()) if n != name and n not in tentative]
+            cut = len(suffix)
+            if len(candidates) > 1 or rivals:
+                pairs = [(name[:-cut], c[:-cut]) for c in candidates] + [(r[:-cut], candidates[0][:-cut])
+                                                                         for r in rivals]
+                shown = [candidates[0], candidates[1]] if len(candidates) > 1 else [name, rivals[0]]
+                ambiguous.append((candidates[0] if len(candidates) == 1 else name, shown, pairs, suffix))
+                continue
+            base = candidates[0]
+            if _digits(base) - _digits(suffix):
+                continue
+            tentative[name] = (base, (name[:-cut], base[:-cut]))
+            claimed.add(base)
+        counts = Counter(pair for _, pair in tentative.values())
+        confirmed = {pair for pair, n in counts.items() if n >= 2 or len(counts) == 1}
+        for name, (base, pair) in tentative.items():
+            if pair in confirmed:
+                result[name] = base
+        # An ambiguity is an error when its prefix pair is one the checkpoints use (other matches, or other
+        # ambiguities like it: every layer of a two-tower base), not for a lone task-head lookalike.
+        usage = counts + Counter(pair for _, _, pairs, _ in ambiguous for pair in set(pairs))
+        for subject, shown, pairs, suffix in ambiguous:
+            if any(usage[pair] >= 2 for pair in pairs) or confirmed.intersection(pairs) or not result:
+                raise MismatchError(
+                    f"ambiguous name match: {shown[0]!r} and {shown[1]!r} both end in {suffix!r}",
+                    path=where, tensor=subject, fix="say which one with --rename FROM=TO (a regex on the tuned names)")
+        return result
 
 
 def selected(name: str, include: tuple[str, ...], exclude: tuple[str, ...]) -> bool:
@@ -68,17 +192,50 @@ def matrix_problem(entry: TensorEntry) -> str | None:
     return why
 
 
+def is_fused_experts(name: str, entry: TensorEntry) -> bool:
+    """A 3-D tensor of an `experts` module: [num_experts, d1, d2], analysed expert by expert."""
+    return len(entry.shape) == 3 and _EXPERTS.search(name) is not None
+
+
+def expert_of(name: str) -> int | None:
+    """The expert index of a per-expert tensor name (`...experts.N.w1.weight`), else None."""
+    match = _EXPERT_INDEX.search(name)
+    return int(match[1]) if match else None
+
+
+def expert_slice(entry: TensorEntry, expert: int) -> TensorEntry:
+    """Expert `expert`'s [d1, d2] slice of a fused [E, d1, d2] tensor: a contiguous byte range of it."""
+    count, rows, cols = entry.shape
+    size = (entry.data_end - entry.data_start) // count
+    start = entry.data_start + expert * size
+    return replace(entry, shape=(rows, cols), data_start=start, data_end=start + size, expert=expert)
+
+
+def _units(name: str, entry: TensorEntry) -> list[tuple[int | None, TensorEntry]]:
+    """(expert, matrix) pairs a selected tensor is analysed as: itself, or one slice per expert."""
+    if len(entry.shape) == 3:
+        return [(e, expert_slice(entry, e)) for e in range(entry.shape[0])]
+    return [(expert_of(name), entry)]
+
+
+def unit_name(name: str, entry: TensorEntry, expert: int | None) -> str:
+    """The `matrix` column: the base tensor's name, and `name[N]` for expert N's slice of a fused tensor."""
+    return f"{name}[{expert}]" if len(entry.shape) == 3 else name
+
+
 def layer_and_module(names: list[str]) -> dict[str, tuple[int | None, str]]:
-    """Layer index (the first all-digit component) and module name for each matrix name.
+    """Layer index (the first all-digit component that is not an expert index) and module name for each name.
 
     The module is the last component (q_proj) when every last component is unambiguous across the model;
     otherwise the path after the layer index for every matrix, so that one model's labels share one
     granularity (BERT: attention.self.query, attention.output.dense, intermediate.dense, output.dense;
-    GPT-2: attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj).
+    GPT-2: attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj).  An expert index (`experts.N.`) is left out of
+    the module, so every expert's w1 shares the module `w1` (or `block_sparse_moe.experts.w1`).
     """
     tails: dict[str, tuple[int | None, str]] = {}
     for name in names:
         parts = name.removesuffix(".weight").split(".")
+        parts = [p for i, p in enumerate(parts) if not (p.isdigit() and i > 0 and parts[i - 1] == "experts")]
         index = next((i for i, p in enumerate(parts) if p.isdigit()), None)
         if index is None:
             tails[name] = (None, ".".join(parts))
@@ -91,18 +248,22 @@ def layer_and_module(names: list[str]) -> dict[str, tuple[int | None, str]]:
     return {name: (layer, tail.rsplit(".", 1)[-1] if short else tail) for name, (layer, tail) in tails.items()}
 
 
+Unit = tuple[str, int | None]  # (base tensor name, expert slice or None)
+
+
 def plan_jobs(base: Checkpoint, tuned: list[Checkpoint], *, include: tuple[str, ...] = (),
-              exclude: tuple[str, ...] = ()) -> Plan:
+              exclude: tuple[str, ...] = (), rename: Sequence[Rename] = ()) -> Plan:
     """Match every tuned checkpoint to the base and build one job per analysed base matrix.
 
     The user's selection is applied before anything is compared, so that --exclude always gets a matrix
     out of the way (a shape mismatch on it included); 2-D tensors that cannot be analysed (integer or
     quantized dtypes, unknown dtypes, no elements) are listed in `skipped` with the reason, on either side.
+    Fused 3-D expert tensors give one job per expert.  `rename` rewrites the tuned names before matching.
     """
     if base.kind != "full":
         raise MismatchError("the base must be a full checkpoint, not an adapter", path=base.reference,
                             fix="pass the model the adapter was trained on as --base")
-    base_2d = {n: e for n, e in base.tensors.items() if len(e.shape) == 2}
+    base_2d = {n: e for n, e in base.tensors.items() if len(e.shape) == 2 or is_fused_experts(n, e)}
     # Every 2-D name takes part in matching, so a tuned tensor whose base version is skipped is not
     # mistaken for one that exists only in the tuned checkpoint.
     matcher = NameMatcher(list(base_2d))
@@ -116,18 +277,20 @@ def plan_jobs(base: Checkpoint, tuned: list[Checkpoint], *, include: tuple[str, 
             skipped.append(Skipped(name, problem))
         else:
             base_matrices[name] = entry
-    selection = _Selection(base_2d, base_matrices, matcher)
-    sources: dict[str, list[TunedSource]] = {}
+    selection = _Selection(base_2d, base_matrices, matcher, base.model_type, tuple(rename))
+    sources: dict[Unit, list[TunedSource]] = {}
     for model in tuned:
         matched, found = (_match_adapter if model.kind == "lora" else _match_full)(model, selection, skipped)
         if not matched:
             raise MismatchError(
                 "no weight matrix matches the base checkpoint", path=model.reference,
-                fix=f"check that it is a fine-tune of {base.reference}",
+                fix=f"check that it is a fine-tune of {base.reference}"
+                    + (" (or map its names with --rename FROM=TO)" if not rename else ""),
             )
-        for name, source in found.items():
-            sources.setdefault(name, []).append(source)
-    names = [n for n in base_matrices if n in sources]
+        for unit, source in found.items():
+            sources.setdefault(unit, []).append(source)
+    changed = {name for name, _ in sources}
+    names = [n for n in base_matrices if n in changed]
     if not names:
         # Name a reason that is not the selection itself, when there is one: that is the surprising part.
         telling = [s for s in skipped if s.model is None and not s.reason.startswith("not selected")] or skipped
@@ -135,17 +298,20 @@ def plan_jobs(base: Checkpoint, tuned: list[Checkpoint], *, include: tuple[str, 
         raise MismatchError(f"no matrix left to analyse{example}", path=base.reference,
                             fix="widen --include or narrow --exclude; only F64/F32/F16/BF16 matrices are analysed")
     for name in base_matrices:
-        if name not in sources:
+        if name not in changed:
             skipped.append(Skipped(name, "not changed by any tuned model (adapter does not target it)"))
     labels = layer_and_module(names)
-    jobs = [
-        MatrixJob(matrix=n, layer=labels[n][0], module=labels[n][1], rows=base_matrices[n].shape[0],
-                  cols=base_matrices[n].shape[1], base=base_matrices[n], tuned=tuple(sources[n]),
-                  base_model=base.reference)
-        for n in names
-    ]
+    jobs = []
+    for name in names:
+        for expert, entry in _units(name, base_matrices[name]):
+            unit_sources = sources.get((name, expert if len(base_matrices[name].shape) == 3 else None))
+            if not unit_sources:
+                continue
+            jobs.append(MatrixJob(matrix=unit_name(name, base_matrices[name], expert), layer=labels[name][0],
+                                  module=labels[name][1], rows=entry.shape[0], cols=entry.shape[1], base=entry,
+                                  tuned=tuple(unit_sources), base_model=base.reference, expert=expert))
     # Largest first keeps the tail of a run short; ties keep checkpoint order, so runs are reproducible.
-    order = {n: i for i, n in enumerate(names)}
+    order = {j.matrix: i for i, j in enumerate(jobs)}
     jobs.sort(key=lambda j: (-j.cost, order[j.matrix]))
     return Plan(jobs=tuple(jobs), skipped=tuple(skipped))
 
@@ -157,18 +323,34 @@ class _Selection:
     base_2d: dict[str, TensorEntry]
     analysed: dict[str, TensorEntry]
     matcher: NameMatcher
+    model_type: str | None = None  # the base's config.json model_type
+    rename: tuple[Rename, ...] = ()
+
+
+def _renamed_names(model: Checkpoint, names: Iterable[str], rules: Sequence[Rename]) -> dict[str, str]:
+    """renamed name -> stored name; two stored names renamed alike are refused."""
+    out: dict[str, str] = {}
+    for name in names:
+        new = renamed(name, rules)
+        if new in out:
+            raise MismatchError(f"--rename maps both {out[new]!r} and {name!r} to {new!r}", path=model.reference,
+                                fix="make the --rename patterns more specific")
+        out[new] = name
+    return out
 
 
 def _match_full(model: Checkpoint, selection: _Selection,
-                skipped: list[Skipped]) -> tuple[int, dict[str, TunedSource]]:
-    """(how many 2-D tensors matched a base name, analysed base name -> source)."""
-    found: dict[str, TunedSource] = {}
+                skipped: list[Skipped]) -> tuple[int, dict[Unit, TunedSource]]:
+    """(how many 2-D tensors matched a base name, analysed (base name, expert) -> source)."""
+    found: dict[Unit, TunedSource] = {}
     accounted: set[str] = set()  # base names this model has a record for (a source or a skip)
     matched = 0
-    for name, entry in model.tensors.items():
-        if len(entry.shape) != 2:
-            continue
-        target = selection.matcher.match(name)
+    stored = _renamed_names(model, (n for n, e in model.tensors.items()
+                                    if len(e.shape) == 2 or is_fused_experts(n, e)), selection.rename)
+    targets = selection.matcher.match_all(stored, where=model.reference)
+    for new_name, name in stored.items():
+        entry = model.tensors[name]
+        target = targets.get(new_name)
         if target is None:
             skipped.append(Skipped(name, "only in the tuned checkpoint", model.reference))
             continue
@@ -189,7 +371,9 @@ def _match_full(model: Checkpoint, selection: _Selection,
                 f"shape {list(entry.shape)} differs from the base's {list(base_entry.shape)}",
                 path=entry.file, tensor=name, fix="the checkpoints are different architectures, or exclude it",
             )
-        found[target] = TunedSource(model=model.reference, update="full", full=entry)
+        for expert, unit in _units(target, entry):
+            key = (target, expert if len(entry.shape) == 3 else None)
+            found[key] = TunedSource(model=model.reference, update="full", full=unit)
     for target in selection.analysed:
         if target not in accounted:
             skipped.append(Skipped(target, "only in the base checkpoint", model.reference))
@@ -197,14 +381,18 @@ def _match_full(model: Checkpoint, selection: _Selection,
 
 
 def _match_adapter(model: Checkpoint, selection: _Selection,
-                   skipped: list[Skipped]) -> tuple[int, dict[str, TunedSource]]:
+                   skipped: list[Skipped]) -> tuple[int, dict[Unit, TunedSource]]:
     assert model.lora is not None
-    found: dict[str, TunedSource] = {}
+    found: dict[Unit, TunedSource] = {}
     unknown: list[str] = []
-    for module, factors in model.lora.factors.items():
-        target = selection.matcher.match(f"{module}.weight")
+    modules = _renamed_names(model, (f"{m}.weight" for m in model.lora.factors), selection.rename)
+    parameters = _renamed_names(model, {c for p in model.lora.parameters for c in p.candidates}, selection.rename)
+    targets = selection.matcher.match_all([*modules, *parameters], where=model.reference)
+    for new_name, weight in modules.items():
+        factors = model.lora.factors[weight.removesuffix(".weight")]
+        target = targets.get(new_name)
         if target is None:
-            unknown.append(module)
+            unknown.append(weight.removesuffix(".weight"))
             continue
         if target not in selection.analysed:  # not selected, or not analysable: the base's record says why
             continue
@@ -218,15 +406,99 @@ def _match_adapter(model: Checkpoint, selection: _Selection,
                 fix="the adapter was trained on a different base model" + (
                     "" if factors.fan_in_fan_out else " (or it needs fan_in_fan_out)") + ", or exclude it",
             )
-        found[target] = TunedSource(model=model.reference, update="lora" if factors.magnitude is None else "dora",
-                                    lora=factors)
+        found[(target, None)] = TunedSource(model=model.reference,
+                                            update="lora" if factors.magnitude is None else "dora", lora=factors)
+    by_stored = {stored: new for new, stored in parameters.items()}
+    for wrappers in _group_by_module(model.lora.parameters):
+        bases = {}
+        for candidate in wrappers[0].candidates:
+            target = targets.get(by_stored[candidate])
+            if target is None:
+                unknown.append(candidate)
+            else:
+                bases[candidate] = target
+        if not bases:
+            continue
+        for wrapper, (parameter, target) in _pair_parameters(model, wrappers, bases, selection).items():
+            if target not in selection.analysed:
+                continue
+            for key, factors in _parameter_factors(model, wrapper, parameter, selection.base_2d[target],
+                                                   selection.model_type).items():
+                found[(target, key)] = TunedSource(model=model.reference, update="lora", lora=factors)
     if unknown:
         trained_on = model.adapter.base_model_name_or_path if model.adapter else None
         raise MismatchError(
-            f"adapter targets {len(unknown)} module(s) the base does not have, e.g. {unknown[0]!r}",
+            f"adapter targets {len(unknown)} module(s) or parameter(s) the base does not have, e.g. {unknown[0]!r}",
             path=model.reference,
-            fix=f"pass the base it was trained on{f' ({trained_on})' if trained_on else ''} as --base",
+            fix=f"pass the base it was trained on{f' ({trained_on})' if trained_on else ''} as --base"
+                + (" (a fused expert parameter needs a base saved with fused experts)" if model.lora.parameters
+                   else ""),
         )
     for name, why in model.lora.other.items():
         skipped.append(Skipped(name, why, model.reference))
-    return len(model.lora.factors), found
+    return len(model.lora.factors) + len(model.lora.parameters), found
+
+
+def _group_by_module(parameters: Iterable[ParameterFactors]) -> list[list[ParameterFactors]]:
+    groups: dict[str, list[ParameterFactors]] = {}
+    for wrapper in parameters:
+        groups.setdefault(wrapper.module, []).append(wrapper)
+    return list(groups.values())
+
+
+def _fits(model: Checkpoint, wrapper: ParameterFactors, parameter: str, shape: tuple[int, ...]) -> bool:
+    """Whether A [r*E, in] / B [out, r*E] can be peft's factors of a parameter of this shape."""
+    assert model.adapter is not None
+    experts, d1, d2 = shape if len(shape) == 3 else (1, *shape)
+    stacked = rank_for(model.adapter, parameter) * experts
+    return (wrapper.a.shape[0] == stacked and {wrapper.a.shape[1], wrapper.b.shape[0]} == {d1, d2}
+            and (experts > 1 or (wrapper.b.shape[0], wrapper.a.shape[1]) == (d1, d2)))
+
+
+def _pair_parameters(model: Checkpoint, wrappers: list[ParameterFactors], bases: dict[str, str],
+                     selection: _Selection) -> dict[ParameterFactors, tuple[str, str]]:
+    """Which targeted parameter each nested wrapper of one module adapts, from shapes alone.
+
+    peft saves nested wrappers as module / module.base_layer / ..., in the order the module registered its
+    parameters, which the file does not record; shapes decide, and a tie is refused rather than guessed.
+    """
+    pairs: dict[ParameterFactors, tuple[str, str]] = {}
+    taken: set[str] = set()
+    for wrapper in wrappers:
+        fitting = [p for p, t in bases.items() if _fits(model, wrapper, p, selection.base_2d[t].shape)]
+        if len(fitting) != 1 or fitting[0] in taken:
+            shapes = {p: list(selection.base_2d[t].shape) for p, t in bases.items()}
+            raise MismatchError(
+                f"cannot tell which parameter the factors lora_A {list(wrapper.a.shape)} / lora_B "
+                f"{list(wrapper.b.shape)} adapt: {'several fit' if len(fitting) > 1 else 'none fits'} of {shapes}",
+                path=model.reference, tensor=wrapper.a.name,
+                fix="the adapter was trained on a different base model (or target_parameters does not match it)")
+        taken.add(fitting[0])
+        pairs[wrapper] = (fitting[0], bases[fitting[0]])
+    return pairs
+
+
+def _parameter_factors(model: Checkpoint, wrapper: ParameterFactors, parameter: str, base: TensorEntry,
+                       model_type: str | None) -> dict[int | None, LoraFactors]:
+    """Per-expert factors of one ParamWrapper, oriented as peft's get_delta_weight orients them.
+
+    peft: in/out come from the parameter; a 3-D [E, d1, d2] parameter counts as [E, out, in] (delta
+    B_e @ A_e) unless its module says is_transposed ([E, in, out], delta (B_e @ A_e)^T); with E == 1 the
+    delta is B @ A as for nn.Linear.
+    """
+    assert model.adapter is not None
+    rank = rank_for(model.adapter, parameter)
+    scale = scale_for(model.adapter, parameter, rank)
+    out_dim, in_dim = wrapper.b.shape[0], wrapper.a.shape[1]
+    if len(base.shape) == 2:
+        return {None: LoraFactors(a=wrapper.a, b=wrapper.b, rank=rank, scale=scale,
+                                                  fan_in_fan_out=False)}
+    experts, d1, d2 = base.shape
+    if experts == 1:
+        transposed = False
+    elif d1 != d2:
+        transposed = (d1, d2) == (in_dim, out_dim)
+    else:
+        transposed = model_type in TRANSPOSED_EXPERT_MODEL_TYPES
+    return {e: LoraFactors(a=wrapper.a, b=wrapper.b, rank=rank, scale=scale, fan_in_fan_out=transposed,
+                           expert=e, num_experts=experts) for e in range(experts)}

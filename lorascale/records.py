@@ -54,6 +54,9 @@ class TensorEntry:
     data_start: int  # absolute byte offsets of the data in `file`
     data_end: int
     hub: HubFile | None = None  # set when `file` is in a hub cache (io/resolve.hub_file finds it elsewhere)
+    # Set on one expert's slice of a fused [num_experts, d1, d2] tensor `name` (plan.expert_slice): then
+    # shape is the slice's (d1, d2) and data_start/data_end its contiguous byte range inside the 3-D tensor.
+    expert: int | None = None
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,7 @@ class AdapterSettings:
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     target_modules: tuple[str, ...] | str | None = None
+    target_parameters: tuple[str, ...] = ()  # parameter paths (peft's ParamWrapper, e.g. mlp.experts.gate_up_proj)
     base_model_name_or_path: str | None = None
 
 
@@ -79,7 +83,11 @@ class LoraFactors:
     b: TensorEntry
     rank: int
     scale: float  # lora_alpha / r, or lora_alpha / sqrt(r) with rsLoRA
-    fan_in_fan_out: bool  # W0 stored [in, out] (GPT-2 Conv1D): add (B @ A)^T
+    fan_in_fan_out: bool  # W0 stored [in, out] (GPT-2 Conv1D, [E, in, out] experts): add (B @ A)^T
+    # peft's ParamWrapper on a fused [E, d1, d2] expert parameter: A is [r*E, in] and B [out, r*E]; expert e
+    # uses rows e*r..(e+1)*r of A and columns e, e+E, ... of B (peft reshapes B to (out, r, E)).
+    expert: int | None = None
+    num_experts: int = 1
     magnitude: TensorEntry | None = None  # DoRA's lora_magnitude_vector m [out]; None for plain LoRA
 
 
@@ -105,6 +113,7 @@ class MatrixJob:
     base: TensorEntry
     tuned: tuple[TunedSource, ...]
     base_model: str  # the base reference exactly as given: labels the base rows, as TunedSource.model does
+    expert: int | None = None  # expert index for MoE expert matrices (per-expert tensors or fused slices)
 
     @property
     def cost(self) -> float:

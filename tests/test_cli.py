@@ -189,3 +189,12 @@ def test_run_with_report_and_summary_commands(llama, tmp_path):
     missing = invoke("summary", tmp_path / "nowhere")
     # A results directory that is not there: OutputError (README "Errors": 6, output directory unusable).
     assert missing.exit_code == 6 and len(missing.stderr.strip().splitlines()) == 1
+
+
+def test_bad_rename_is_exit_2_naming_the_option(tmp_path):
+    result = invoke("run", "--base", tmp_path / "base", "--tuned", tmp_path / "tuned", "--out", tmp_path / "out",
+                    "--rename", "layers.(\\d+=h.\\1", "--quiet")
+    assert result.exit_code == 2
+    assert "--rename" in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()

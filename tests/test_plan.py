@@ -12,8 +12,9 @@ import pytest
 from lorascale.errors import CheckpointFormatError, MismatchError
 from lorascale.io.adapter import index_adapter
 from lorascale.io.checkpoint import Checkpoint
-from lorascale.plan import NameMatcher, layer_and_module, plan_jobs, selected
-from lorascale.records import AdapterSettings, ResolvedCheckpoint, TensorEntry
+from lorascale.errors import OptionError
+from lorascale.plan import NameMatcher, layer_and_module, parse_renames, plan_jobs, selected
+from lorascale.records import AdapterSettings, ResolvedCheckpoint, Skipped, TensorEntry
 
 LLAMA_SHAPES = {"self_attn.q_proj": (64, 64), "self_attn.k_proj": (32, 64), "self_attn.v_proj": (32, 64),
                 "self_attn.o_proj": (64, 64), "mlp.gate_proj": (128, 64), "mlp.up_proj": (128, 64),
@@ -100,8 +101,114 @@ def test_matcher_base_with_extra_prefix():
 
 def test_matcher_refuses_ambiguous_suffixes():
     matcher = NameMatcher(["encoder.layer.0.dense.weight", "decoder.layer.0.dense.weight"])
-    assert matcher.match("layer.0.dense.weight") is None  # could be either
+    with pytest.raises(MismatchError, match="'encoder.layer.0.dense.weight' and 'decoder.layer.0.dense.weight'"):
+        matcher.match("layer.0.dense.weight")  # could be either
     assert matcher.match("x.encoder.layer.0.dense.weight") == "encoder.layer.0.dense.weight"
+
+
+@pytest.mark.parametrize(("base_prefix", "tuned_prefix"), [
+    ("model.", "transformer."), ("transformer.", "model."), ("", "model."), ("model.", ""),
+    ("bert.", ""), ("", "bert."), ("base_model.model.model.", "model."), ("model.", "base_model.model.x."),
+])
+def test_prefixes_in_either_direction_are_matched(base_prefix, tuned_prefix):
+    base = full("base", llama_names(prefix=base_prefix))
+    plan = plan_jobs(base, [full("tuned", llama_names(prefix=tuned_prefix))])
+    assert {j.matrix for j in plan.jobs} == {f"{base_prefix}layers.{i}.{m}.weight" for i in range(2)
+                                             for m in LLAMA_SHAPES}
+    assert all(j.tuned[0].full.name == tuned_prefix + j.matrix.removeprefix(base_prefix) for j in plan.jobs)
+
+
+def test_task_head_is_not_matched_to_a_lookalike_base_tensor():
+    """RobertaForSequenceClassification has classifier.dense but no pooler; the base RobertaModel has a pooler:
+    both end in dense.weight with the same shape, yet they are different tensors (their prefixes are not the
+    checkpoint's prefix pair roberta. / '')."""
+    base = full("base", bert_names())
+    tuned_shapes = {n: s for n, s in bert_names(prefix="roberta.").items() if "pooler" not in n}
+    tuned_shapes |= {"classifier.dense.weight": (32, 32), "classifier.out_proj.weight": (2, 32)}
+    plan = plan_jobs(base, [full("tuned", tuned_shapes)])
+    assert "pooler.dense.weight" not in {j.matrix for j in plan.jobs}
+    assert Skipped("classifier.dense.weight", "only in the tuned checkpoint", "tuned") in plan.skipped
+    assert Skipped("pooler.dense.weight", "only in the base checkpoint", "tuned") in plan.skipped
+
+
+def test_ambiguous_suffix_names_both_candidates():
+    """A multimodal base holds the same path under two towers; a tuned checkpoint without the tower prefix
+    cannot be matched, and the error names both base tensors."""
+    base = full("base", llama_names(prefix="language_model.") | llama_names(prefix="vision_model."))
+    with pytest.raises(MismatchError, match=r"'language_model\.layers\.\d\..*' and 'vision_model\.layers"):
+        plan_jobs(base, [full("tuned", llama_names(prefix=""))])
+    # Two tuned names for one base name: ambiguous the other way round, both tuned names named.
+    tuned = full("tuned2", llama_names(prefix="a.") | llama_names(prefix="b."))
+    with pytest.raises(MismatchError, match=r"'a\.layers.*' and 'b\.layers"):
+        plan_jobs(full("base", llama_names(prefix="")), [tuned])
+
+
+def test_rename_maps_names_the_suffix_rule_cannot():
+    gpt_like = {n.replace("model.layers.", "h.").replace("self_attn.", "attn."): s
+                for n, s in llama_names().items()}
+    plan = plan_jobs(full("base", llama_names()), [full("tuned", gpt_like)])
+    # h.0.mlp.gate_proj finds model.layers.0.mlp.gate_proj (prefixes h. / model.layers.), but the attention
+    # matrices share no suffix beyond q_proj.weight, which leaves out the layer index: they stay unmatched.
+    assert Skipped("h.0.attn.q_proj.weight", "only in the tuned checkpoint", "tuned") in plan.skipped
+    assert len(plan.jobs) == 2 * 3
+    rules = parse_renames([r"^h\.=model.layers.", r"\.attn\.=.self_attn."])
+    plan = plan_jobs(full("base", llama_names()), [full("tuned", gpt_like)], rename=rules)
+    assert len(plan.jobs) == 2 * len(LLAMA_SHAPES)
+    job = next(j for j in plan.jobs if j.matrix == "model.layers.1.self_attn.q_proj.weight")
+    assert job.tuned[0].full.name == "h.1.attn.q_proj.weight"  # the stored name is read, the base's is reported
+    # Groups work; the rename also applies to adapter module paths.
+    rules = parse_renames([r"^transformer\.blocks\.(\d+)\.=model.layers.\1."])
+    lora = adapter("lora", {"transformer.blocks.0.self_attn.q_proj": (64, 64)})
+    (job,) = plan_jobs(full("base", llama_names()), [lora], rename=rules).jobs
+    assert job.matrix == "model.layers.0.self_attn.q_proj.weight"
+
+
+def test_rename_that_merges_two_names_is_refused():
+    rules = parse_renames([r"layers\.\d+\.=layers.0."])
+    with pytest.raises(MismatchError, match="--rename maps both"):
+        plan_jobs(full("base", llama_names()), [full("tuned", llama_names())], rename=rules)
+
+
+@pytest.mark.parametrize("spec", ["(unclosed=x", "no-equals-sign", "=x", r"a=\2", r"(?P<n>a)=\g<m>"])
+def test_bad_rename_is_an_option_error(spec):
+    with pytest.raises(OptionError, match="--rename") as info:
+        parse_renames([spec])
+    assert info.value.exit_code == 2
+
+
+# --- Mixture-of-experts -----------------------------------------------------------------------------------------
+
+
+def test_fused_expert_tensor_is_one_job_per_expert_with_byte_ranges():
+    shapes = llama_names() | {"model.layers.0.mlp.experts.gate_up_proj": (4, 16, 64),
+                              "model.layers.0.mlp.experts.down_proj": (4, 64, 8),
+                              "model.layers.0.mlp.gate.weight": (4, 64),
+                              "model.layers.0.conv.weight": (8, 4, 3)}  # 3-D outside experts: not analysed
+    base, tuned = full("base", shapes), full("tuned", {f"x.{n}": s for n, s in shapes.items()})
+    plan = plan_jobs(base, [tuned])
+    jobs = {j.matrix: j for j in plan.jobs}
+    fused = base.tensors["model.layers.0.mlp.experts.gate_up_proj"]
+    for e in range(4):
+        job = jobs[f"model.layers.0.mlp.experts.gate_up_proj[{e}]"]
+        # mlp.down_proj and mlp.experts.down_proj share a last component: modules are paths after the layer
+        assert (job.expert, job.rows, job.cols, job.layer, job.module) == (e, 16, 64, 0, "mlp.experts.gate_up_proj")
+        assert (job.base.data_start, job.base.data_end) == (e * 16 * 64 * 4, (e + 1) * 16 * 64 * 4)
+        assert job.base.name == fused.name and job.base.expert == e and job.base.shape == (16, 64)
+        assert job.tuned[0].full.name == "x.model.layers.0.mlp.experts.gate_up_proj"
+        assert job.tuned[0].full.data_start == e * 16 * 64 * 4
+    assert jobs["model.layers.0.mlp.gate.weight"].expert is None  # the router: a plain 2-D matrix
+    assert not any("conv" in name for name in jobs)
+
+
+def test_per_expert_names_carry_their_expert_and_share_a_module():
+    names = ["model.layers.3.block_sparse_moe.experts.0.w1.weight", "model.layers.3.block_sparse_moe.experts.7.w1.weight",
+             "model.layers.3.block_sparse_moe.gate.weight", "model.layers.3.self_attn.q_proj.weight"]
+    labels = layer_and_module(names)
+    assert labels[names[0]] == labels[names[1]] == (3, "w1")
+    assert labels[names[2]] == (3, "gate")
+    shapes = {n: (8, 16) for n in names}
+    plan = plan_jobs(full("base", shapes), [full("tuned", shapes)])
+    assert {j.matrix: j.expert for j in plan.jobs} == {names[0]: 0, names[1]: 7, names[2]: None, names[3]: None}
 
 
 def test_full_tuned_with_task_prefix_and_head(tmp_path):

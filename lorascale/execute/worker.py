@@ -112,8 +112,13 @@ def _compare_source(source: TunedSource, w0: torch.Tensor, base: BaseSpectrum, d
         return compare_to_base(base, w, w0=w0, **numerics)
     factors = source.lora
     assert factors is not None
-    a = to_compute(load(factors.a), factors.a, dtype=dtype, device=options.device)  # (r, n)
-    b = to_compute(load(factors.b), factors.b, dtype=dtype, device=options.device)  # (m, r)
+    a, b = load(factors.a), load(factors.b)
+    if factors.expert is not None:  # peft ParamWrapper: one expert's factors out of the stacked ones
+        first = factors.expert * factors.rank
+        a = a[first:first + factors.rank]  # (r*E, n) -> (r, n)
+        b = b[:, factors.expert::factors.num_experts]  # (m, r*E) viewed as (m, r, E) -> (m, r)
+    a = to_compute(a, factors.a, dtype=dtype, device=options.device)  # (r, n)
+    b = to_compute(b, factors.b, dtype=dtype, device=options.device)  # (m, r)
     if factors.magnitude is not None:
         return _compare_dora(factors, a, b, w0, base, dtype, options, load, numerics, matrix=matrix)
     update = factors.scale * (b @ a)  # (m, r) @ (r, n) -> (m, n)
@@ -188,7 +193,8 @@ class _RowBuilder:
             matrix=np.full(p, self.job.matrix, dtype=object), side=np.full(p, side, dtype=object),
             rank=np.arange(p, dtype=np.int32), sigma=sigma.astype(np.float64),
             max_cos=max_cos if max_cos is not None else np.full(p, np.nan),
-            argmax=argmax.astype(np.int32) if argmax is not None else np.full(p, -1, np.int32))
+            argmax=argmax.astype(np.int32) if argmax is not None else np.full(p, -1, np.int32),
+            expert=np.full(p, self.job.expert, dtype=object))
 
     def add_base(self, base: BaseSpectrum) -> None:
         """The base's spectrum rows, one block per side, labelled with the job's base_model."""
@@ -206,7 +212,8 @@ class _RowBuilder:
             delta_fro=comparison.delta_fro, delta_rel=comparison.delta_rel,
             delta_effective_rank=comparison.delta_effective_rank,
             intruders=intruder_count(comparison.sides[first_side].max_cos, self.options.k, self.options.epsilon),
-            null_max_cos=base.null_max_cos[first_side], seconds=seconds, method=_method(comparison))
+            null_max_cos=base.null_max_cos[first_side], seconds=seconds, method=_method(comparison),
+            expert=self.job.expert)
         for side, result in comparison.sides.items():
             self._spectrum(source.model, "tuned", side, comparison.s, result.max_cos, result.argmax)
             b = result.block.shape[0]
@@ -215,7 +222,8 @@ class _RowBuilder:
                 model=np.full(tuned_rank.size, source.model, dtype=object),
                 matrix=np.full(tuned_rank.size, self.job.matrix, dtype=object),
                 side=np.full(tuned_rank.size, side, dtype=object), tuned_rank=tuned_rank.astype(np.int32),
-                base_rank=base_rank.astype(np.int32), cos=result.block.reshape(-1))
+                base_rank=base_rank.astype(np.int32), cos=result.block.reshape(-1),
+                expert=np.full(tuned_rank.size, self.job.expert, dtype=object))
 
     def result(self) -> MatrixResult:
         """The rows gathered so far, as one MatrixResult."""

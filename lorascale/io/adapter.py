@@ -54,7 +54,6 @@ def read_adapter_settings(path: Path) -> AdapterSettings:
                                       fix="adapter_config.json is inconsistent; re-save the adapter with peft")
     unsupported = {
         "lora_bias": "adapters with a LoRA bias (lora_bias) also change the bias",
-        "target_parameters": "adapters on raw parameters (target_parameters) are not supported",
         "layer_replication": "adapters with layer_replication change the model's depth",
     }
     for key, why in unsupported.items():
@@ -64,6 +63,9 @@ def read_adapter_settings(path: Path) -> AdapterSettings:
     if not (target is None or isinstance(target, str)
             or (isinstance(target, list) and all(isinstance(t, str) for t in target))):
         raise _bad(path, "target_modules", target, "a module name or a list of them")
+    parameters = config.get("target_parameters")
+    if not (parameters is None or (isinstance(parameters, list) and all(isinstance(t, str) for t in parameters))):
+        raise _bad(path, "target_parameters", parameters, "a list of parameter names")
     base_model = config.get("base_model_name_or_path")
     return AdapterSettings(
         r=_rank(path, "r", config.get("r", PEFT_DEFAULT_R)),
@@ -76,6 +78,7 @@ def read_adapter_settings(path: Path) -> AdapterSettings:
         alpha_pattern={key: _alpha(path, f"alpha_pattern[{key!r}]", value)
                        for key, value in _patterns(path, config, "alpha_pattern").items()},
         target_modules=tuple(target) if isinstance(target, list) else target,
+        target_parameters=tuple(parameters or ()),
         base_model_name_or_path=base_model if isinstance(base_model, str) else None,
     )
 
@@ -141,11 +144,37 @@ def scale_for(settings: AdapterSettings, module: str, rank: int) -> float:
 
 
 @dataclass(frozen=True)
+class ParameterFactors:
+    """One peft ParamWrapper (target_parameters): A [r*E, in] and B [out, r*E] on one parameter of `module`.
+
+    Several parameters of one module nest their wrappers (module, module.base_layer, ...), and the saved keys
+    do not say which parameter each wrapper adapts: plan.py pairs them by the base tensors' shapes.
+    """
+
+    module: str  # module path without the ".base_layer" chain (PEFT prefix stripped)
+    a: TensorEntry
+    b: TensorEntry
+    candidates: tuple[str, ...]  # parameter paths of `module` that target_parameters names
+
+
+@dataclass(frozen=True)
 class AdapterIndex:
     """The adapted modules of one adapter, keyed by module path (PEFT prefix stripped)."""
 
     factors: dict[str, LoraFactors]  # module path -> factors; the base weight is f"{module}.weight"
     other: dict[str, str]  # stored tensor name -> why it is not analysed
+    parameters: tuple[ParameterFactors, ...] = ()  # wrappers on raw parameters (target_parameters)
+
+
+def targeted_parameters(settings: AdapterSettings, module: str) -> tuple[str, ...]:
+    """Parameter paths of `module` named by target_parameters (peft: the key, or a dotted suffix of it)."""
+    found = []
+    for target in settings.target_parameters:
+        parameter = target.rpartition(".")[2]
+        key = f"{module}.{parameter}"
+        if key == target or key.endswith(f".{target}"):
+            found.append(key)
+    return tuple(dict.fromkeys(found))
 
 
 def index_adapter(path: Path, settings: AdapterSettings, tensors: dict[str, TensorEntry]) -> AdapterIndex:
@@ -174,12 +203,28 @@ def index_adapter(path: Path, settings: AdapterSettings, tensors: dict[str, Tens
         halves.setdefault(module, {})[match["which"]] = entry
 
     factors: dict[str, LoraFactors] = {}
+    parameters: list[ParameterFactors] = []
     for module, pair in halves.items():
         if set(pair) != {"A", "B"}:
             missing = "lora_B" if "A" in pair else "lora_A"
             raise CheckpointFormatError(f"module {module} has no {missing} tensor", path=path,
                                         fix="the adapter file is incomplete; re-save it")
         a, b = pair["A"], pair["B"]
+        owner = module
+        while owner.endswith(".base_layer"):  # nested ParamWrappers: one level per targeted parameter
+            owner = owner.removesuffix(".base_layer")
+        candidates = targeted_parameters(settings, owner)
+        if candidates and len(a.shape) == 2 and len(b.shape) == 2:
+            if b.shape[1] != a.shape[0]:
+                raise CheckpointFormatError(
+                    f"lora_A is {list(a.shape)} but lora_B is {list(b.shape)}: inner ranks differ",
+                    path=path, tensor=b.name, fix="the adapter file is corrupt; re-save it")
+            problem = next((p for p in map(dtype_not_analysed, (a.dtype, b.dtype)) if p is not None), None)
+            if problem is not None:
+                other[a.name] = f"LoRA factors not analysed: {problem}"
+                continue
+            parameters.append(ParameterFactors(module=owner, a=a, b=b, candidates=candidates))
+            continue
         if len(a.shape) != 2 or len(b.shape) != 2:
             other[a.name] = f"LoRA factors of shape {list(a.shape)}/{list(b.shape)} (convolution?) are not analysed"
             continue
@@ -201,7 +246,7 @@ def index_adapter(path: Path, settings: AdapterSettings, tensors: dict[str, Tens
                                       fan_in_fan_out=settings.fan_in_fan_out)
     if magnitudes or settings.use_dora:
         _attach_magnitudes(path, settings, tensors, factors, magnitudes, halves, other)
-    return AdapterIndex(factors=factors, other=other)
+    return AdapterIndex(factors=factors, other=other, parameters=tuple(parameters))
 
 
 def _attach_magnitudes(path: Path, settings: AdapterSettings, tensors: dict[str, TensorEntry],
@@ -247,3 +292,8 @@ def _attach_magnitudes(path: Path, settings: AdapterSettings, tensors: dict[str,
             f"adapter_config.json sets use_dora but module {missing[0]} has no lora_magnitude_vector"
             + (f" (nor {len(missing) - 1} more)" if len(missing) > 1 else ""),
             path=path, tensor=factors[missing[0]].b.name, fix="the adapter file is incomplete; re-save it with peft")
+
+
+def rank_for(settings: AdapterSettings, key: str) -> int:
+    """The configured rank of one module or parameter path (rank_pattern, else r)."""
+    return _pattern_value(settings.rank_pattern, key, settings.r)

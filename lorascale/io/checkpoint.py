@@ -7,7 +7,7 @@ from pathlib import Path
 
 from lorascale.errors import CheckpointFormatError
 from lorascale.io.adapter import AdapterIndex, index_adapter, read_adapter_settings
-from lorascale.io.jsonfiles import read_weight_map
+from lorascale.io.jsonfiles import read_json_file, read_weight_map
 from lorascale.io.resolve import remote_header
 from lorascale.io.safetensors_header import index_files, parse_header
 from lorascale.records import AdapterSettings, HubFile, Kind, ResolvedCheckpoint, TensorEntry, Update
@@ -21,6 +21,7 @@ class Checkpoint:
     tensors: dict[str, TensorEntry]
     adapter: AdapterSettings | None = None
     lora: AdapterIndex | None = None
+    model_type: str | None = None  # config.json's model_type, when there is one (fused expert layouts)
 
     @property
     def reference(self) -> str:
@@ -58,7 +59,20 @@ def open_checkpoint(resolved: ResolvedCheckpoint) -> Checkpoint:
         settings = read_adapter_settings(resolved.adapter_config)
         return Checkpoint(resolved, tensors, settings,
                           index_adapter(resolved.weight_files[0], settings, tensors))
-    return Checkpoint(resolved, tensors)
+    return Checkpoint(resolved, tensors, model_type=_model_type(resolved.config))
+
+
+def _model_type(config: Path | None) -> str | None:
+    """config.json's model_type; only consulted to orient square fused expert tensors, so a config that
+    cannot be read counts as none rather than failing the run."""
+    if config is None or not config.is_file():
+        return None
+    try:
+        data = read_json_file(config, what="model config", fix="re-save the model with save_pretrained")
+    except CheckpointFormatError:
+        return None
+    value = data.get("model_type") if isinstance(data, dict) else None
+    return value if isinstance(value, str) else None
 
 
 def _with_hub_origin(resolved: ResolvedCheckpoint, tensors: dict[str, TensorEntry]) -> dict[str, TensorEntry]:

@@ -33,7 +33,8 @@ from lorascale.store.schema import MANIFEST, REPORT_DIR, TABLES, is_report_direc
 from lorascale.store.writer import ResultWriter, completed_pairs, is_part_file, part_numbers, remove_orphans
 
 # Options that change the numbers: a rerun with other values is another run, not a continuation.
-_RUN_OPTIONS = ("k", "epsilon", "side", "precision", "include", "exclude", "mode", "top_k")
+# "rename" is recorded only when given, so runs written before the option existed keep their identity.
+_RUN_OPTIONS = ("k", "epsilon", "side", "precision", "include", "exclude", "mode", "top_k", "rename")
 
 
 def now() -> str:

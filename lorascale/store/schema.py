@@ -26,6 +26,11 @@ METHOD_TOPK = "topk"  # --mode topk: top-K triplets by block Krylov iteration, a
 METHOD_TOPK_FALLBACK = "topk->exact"  # --mode topk, the guard failed (flat spectrum): the full SVD was used
 METHODS = (METHOD_EXACT, METHOD_TOPK, METHOD_TOPK_FALLBACK)
 
+# The expert of a mixture-of-experts matrix (per-expert tensor `experts.N.*`, or slice N of a fused 3-D expert
+# tensor, whose `matrix` is then `name[N]`); null for every other matrix.  Added after the first release: last
+# and nullable in every table, so older readers keep working and runs written before it read as null.
+EXPERT_FIELD = pa.field("expert", pa.int32())
+
 # One row per (tuned model, matrix).
 MATRICES_SCHEMA = pa.schema(
     [
@@ -45,6 +50,7 @@ MATRICES_SCHEMA = pa.schema(
         # One of METHODS.  Added after the first release, last and nullable so that older readers keep working
         # and runs written before it read as null.
         pa.field("method", pa.string()),
+        EXPERT_FIELD,
     ]
 )
 
@@ -59,6 +65,7 @@ SPECTRA_SCHEMA = pa.schema(
         pa.field("sigma", pa.float64(), nullable=False),
         pa.field("max_cos", pa.float64()),  # max_i |cos(tuned_j, base_i)| over ALL base vectors
         pa.field("argmax", pa.int32()),  # the base rank i reaching it
+        EXPERT_FIELD,
     ]
 )
 
@@ -71,6 +78,7 @@ SIMILARITY_SCHEMA = pa.schema(
         pa.field("tuned_rank", pa.int32(), nullable=False),
         pa.field("base_rank", pa.int32(), nullable=False),
         pa.field("cos", pa.float64(), nullable=False),
+        EXPERT_FIELD,
     ]
 )
 
