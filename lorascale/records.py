@@ -31,6 +31,11 @@ class ResolvedCheckpoint:
     file_hashes: dict[str, str] = field(default_factory=dict, compare=False)  # file name -> sha256 when known
     headers_only: bool = False  # hub: weight files not fetched; headers come by HTTP range (inspect)
 
+    @property
+    def weight_format(self) -> Literal["safetensors", "pytorch"]:
+        """"pytorch" for pickled torch.save weights (.bin, indexed by io/torch_bin.py), else "safetensors"."""
+        return "pytorch" if any(p.suffix == ".bin" for p in self.weight_files) else "safetensors"
+
 
 @dataclass(frozen=True)
 class HubFile:
@@ -43,7 +48,7 @@ class HubFile:
 
 @dataclass(frozen=True)
 class TensorEntry:
-    """One tensor as described by a safetensors header; no data is read to build it."""
+    """One tensor as described by a safetensors header or a torch.save zip; no data is read to build it."""
 
     name: str  # the name stored in the file
     file: Path
@@ -52,6 +57,9 @@ class TensorEntry:
     data_start: int  # absolute byte offsets of the data in `file`
     data_end: int
     hub: HubFile | None = None  # set when `file` is in a hub cache (io/resolve.hub_file finds it elsewhere)
+    # Element strides of a non-contiguous view saved by torch.save (data_start..data_end spans the view);
+    # None: contiguous row-major, as every safetensors tensor is.
+    strides: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
