@@ -109,6 +109,9 @@ def _print_summary(out: Path) -> None:
 @click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
               help="Cache of base SVDs, reused across runs (default: $LORASCALE_CACHE_DIR or ~/.cache/lorascale).")
 @click.option("--no-cache", is_flag=True, help="Neither read nor write the base-SVD cache.")
+@click.option("--no-pickle", is_flag=True,
+              help="Refuse pickled .bin weights (read otherwise, only when a checkpoint has no safetensors, "
+                   "with torch's restricted weights_only loader).")
 @click.option("--include", multiple=True, help="Glob on base tensor names to analyse (repeatable).")
 @click.option("--exclude", multiple=True, help="Glob on base tensor names to skip (repeatable).")
 @click.option("--rename", multiple=True, metavar="FROM=TO",
@@ -130,7 +133,7 @@ def run(base: str, tuned: tuple[str, ...], out: Path, k: int, epsilon: float, si
         device: str, include: tuple[str, ...], exclude: tuple[str, ...], overwrite: bool, resume: bool,
         quiet: bool, ray_address: str | None, workers: int | None, cpus_per_worker: float | None,
         gpus_per_worker: float | None, backend: str, mode: str, top_k: int, cache_dir: Path | None,
-        no_cache: bool, make_report: bool, rename: tuple[str, ...]) -> None:
+        no_cache: bool, no_pickle: bool, make_report: bool, rename: tuple[str, ...]) -> None:
     """Compare BASE with each --tuned checkpoint and write Parquet tables to --out."""
     from lorascale.execute.executor import public_command
     from lorascale.pipeline import compare
@@ -142,7 +145,7 @@ def run(base: str, tuned: tuple[str, ...], out: Path, k: int, epsilon: float, si
                          device=device, include=include, exclude=exclude, rename=rename, overwrite=overwrite,
                          resume=resume, ray_address=ray_address, workers=workers, cpus_per_worker=cpus_per_worker,
                          gpus_per_worker=gpus_per_worker, backend=backend, mode=mode, top_k=top_k,
-                         cache_dir=cache_dir, use_cache=not no_cache, progress=progress,
+                         cache_dir=cache_dir, use_cache=not no_cache, no_pickle=no_pickle, progress=progress,
                          command=shlex.join(["lorascale", *argv]))
     finally:
         progress.close()
@@ -158,11 +161,12 @@ def run(base: str, tuned: tuple[str, ...], out: Path, k: int, epsilon: float, si
 @main.command()
 @click.argument("reference")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
-def inspect(reference: str, as_json: bool) -> None:
-    """Describe a checkpoint: kind, shards, dtypes, matrices, adapter settings."""
+@click.option("--no-pickle", is_flag=True, help="Refuse pickled .bin weights.")
+def inspect(reference: str, as_json: bool, no_pickle: bool) -> None:
+    """Describe a checkpoint: kind, format, shards, dtypes, matrices, adapter settings."""
     from lorascale.inspect import describe_checkpoint
 
-    info = describe_checkpoint(reference)
+    info = describe_checkpoint(reference, allow_pickle=not no_pickle)
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return

@@ -10,17 +10,20 @@ from lorascale.io.resolve import resolve
 from lorascale.plan import layer_and_module, matrix_problem, selected
 
 
-def describe_checkpoint(reference: str) -> dict:
+def describe_checkpoint(reference: str, *, allow_pickle: bool = True) -> dict:
     """Kind, files, dtypes, matrices and adapter settings of one checkpoint reference.
 
     Reads headers and configs only: a Hub repo's weight files are not downloaded (their headers come by HTTP
-    range requests; offline, from the local hub cache).
+    range requests; offline, from the local hub cache).  Pickled .bin weights are indexed through torch's
+    restricted loader (downloaded first from the Hub: their index is inside the file); `allow_pickle=False`
+    refuses them.
     """
-    checkpoint = open_checkpoint(resolve(reference, headers_only=True))
+    checkpoint = open_checkpoint(resolve(reference, headers_only=True, allow_pickle=allow_pickle))
     resolved = checkpoint.resolved
     tensors = checkpoint.tensors
     info: dict = {
-        "reference": reference, "kind": checkpoint.update, "source": resolved.source, "path": str(resolved.root),
+        "reference": reference, "kind": checkpoint.update, "format": resolved.weight_format,
+        "source": resolved.source, "path": str(resolved.root),
         "repo_id": resolved.repo_id, "revision": resolved.revision,
         "files": [{"name": p.name, "bytes": _size(p, tensors)} for p in resolved.weight_files],
         "tensors": len(tensors),

@@ -85,7 +85,7 @@ def compare(base: str, tuned: Sequence[str], out: str | Path, *, k: int = 10, ep
             include: Sequence[str] = (), exclude: Sequence[str] = (), rename: Sequence[str] = (),
             overwrite: bool = False, resume: bool = False, driver: str | None = None, backend: str = "auto", mode: str = "exact",
             top_k: int = 64, cache_dir: str | Path | None = None, use_cache: bool = True,
-            executor: Executor | None = None,
+            no_pickle: bool = False, executor: Executor | None = None,
             ray_address: str | None = None, workers: int | None = None, cpus_per_worker: float | None = None,
             gpus_per_worker: float | None = None, progress: ProgressCallback | None = None,
             command: str | None = None) -> RunResult:
@@ -101,6 +101,8 @@ def compare(base: str, tuned: Sequence[str], out: str | Path, *, k: int = 10, ep
     (and adapter module path) before it is matched to the base's names; base names are never renamed.
     `mode="topk"` computes max_cos only for the top `top_k` tuned vectors (numerics/topk.py).  Base SVDs
     are cached in `cache_dir` (default settings.cache_dir()) unless `use_cache=False` (store/svd_cache.py).
+    Pickled .bin weights (only when a checkpoint has no safetensors) are read with torch's restricted loader;
+    `no_pickle=True` refuses them.
 
     >>> lorascale.compare(base="meta-llama/Llama-2-7b-hf",  # doctest: +SKIP
     ...                   tuned=["LoRA-TMLR-2024/magicoder-lora-rank-16-alpha-32"], out="results")
@@ -120,7 +122,8 @@ def compare(base: str, tuned: Sequence[str], out: str | Path, *, k: int = 10, ep
                                              driver=driver, backend=backend, mode=mode, top_k=top_k,
                                              cache_dir=cache_dir if use_cache else None))
     # Everything that can be wrong with the input is found here, before the output directory is touched.
-    base_checkpoint, *tuned_checkpoints = _open_checkpoints([base, *tuned], include, exclude, rules)
+    base_checkpoint, *tuned_checkpoints = _open_checkpoints([base, *tuned], include, exclude, rules,
+                                                            allow_pickle=not no_pickle)
     plan: Plan = plan_jobs(base_checkpoint, tuned_checkpoints, include=tuple(include), exclude=tuple(exclude),
                            rename=rules)
 
@@ -145,15 +148,16 @@ def compare(base: str, tuned: Sequence[str], out: str | Path, *, k: int = 10, ep
 
 
 def _open_checkpoints(references: list[str], include: Sequence[str], exclude: Sequence[str],
-                      rename: Sequence[Rename] = ()) -> list[Checkpoint]:
+                      rename: Sequence[Rename] = (), *, allow_pickle: bool = True) -> list[Checkpoint]:
     """Resolve and index every reference.  Hub repos are planned from their headers first (HTTP range
     requests), so a comparison that cannot work fails before any weight file is downloaded."""
-    headers = [open_checkpoint(resolve(r, headers_only=True)) for r in references]
+    headers = [open_checkpoint(resolve(r, headers_only=True, allow_pickle=allow_pickle)) for r in references]
     if not any(c.resolved.headers_only for c in headers):
         return headers  # local or offline: these are the files themselves
     plan_jobs(headers[0], headers[1:], include=tuple(include), exclude=tuple(exclude),
               rename=rename)  # raises if hopeless
-    return [open_checkpoint(resolve(r)) if c.resolved.headers_only else c for r, c in zip(references, headers)]
+    return [open_checkpoint(resolve(r, allow_pickle=allow_pickle)) if c.resolved.headers_only else c
+            for r, c in zip(references, headers)]
 
 
 def _record_execution(manifest: Manifest, execution: dict) -> None:

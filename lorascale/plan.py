@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 from lorascale.errors import MismatchError, OptionError
 from lorascale.io.adapter import ParameterFactors, rank_for, scale_for
 from lorascale.io.checkpoint import Checkpoint
-from lorascale.io.safetensors_header import dtype_not_analysed
+from lorascale.io.safetensors_header import DTYPE_BITS, dtype_not_analysed
 from lorascale.records import LoraFactors, MatrixJob, Skipped, TensorEntry, TunedSource
 
 # Embeddings and output heads are tables of vectors, not linear maps between hidden states: the paper
@@ -204,11 +204,20 @@ def expert_of(name: str) -> int | None:
 
 
 def expert_slice(entry: TensorEntry, expert: int) -> TensorEntry:
-    """Expert `expert`'s [d1, d2] slice of a fused [E, d1, d2] tensor: a contiguous byte range of it."""
+    """Expert `expert`'s [d1, d2] slice of a fused [E, d1, d2] tensor: a contiguous byte range of it, or for a
+    strided view from a torch.save file (entry.strides), the range spanning the slice and its two strides."""
     count, rows, cols = entry.shape
-    size = (entry.data_end - entry.data_start) // count
-    start = entry.data_start + expert * size
-    return replace(entry, shape=(rows, cols), data_start=start, data_end=start + size, expert=expert)
+    if entry.strides is None:
+        size = (entry.data_end - entry.data_start) // count
+        start = entry.data_start + expert * size
+        return replace(entry, shape=(rows, cols), data_start=start, data_end=start + size, expert=expert)
+    item = max(DTYPE_BITS.get(entry.dtype, 8) // 8, 1)  # strided entries come from .bin files: whole bytes
+    first, row_stride, col_stride = entry.strides
+    start = entry.data_start + expert * first * item
+    span = ((rows - 1) * row_stride + (cols - 1) * col_stride + 1) * item
+    strides = None if (row_stride, col_stride) == (cols, 1) else (row_stride, col_stride)
+    return replace(entry, shape=(rows, cols), data_start=start, data_end=start + span, strides=strides,
+                   expert=expert)
 
 
 def _units(name: str, entry: TensorEntry) -> list[tuple[int | None, TensorEntry]]:

@@ -33,6 +33,11 @@ class ResolvedCheckpoint:
     file_hashes: dict[str, str] = field(default_factory=dict, compare=False)  # file name -> sha256 when known
     headers_only: bool = False  # hub: weight files not fetched; headers come by HTTP range (inspect)
 
+    @property
+    def weight_format(self) -> Literal["safetensors", "pytorch"]:
+        """"pytorch" for pickled torch.save weights (.bin, indexed by io/torch_bin.py), else "safetensors"."""
+        return "pytorch" if any(p.suffix == ".bin" for p in self.weight_files) else "safetensors"
+
 
 @dataclass(frozen=True)
 class HubFile:
@@ -45,7 +50,7 @@ class HubFile:
 
 @dataclass(frozen=True)
 class TensorEntry:
-    """One tensor as described by a safetensors header; no data is read to build it."""
+    """One tensor as described by a safetensors header or a torch.save zip; no data is read to build it."""
 
     name: str  # the name stored in the file
     file: Path
@@ -57,6 +62,9 @@ class TensorEntry:
     # Set on one expert's slice of a fused [num_experts, d1, d2] tensor `name` (plan.expert_slice): then
     # shape is the slice's (d1, d2) and data_start/data_end its contiguous byte range inside the 3-D tensor.
     expert: int | None = None
+    # Element strides of a non-contiguous view saved by torch.save (data_start..data_end spans the view);
+    # None: contiguous row-major, as every safetensors tensor is.
+    strides: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)

@@ -127,6 +127,27 @@ def save_full(model: torch.nn.Module, directory: Path, dtype: str = "fp32", *,
     return directory
 
 
+def save_full_bin(model: torch.nn.Module, directory: Path, dtype: str = "fp32", *,
+                  max_shard_size: str | int | None = "120KB") -> Path:
+    """The pickled layout transformers 4.x `save_pretrained(..., safe_serialization=False)` wrote (transformers 5
+    writes safetensors only): `pytorch_model.bin`, or `pytorch_model-0000i-of-0000n.bin` shards plus
+    `pytorch_model.bin.index.json`, each a torch.save'd state dict, sharded by huggingface_hub's splitter."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {name: tensor.detach().to(DTYPES[dtype]) for name, tensor in model.state_dict().items()}
+    split = split_torch_state_dict_into_shards(state, filename_pattern="pytorch_model{suffix}.bin",
+                                               max_shard_size=max_shard_size if max_shard_size is not None else 2**40)
+    for filename, names in split.filename_to_tensors.items():
+        torch.save({name: state[name] for name in names}, directory / filename)
+    if split.is_sharded:
+        index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
+        (directory / "pytorch_model.bin.index.json").write_text(json.dumps(index, indent=2))
+    model.config.save_pretrained(directory)
+    return directory
+
+
 # --- PEFT adapters ----------------------------------------------------------------------------------------------
 
 

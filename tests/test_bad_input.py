@@ -157,8 +157,8 @@ def ia3_adapter(llama, tmp: Path) -> Case:
 def pickle_only_adapter(llama, tmp: Path) -> Case:
     adapter = checkpoints.pickle_adapter(llama.model, tmp / "bin-adapter")
     assert (adapter / "adapter_model.bin").is_file() and not (adapter / "adapter_model.safetensors").exists()
-    return Case(_run_args(llama.base["fp32"], [adapter], tmp / "out"), 2,
-                [str(adapter), "adapter_model.bin", "never unpickles"])
+    return Case(_run_args(llama.base["fp32"], [adapter], tmp / "out", "--no-pickle"), 2,
+                [str(adapter), "adapter_model.bin", "--no-pickle"])
 
 
 class _Trap:
@@ -177,8 +177,18 @@ def malicious_pickle_checkpoint(llama, tmp: Path) -> Case:
     marker = tmp / "UNPICKLED"
     (directory / "pytorch_model.bin").write_bytes(pickle.dumps(_Trap(marker)))
     (directory / "config.json").write_text("{}")
-    return Case(_run_args(llama.base["fp32"], [directory], tmp / "out"), 2,
-                [str(directory), "pytorch_model.bin", "never unpickles"], extra={"marker": marker})
+    return Case(_run_args(llama.base["fp32"], [directory], tmp / "out"), 3,
+                [str(directory / "pytorch_model.bin"), "not a zip-format torch.save file"], extra={"marker": marker})
+
+
+def malicious_torch_save_checkpoint(llama, tmp: Path) -> Case:
+    directory = tmp / "pickled"
+    directory.mkdir()
+    marker = tmp / "UNPICKLED"
+    torch.save({"model.layers.0.mlp.up_proj.weight": torch.zeros(4, 4), "x": _Trap(marker)},
+               directory / "pytorch_model.bin")
+    return Case(_run_args(llama.base["fp32"], [directory], tmp / "out"), 3,
+                [str(directory / "pytorch_model.bin"), "restricted loader refused it"], extra={"marker": marker})
 
 
 def k_zero(llama, tmp: Path) -> Case:
@@ -206,18 +216,25 @@ def out_is_a_file(llama, tmp: Path) -> Case:
 CASES: dict[str, Callable] = {f.__name__: f for f in (
     missing_path, not_a_checkpoint, adapter_targets_not_in_base, shape_mismatch, truncated_shard, truncated_adapter,
     garbage_header, bad_json_header, missing_shard, nan_tensor, lora_bias_adapter, dora_zero_row, ia3_adapter, pickle_only_adapter,
-    malicious_pickle_checkpoint, k_zero, epsilon_two, base_is_adapter, out_is_a_file)}
+    malicious_pickle_checkpoint, malicious_torch_save_checkpoint, k_zero, epsilon_two, base_is_adapter, out_is_a_file)}
 
 WITH_FIX = list(CASES)
 
 
 @pytest.fixture
 def no_unpickling(monkeypatch):
-    """Any unpickling during the run fails the test (lorascale must never open .bin/.pt files)."""
+    """Any unpickling during the run but torch's restricted loader fails the test."""
     def refuse(*args, **kwargs):
         raise AssertionError("lorascale unpickled a file")
 
-    monkeypatch.setattr(torch, "load", refuse)
+    restricted = torch.load
+
+    def only_restricted(*args, **kwargs):
+        if kwargs.get("weights_only") is not True:
+            raise AssertionError("lorascale called torch.load without weights_only=True")
+        return restricted(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", only_restricted)
     monkeypatch.setattr(pickle, "load", refuse)
     monkeypatch.setattr(pickle, "loads", refuse)
     monkeypatch.setattr(pickle, "Unpickler", refuse)

@@ -9,7 +9,8 @@ from lorascale.errors import CheckpointFormatError
 from lorascale.io.adapter import AdapterIndex, index_adapter, read_adapter_settings
 from lorascale.io.jsonfiles import read_json_file, read_weight_map
 from lorascale.io.resolve import remote_header
-from lorascale.io.safetensors_header import index_files, parse_header
+from lorascale.io.safetensors_header import index_files, parse_header, read_header
+from lorascale.io.torch_bin import read_bin_index
 from lorascale.records import AdapterSettings, HubFile, Kind, ResolvedCheckpoint, TensorEntry, Update
 
 
@@ -50,7 +51,7 @@ def open_checkpoint(resolved: ResolvedCheckpoint) -> Checkpoint:
 
         indexed = index_files(resolved.weight_files, read=read)
     else:
-        indexed = index_files(resolved.weight_files)
+        indexed = index_files(resolved.weight_files, read=read_weights_index)
     tensors = _with_hub_origin(resolved, indexed)
     if resolved.index_file is not None:
         _check_index(resolved.index_file, tensors)
@@ -73,6 +74,12 @@ def _model_type(config: Path | None) -> str | None:
         return None
     value = data.get("model_type") if isinstance(data, dict) else None
     return value if isinstance(value, str) else None
+
+
+def read_weights_index(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
+    """The tensor index of one local weight file: a torch.save .bin through io/torch_bin.py (torch's restricted
+    loader, no tensor data read), anything else as safetensors."""
+    return read_bin_index(path) if path.suffix == ".bin" else read_header(path)
 
 
 def _with_hub_origin(resolved: ResolvedCheckpoint, tensors: dict[str, TensorEntry]) -> dict[str, TensorEntry]:

@@ -4,7 +4,9 @@ Hashing every byte of a 140 GB model on each run would cost more than many analy
 identified by what changes whenever its bytes change:
 
 - every weight file: size, modification and status-change times (ctime cannot be set back by a user: any
-  write, copy-over or rename updates it), inode, and the sha256 of the safetensors header;
+  write, copy-over or rename updates it), inode, and `header_sha256`: the sha256 of the safetensors header,
+  or for a pickled torch.save .bin the sha256 of its zip record table (name, size, CRC-32 and offset of every
+  record, from the central directory: any changed tensor changes its record's CRC-32), so no tensor data is read;
 - hub files also: the sha256 the hub publishes for them (content-addressed), and the resolved commit;
 - small metadata files (adapter_config.json with the scale, the shard index, config.json): their sha256.
 
@@ -35,6 +37,10 @@ def _sha256(path: Path) -> str:
 
 
 def _header_sha256(path: Path) -> str:
+    if path.suffix == ".bin":
+        from lorascale.io.torch_bin import record_table_sha256
+
+        return record_table_sha256(path)
     from lorascale.io.safetensors_header import read_raw_header
 
     return hashlib.sha256(read_raw_header(path)).hexdigest()
@@ -56,6 +62,7 @@ def describe(checkpoint: Checkpoint) -> dict[str, Any]:
     resolved = checkpoint.resolved
     described: dict[str, Any] = {
         "reference": resolved.reference, "kind": checkpoint.update, "source": resolved.source,
+        "format": resolved.weight_format,
         "path": str(resolved.root), "repo_id": resolved.repo_id, "revision": resolved.revision,
         "files": [_weight_file(p, resolved.file_hashes.get(p.name)) for p in resolved.weight_files],
         "metadata_files": {p.name: _sha256(p) for p in (resolved.adapter_config, resolved.index_file, resolved.config)

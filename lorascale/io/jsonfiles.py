@@ -64,7 +64,8 @@ _INDEX_FIX = "re-download or re-save the checkpoint"
 
 
 def read_weight_map(path: Path) -> dict[str, str]:
-    """The weight_map of a model.safetensors.index.json: tensor name -> shard path relative to its folder.
+    """The weight_map of a model.safetensors.index.json (or pytorch_model.bin.index.json): tensor name -> shard
+    path relative to its folder.  Shards must have the index's kind: .safetensors, or .bin for a .bin index.
 
     Shard paths are joined to the checkpoint directory, so anything that could point outside it (absolute,
     drive-letter or `..` paths, backslashes) is refused, as are non-string names and an empty map.
@@ -73,16 +74,17 @@ def read_weight_map(path: Path) -> dict[str, str]:
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         raise CheckpointFormatError("index JSON has no 'weight_map' object", path=path, fix=_INDEX_FIX)
+    suffix = ".bin" if path.name.endswith(".bin.index.json") else ".safetensors"
     for name, shard in weight_map.items():
-        if not isinstance(shard, str) or not _safe_shard(shard):
+        if not isinstance(shard, str) or not _safe_shard(shard, suffix):
             raise CheckpointFormatError(f"weight_map gives tensor {name!r} the invalid shard {shard!r}", path=path,
-                                        fix="shards must be .safetensors files inside the checkpoint directory; "
+                                        fix=f"shards must be {suffix} files inside the checkpoint directory; "
                                             + _INDEX_FIX)
     return weight_map
 
 
-def _safe_shard(shard: str) -> bool:
+def _safe_shard(shard: str, suffix: str) -> bool:
     posix = PurePosixPath(shard)
-    return (shard.endswith(".safetensors") and "\\" not in shard and not posix.is_absolute()
+    return (shard.endswith(suffix) and "\\" not in shard and not posix.is_absolute()
             and not PureWindowsPath(shard).drive and ".." not in posix.parts
             and not any(ord(c) < 32 for c in shard))

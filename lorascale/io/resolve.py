@@ -1,7 +1,10 @@
 """Turn a checkpoint reference (local directory, .safetensors file, or Hub `org/name[@rev]`) into local files.
 
-Nothing here reads tensor data or safetensors headers; the result only says which files to index. Pickled
-weights (.bin/.pt/.pth) are never opened or downloaded: unpickling runs arbitrary code.
+Nothing here reads tensor data or safetensors headers; the result only says which files to index.  Formats:
+safetensors always wins; pickled torch.save weights (pytorch_model.bin, its shards with
+pytorch_model.bin.index.json, adapter_model.bin) are chosen only when a checkpoint has nothing else, never
+downloaded next to safetensors, and refused with allow_pickle=False (--no-pickle).  io/torch_bin.py reads
+them with torch's restricted loader.  Other pickles (.pt/.pth) are never opened.
 """
 
 from __future__ import annotations
@@ -41,8 +44,11 @@ _CLIENT_ERRORS = tuple(base for base in HfHubHTTPError.__bases__ if base is not 
 # --- Rules shared by local directories and Hub repos ------------------------------------------------------------
 
 INDEX = "model.safetensors.index.json"
+BIN_INDEX = "pytorch_model.bin.index.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-_META_FILES = ("config.json", "adapter_config.json", INDEX)
+ADAPTER_BIN = "adapter_model.bin"
+PLAIN_BIN = "pytorch_model.bin"
+_META_FILES = ("config.json", "adapter_config.json", INDEX, BIN_INDEX)
 _PICKLE_PATTERNS = ("pytorch_model*.bin", "*.pt", "*.pth", "adapter_model.bin")
 _REPO_RE = re.compile(r"(?P<repo>[A-Za-z0-9._-]+/[A-Za-z0-9._-]+)(?:@(?P<rev>.*))?", re.DOTALL)
 # huggingface_hub's validate_repo_id: word characters, '-', '.'; no '--' or '..'; no '-'/'.' at either end.
@@ -52,8 +58,9 @@ _MAX_REVISION = 255
 # What `git check-ref-format` refuses in a branch or tag name (a 40-hex commit passes these rules too).
 _REF_FORBIDDEN_RE = re.compile(r"[\x00-\x20\x7f~^:?*\[\\]|\.\.|@\{|//")
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
-_CONVERT = ("lorascale never unpickles; convert to safetensors, e.g. load with transformers/peft and "
+_CONVERT = ("convert it to safetensors, e.g. load with transformers/peft and "
             "save_pretrained(..., safe_serialization=True)")
+_NO_PICKLE_FIX = "drop --no-pickle to read them with torch's restricted loader, or " + _CONVERT
 
 
 def _pickles(names: Iterable[str]) -> list[str]:
@@ -61,23 +68,32 @@ def _pickles(names: Iterable[str]) -> list[str]:
     return sorted(n for n in names if "/" not in n and any(fnmatchcase(n, p) for p in _PICKLE_PATTERNS))
 
 
-def _choose_weights(reference: str, names: set[str], *, adapter: bool, shards: list[str] | None) -> list[str]:
+def _pickled(reference: str, files: list[str], *, allow_pickle: bool) -> list[str]:
+    """`files` (pickled weights, the only ones there are) if pickles are allowed, else the --no-pickle refusal."""
+    if not allow_pickle:
+        raise CheckpointReferenceError(f"only pickled weights ({', '.join(files[:3])}"
+                                       f"{', ...' if len(files) > 3 else ''}), and --no-pickle refuses them",
+                                       path=reference, fix=_NO_PICKLE_FIX)
+    return files
+
+
+def _choose_weights(reference: str, names: set[str], *, adapter: bool, shards: list[str] | None,
+                    bin_shards: Callable[[], list[str]] | None = None, allow_pickle: bool = True) -> list[str]:
     """The directory rules, applied to the files of a local directory or of a Hub repo; raise if none apply.
 
-    `adapter`: adapter_config.json is present; `shards`: the weight_map shards when the index is present.
+    `adapter`: adapter_config.json is present; `shards`: the weight_map shards when the safetensors index is
+    present; `bin_shards`: reads those of pytorch_model.bin.index.json when that is present (called only when
+    no safetensors weights exist).  Safetensors first; pickled .bin weights only when there is nothing else.
     """
     if adapter:
         if ADAPTER_WEIGHTS in names:
             return [ADAPTER_WEIGHTS]
-        if "adapter_model.bin" in names:
-            raise CheckpointReferenceError("the adapter has only pickled weights (adapter_model.bin)",
-                                           path=reference, fix=_CONVERT)
-        raise CheckpointReferenceError(f"adapter_config.json but no {ADAPTER_WEIGHTS}", path=reference)
+        if ADAPTER_BIN in names:
+            return _pickled(reference, [ADAPTER_BIN], allow_pickle=allow_pickle)
+        raise CheckpointReferenceError(f"adapter_config.json but no {ADAPTER_WEIGHTS} or {ADAPTER_BIN}",
+                                       path=reference)
     if shards is not None:
-        if missing := [s for s in shards if s not in names]:
-            raise CheckpointFormatError(f"shard {missing[0]} listed in {INDEX} does not exist", path=reference,
-                                        fix="re-download the checkpoint, or use another revision")
-        return shards
+        return _present(reference, INDEX, shards, names)
     top = {n for n in names if "/" not in n}
     plain = ["model.safetensors"] if "model.safetensors" in top else sorted(
         n for n in top if n.endswith(".safetensors"))
@@ -86,11 +102,23 @@ def _choose_weights(reference: str, names: set[str], *, adapter: bool, shards: l
     if plain:
         raise CheckpointReferenceError(f"{len(plain)} .safetensors files and no {INDEX}", path=reference,
                                        fix="pass the path of the one file to analyse")
+    if bin_shards is not None:
+        return _pickled(reference, _present(reference, BIN_INDEX, bin_shards(), names), allow_pickle=allow_pickle)
+    if PLAIN_BIN in top:
+        return _pickled(reference, [PLAIN_BIN], allow_pickle=allow_pickle)
     if pickles := _pickles(names):
-        raise CheckpointReferenceError(f"only pickled weights ({', '.join(pickles)})", path=reference,
-                                       fix=_CONVERT)
+        raise CheckpointReferenceError(
+            f"only pickled weights lorascale does not read ({', '.join(pickles[:3])})", path=reference,
+            fix=f"lorascale reads {PLAIN_BIN} (sharded: with {BIN_INDEX}) and {ADAPTER_BIN}; or {_CONVERT}")
     raise CheckpointReferenceError(f"not a checkpoint: no adapter_config.json, {INDEX} or .safetensors file",
                                    path=reference, fix="pass the directory that holds the model's weights")
+
+
+def _present(reference: str, index: str, shards: list[str], names: set[str]) -> list[str]:
+    if missing := [s for s in shards if s not in names]:
+        raise CheckpointFormatError(f"shard {missing[0]} listed in {index} does not exist", path=reference,
+                                    fix="re-download the checkpoint, or use another revision")
+    return shards
 
 
 def _read_index(path: Path) -> list[str]:
@@ -104,13 +132,15 @@ def _existing(root: Path, name: str) -> Path | None:
 
 # --- Public entry point -----------------------------------------------------------------------------------------
 
-def resolve(reference: str, *, headers_only: bool = False) -> ResolvedCheckpoint:
-    """Resolve a local directory, a local .safetensors file or a Hub `org/name[@revision]` to local files.
+def resolve(reference: str, *, headers_only: bool = False, allow_pickle: bool = True) -> ResolvedCheckpoint:
+    """Resolve a local directory, a local .safetensors or .bin file or a Hub `org/name[@revision]` to local files.
 
     `headers_only`: for a Hub repo (online), fetch the metadata files but no weight file; the weight files'
-    headers are then read by HTTP range requests (`remote_header`), as `lorascale inspect` does.
+    headers are then read by HTTP range requests (`remote_header`), as `lorascale inspect` does.  Pickled
+    .bin weights have no header to read that way: when they are all a repo has, they are downloaded.
+    `allow_pickle=False` (--no-pickle): a checkpoint with only pickled weights is refused.
 
-    Raises CheckpointReferenceError (missing path, not a checkpoint, pickle-only weights, any Hub failure) or
+    Raises CheckpointReferenceError (missing path, not a checkpoint, pickles refused, any Hub failure) or
     CheckpointFormatError (bad index JSON, index naming a missing shard).
     """
     if not reference or not reference.strip():
@@ -118,13 +148,14 @@ def resolve(reference: str, *, headers_only: bool = False) -> ResolvedCheckpoint
     expanded = os.path.expanduser(reference)
     # Explicit path syntax wins, then anything that exists: a local folder named like `org/name` is a path.
     if reference.startswith(("/", "./", "../", "~")) or os.path.isabs(reference) or os.path.lexists(expanded):
-        return _resolve_local(reference, Path(os.path.abspath(expanded)))
+        return _resolve_local(reference, Path(os.path.abspath(expanded)), allow_pickle=allow_pickle)
     match = _REPO_RE.fullmatch(reference)
     if match:
         _check_repo_id(reference, match["repo"])
         if match["rev"] is not None:
             _check_revision(reference, match["rev"])
-        return _resolve_hub(reference, match["repo"], match["rev"], hub_settings(), headers_only=headers_only)
+        return _resolve_hub(reference, match["repo"], match["rev"], hub_settings(), headers_only=headers_only,
+                            allow_pickle=allow_pickle)
     raise CheckpointReferenceError("no such file or directory", path=_printable(reference),
                                    fix="give a local path, or a Hugging Face repo id as org/name[@revision]")
 
@@ -196,6 +227,23 @@ def remote_header(resolved: ResolvedCheckpoint, path: Path) -> tuple[bytes, int]
     return _hub_call(resolved.reference, resolved.revision, settings, _remote_range, url, 8, length), size
 
 
+def _hub_has(reference: str, repo_id: str, commit: str, filename: str, settings: HubSettings) -> bool:
+    """Whether the Hub commit has `filename` (one HEAD request; no download)."""
+    url = hf_hub_url(repo_id, filename, revision=commit, endpoint=settings.endpoint)
+    try:
+        get_hf_file_metadata(url, token=settings.token)
+        return True
+    except (HfHubHTTPError, EntryNotFoundError, OfflineModeIsEnabled, HFValidationError, OSError,
+            *_CLIENT_ERRORS) as exc:
+        status = getattr(getattr(exc, "response", None), "status_code", None)
+        absent = not isinstance(exc, (LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError)) and (
+            isinstance(exc, EntryNotFoundError) or (isinstance(exc, HfHubHTTPError) and status == 404))
+        if absent:
+            return False
+        error = _hub_error(exc, reference, commit, settings)
+    raise error  # outside the except block: the HTTP error holds the request, and its headers the token
+
+
 def _remote_size(url: str, *, token: str | None) -> int | None:
     return get_hf_file_metadata(url, token=token).size
 
@@ -210,31 +258,45 @@ def _remote_range(url: str, start: int, length: int, *, token: str | None) -> by
 
 # --- Local ------------------------------------------------------------------------------------------------------
 
-def _resolve_local(reference: str, path: Path) -> ResolvedCheckpoint:
+def _resolve_local(reference: str, path: Path, *, allow_pickle: bool = True) -> ResolvedCheckpoint:
     # abspath, not resolve(): following symlinks would turn hub-cache snapshot files into hash-named blobs.
     if path.is_dir():
-        return _resolve_dir(reference, path)
+        return _resolve_dir(reference, path, allow_pickle=allow_pickle)
     if not path.exists():
         raise CheckpointReferenceError("no such file or directory", path=reference,
                                        fix="check the path (a hub repo id is written org/name)")
-    if path.suffix != ".safetensors":
-        if path.suffix in {".bin", ".pt", ".pth"}:
-            raise CheckpointReferenceError("pickled weights are not read", path=reference, fix=_CONVERT)
-        raise CheckpointReferenceError("not a .safetensors file or checkpoint directory", path=reference)
+    if path.suffix == ".bin":
+        _pickled(reference, [path.name], allow_pickle=allow_pickle)
+    elif path.suffix in {".pt", ".pth"}:
+        raise CheckpointReferenceError("pickled .pt/.pth files are not read", path=reference,
+                                       fix=f"save the state dict with torch.save as a .bin, or {_CONVERT}")
+    elif path.suffix != ".safetensors":
+        raise CheckpointReferenceError("not a .safetensors or .bin file, or a checkpoint directory", path=reference)
     root = path.parent
-    adapter = _existing(root, "adapter_config.json") if path.name == ADAPTER_WEIGHTS else None
+    adapter = _existing(root, "adapter_config.json") if path.name in (ADAPTER_WEIGHTS, ADAPTER_BIN) else None
     return ResolvedCheckpoint(reference=reference, source="local-file", kind="lora" if adapter else "full",
                               root=root, weight_files=(path,), adapter_config=adapter,
                               config=_existing(root, "config.json"))
 
 
-def _resolve_dir(reference: str, root: Path) -> ResolvedCheckpoint:
+def _resolve_dir(reference: str, root: Path, *, allow_pickle: bool = True) -> ResolvedCheckpoint:
     names = {p.name for p in root.iterdir() if p.is_file()}
     adapter = _existing(root, "adapter_config.json")
     index = None if adapter else _existing(root, INDEX)
     shards = _read_index(index) if index else None
     names |= {s for s in shards or () if (root / s).is_file()}  # shards may sit in subfolders
-    weights = _choose_weights(reference, names, adapter=adapter is not None, shards=shards)
+    bin_index = None if adapter or index else _existing(root, BIN_INDEX)
+
+    def bin_shards() -> list[str]:
+        assert bin_index is not None
+        listed = _read_index(bin_index)
+        names.update(s for s in listed if (root / s).is_file())
+        return listed
+
+    weights = _choose_weights(reference, names, adapter=adapter is not None, shards=shards,
+                              bin_shards=bin_shards if bin_index else None, allow_pickle=allow_pickle)
+    if bin_index is not None and weights[0].endswith(".bin"):
+        index = bin_index
     return ResolvedCheckpoint(reference=reference, source="local-dir", kind="lora" if adapter else "full",
                               root=root, weight_files=tuple(root / n for n in weights), index_file=index,
                               adapter_config=adapter, config=_existing(root, "config.json"))
@@ -243,45 +305,56 @@ def _resolve_dir(reference: str, root: Path) -> ResolvedCheckpoint:
 # --- Hugging Face Hub -------------------------------------------------------------------------------------------
 
 def _resolve_hub(reference: str, repo_id: str, revision: str | None, settings: HubSettings, *,
-                 headers_only: bool = False) -> ResolvedCheckpoint:
+                 headers_only: bool = False, allow_pickle: bool = True) -> ResolvedCheckpoint:
     # Two rounds so that only what is needed is fetched: the small metadata decides which weights to get.
     snap = _snapshot(reference, repo_id, revision, _META_FILES, settings)
     commit = snap.name  # snapshot folders are named by commit hash, whatever revision was asked for
     adapter, index, config = (_existing(snap, n) for n in ("adapter_config.json", INDEX, "config.json"))
     index = None if adapter else index
     shards = _read_index(index) if index else None
+    bin_index = None if adapter or index else _existing(snap, BIN_INDEX)
+    bin_shards = (lambda: _read_index(bin_index)) if bin_index else None
+    rules = {"adapter": adapter is not None, "bin_shards": bin_shards, "allow_pickle": allow_pickle}
+    # Safetensors first: .bin weights are fetched only when a listing (or, offline, the cache) shows nothing else.
     wanted = [ADAPTER_WEIGHTS] if adapter else shards or ["model.safetensors"]
     if headers_only and not settings.offline:  # (offline, the cache is all there is: read it as usual)
         if not (adapter or shards):  # which single file: a listing, not a download
             names = set(_hub_call(reference, commit, settings, list_repo_files, repo_id, revision=commit))
-            wanted = _choose_weights(reference, names, adapter=False, shards=None)
-        return ResolvedCheckpoint(reference=reference, source="hub", kind="lora" if adapter else "full",
-                                  root=snap, weight_files=tuple(snap / n for n in wanted), index_file=index,
-                                  adapter_config=adapter, config=config, repo_id=repo_id, revision=commit,
-                                  headers_only=True)
+            wanted = _choose_weights(reference, names, shards=None, **rules)
+        elif adapter and not _hub_has(reference, repo_id, commit, ADAPTER_WEIGHTS, settings):
+            names = {ADAPTER_BIN} if _hub_has(reference, repo_id, commit, ADAPTER_BIN, settings) else set()
+            wanted = _choose_weights(reference, names, shards=None, **rules)
+        if not wanted[0].endswith(".bin"):  # a .bin's index is inside the file: it is downloaded below
+            return ResolvedCheckpoint(reference=reference, source="hub", kind="lora" if adapter else "full",
+                                      root=snap, weight_files=tuple(snap / n for n in wanted), index_file=index,
+                                      adapter_config=adapter, config=config, repo_id=repo_id, revision=commit,
+                                      headers_only=True)
     snap = _snapshot(reference, repo_id, commit, wanted, settings)
     if missing := [n for n in wanted if not (snap / n).is_file()]:
         # Only now pay for a listing: the rest of the directory rules, or the precise reason for the failure.
         if settings.offline:  # all we know is what the cache holds
             names = {p.relative_to(snap).as_posix() for p in snap.rglob("*") if p.is_file()}
             lone = sorted(n for n in names if "/" not in n and n.endswith(".safetensors"))
-            if _pickles(names) and not lone:
-                raise CheckpointReferenceError(
-                    f"the local hub cache at {settings.cache_dir} holds only pickled weights "
-                    f"({', '.join(_pickles(names))})", path=reference,
-                    fix="run once with network access to fetch .safetensors weights; " + _CONVERT)
-            if adapter or shards or len(lone) != 1:
+            pickled = (ADAPTER_BIN in names if adapter else
+                       not (shards or lone) and (bin_index is not None or bool(_pickles(names))))
+            if pickled:  # the cached .bin weights (or the refusal: --no-pickle, .pt files)
+                chosen = _choose_weights(reference, names | set(bin_shards() if bin_shards else ()), shards=None,
+                                         **rules)
+            elif adapter or shards or len(lone) != 1:
                 raise _cache_miss(reference, missing, settings.cache_dir, offline=True)
-            chosen = lone
+            else:
+                chosen = lone
         else:
             names = set(_hub_call(reference, commit, settings, list_repo_files, repo_id, revision=commit))
-            chosen = _choose_weights(reference, names, adapter=adapter is not None, shards=shards)
+            chosen = _choose_weights(reference, names, shards=shards, **rules)
             if chosen == wanted:  # the repo has them, yet the download left them out
                 raise _cache_miss(reference, missing, settings.cache_dir, offline=False)
         wanted = chosen
         snap = _snapshot(reference, repo_id, commit, wanted, settings)
         if missing := [n for n in wanted if not (snap / n).is_file()]:
             raise _cache_miss(reference, missing, settings.cache_dir, offline=settings.offline)
+    if bin_index is not None and wanted[0].endswith(".bin"):
+        index = bin_index
     hashes = {n: h for n in wanted if (h := _lfs_sha256(snap / n, snap)) is not None}
     _log.debug("resolved %s to %s (%d weight files)", reference, snap, len(wanted))
     return ResolvedCheckpoint(reference=reference, source="hub", kind="lora" if adapter else "full", root=snap,

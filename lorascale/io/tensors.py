@@ -2,6 +2,8 @@
 
 Reading the byte range ourselves (rather than mmap-ing the whole shard) keeps resident memory at one
 matrix, whatever the shard size, and keeps 16-bit tensors 16-bit until they reach the compute device.
+Pickled torch.save weights (.bin) come here the same way: io/torch_bin.py turns them into byte ranges, so
+reading their data never involves an unpickler.
 """
 
 from __future__ import annotations
@@ -35,8 +37,12 @@ def load_tensor(entry: TensorEntry) -> torch.Tensor:
         raise CheckpointFormatError(f"file ended after {got} of {nbytes} bytes of this tensor",
                                     path=entry.file, tensor=entry.name,
                                     fix="the file is truncated; re-download or re-save it")
-    # safetensors data is little-endian; so is every platform torch ships for.
-    return raw.view(dtype).reshape(entry.shape)
+    # safetensors data is little-endian, and torch_bin refuses big-endian .bin files; so is every platform
+    # torch ships for.
+    if entry.strides is None:
+        return raw.view(dtype).reshape(entry.shape)
+    # A non-contiguous view from a torch.save file: the range spans it; copy it out contiguous.
+    return torch.as_strided(raw.view(dtype), entry.shape, entry.strides).contiguous()
 
 
 def to_compute(tensor: torch.Tensor, entry: TensorEntry, *, dtype: torch.dtype,

@@ -137,15 +137,61 @@ def test_local_adapter_dir(tmp_path):
 
 def test_local_adapter_with_only_bin(tmp_path):
     root = write_dir(tmp_path / "adapter", {"adapter_config.json": b"{}", "adapter_model.bin": b"pickle"})
-    with pytest.raises(CheckpointReferenceError, match="safe_serialization=True") as info:
-        resolve(str(root))
-    assert "adapter_model.bin" in str(info.value)
+    got = resolve(str(root))
+    assert (got.kind, got.weight_files, got.weight_format) == ("lora", (root / "adapter_model.bin",), "pytorch")
+    with pytest.raises(CheckpointReferenceError, match="--no-pickle refuses") as info:
+        resolve(str(root), allow_pickle=False)
+    assert "adapter_model.bin" in str(info.value) and "safe_serialization=True" in str(info.value)
 
 
 def test_local_dir_with_only_pickles(tmp_path):
     root = write_dir(tmp_path / "m", {"pytorch_model.bin": b"pickle", "config.json": b"{}"})
-    with pytest.raises(CheckpointReferenceError, match="pytorch_model.bin.*convert to safetensors"):
+    got = resolve(str(root))
+    assert (got.weight_files, got.index_file, got.weight_format) == ((root / "pytorch_model.bin",), None, "pytorch")
+    with pytest.raises(CheckpointReferenceError, match="pytorch_model.bin.*--no-pickle.*convert it to safetensors"):
+        resolve(str(root), allow_pickle=False)
+
+
+BIN_INDEX = "pytorch_model.bin.index.json"
+BIN_SHARDS = ["pytorch_model-00001-of-00002.bin", "pytorch_model-00002-of-00002.bin"]
+
+
+def test_local_dir_with_sharded_bin(tmp_path):
+    root = write_dir(tmp_path / "m", {BIN_INDEX: index_json(BIN_SHARDS), **{s: b"pickle" for s in BIN_SHARDS},
+                                      "config.json": b"{}"})
+    got = resolve(str(root))
+    assert got.weight_files == tuple(root / s for s in BIN_SHARDS) and got.index_file == root / BIN_INDEX
+    (root / BIN_SHARDS[1]).unlink()
+    with pytest.raises(CheckpointFormatError, match=f"{BIN_SHARDS[1]} listed in {BIN_INDEX}"):
         resolve(str(root))
+
+
+@pytest.mark.parametrize("safetensors", ["sharded", "single"])
+def test_local_dir_with_both_formats_takes_safetensors(tmp_path, safetensors):
+    """Even with --no-pickle: the .bin copies (and their index) are not even looked at."""
+    files = {BIN_INDEX: b"not json", **{s: b"pickle" for s in BIN_SHARDS}, "pytorch_model.bin": b"pickle"}
+    files.update({INDEX: index_json(), **{s: st_bytes(i) for i, s in enumerate(SHARDS)}} if safetensors == "sharded"
+                 else {"model.safetensors": st_bytes()})
+    root = write_dir(tmp_path / "m", files)
+    for allow_pickle in (True, False):
+        got = resolve(str(root), allow_pickle=allow_pickle)
+        assert got.weight_format == "safetensors" and all(p.suffix == ".safetensors" for p in got.weight_files)
+        assert got.index_file == (root / INDEX if safetensors == "sharded" else None)
+
+
+def test_bin_index_must_name_bin_shards(tmp_path):
+    root = write_dir(tmp_path / "m", {BIN_INDEX: index_json(SHARDS)})
+    with pytest.raises(CheckpointFormatError, match="shards must be .bin files"):
+        resolve(str(root))
+
+
+def test_local_single_bin_file(tmp_path):
+    root = write_dir(tmp_path / "a", {"adapter_config.json": b"{}", "adapter_model.bin": b"pickle",
+                                      "pytorch_model.bin": b"pickle"})
+    assert resolve(str(root / "adapter_model.bin")).kind == "lora"
+    assert resolve(str(root / "pytorch_model.bin")).kind == "full"
+    with pytest.raises(CheckpointReferenceError, match="--no-pickle"):
+        resolve(str(root / "pytorch_model.bin"), allow_pickle=False)
 
 
 def test_local_single_file(tmp_path):
@@ -161,7 +207,7 @@ def test_local_single_adapter_file(tmp_path):
     assert (got.source, got.kind, got.adapter_config) == ("local-file", "lora", root / "adapter_config.json")
 
 
-@pytest.mark.parametrize("name", ["notes.txt", "pytorch_model.bin"])
+@pytest.mark.parametrize("name", ["notes.txt", "weights.pt", "model.pth"])
 def test_local_other_file(tmp_path, name):
     (tmp_path / name).write_bytes(b"x")
     with pytest.raises(CheckpointReferenceError):
@@ -294,8 +340,30 @@ def test_hub_weights_not_cached(offline_hub):
 
 def test_hub_only_pickles_cached(offline_hub):
     make_hub_cache(offline_hub, "org/old", {"config.json": b"{}", "pytorch_model.bin": b"pickle"})
-    with pytest.raises(CheckpointReferenceError, match="only pickled weights .pytorch_model.bin."):
+    got = resolve("org/old")
+    assert [p.name for p in got.weight_files] == ["pytorch_model.bin"] and got.weight_format == "pytorch"
+    with pytest.raises(CheckpointReferenceError, match="only pickled weights .pytorch_model.bin., and --no-pickle"):
+        resolve("org/old", allow_pickle=False)
+
+
+def test_hub_sharded_bin_cached(offline_hub):
+    make_hub_cache(offline_hub, "org/old", {"config.json": b"{}", BIN_INDEX: index_json(BIN_SHARDS),
+                                            **{s: b"pickle" for s in BIN_SHARDS}})
+    got = resolve("org/old")
+    assert [p.name for p in got.weight_files] == BIN_SHARDS and got.index_file == got.root / BIN_INDEX
+
+
+def test_hub_sharded_bin_partly_cached(offline_hub):
+    make_hub_cache(offline_hub, "org/old", {BIN_INDEX: index_json(BIN_SHARDS), BIN_SHARDS[0]: b"pickle"})
+    with pytest.raises(CheckpointReferenceError, match=f"{BIN_SHARDS[1]} not in the local hub cache"):
         resolve("org/old")
+
+
+def test_hub_adapter_bin_cached(offline_hub):
+    make_hub_cache(offline_hub, "org/old", {"adapter_config.json": json.dumps(ADAPTER_CONFIG).encode(),
+                                            "adapter_model.bin": b"pickle"})
+    got = resolve("org/old")
+    assert (got.kind, [p.name for p in got.weight_files]) == ("lora", ["adapter_model.bin"])
 
 
 def test_hub_bad_index(offline_hub):
@@ -427,17 +495,41 @@ def test_online_passes_token_and_cache(fake_online_hub, offline_hub):
 
 def test_online_only_pickled_weights(fake_online_hub):
     hub = fake_online_hub({"config.json": b"{}", "pytorch_model.bin": b"pickle"})
+    got = resolve("org/model")
+    assert [p.name for p in got.weight_files] == ["pytorch_model.bin"]
+    hub.calls.clear()
     with pytest.raises(CheckpointReferenceError, match="only pickled weights .pytorch_model.bin.") as info:
-        resolve("org/model")
-    assert "org/model" in str(info.value) and "safetensors" in str(info.value)
+        resolve("org/model", allow_pickle=False)
+    assert "org/model" in str(info.value) and "--no-pickle" in str(info.value)
     patterns = [p for call in hub.calls for p in call.get("allow_patterns", ())]
     assert patterns and not any(fnmatch.fnmatchcase("pytorch_model.bin", p) for p in patterns)
 
 
+def test_online_sharded_bin_fetches_only_the_bin_shards(fake_online_hub):
+    files = {"config.json": b"{}", BIN_INDEX: index_json(BIN_SHARDS), **{s: b"pickle" for s in BIN_SHARDS},
+             "tokenizer.json": b"{}"}
+    hub = fake_online_hub(files)
+    got = resolve("org/model")
+    assert [p.name for p in got.weight_files] == BIN_SHARDS and got.index_file == got.root / BIN_INDEX
+    patterns = [p for call in hub.calls for p in call.get("allow_patterns", ())]
+    assert {n for n in files if any(fnmatch.fnmatchcase(n, p) for p in patterns)} == {"config.json", BIN_INDEX,
+                                                                                        *BIN_SHARDS}
+
+
+def test_online_both_formats_never_asks_for_bin(fake_online_hub):
+    files = {"config.json": b"{}", "model.safetensors": st_bytes(), "pytorch_model.bin": b"pickle",
+             BIN_INDEX: index_json(BIN_SHARDS), **{s: b"pickle" for s in BIN_SHARDS}}
+    hub = fake_online_hub(files)
+    assert [p.name for p in resolve("org/model").weight_files] == ["model.safetensors"]
+    patterns = [p for call in hub.calls for p in call.get("allow_patterns", ())]
+    assert not any(fnmatch.fnmatchcase(n, p) for n in files if n.endswith(".bin") for p in patterns)
+
+
 def test_online_only_pickled_adapter(fake_online_hub):
     fake_online_hub({"adapter_config.json": b"{}", "adapter_model.bin": b"pickle"})
-    with pytest.raises(CheckpointReferenceError, match="adapter_model.bin.*safe_serialization"):
-        resolve("org/model")
+    assert [p.name for p in resolve("org/model").weight_files] == ["adapter_model.bin"]
+    with pytest.raises(CheckpointReferenceError, match="adapter_model.bin.*--no-pickle.*safe_serialization"):
+        resolve("org/model", allow_pickle=False)
 
 
 def test_online_lone_other_safetensors(fake_online_hub):
