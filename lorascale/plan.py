@@ -131,7 +131,7 @@ def plan_jobs(base: Checkpoint, tuned: list[Checkpoint], *, include: tuple[str, 
     if not names:
         # Name a reason that is not the selection itself, when there is one: that is the surprising part.
         telling = [s for s in skipped if s.model is None and not s.reason.startswith("not selected")] or skipped
-        example = f" ({telling[0].matrix}: {telling[0].reason})" if telling else ""
+        example = f", e.g. {telling[0].matrix}: {telling[0].reason}" if telling else ""
         raise MismatchError(f"no matrix left to analyse{example}", path=base.reference,
                             fix="widen --include or narrow --exclude; only F64/F32/F16/BF16 matrices are analysed")
     for name in base_matrices:
@@ -224,7 +224,7 @@ def _match_adapter(model: Checkpoint, selection: _Selection,
         raise MismatchError(
             f"adapter targets {len(unknown)} module(s) the base does not have, e.g. {unknown[0]!r}",
             path=model.reference,
-            fix=f"pass the base it was trained on{f' ({trained_on})' if trained_on else ''} as --base",
+            fix=f"pass the base it was trained on{f', {trained_on},' if trained_on else ''} as --base",
         )
     for name, why in model.lora.other.items():
         skipped.append(Skipped(name, why, model.reference))

@@ -19,7 +19,7 @@ from lorascale.records import AdapterSettings, LoraFactors, TensorEntry
 PEFT_PREFIX = "base_model.model."
 # lora_A / lora_B with an optional adapter name (older PEFT kept ".default" in saved keys).
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$")
-_CONVERT_FIX = "lorascale reads plain LoRA adapters; merge it with peft (merge_and_unload) and compare the merged model"
+_CONVERT_FIX = "lorascale reads plain LoRA adapters; merge it with peft's merge_and_unload and compare the merged model"
 
 
 # peft's LoraConfig defaults, for keys an adapter_config.json leaves out (peft fills them in the same way).
@@ -107,7 +107,7 @@ def _patterns(path: Path, config: dict, key: str) -> dict[str, object]:
         try:
             re.compile(_pattern_regex(pattern))
         except re.error as exc:
-            raise _bad(path, f"{key} key {pattern!r}", pattern, f"a valid regular expression ({exc})") from None
+            raise _bad(path, f"{key} key {pattern!r}", pattern, f"a valid regular expression, {exc}") from None
     return patterns
 
 

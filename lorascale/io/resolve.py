@@ -53,7 +53,7 @@ _MAX_REVISION = 255
 _REF_FORBIDDEN_RE = re.compile(r"[\x00-\x20\x7f~^:?*\[\\]|\.\.|@\{|//")
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 _CONVERT = ("lorascale never unpickles; convert to safetensors, e.g. load with transformers/peft and "
-            "save_pretrained(..., safe_serialization=True)")
+            "save with save_pretrained and safe_serialization=True")
 
 
 def _pickles(names: Iterable[str]) -> list[str]:
@@ -135,7 +135,7 @@ def _check_repo_id(reference: str, repo_id: str) -> None:
             _REPO_PART_RE.fullmatch(part) and "--" not in part and ".." not in part for part in repo_id.split("/")):
         raise CheckpointReferenceError(
             "not a valid Hugging Face repo id, and no such file or directory", path=_printable(reference),
-            fix="a repo id is org/name: letters, digits, '_', '-', '.' (no '--' or '..', no '-' or '.' at either end)")
+            fix="a repo id is org/name of letters, digits, '_', '-', '.'; no '--' or '..', no '-' or '.' at either end")
 
 
 def _check_revision(reference: str, revision: str) -> None:
@@ -158,7 +158,7 @@ def _check_revision(reference: str, revision: str) -> None:
         problem = "has a path component starting with '.' or ending with '.lock'"
     if problem is not None:
         raise CheckpointReferenceError(f"revision {shown} {problem}", path=_printable(reference),
-                                       fix="give a branch, tag (e.g. refs/pr/1) or 40-hex commit after '@'")
+                                       fix="give a branch, a tag such as refs/pr/1, or a 40-hex commit after '@'")
 
 
 def _printable(reference: str) -> str:
@@ -216,7 +216,7 @@ def _resolve_local(reference: str, path: Path) -> ResolvedCheckpoint:
         return _resolve_dir(reference, path)
     if not path.exists():
         raise CheckpointReferenceError("no such file or directory", path=reference,
-                                       fix="check the path (a hub repo id is written org/name)")
+                                       fix="check the path; a hub repo id is written org/name")
     if path.suffix != ".safetensors":
         if path.suffix in {".bin", ".pt", ".pth"}:
             raise CheckpointReferenceError("pickled weights are not read", path=reference, fix=_CONVERT)
