@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import signal
 import sys
@@ -25,6 +26,16 @@ def _raise_terminated(signum: int, frame: object) -> None:
     raise Terminated()
 
 
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that the interpreter's last flush does not hit the closed pipe again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # not a real file (a test runner's capture): nothing to do
+        pass
+
+
 class _Group(click.Group):
     """Maps lorascale errors to one line on stderr and an exit code; LORASCALE_DEBUG=1 shows tracebacks."""
 
@@ -32,7 +43,14 @@ class _Group(click.Group):
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, _raise_terminated)
         try:
-            return super().invoke(ctx)
+            value = super().invoke(ctx)
+            sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit where it cannot be caught
+            return value
+        except BrokenPipeError:
+            # The reader went away (`lorascale inspect REF --tensors | head`): what it wanted it has; end
+            # quietly, exit 0, and let nothing try to write to the pipe again.
+            _silence_stdout()
+            ctx.exit(0)
         except LorascaleError as exc:
             if settings.debug():
                 raise
@@ -154,24 +172,22 @@ def run(base: str, tuned: tuple[str, ...], out: Path, k: int, epsilon: float, si
 
 
 @main.command()
-@click.argument("reference")
+@click.argument("reference", metavar="REF")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
-def inspect(reference: str, as_json: bool) -> None:
-    """Describe a checkpoint: kind, shards, dtypes, matrices, adapter settings."""
-    from lorascale.inspect import describe_checkpoint
+@click.option("--tensors", "list_all", is_flag=True,
+              help="List every tensor: name, shape, dtype and what a default run does with it "
+                   "(the names --include and --exclude globs match).")
+def inspect(reference: str, as_json: bool, list_all: bool) -> None:
+    """Describe checkpoint REF (directory, .safetensors file or org/name[@rev]) from its headers alone:
+    kind, files, dtypes, matrices, adapter settings; with --tensors, every tensor."""
+    from lorascale.inspect import describe_checkpoint, format_description, format_tensors, list_tensors
 
-    info = describe_checkpoint(reference)
-    if as_json:
-        click.echo(json.dumps(info, indent=2))
+    if list_all:
+        rows = list_tensors(reference)
+        click.echo(json.dumps(rows, indent=2) if as_json else format_tensors(rows))
         return
-    for key, value in info.items():
-        if isinstance(value, (dict, list)) and value:
-            click.echo(f"{key}:")
-            items = value.items() if isinstance(value, dict) else enumerate(value)
-            for sub_key, sub_value in items:
-                click.echo(f"  {sub_key}: {sub_value}")
-        else:
-            click.echo(f"{key}: {value}")
+    info = describe_checkpoint(reference)
+    click.echo(json.dumps(info, indent=2) if as_json else format_description(info))
 
 
 @main.command()
