@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shlex
 import signal
 import sys
 import threading
+import time
 import traceback
 from pathlib import Path
 
@@ -80,24 +82,112 @@ def main() -> None:
 
 
 class _Progress:
-    """A progress bar on stderr, created on the first finished matrix."""
+    """Progress of the matrices on stderr, and the stages before them (logger "lorascale", see pipeline.log).
 
-    def __init__(self, enabled: bool) -> None:
-        self.enabled, self.bar, self.shown = enabled, None, 0
+    In a terminal: one bar redrawn in place, `matrices 3/14 21% | elapsed 0:12 | 0.25 matrices/s | ETA 0:44 |
+    <matrix>`.  Elsewhere (CI, Slurm, `ray job logs`): the same text as a plain line whenever another
+    `every_percent` of the matrices is done or `every_seconds` have passed (LORASCALE_PROGRESS_SECONDS,
+    default 30), and at the end.  Rates count only the matrices this process computed (a resume skips some).
+    Disabled (--quiet): nothing, not even the stages; warnings still show.
+    """
+
+    def __init__(self, enabled: bool, *, stream=None, interactive: bool | None = None,
+                 every_seconds: float | None = None, every_percent: float = 5.0) -> None:
+        self.enabled = enabled
+        self.stream = stream if stream is not None else sys.stderr
+        self.interactive = _isatty(self.stream) if interactive is None else interactive
+        self.every_seconds = settings.progress_seconds() if every_seconds is None else every_seconds
+        self.every_percent = every_percent
+        self.started = time.monotonic()
+        self.first: int | None = None  # matrices already done when this process started computing
+        self.last_line, self.last_percent, self.width = self.started, -1.0, 0
+        self.handler = _StageHandler(self)
+        stages = logging.getLogger("lorascale")
+        stages.addHandler(self.handler)
+        stages.setLevel(logging.INFO if enabled else logging.WARNING)
+        self.handler.setLevel(logging.INFO if enabled else logging.WARNING)
 
     def __call__(self, done: int, total: int, matrix: str) -> None:
         if not self.enabled:
             return
-        if self.bar is None:
-            self.bar = click.progressbar(length=total, label="matrices", file=sys.stderr, show_pos=True,
-                                         show_eta=True, item_show_func=lambda m: m or "")
-            self.bar.__enter__()
-        self.bar.update(done - self.shown, matrix)
-        self.shown = done
+        now = time.monotonic()
+        if self.first is None:
+            self.first = done - 1
+        percent = 100.0 * done / total if total else 100.0
+        text = self.text(done, total, matrix, now)
+        if self.interactive:
+            self._write("\r" + text.ljust(self.width), end="")
+            self.width = len(text)
+            if done >= total:
+                self._write("")
+                self.width = 0
+        elif (done >= total or now - self.last_line >= self.every_seconds
+              or percent >= self.last_percent + self.every_percent):
+            self._write(text)
+            self.last_line, self.last_percent = now, percent
+
+    def text(self, done: int, total: int, matrix: str, now: float) -> str:
+        elapsed = now - self.started
+        computed = done - (self.first if self.first is not None else 0)
+        rate = computed / elapsed if elapsed > 0 else 0.0
+        if rate <= 0:
+            speed, eta = "rate -", "ETA -"
+        else:
+            speed = f"{rate:.2f} matrices/s" if rate >= 1 else f"{1 / rate:.1f} s/matrix"
+            eta = f"ETA {_clock((total - done) / rate)}"
+        percent = 100 * done // total if total else 100
+        bar = ""
+        if self.interactive:
+            filled = 20 * done // total if total else 20
+            bar = "[" + "#" * filled + "-" * (20 - filled) + "] "
+        return (f"{bar}matrices {done}/{total} {percent}% | elapsed {_clock(elapsed)} | {speed} | {eta} | "
+                f"{matrix}")
+
+    def stage(self, message: str) -> None:
+        """A line saying what happens now (resolve, headers, Ray start-up, report writing)."""
+        if self.width:  # a bar is drawn: keep it, start the message on a line of its own
+            self._write("")
+            self.width = 0
+        self._write(message)
+
+    def _write(self, text: str, end: str = "\n") -> None:
+        try:
+            self.stream.write(text + end)
+            self.stream.flush()
+        except (OSError, ValueError):  # stderr closed or gone (`2>&1 | head`): progress is not worth a failure
+            self.enabled = False
 
     def close(self) -> None:
-        if self.bar is not None:
-            self.bar.__exit__(None, None, None)
+        if self.width:
+            self._write("")
+            self.width = 0
+        logging.getLogger("lorascale").removeHandler(self.handler)
+
+
+class _StageHandler(logging.Handler):
+    """Stages and warnings from the library (logger "lorascale") as `lorascale: ...` lines on stderr."""
+
+    def __init__(self, progress: _Progress) -> None:
+        super().__init__()
+        self.progress = progress
+
+    def emit(self, record: logging.LogRecord) -> None:
+        prefix = "lorascale: warning: " if record.levelno >= logging.WARNING else "lorascale: "
+        self.progress.stage(prefix + record.getMessage())
+
+
+def _isatty(stream) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
+
+
+def _clock(seconds: float) -> str:
+    """0:07, 12:34, 1:02:03."""
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
 def _print_summary(out: Path) -> None:
@@ -132,7 +222,10 @@ def _print_summary(out: Path) -> None:
 @click.option("--overwrite", is_flag=True, help="Replace a different earlier run in --out.")
 @click.option("--resume", is_flag=True, help="Require an earlier run in --out and continue it.")
 @click.option("--report", "make_report", is_flag=True, help="Also write RESULTS/report/ (figures + index.html).")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--quiet", is_flag=True, help="No progress or stage lines on stderr; warnings and errors still show.")
+@click.option("--dry-run", is_flag=True,
+              help="Resolve, read headers, match names and print the plan: matrices per model, tensors not "
+                   "analysed and why, bytes to read, estimated SVD time.  Nothing is computed or written.")
 @click.option("--ray-address", default=None,
               help="Run on Ray: auto, ray://host:10001, host:port, or local (default: $RAY_ADDRESS; else in-process).")
 @click.option("--workers", type=click.IntRange(min=1), default=None,
@@ -146,12 +239,25 @@ def run(base: str, tuned: tuple[str, ...], out: Path, k: int, epsilon: float, si
         device: str, include: tuple[str, ...], exclude: tuple[str, ...], overwrite: bool, resume: bool,
         quiet: bool, ray_address: str | None, workers: int | None, cpus_per_worker: float | None,
         gpus_per_worker: float | None, backend: str, mode: str, top_k: int, cache_dir: Path | None,
-        no_cache: bool, make_report: bool) -> None:
-    """Compare BASE with each --tuned checkpoint and write Parquet tables to --out."""
+        no_cache: bool, make_report: bool, dry_run: bool) -> None:
+    """Compare the --base checkpoint with each --tuned checkpoint and write Parquet tables to --out.
+
+    A checkpoint is a directory, a .safetensors file or a Hugging Face repo org/name[@revision].
+    """
     from lorascale.execute.executor import public_command
-    from lorascale.pipeline import compare
+    from lorascale.pipeline import compare, format_plan, plan_run
 
     progress = _Progress(enabled=not quiet)
+    if dry_run:
+        try:
+            planned = plan_run(base, list(tuned), k=k, epsilon=epsilon, side=side, precision=precision,
+                               device=device, include=include, exclude=exclude, backend=backend, mode=mode,
+                               top_k=top_k, ray_address=ray_address, workers=workers,
+                               cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker)
+        finally:
+            progress.close()
+        click.echo(format_plan(planned))
+        return
     argv = public_command(sys.argv[1:])  # the manifest records the command: never credentials an address carries
     try:
         result = compare(base, list(tuned), out, k=k, epsilon=epsilon, side=side, precision=precision,
@@ -168,6 +274,8 @@ def run(base: str, tuned: tuple[str, ...], out: Path, k: int, epsilon: float, si
     if make_report:
         from lorascale.report import build_report
 
+        if not quiet:
+            click.echo(f"lorascale: writing the report (figures, index.html) to {out / 'report'}", err=True)
         click.echo(f"report: {build_report(out)}", err=True)
 
 

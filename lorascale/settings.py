@@ -79,6 +79,16 @@ def cache_dir() -> Path:
     return Path(_cache_home()) / "lorascale"
 
 
+def progress_seconds() -> float:
+    """LORASCALE_PROGRESS_SECONDS: seconds between progress lines when stderr is not a terminal (default 30)."""
+    value = _env("LORASCALE_PROGRESS_SECONDS")
+    try:
+        seconds = float(value) if value is not None else 30.0
+    except ValueError:
+        seconds = 30.0
+    return seconds if seconds > 0 else 30.0
+
+
 def ray_address() -> str | None:
     """RAY_ADDRESS, as Ray users expect."""
     return _env("RAY_ADDRESS")
