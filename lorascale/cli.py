@@ -41,6 +41,13 @@ def _silence_stdout() -> None:
 class _Group(click.Group):
     """Maps lorascale errors to one line on stderr and an exit code; LORASCALE_DEBUG=1 shows tracebacks."""
 
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        try:  # the top-level --help and --version print while parsing
+            return super().parse_args(ctx, args)
+        except BrokenPipeError:
+            _silence_stdout()
+            ctx.exit(0)
+
     def invoke(self, ctx: click.Context):
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, _raise_terminated)
@@ -78,7 +85,15 @@ class _Group(click.Group):
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="lorascale")
 def main() -> None:
-    """Compare a base checkpoint with fine-tunes through the SVD of every weight matrix."""
+    """Compare a base checkpoint with fine-tunes through the SVD of every weight matrix, and count the
+    intruder dimensions LoRA introduces.  Results are Parquet tables in --out.
+
+    \b
+    Examples:
+      lorascale run --base meta-llama/Llama-2-7b-hf --tuned org/my-lora --tuned ./my-full-ft --out results/
+      lorascale inspect org/my-lora --tensors      # tensor names for --include / --exclude
+      lorascale summary results/                   # then: lorascale report results/
+    """
 
 
 class _Progress:
@@ -100,7 +115,7 @@ class _Progress:
         self.every_percent = every_percent
         self.started = time.monotonic()
         self.first: int | None = None  # matrices already done when this process started computing
-        self.last_line, self.last_percent, self.width = self.started, -1.0, 0
+        self.last_line, self.last_percent, self.width = self.started, float("-inf"), 0  # the first one shows
         self.handler = _StageHandler(self)
         stages = logging.getLogger("lorascale")
         stages.addHandler(self.handler)
@@ -197,14 +212,17 @@ def _print_summary(out: Path) -> None:
 
 
 @main.command()
-@click.option("--base", required=True, help="Base checkpoint: directory, .safetensors file, or org/name[@rev].")
-@click.option("--tuned", "tuned", multiple=True, required=True, help="A fine-tune (full or LoRA adapter); repeatable.")
-@click.option("--out", type=click.Path(path_type=Path), required=True, help="Results directory.")
+@click.option("--base", required=True, metavar="REF",
+              help="Base checkpoint: directory, .safetensors file, or org/name[@rev].")
+@click.option("--tuned", "tuned", multiple=True, required=True, metavar="REF",
+              help="A fine-tune of --base, full or LoRA adapter, as for --base; repeatable.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, metavar="DIR", help="Results directory.")
 @click.option("--k", default=10, show_default=True, help="Top tuned singular vectors checked for intruders.")
 @click.option("--epsilon", default=0.5, show_default=True, help="Intruder threshold on max |cos|.")
 @click.option("--side", type=click.Choice(["left", "right", "both"]), default="left", show_default=True,
               help="Singular vectors compared: left (output space, as in the paper), right, or both.")
-@click.option("--precision", type=click.Choice(["fp32", "fp64"]), default="fp32", show_default=True)
+@click.option("--precision", type=click.Choice(["fp32", "fp64"]), default="fp32", show_default=True,
+              help="Arithmetic of the SVDs; weights are read as stored.  fp64 for ill-conditioned matrices.")
 @click.option("--device", default="auto", show_default=True, help=f"{DEVICE_CHOICES}.")
 @click.option("--backend", type=click.Choice(BACKEND_CHOICES), default="auto", show_default=True,
               help="SVD backend: torch (LAPACK; cuSOLVER gesvd on CUDA), cupy (CUDA), or gram (opt-in: float64 "
@@ -286,8 +304,10 @@ def run(base: str, tuned: tuple[str, ...], out: Path, k: int, epsilon: float, si
               help="List every tensor: name, shape, dtype and what a default run does with it "
                    "(the names --include and --exclude globs match).")
 def inspect(reference: str, as_json: bool, list_all: bool) -> None:
-    """Describe checkpoint REF (directory, .safetensors file or org/name[@rev]) from its headers alone:
-    kind, files, dtypes, matrices, adapter settings; with --tensors, every tensor."""
+    """Describe checkpoint REF from its headers: kind, files, dtypes, matrices, adapter settings.
+
+    REF is a directory, a .safetensors file or org/name[@rev]; a hub repo's weights are not downloaded.
+    """
     from lorascale.inspect import describe_checkpoint, format_description, format_tensors, list_tensors
 
     if list_all:
@@ -320,7 +340,8 @@ def demo(out: Path, quiet: bool) -> None:
 
 @main.command()
 @click.argument("results", type=click.Path(path_type=Path))
-@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True,
+              help="Aligned text, CSV, or JSON with every field.")
 @click.option("--order", type=click.Choice(["as-given", "name"]), default="as-given", show_default=True,
               help="Model order: as given on the command line, or natural name order (checkpoint-200 < -1000).")
 @click.option("--partial", "allow_partial", is_flag=True,

@@ -216,7 +216,7 @@ def _match_adapter(model: Checkpoint, selection: _Selection,
                 f"adapter factors give a {list(expected)} update but the base matrix {target} is "
                 f"{list(base_shape)}", path=factors.a.file, tensor=factors.a.name,
                 fix="the adapter was trained on a different base model" + (
-                    "" if factors.fan_in_fan_out else " (or it needs fan_in_fan_out)") + ", or exclude it",
+                    "" if factors.fan_in_fan_out else ", or it needs fan_in_fan_out") + ", or exclude it",
             )
         found[target] = TunedSource(model=model.reference, update="lora", lora=factors)
     if unknown:
