@@ -96,6 +96,9 @@ def main() -> None:
     """
 
 
+STAGE_DELAY = 2.0  # seconds a stage lasts before it is shown
+
+
 class _Progress:
     """Progress of the matrices on stderr, and the stages before them (logger "lorascale", see pipeline.log).
 
@@ -116,6 +119,8 @@ class _Progress:
         self.started = time.monotonic()
         self.first: int | None = None  # matrices already done when this process started computing
         self.last_line, self.last_percent, self.width = self.started, float("-inf"), 0  # the first one shows
+        self.lock = threading.RLock()
+        self.timer: threading.Timer | None = None  # the stage not yet shown
         self.handler = _StageHandler(self)
         stages = logging.getLogger("lorascale")
         stages.addHandler(self.handler)
@@ -123,6 +128,7 @@ class _Progress:
         self.handler.setLevel(logging.INFO if enabled else logging.WARNING)
 
     def __call__(self, done: int, total: int, matrix: str) -> None:
+        self._end_stage()
         if not self.enabled:
             return
         now = time.monotonic()
@@ -158,12 +164,39 @@ class _Progress:
         return (f"{bar}matrices {done}/{total} {percent}% | elapsed {_clock(elapsed)} | {speed} | {eta} | "
                 f"{matrix}")
 
-    def stage(self, message: str) -> None:
-        """A line saying what happens now (resolve, headers, Ray start-up, report writing)."""
+    def stage(self, message: str, *, now: bool = False) -> None:
+        """A line saying what happens now (resolve, headers, Ray start-up, report writing), written once the
+        stage has lasted STAGE_DELAY seconds (or every_seconds, if shorter), or at once with `now`.  Quick
+        stages stay silent, so that bad input still ends with one line on stderr: the error."""
+        with self.lock:
+            if self.timer is not None:
+                self.timer.cancel()
+                self.timer = None
+            delay = min(STAGE_DELAY, self.every_seconds)
+            if now or delay <= 0:
+                self._show(message)
+                return
+            self.timer = threading.Timer(delay, self._show_if_current, args=(message,))
+            self.timer.daemon = True
+            self.timer.start()
+
+    def _show_if_current(self, message: str) -> None:
+        with self.lock:
+            if self.timer is not None and self.timer.args == (message,):
+                self.timer = None
+                self._show(message)
+
+    def _show(self, message: str) -> None:
         if self.width:  # a bar is drawn: keep it, start the message on a line of its own
             self._write("")
             self.width = 0
         self._write(message)
+
+    def _end_stage(self) -> None:
+        with self.lock:
+            if self.timer is not None:
+                self.timer.cancel()
+                self.timer = None
 
     def _write(self, text: str, end: str = "\n") -> None:
         try:
@@ -173,6 +206,7 @@ class _Progress:
             self.enabled = False
 
     def close(self) -> None:
+        self._end_stage()
         if self.width:
             self._write("")
             self.width = 0
@@ -187,8 +221,9 @@ class _StageHandler(logging.Handler):
         self.progress = progress
 
     def emit(self, record: logging.LogRecord) -> None:
-        prefix = "lorascale: warning: " if record.levelno >= logging.WARNING else "lorascale: "
-        self.progress.stage(prefix + record.getMessage())
+        warning = record.levelno >= logging.WARNING
+        prefix = "lorascale: warning: " if warning else "lorascale: "
+        self.progress.stage(prefix + record.getMessage(), now=warning)
 
 
 def _isatty(stream) -> bool:
@@ -293,8 +328,12 @@ def run(base: str, tuned: tuple[str, ...], out: Path, k: int, epsilon: float, si
         from lorascale.report import build_report
 
         if not quiet:
-            click.echo(f"lorascale: writing the report (figures, index.html) to {out / 'report'}", err=True)
-        click.echo(f"report: {build_report(out)}", err=True)
+            progress.stage(f"lorascale: writing the report (figures, index.html) to {out / 'report'}")
+        try:
+            index = build_report(out)
+        finally:
+            progress.close()
+        click.echo(f"report: {index}", err=True)
 
 
 @main.command()

@@ -120,6 +120,7 @@ def compare(base: str, tuned: Sequence[str], out: str | Path, *, k: int = 10, ep
                                                                  f"tuned={list(tuned)!r}, out={str(out)!r})")
     with RunDirectory.open(out, manifest, overwrite=overwrite, resume=resume) as run_dir:
         jobs = run_dir.pending(plan.jobs)
+        log.info("computing %d of %d matrices", len(jobs), len(plan.jobs))
         with run_dir.session(executor.describe(), len(jobs)) as writer:
             try:
                 finished = len(plan.jobs) - len(jobs)

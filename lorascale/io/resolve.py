@@ -158,7 +158,7 @@ def _check_revision(reference: str, revision: str) -> None:
         problem = "has a path component starting with '.' or ending with '.lock'"
     if problem is not None:
         raise CheckpointReferenceError(f"revision {shown} {problem}", path=_printable(reference),
-                                       fix="give a branch, a tag such as refs/pr/1, or a 40-hex commit after '@'")
+                                       fix="give a branch, tag, e.g. refs/pr/1, or 40-hex commit after '@'")
 
 
 def _printable(reference: str) -> str:
