@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
 import shlex
 import signal
 import sys
 import threading
+import time
 import traceback
 from pathlib import Path
 
@@ -25,14 +28,38 @@ def _raise_terminated(signum: int, frame: object) -> None:
     raise Terminated()
 
 
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that the interpreter's last flush does not hit the closed pipe again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # not a real file (a test runner's capture): nothing to do
+        pass
+
+
 class _Group(click.Group):
     """Maps lorascale errors to one line on stderr and an exit code; LORASCALE_DEBUG=1 shows tracebacks."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        try:  # the top-level --help and --version print while parsing
+            return super().parse_args(ctx, args)
+        except BrokenPipeError:
+            _silence_stdout()
+            ctx.exit(0)
 
     def invoke(self, ctx: click.Context):
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, _raise_terminated)
         try:
-            return super().invoke(ctx)
+            value = super().invoke(ctx)
+            sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit where it cannot be caught
+            return value
+        except BrokenPipeError:
+            # The reader went away (`lorascale inspect REF --tensors | head`): what it wanted it has; end
+            # quietly, exit 0, and let nothing try to write to the pipe again.
+            _silence_stdout()
+            ctx.exit(0)
         except LorascaleError as exc:
             if settings.debug():
                 raise
@@ -58,28 +85,159 @@ class _Group(click.Group):
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="lorascale")
 def main() -> None:
-    """Compare a base checkpoint with fine-tunes through the SVD of every weight matrix."""
+    """Compare a base checkpoint with fine-tunes through the SVD of every weight matrix, and count the
+    intruder dimensions LoRA introduces.  Results are Parquet tables in --out.
+
+    \b
+    Examples:
+      lorascale run --base meta-llama/Llama-2-7b-hf --tuned org/my-lora --tuned ./my-full-ft --out results/
+      lorascale inspect org/my-lora --tensors      # tensor names for --include / --exclude
+      lorascale summary results/                   # then: lorascale report results/
+    """
+
+
+STAGE_DELAY = 2.0  # seconds a stage lasts before it is shown
 
 
 class _Progress:
-    """A progress bar on stderr, created on the first finished matrix."""
+    """Progress of the matrices on stderr, and the stages before them (logger "lorascale", see pipeline.log).
 
-    def __init__(self, enabled: bool) -> None:
-        self.enabled, self.bar, self.shown = enabled, None, 0
+    In a terminal: one bar redrawn in place, `matrices 3/14 21% | elapsed 0:12 | 0.25 matrices/s | ETA 0:44 |
+    <matrix>`.  Elsewhere (CI, Slurm, `ray job logs`): the same text as a plain line whenever another
+    `every_percent` of the matrices is done or `every_seconds` have passed (LORASCALE_PROGRESS_SECONDS,
+    default 30), and at the end.  Rates count only the matrices this process computed (a resume skips some).
+    Disabled (--quiet): nothing, not even the stages; warnings still show.
+    """
+
+    def __init__(self, enabled: bool, *, stream=None, interactive: bool | None = None,
+                 every_seconds: float | None = None, every_percent: float = 5.0) -> None:
+        self.enabled = enabled
+        self.stream = stream if stream is not None else sys.stderr
+        self.interactive = _isatty(self.stream) if interactive is None else interactive
+        self.every_seconds = settings.progress_seconds() if every_seconds is None else every_seconds
+        self.every_percent = every_percent
+        self.started = time.monotonic()
+        self.first: int | None = None  # matrices already done when this process started computing
+        self.last_line, self.last_percent, self.width = self.started, float("-inf"), 0  # the first one shows
+        self.lock = threading.RLock()
+        self.timer: threading.Timer | None = None  # the stage not yet shown
+        self.handler = _StageHandler(self)
+        stages = logging.getLogger("lorascale")
+        stages.addHandler(self.handler)
+        stages.setLevel(logging.INFO if enabled else logging.WARNING)
+        self.handler.setLevel(logging.INFO if enabled else logging.WARNING)
 
     def __call__(self, done: int, total: int, matrix: str) -> None:
+        self._end_stage()
         if not self.enabled:
             return
-        if self.bar is None:
-            self.bar = click.progressbar(length=total, label="matrices", file=sys.stderr, show_pos=True,
-                                         show_eta=True, item_show_func=lambda m: m or "")
-            self.bar.__enter__()
-        self.bar.update(done - self.shown, matrix)
-        self.shown = done
+        now = time.monotonic()
+        if self.first is None:
+            self.first = done - 1
+        percent = 100.0 * done / total if total else 100.0
+        text = self.text(done, total, matrix, now)
+        if self.interactive:
+            self._write("\r" + text.ljust(self.width), end="")
+            self.width = len(text)
+            if done >= total:
+                self._write("")
+                self.width = 0
+        elif (done >= total or now - self.last_line >= self.every_seconds
+              or percent >= self.last_percent + self.every_percent):
+            self._write(text)
+            self.last_line, self.last_percent = now, percent
+
+    def text(self, done: int, total: int, matrix: str, now: float) -> str:
+        elapsed = now - self.started
+        computed = done - (self.first if self.first is not None else 0)
+        rate = computed / elapsed if elapsed > 0 else 0.0
+        if rate <= 0:
+            speed, eta = "rate -", "ETA -"
+        else:
+            speed = f"{rate:.2f} matrices/s" if rate >= 1 else f"{1 / rate:.1f} s/matrix"
+            eta = f"ETA {_clock((total - done) / rate)}"
+        percent = 100 * done // total if total else 100
+        bar = ""
+        if self.interactive:
+            filled = 20 * done // total if total else 20
+            bar = "[" + "#" * filled + "-" * (20 - filled) + "] "
+        return (f"{bar}matrices {done}/{total} {percent}% | elapsed {_clock(elapsed)} | {speed} | {eta} | "
+                f"{matrix}")
+
+    def stage(self, message: str, *, now: bool = False) -> None:
+        """A line saying what happens now (resolve, headers, Ray start-up, report writing), written once the
+        stage has lasted STAGE_DELAY seconds (or every_seconds, if shorter), or at once with `now`.  Quick
+        stages stay silent, so that bad input still ends with one line on stderr: the error."""
+        with self.lock:
+            if self.timer is not None:
+                self.timer.cancel()
+                self.timer = None
+            delay = min(STAGE_DELAY, self.every_seconds)
+            if now or delay <= 0:
+                self._show(message)
+                return
+            self.timer = threading.Timer(delay, self._show_if_current, args=(message,))
+            self.timer.daemon = True
+            self.timer.start()
+
+    def _show_if_current(self, message: str) -> None:
+        with self.lock:
+            if self.timer is not None and self.timer.args == (message,):
+                self.timer = None
+                self._show(message)
+
+    def _show(self, message: str) -> None:
+        if self.width:  # a bar is drawn: keep it, start the message on a line of its own
+            self._write("")
+            self.width = 0
+        self._write(message)
+
+    def _end_stage(self) -> None:
+        with self.lock:
+            if self.timer is not None:
+                self.timer.cancel()
+                self.timer = None
+
+    def _write(self, text: str, end: str = "\n") -> None:
+        try:
+            self.stream.write(text + end)
+            self.stream.flush()
+        except (OSError, ValueError):  # stderr closed or gone (`2>&1 | head`): progress is not worth a failure
+            self.enabled = False
 
     def close(self) -> None:
-        if self.bar is not None:
-            self.bar.__exit__(None, None, None)
+        self._end_stage()
+        if self.width:
+            self._write("")
+            self.width = 0
+        logging.getLogger("lorascale").removeHandler(self.handler)
+
+
+class _StageHandler(logging.Handler):
+    """Stages and warnings from the library (logger "lorascale") as `lorascale: ...` lines on stderr."""
+
+    def __init__(self, progress: _Progress) -> None:
+        super().__init__()
+        self.progress = progress
+
+    def emit(self, record: logging.LogRecord) -> None:
+        warning = record.levelno >= logging.WARNING
+        prefix = "lorascale: warning: " if warning else "lorascale: "
+        self.progress.stage(prefix + record.getMessage(), now=warning)
+
+
+def _isatty(stream) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
+
+
+def _clock(seconds: float) -> str:
+    """0:07, 12:34, 1:02:03."""
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
 def _print_summary(out: Path) -> None:
@@ -89,14 +247,17 @@ def _print_summary(out: Path) -> None:
 
 
 @main.command()
-@click.option("--base", required=True, help="Base checkpoint: directory, .safetensors file, or org/name[@rev].")
-@click.option("--tuned", "tuned", multiple=True, required=True, help="A fine-tune (full or LoRA adapter); repeatable.")
-@click.option("--out", type=click.Path(path_type=Path), required=True, help="Results directory.")
+@click.option("--base", required=True, metavar="REF",
+              help="Base checkpoint: directory, .safetensors file, or org/name[@rev].")
+@click.option("--tuned", "tuned", multiple=True, required=True, metavar="REF",
+              help="A fine-tune of --base, full or LoRA adapter, as for --base; repeatable.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, metavar="DIR", help="Results directory.")
 @click.option("--k", default=10, show_default=True, help="Top tuned singular vectors checked for intruders.")
 @click.option("--epsilon", default=0.5, show_default=True, help="Intruder threshold on max |cos|.")
 @click.option("--side", type=click.Choice(["left", "right", "both"]), default="left", show_default=True,
               help="Singular vectors compared: left (output space, as in the paper), right, or both.")
-@click.option("--precision", type=click.Choice(["fp32", "fp64"]), default="fp32", show_default=True)
+@click.option("--precision", type=click.Choice(["fp32", "fp64"]), default="fp32", show_default=True,
+              help="Arithmetic of the SVDs; weights are read as stored.  fp64 for ill-conditioned matrices.")
 @click.option("--device", default="auto", show_default=True, help=f"{DEVICE_CHOICES}.")
 @click.option("--backend", type=click.Choice(BACKEND_CHOICES), default="auto", show_default=True,
               help="SVD backend: torch (LAPACK; cuSOLVER gesvd on CUDA), cupy (CUDA), or gram (opt-in: float64 "
@@ -119,7 +280,10 @@ def _print_summary(out: Path) -> None:
 @click.option("--overwrite", is_flag=True, help="Replace a different earlier run in --out.")
 @click.option("--resume", is_flag=True, help="Require an earlier run in --out and continue it.")
 @click.option("--report", "make_report", is_flag=True, help="Also write RESULTS/report/ (figures + index.html).")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--quiet", is_flag=True, help="No progress or stage lines on stderr; warnings and errors still show.")
+@click.option("--dry-run", is_flag=True,
+              help="Resolve, read headers, match names and print the plan: matrices per model, tensors not "
+                   "analysed and why, bytes to read, estimated SVD time.  Nothing is computed or written.")
 @click.option("--ray-address", default=None,
               help="Run on Ray: auto, ray://host:10001, host:port, or local (default: $RAY_ADDRESS; else in-process).")
 @click.option("--workers", type=click.IntRange(min=1), default=None,
@@ -133,12 +297,27 @@ def run(base: str, tuned: tuple[str, ...], out: Path, k: int, epsilon: float, si
         device: str, include: tuple[str, ...], exclude: tuple[str, ...], overwrite: bool, resume: bool,
         quiet: bool, ray_address: str | None, workers: int | None, cpus_per_worker: float | None,
         gpus_per_worker: float | None, backend: str, mode: str, top_k: int, cache_dir: Path | None,
-        no_cache: bool, no_pickle: bool, make_report: bool, rename: tuple[str, ...]) -> None:
-    """Compare BASE with each --tuned checkpoint and write Parquet tables to --out."""
+        no_cache: bool, no_pickle: bool, make_report: bool, rename: tuple[str, ...],
+        dry_run: bool) -> None:
+    """Compare the --base checkpoint with each --tuned checkpoint and write Parquet tables to --out.
+
+    A checkpoint is a directory, a .safetensors file or a Hugging Face repo org/name[@revision].
+    """
     from lorascale.execute.executor import public_command
-    from lorascale.pipeline import compare
+    from lorascale.pipeline import compare, format_plan, plan_run
 
     progress = _Progress(enabled=not quiet)
+    if dry_run:
+        try:
+            planned = plan_run(base, list(tuned), k=k, epsilon=epsilon, side=side, precision=precision,
+                               device=device, include=include, exclude=exclude, backend=backend, mode=mode,
+                               top_k=top_k, ray_address=ray_address, workers=workers,
+                               cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker, rename=rename,
+                               no_pickle=no_pickle)
+        finally:
+            progress.close()
+        click.echo(format_plan(planned))
+        return
     argv = public_command(sys.argv[1:])  # the manifest records the command: never credentials an address carries
     try:
         result = compare(base, list(tuned), out, k=k, epsilon=epsilon, side=side, precision=precision,
@@ -155,29 +334,35 @@ def run(base: str, tuned: tuple[str, ...], out: Path, k: int, epsilon: float, si
     if make_report:
         from lorascale.report import build_report
 
-        click.echo(f"report: {build_report(out)}", err=True)
+        if not quiet:
+            progress.stage(f"lorascale: writing the report (figures, index.html) to {out / 'report'}")
+        try:
+            index = build_report(out)
+        finally:
+            progress.close()
+        click.echo(f"report: {index}", err=True)
 
 
 @main.command()
-@click.argument("reference")
+@click.argument("reference", metavar="REF")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 @click.option("--no-pickle", is_flag=True, help="Refuse pickled .bin weights.")
-def inspect(reference: str, as_json: bool, no_pickle: bool) -> None:
-    """Describe a checkpoint: kind, format, shards, dtypes, matrices, adapter settings."""
-    from lorascale.inspect import describe_checkpoint
+@click.option("--tensors", "list_all", is_flag=True,
+              help="List every tensor: name, shape, dtype and what a default run does with it "
+                   "(the names --include and --exclude globs match).")
+def inspect(reference: str, as_json: bool, list_all: bool, no_pickle: bool) -> None:
+    """Describe checkpoint REF from its headers: kind, format, files, dtypes, matrices, adapter settings.
 
-    info = describe_checkpoint(reference, allow_pickle=not no_pickle)
-    if as_json:
-        click.echo(json.dumps(info, indent=2))
+    REF is a directory, a .safetensors file or org/name[@rev]; a hub repo's weights are not downloaded.
+    """
+    from lorascale.inspect import describe_checkpoint, format_description, format_tensors, list_tensors
+
+    if list_all:
+        rows = list_tensors(reference, allow_pickle=not no_pickle)
+        click.echo(json.dumps(rows, indent=2) if as_json else format_tensors(rows))
         return
-    for key, value in info.items():
-        if isinstance(value, (dict, list)) and value:
-            click.echo(f"{key}:")
-            items = value.items() if isinstance(value, dict) else enumerate(value)
-            for sub_key, sub_value in items:
-                click.echo(f"  {sub_key}: {sub_value}")
-        else:
-            click.echo(f"{key}: {value}")
+    info = describe_checkpoint(reference, allow_pickle=not no_pickle)
+    click.echo(json.dumps(info, indent=2) if as_json else format_description(info))
 
 
 @main.command()
@@ -202,7 +387,8 @@ def demo(out: Path, quiet: bool) -> None:
 
 @main.command()
 @click.argument("results", type=click.Path(path_type=Path))
-@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True,
+              help="Aligned text, CSV, or JSON with every field.")
 @click.option("--order", type=click.Choice(["as-given", "name"]), default="as-given", show_default=True,
               help="Model order: as given on the command line, or natural name order (checkpoint-200 < -1000).")
 @click.option("--partial", "allow_partial", is_flag=True,

@@ -25,7 +25,8 @@ class LorascaleError(Exception):
         where = ": ".join(parts)
         text = f"{where}: {message}" if where else message
         if fix:
-            text = f"{text} ({fix})"
+            # "message (fix)"; a fix that has parentheses of its own would nest them, so it follows a ";".
+            text = f"{text}; {fix}" if "(" in fix or ")" in fix else f"{text} ({fix})"
         super().__init__(text)
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -9,18 +12,22 @@ from pathlib import Path
 import torch
 
 from lorascale import __version__, settings
-from lorascale.errors import OptionError
+from lorascale.errors import LorascaleError, OptionError
 from lorascale.execute.executor import Executor, make_executor
 from lorascale.io.checkpoint import Checkpoint, open_checkpoint
 from lorascale.io.resolve import resolve
 from lorascale.plan import Plan, Rename, parse_renames, plan_jobs
 from lorascale.io.identity import describe
-from lorascale.records import AnalysisOptions
+from lorascale.records import AnalysisOptions, Skipped, TensorEntry
 from lorascale.store.manifest import Manifest
 from lorascale.store.run_directory import RunDirectory
 
 # Called as (jobs done, jobs total, matrix name) after each matrix.
 ProgressCallback = Callable[[int, int, str], None]
+
+# Stages (resolving, reading headers, planning; Ray start-up in execute/) are INFO records on this logger,
+# reference-level warnings WARNING records: the CLI shows them on stderr, a library user configures logging.
+log = logging.getLogger("lorascale")
 
 
 @dataclass(frozen=True)
@@ -107,25 +114,11 @@ def compare(base: str, tuned: Sequence[str], out: str | Path, *, k: int = 10, ep
     >>> lorascale.compare(base="meta-llama/Llama-2-7b-hf",  # doctest: +SKIP
     ...                   tuned=["LoRA-TMLR-2024/magicoder-lora-rank-16-alpha-32"], out="results")
     """
-    if not tuned:
-        raise OptionError("give at least one tuned checkpoint (--tuned)")
-    if len(set(tuned)) != len(tuned):
-        raise OptionError("the same --tuned reference is given twice")
-    rules = parse_renames(rename)
-    if executor is None:
-        executor = make_executor(address=ray_address or settings.ray_address(), workers=workers,
-                                 cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker,
-                                 node_cache_dir=cache_dir is None)
-    if use_cache and cache_dir is None:
-        cache_dir = settings.cache_dir()
-    options = executor.prepare(build_options(k=k, epsilon=epsilon, side=side, precision=precision, device=device,
-                                             driver=driver, backend=backend, mode=mode, top_k=top_k,
-                                             cache_dir=cache_dir if use_cache else None))
-    # Everything that can be wrong with the input is found here, before the output directory is touched.
-    base_checkpoint, *tuned_checkpoints = _open_checkpoints([base, *tuned], include, exclude, rules,
-                                                            allow_pickle=not no_pickle)
-    plan: Plan = plan_jobs(base_checkpoint, tuned_checkpoints, include=tuple(include), exclude=tuple(exclude),
-                           rename=rules)
+    executor, options, base_checkpoint, tuned_checkpoints, plan = _prepare(
+        base, tuned, k=k, epsilon=epsilon, side=side, precision=precision, device=device, include=include,
+        exclude=exclude, driver=driver, backend=backend, mode=mode, top_k=top_k, cache_dir=cache_dir,
+        use_cache=use_cache, executor=executor, ray_address=ray_address, workers=workers,
+        cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker, rename=rename, no_pickle=no_pickle, download=True)
 
     out = Path(out)
     manifest = _new_manifest(base_checkpoint, tuned_checkpoints, plan, options, side=side, include=include,
@@ -133,6 +126,7 @@ def compare(base: str, tuned: Sequence[str], out: str | Path, *, k: int = 10, ep
                                                                  f"tuned={list(tuned)!r}, out={str(out)!r})")
     with RunDirectory.open(out, manifest, overwrite=overwrite, resume=resume) as run_dir:
         jobs = run_dir.pending(plan.jobs)
+        log.info("computing %d of %d matrices", len(jobs), len(plan.jobs))
         with run_dir.session(executor.describe(), len(jobs)) as writer:
             try:
                 finished = len(plan.jobs) - len(jobs)
@@ -147,17 +141,197 @@ def compare(base: str, tuned: Sequence[str], out: str | Path, *, k: int = 10, ep
     return RunResult(out=out, manifest=manifest, computed=len(jobs), planned=len(plan.jobs))
 
 
+def _prepare(base: str, tuned: Sequence[str], *, k: int, epsilon: float, side: str, precision: str, device: str,
+             include: Sequence[str], exclude: Sequence[str], driver: str | None, backend: str, mode: str,
+             top_k: int, cache_dir: str | Path | None, use_cache: bool, executor: Executor | None,
+             ray_address: str | None, workers: int | None, cpus_per_worker: float | None,
+             gpus_per_worker: float | None, rename: Sequence[str] = (), no_pickle: bool = False,
+             download: bool) -> tuple[Executor, AnalysisOptions, Checkpoint, list[Checkpoint], Plan]:
+    """Options checked, checkpoints resolved and indexed, jobs planned: what compare() runs and plan_run()
+    shows.  Everything that can be wrong with the input is found here, before any output is touched."""
+    if not tuned:
+        raise OptionError("give at least one tuned checkpoint (--tuned)")
+    if len(set(tuned)) != len(tuned):
+        raise OptionError("the same --tuned reference is given twice")
+    rules = parse_renames(rename)
+    if executor is None:
+        executor = make_executor(address=ray_address or settings.ray_address(), workers=workers,
+                                 cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker,
+                                 node_cache_dir=cache_dir is None)
+    if use_cache and cache_dir is None:
+        cache_dir = settings.cache_dir()
+    options = executor.prepare(build_options(k=k, epsilon=epsilon, side=side, precision=precision, device=device,
+                                             driver=driver, backend=backend, mode=mode, top_k=top_k,
+                                             cache_dir=cache_dir if use_cache else None))
+    base_checkpoint, *tuned_checkpoints = _open_checkpoints([base, *tuned], include, exclude, rules,
+                                                            allow_pickle=not no_pickle, download=download)
+    _warn_same_checkpoints(base_checkpoint, tuned_checkpoints)
+    log.info("planning: matching %d tuned model(s) to the base", len(tuned_checkpoints))
+    plan: Plan = plan_jobs(base_checkpoint, tuned_checkpoints, include=tuple(include), exclude=tuple(exclude),
+                           rename=rules)
+    return executor, options, base_checkpoint, tuned_checkpoints, plan
+
+
 def _open_checkpoints(references: list[str], include: Sequence[str], exclude: Sequence[str],
-                      rename: Sequence[Rename] = (), *, allow_pickle: bool = True) -> list[Checkpoint]:
+                      rename: Sequence[Rename] = (), *, allow_pickle: bool = True,
+                      download: bool = True) -> list[Checkpoint]:
     """Resolve and index every reference.  Hub repos are planned from their headers first (HTTP range
-    requests), so a comparison that cannot work fails before any weight file is downloaded."""
-    headers = [open_checkpoint(resolve(r, headers_only=True, allow_pickle=allow_pickle)) for r in references]
-    if not any(c.resolved.headers_only for c in headers):
+    requests), so a comparison that cannot work fails before any weight file is downloaded; with
+    `download=False` (a dry run) they stay headers only.  Every reference is tried before an error is
+    raised, so that one run reports each unreachable or unreadable reference."""
+    headers: list[Checkpoint] = []
+    errors: list[LorascaleError] = []
+    for reference in references:
+        try:
+            log.info("resolving %s", reference)
+            resolved = resolve(reference, headers_only=True, allow_pickle=allow_pickle)
+            log.info("reading headers of %s: %d weight file(s)%s", reference, len(resolved.weight_files),
+                     ", by HTTP range requests" if resolved.headers_only else "")
+            headers.append(open_checkpoint(resolved))
+        except LorascaleError as exc:
+            errors.append(exc)
+    if len(errors) == 1:
+        raise errors[0]
+    if errors:
+        # One line for all of them, with the first one's exit code.
+        raise type(errors[0])(f"{len(errors)} of {len(references)} references cannot be used: "
+                              + "; ".join(str(e) for e in errors))
+    if not download or not any(c.resolved.headers_only for c in headers):
         return headers  # local or offline: these are the files themselves
     plan_jobs(headers[0], headers[1:], include=tuple(include), exclude=tuple(exclude),
               rename=rename)  # raises if hopeless
+    log.info("downloading the weight files the plan needs")
     return [open_checkpoint(resolve(r, allow_pickle=allow_pickle)) if c.resolved.headers_only else c
             for r, c in zip(references, headers)]
+
+
+def _warn_same_checkpoints(base: Checkpoint, tuned: list[Checkpoint]) -> None:
+    """Warn about a --tuned that is the base itself, or another --tuned, under another name: the same weight
+    files (a hub snapshot is per commit, so the same repo and commit also means the same files)."""
+    def files(c: Checkpoint) -> tuple[str, ...]:
+        return tuple(str(p.resolve()) for p in c.resolved.weight_files)
+
+    seen = {files(base): f"the --base {base.reference}"}
+    for model in tuned:
+        earlier = seen.setdefault(files(model), f"--tuned {model.reference}")
+        if earlier != f"--tuned {model.reference}":
+            log.warning("--tuned %s is the same checkpoint as %s: every matrix will compare equal",
+                        model.reference, earlier)
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """What `compare()` with the same arguments would do (plan_run): nothing computed, nothing written."""
+
+    base: str
+    tuned: tuple[str, ...]
+    updates: dict[str, str]  # tuned reference -> full / lora
+    matrices: dict[str, int]  # tuned reference -> matrices analysed for it
+    jobs: int  # base matrices analysed (one job each)
+    skipped: tuple[Skipped, ...]  # the 2-D tensors not analysed, and why
+    bytes_to_read: int  # tensor bytes the run reads (base matrices once, every tuned version)
+    svds: int  # full SVDs: one per base matrix plus one per tuned version
+    svd_seconds: float  # estimate from a timed probe on `device`
+    device: str
+    probe: str  # what was timed
+
+
+def plan_run(base: str, tuned: Sequence[str], *, k: int = 10, epsilon: float = 0.5, side: str = "left",
+             precision: str = "fp32", device: str = "auto", include: Sequence[str] = (),
+             exclude: Sequence[str] = (), driver: str | None = None, backend: str = "auto", mode: str = "exact",
+             top_k: int = 64, ray_address: str | None = None, workers: int | None = None,
+             cpus_per_worker: float | None = None, gpus_per_worker: float | None = None,
+             rename: Sequence[str] = (), no_pickle: bool = False) -> RunPlan:
+    """The dry run of compare(): the same checks, resolution, header indexing and name matching, then the
+    plan; no weight file is downloaded, no tensor read, no output written and no Ray started.  The SVD time
+    is estimated from one SVD timed on this machine's `device` (for a Ray run: the driver's device)."""
+    executor, options, base_checkpoint, tuned_checkpoints, plan = _prepare(
+        base, tuned, k=k, epsilon=epsilon, side=side, precision=precision, device=device, include=include,
+        exclude=exclude, driver=driver, backend=backend, mode=mode, top_k=top_k, cache_dir=None, use_cache=False,
+        executor=None, ray_address=ray_address, workers=workers, cpus_per_worker=cpus_per_worker,
+        gpus_per_worker=gpus_per_worker, rename=rename, no_pickle=no_pickle, download=False)
+    executor.close()
+    per_model: Counter[str] = Counter(s.model for job in plan.jobs for s in job.tuned)
+    read = 0
+    for job in plan.jobs:
+        read += _nbytes(job.base)
+        for source in job.tuned:
+            read += _nbytes(source.full) if source.full is not None else (
+                _nbytes(source.lora.a) + _nbytes(source.lora.b))  # type: ignore[union-attr]
+    seconds_per_unit, device_used, probe = _svd_speed(options)
+    return RunPlan(base=base_checkpoint.reference, tuned=tuple(c.reference for c in tuned_checkpoints),
+                   updates={c.reference: c.update for c in tuned_checkpoints},
+                   matrices={c.reference: per_model[c.reference] for c in tuned_checkpoints},
+                   jobs=len(plan.jobs), skipped=plan.skipped, bytes_to_read=read,
+                   svds=sum(1 + len(job.tuned) for job in plan.jobs),
+                   svd_seconds=seconds_per_unit * sum(job.cost for job in plan.jobs), device=device_used, probe=probe)
+
+
+def _nbytes(entry: TensorEntry) -> int:
+    return entry.data_end - entry.data_start
+
+
+PROBE_SIZE = 384
+
+
+def _svd_speed(options: AnalysisOptions) -> tuple[float, str, str]:
+    """Seconds per unit of MatrixJob.cost (m * n * min(m, n) per SVD), from a PROBE_SIZE square SVD timed on
+    this machine's device with the run's backend and precision (best of three after a warm-up)."""
+    from lorascale.numerics.backends import resolve as resolve_compute
+    from lorascale.numerics.svd import svd
+
+    try:
+        compute = resolve_compute(options.device, options.backend, options.driver)
+    except OptionError:  # a Ray run's GPU request, on a driver without one: time this machine's default
+        compute = resolve_compute("auto")
+    dtype = torch.float64 if options.precision == "fp64" else torch.float32
+    generator = torch.Generator().manual_seed(0)
+    matrix = torch.randn(PROBE_SIZE, PROBE_SIZE, generator=generator, dtype=dtype).to(compute.device)
+    best = float("inf")
+    for attempt in range(4):
+        start = time.perf_counter()
+        svd(matrix, driver=compute.driver, backend=compute.backend)
+        if compute.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        if attempt:  # the first call pays for library loading and workspace allocation
+            best = min(best, time.perf_counter() - start)
+    probe = f"{PROBE_SIZE}x{PROBE_SIZE} {options.precision} SVD with {compute.backend} in {best * 1e3:.1f} ms"
+    return best / PROBE_SIZE ** 3, compute.device, probe
+
+
+def format_plan(run_plan: RunPlan) -> str:
+    """A RunPlan as the text `lorascale run --dry-run` prints."""
+    lines = [f"base {run_plan.base}: {run_plan.jobs} matrices to analyse"]
+    width = max(len(t) for t in run_plan.tuned)
+    lines += [f"  --tuned {t:<{width}}  {run_plan.updates[t]:<4}  {run_plan.matrices[t]} matrices"
+              for t in run_plan.tuned]
+    groups: dict[tuple[str, str], list[str]] = {}
+    for s in run_plan.skipped:
+        groups.setdefault((s.model or "base", s.reason), []).append(s.matrix)
+    lines.append(f"not analysed: {len(run_plan.skipped)} 2-D tensor(s)" if run_plan.skipped
+                 else "not analysed: none")
+    for (model, reason), names in groups.items():
+        lines.append(f"  {model}: {len(names)} {reason}, e.g. {names[0]}")
+    lines.append(f"to read: {_size(run_plan.bytes_to_read)} of tensors")
+    lines.append(f"SVDs: {run_plan.svds}, estimated {_duration(run_plan.svd_seconds)} on {run_plan.device} of this "
+                 f"machine; a rough figure from one {run_plan.probe}")
+    lines.append("dry run: nothing computed or written")
+    return "\n".join(lines)
+
+
+def _size(n: int) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} B"
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.1f} s" if seconds >= 0.1 else "under 0.1 s"
+    minutes, s = divmod(int(round(seconds)), 60)
+    hours, m = divmod(minutes, 60)
+    return f"{hours} h {m:02d} min" if hours else f"{m} min {s:02d} s"
 
 
 def _record_execution(manifest: Manifest, execution: dict) -> None:

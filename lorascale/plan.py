@@ -171,7 +171,7 @@ class NameMatcher:
             if any(usage[pair] >= 2 for pair in pairs) or confirmed.intersection(pairs) or not result:
                 raise MismatchError(
                     f"ambiguous name match: {shown[0]!r} and {shown[1]!r} both end in {suffix!r}",
-                    path=where, tensor=subject, fix="say which one with --rename FROM=TO (a regex on the tuned names)")
+                    path=where, tensor=subject, fix="say which one with --rename FROM=TO, a regex on the tuned names")
         return result
 
 
@@ -294,7 +294,7 @@ def plan_jobs(base: Checkpoint, tuned: list[Checkpoint], *, include: tuple[str, 
             raise MismatchError(
                 "no weight matrix matches the base checkpoint", path=model.reference,
                 fix=f"check that it is a fine-tune of {base.reference}"
-                    + (" (or map its names with --rename FROM=TO)" if not rename else ""),
+                    + ("; or map its names with --rename FROM=TO" if not rename else ""),
             )
         for unit, source in found.items():
             sources.setdefault(unit, []).append(source)
@@ -303,7 +303,7 @@ def plan_jobs(base: Checkpoint, tuned: list[Checkpoint], *, include: tuple[str, 
     if not names:
         # Name a reason that is not the selection itself, when there is one: that is the surprising part.
         telling = [s for s in skipped if s.model is None and not s.reason.startswith("not selected")] or skipped
-        example = f" ({telling[0].matrix}: {telling[0].reason})" if telling else ""
+        example = f", e.g. {telling[0].matrix}: {telling[0].reason}" if telling else ""
         raise MismatchError(f"no matrix left to analyse{example}", path=base.reference,
                             fix="widen --include or narrow --exclude; only F64/F32/F16/BF16 matrices are analysed")
     for name in base_matrices:
@@ -413,7 +413,7 @@ def _match_adapter(model: Checkpoint, selection: _Selection,
                 f"adapter factors give a {list(expected)} update but the base matrix {target} is "
                 f"{list(base_shape)}", path=factors.a.file, tensor=factors.a.name,
                 fix="the adapter was trained on a different base model" + (
-                    "" if factors.fan_in_fan_out else " (or it needs fan_in_fan_out)") + ", or exclude it",
+                    "" if factors.fan_in_fan_out else ", or it needs fan_in_fan_out") + ", or exclude it",
             )
         found[(target, None)] = TunedSource(model=model.reference,
                                             update="lora" if factors.magnitude is None else "dora", lora=factors)
@@ -439,8 +439,8 @@ def _match_adapter(model: Checkpoint, selection: _Selection,
         raise MismatchError(
             f"adapter targets {len(unknown)} module(s) or parameter(s) the base does not have, e.g. {unknown[0]!r}",
             path=model.reference,
-            fix=f"pass the base it was trained on{f' ({trained_on})' if trained_on else ''} as --base"
-                + (" (a fused expert parameter needs a base saved with fused experts)" if model.lora.parameters
+            fix=f"pass the base it was trained on{f', {trained_on},' if trained_on else ''} as --base"
+                + ("; a fused expert parameter needs a base saved with fused experts" if model.lora.parameters
                    else ""),
         )
     for name, why in model.lora.other.items():
@@ -481,7 +481,7 @@ def _pair_parameters(model: Checkpoint, wrappers: list[ParameterFactors], bases:
                 f"cannot tell which parameter the factors lora_A {list(wrapper.a.shape)} / lora_B "
                 f"{list(wrapper.b.shape)} adapt: {'several fit' if len(fitting) > 1 else 'none fits'} of {shapes}",
                 path=model.reference, tensor=wrapper.a.name,
-                fix="the adapter was trained on a different base model (or target_parameters does not match it)")
+                fix="the adapter was trained on a different base model, or target_parameters does not match it")
         taken.add(fitting[0])
         pairs[wrapper] = (fitting[0], bases[fitting[0]])
     return pairs

@@ -22,7 +22,7 @@ from lorascale.store.schema import MATRICES, SCHEMAS, SIMILARITY, SPECTRA
 from lorascale.store.writer import part_files
 
 TABLES = (MATRICES, SPECTRA, SIMILARITY)
-_RUN_FIX = "pass the out directory of lorascale.compare() or `lorascale run` (it holds manifest.json)"
+_RUN_FIX = "pass the out directory of lorascale.compare or `lorascale run`, the one holding manifest.json"
 
 
 @dataclass

@@ -79,6 +79,17 @@ def cache_dir() -> Path:
     return Path(_cache_home()) / "lorascale"
 
 
+def progress_seconds() -> float:
+    """LORASCALE_PROGRESS_SECONDS: at most this long between progress lines when stderr is not a terminal
+    (default 30; stages are shown once they last 2 s or this long, whichever is shorter)."""
+    value = _env("LORASCALE_PROGRESS_SECONDS")
+    try:
+        seconds = float(value) if value is not None else 30.0
+    except ValueError:
+        seconds = 30.0
+    return seconds if seconds >= 0 else 30.0  # 0: every stage and every matrix at once
+
+
 def ray_address() -> str | None:
     """RAY_ADDRESS, as Ray users expect."""
     return _env("RAY_ADDRESS")

@@ -187,10 +187,8 @@ def test_run_with_report_and_summary_commands(llama, tmp_path):
     again = invoke("report", out, "--out", tmp_path / "rep")
     assert again.exit_code == 0 and (tmp_path / "rep" / "index.html").is_file()
     missing = invoke("summary", tmp_path / "nowhere")
-    # A results directory that is not there: OutputError (README "Errors": 6, output directory unusable).
-    assert missing.exit_code == 6 and len(missing.stderr.strip().splitlines()) == 1
-
-
+    # A results directory that is not there: a usage error (README "Errors": 2), not "output unusable" (6).
+    assert missing.exit_code == 2 and len(missing.stderr.strip().splitlines()) == 1
 def test_bad_rename_is_exit_2_naming_the_option(tmp_path):
     result = invoke("run", "--base", tmp_path / "base", "--tuned", tmp_path / "tuned", "--out", tmp_path / "out",
                     "--rename", "layers.(\\d+=h.\\1", "--quiet")

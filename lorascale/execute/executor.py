@@ -75,7 +75,7 @@ def make_executor(*, address: str | None = None, workers: int | None = None, cpu
                            gpus_per_worker=gpus_per_worker, node_cache_dir=node_cache_dir)
     if cpus_per_worker is not None or gpus_per_worker is not None:
         raise OptionError("--cpus-per-worker / --gpus-per-worker apply to Ray workers, and this run is in-process",
-                          fix="add --workers N (N > 1) or --ray-address")
+                          fix="add --workers N with N > 1, or --ray-address")
     from lorascale.execute.local import LocalExecutor
 
     return LocalExecutor()

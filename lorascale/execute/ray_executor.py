@@ -34,6 +34,8 @@ from lorascale.errors import CheckpointReferenceError, ExecutionError, Lorascale
 from lorascale.execute.executor import Executor, public_address
 from lorascale.records import AnalysisOptions, HubFile, MatrixJob, MatrixResult, TensorEntry, TunedSource
 
+log = logging.getLogger("lorascale")  # stages for the CLI's stderr (pipeline.log)
+
 IN_FLIGHT_PER_WORKER = 2  # one computing, one loading
 MAX_ATTEMPTS = 3  # per matrix, counting attempts whose worker died
 START_TIMEOUT_S = 900.0  # wait for a first worker this long (autoscalers add GPU nodes slowly)
@@ -135,6 +137,8 @@ class RayExecutor(Executor):
             shape = self._shape(ray, options.device)
             self._info.update(workers=shape.workers, cpus_per_worker=shape.cpus, gpus_per_worker=shape.gpus,
                               device=shape.device, workers_lost=0, matrices_retried=0)
+            log.info("starting %d Ray worker(s), %g CPU and %g GPU each, on %s", shape.workers, shape.cpus,
+                     shape.gpus, shape.device)
             with contextlib.suppress(Exception):  # informative only; Ray Client may not know it
                 self._info["gcs_address"] = ray.get_runtime_context().gcs_address
             self._session = _Session(ray, shape, replace(options, device=shape.device), self.node_cache_dir,
@@ -153,15 +157,20 @@ class RayExecutor(Executor):
         quiet: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.ERROR}
         try:
             if self.address in (None, "local"):
+                log.info("starting a local Ray")
                 # "local", not None: ray.init() would attach to any cluster `ray start` left on this machine.
                 wanted = int((self.workers or 1) * (self.cpus_per_worker or 1) + 0.999)
                 ray.init(address="local", num_cpus=max(os.cpu_count() or 1, wanted), include_dashboard=False, **quiet)
             else:
-                parts = urlsplit(self.address if "://" in self.address else f"//{self.address}")
+                target = _auto_address() if self.address == "auto" else self.address
+                log.info("connecting to Ray at %s", public_address(target))
+                parts = urlsplit(target if "://" in target else f"//{target}")
                 if parts.hostname and parts.port:  # ray.init retries an unreachable address for ever: probe first
                     socket.create_connection((parts.hostname, parts.port), timeout=10).close()
                 ray.init(address=self.address, **quiet)
         except (OSError, ValueError, RuntimeError) as exc:  # OSError covers ConnectionError and TimeoutError
+            if self.address == "auto":
+                raise _no_cluster() from None
             shown = public_address(self.address) or "local"
             raise ExecutionError(f"cannot start or reach Ray at {shown}: "
                                  f"{_first_line(exc).replace(self.address or shown, shown)}",
@@ -405,3 +414,24 @@ def _warm_page_cache(job: MatrixJob) -> None:
 
 def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def _auto_address() -> str:
+    """The cluster `auto` means, found as ray.init finds it (RAY_ADDRESS, the address file the last `ray start`
+    wrote, a running GCS process), so that it can be probed first: a file left by a cluster that is gone makes
+    ray.init retry for minutes.  "auto" itself when that lookup is not available in this Ray version."""
+    try:
+        from ray._private.services import canonicalize_bootstrap_address
+    except ImportError:
+        return "auto"
+    try:
+        found = canonicalize_bootstrap_address("auto")
+    except ConnectionError:
+        raise _no_cluster() from None
+    return found or "auto"
+
+
+def _no_cluster() -> ExecutionError:
+    return ExecutionError("--ray-address auto found no running Ray cluster on this machine",
+                          fix="start one with `ray start --head`, or drop --ray-address and RAY_ADDRESS "
+                              "to run in-process")

@@ -24,7 +24,7 @@ _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])(?:\.(?P<adapter>[
 # module adds, and the adapter name); older or hand-made files may keep either or both.
 _MAGNITUDE_KEY = re.compile(r"^(?P<module>.+)\.lora_magnitude_vector(?:\.(?P<adapter>[^.]+))??(?:\.weight)?$")
 _EMBEDDING_KEY = re.compile(r"^(?P<module>.+)\.lora_embedding_[AB](?:\.[^.]+)?$")
-_CONVERT_FIX = ("lorascale reads LoRA and DoRA adapters; merge it with peft (merge_and_unload) and compare the "
+_CONVERT_FIX = ("lorascale reads LoRA and DoRA adapters; merge it with peft's merge_and_unload and compare the "
                 "merged model")
 
 
@@ -121,7 +121,7 @@ def _patterns(path: Path, config: dict, key: str) -> dict[str, object]:
         try:
             re.compile(_pattern_regex(pattern))
         except re.error as exc:
-            raise _bad(path, f"{key} key {pattern!r}", pattern, f"a valid regular expression ({exc})") from None
+            raise _bad(path, f"{key} key {pattern!r}", pattern, f"a valid regular expression, {exc}") from None
     return patterns
 
 

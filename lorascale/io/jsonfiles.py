@@ -44,10 +44,10 @@ def parse_json(raw: bytes | str, *, path: Path | str, what: str, fix: str) -> ob
     except RecursionError:
         raise CheckpointFormatError(f"{what} is nested too deeply to be a real one", path=path, fix=fix) from None
     except UnicodeDecodeError as exc:
-        raise CheckpointFormatError(f"{what} is not valid JSON (not UTF-8: {exc.reason} at byte {exc.start})",
+        raise CheckpointFormatError(f"{what} is not valid JSON: not UTF-8, {exc.reason} at byte {exc.start}",
                                     path=path, fix=fix) from None
     except ValueError as exc:  # JSONDecodeError, and int() refusing a number of more than 4300 digits
-        raise CheckpointFormatError(f"{what} is not valid JSON ({exc})", path=path, fix=fix) from None
+        raise CheckpointFormatError(f"{what} is not valid JSON: {exc}", path=path, fix=fix) from None
 
 
 def read_json_file(path: Path, *, what: str, fix: str) -> object:

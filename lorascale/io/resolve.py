@@ -59,7 +59,7 @@ _MAX_REVISION = 255
 _REF_FORBIDDEN_RE = re.compile(r"[\x00-\x20\x7f~^:?*\[\\]|\.\.|@\{|//")
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 _CONVERT = ("convert it to safetensors, e.g. load with transformers/peft and "
-            "save_pretrained(..., safe_serialization=True)")
+            "save_pretrained with safe_serialization=True")
 _NO_PICKLE_FIX = "drop --no-pickle to read them with torch's restricted loader, or " + _CONVERT
 
 
@@ -109,7 +109,7 @@ def _choose_weights(reference: str, names: set[str], *, adapter: bool, shards: l
     if pickles := _pickles(names):
         raise CheckpointReferenceError(
             f"only pickled weights lorascale does not read ({', '.join(pickles[:3])})", path=reference,
-            fix=f"lorascale reads {PLAIN_BIN} (sharded: with {BIN_INDEX}) and {ADAPTER_BIN}; or {_CONVERT}")
+            fix=f"lorascale reads {PLAIN_BIN}, sharded with {BIN_INDEX}, and {ADAPTER_BIN}; or {_CONVERT}")
     raise CheckpointReferenceError(f"not a checkpoint: no adapter_config.json, {INDEX} or .safetensors file",
                                    path=reference, fix="pass the directory that holds the model's weights")
 
@@ -166,7 +166,7 @@ def _check_repo_id(reference: str, repo_id: str) -> None:
             _REPO_PART_RE.fullmatch(part) and "--" not in part and ".." not in part for part in repo_id.split("/")):
         raise CheckpointReferenceError(
             "not a valid Hugging Face repo id, and no such file or directory", path=_printable(reference),
-            fix="a repo id is org/name: letters, digits, '_', '-', '.' (no '--' or '..', no '-' or '.' at either end)")
+            fix="a repo id is org/name of letters, digits, '_', '-', '.'; no '--' or '..', no '-' or '.' at either end")
 
 
 def _check_revision(reference: str, revision: str) -> None:
@@ -189,7 +189,7 @@ def _check_revision(reference: str, revision: str) -> None:
         problem = "has a path component starting with '.' or ending with '.lock'"
     if problem is not None:
         raise CheckpointReferenceError(f"revision {shown} {problem}", path=_printable(reference),
-                                       fix="give a branch, tag (e.g. refs/pr/1) or 40-hex commit after '@'")
+                                       fix="give a branch, tag, e.g. refs/pr/1, or 40-hex commit after '@'")
 
 
 def _printable(reference: str) -> str:
@@ -264,7 +264,7 @@ def _resolve_local(reference: str, path: Path, *, allow_pickle: bool = True) -> 
         return _resolve_dir(reference, path, allow_pickle=allow_pickle)
     if not path.exists():
         raise CheckpointReferenceError("no such file or directory", path=reference,
-                                       fix="check the path (a hub repo id is written org/name)")
+                                       fix="check the path; a hub repo id is written org/name")
     if path.suffix == ".bin":
         _pickled(reference, [path.name], allow_pickle=allow_pickle)
     elif path.suffix in {".pt", ".pth"}:

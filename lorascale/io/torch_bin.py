@@ -52,8 +52,8 @@ TORCH_TO_CODE: dict[torch.dtype, str] = {
         ("float8_e5m2", "F8_E5M2"), ("float8_e8m0fnu", "F8_E8M0")) if hasattr(torch, name)},
 }
 
-_CONVERT = ("convert it to safetensors (load it with transformers/peft and "
-            "save_pretrained(..., safe_serialization=True))")
+_CONVERT = ("convert it to safetensors: load it with transformers/peft and "
+            "save_pretrained with safe_serialization=True")
 _FIX = "re-download or re-save the file; it is truncated or not a torch.save file"
 
 

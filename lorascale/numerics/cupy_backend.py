@@ -36,7 +36,7 @@ def _run(matrix: torch.Tensor, compute_uv: bool):
         try:
             result = cupy.linalg.svd(array, full_matrices=False, compute_uv=compute_uv)
         except np.linalg.LinAlgError as exc:
-            raise NumericalError(f"cupy SVD of a {tuple(matrix.shape)} matrix failed ({exc})") from exc
+            raise NumericalError(f"cupy SVD of a {tuple(matrix.shape)} matrix failed: {exc}") from exc
     if compute_uv:
         return tuple(torch.from_dlpack(part) for part in result)
     return torch.from_dlpack(result)

@@ -30,7 +30,7 @@ def _eigh_descending(gram: torch.Tensor, *, vectors: bool) -> tuple[torch.Tensor
             return values.flip(0), basis.flip(1)
         return torch.linalg.eigvalsh(gram).flip(0), None
     except torch.linalg.LinAlgError as exc:
-        raise NumericalError(f"eigendecomposition of a {tuple(gram.shape)} Gram matrix failed ({exc})") from exc
+        raise NumericalError(f"eigendecomposition of a {tuple(gram.shape)} Gram matrix failed: {exc}") from exc
 
 
 def _gram(matrix64: torch.Tensor) -> tuple[torch.Tensor, bool]:

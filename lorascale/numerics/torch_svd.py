@@ -20,7 +20,7 @@ def svd(matrix: torch.Tensor, *, driver: str | None = None) -> Decomposition:
         else:
             u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
     except torch.linalg.LinAlgError as exc:  # typed error, not text matching
-        raise NumericalError(f"SVD of a {tuple(matrix.shape)} matrix did not converge ({exc})") from exc
+        raise NumericalError(f"SVD of a {tuple(matrix.shape)} matrix did not converge: {exc}") from exc
     return Decomposition(u, s, vh)
 
 
@@ -31,4 +31,4 @@ def svdvals(matrix: torch.Tensor, *, driver: str | None = None) -> torch.Tensor:
             return torch.linalg.svdvals(matrix, driver=driver or DEFAULT_CUDA_DRIVER)
         return torch.linalg.svdvals(matrix)
     except torch.linalg.LinAlgError as exc:
-        raise NumericalError(f"SVD of a {tuple(matrix.shape)} matrix did not converge ({exc})") from exc
+        raise NumericalError(f"SVD of a {tuple(matrix.shape)} matrix did not converge: {exc}") from exc

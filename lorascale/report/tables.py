@@ -27,7 +27,7 @@ Order = Literal["as-given", "name"]
 # 7B run's spectra table in memory at a fraction of the plain-string size.
 _DICTIONARY_COLUMNS = ["model", "role", "matrix", "side", "module", "update"]
 
-_RUN_FIX = "pass the --out directory of a `lorascale run` (it holds manifest.json and matrices/)"
+_RUN_FIX = "pass the --out directory of a `lorascale run`, the one holding manifest.json and matrices/"
 
 
 def natural_key(text: str) -> tuple[Any, ...]:
@@ -91,7 +91,8 @@ def unreadable(path: Path, exc: BaseException) -> OutputError:
 def _read_manifest(root: Path) -> Manifest:
     manifest = read_manifest(root)
     if manifest is None:
-        raise OutputError("not a lorascale results directory: there is no manifest.json", path=root,
+        # A usage error (exit 2), like a missing directory: the path given is not a run's --out at all.
+        raise OptionError("not a lorascale results directory: there is no manifest.json", path=root,
                           fix=_RUN_FIX)
     return manifest
 
@@ -109,17 +110,17 @@ def _model_order(manifest: Manifest, present: list[str], order: Order) -> tuple[
 def open_run(results: str | Path, *, order: Order = "as-given", allow_partial: bool = False) -> Run:
     """Validate `results` and load what every report needs.
 
-    Raises OutputError when the directory is missing, has no manifest, holds no matrix rows yet, or holds
-    a run that is not complete (running, failed, interrupted: its tables are partial) unless
-    `allow_partial`; OptionError for an unknown `order`.
+    Raises OptionError when `results` is missing or not a run's directory (no manifest) and for an unknown
+    `order`; OutputError when the run holds no matrix rows yet, or is not complete (running, failed,
+    interrupted: its tables are partial) unless `allow_partial`.
     """
     if order not in ("as-given", "name"):
         raise OptionError(f"unknown order {order!r}", fix="use 'as-given' or 'name'")
     root = Path(results)
     if not root.exists():
-        raise OutputError("results directory does not exist", path=root, fix=_RUN_FIX)
+        raise OptionError("results directory does not exist", path=root, fix=_RUN_FIX)
     if not root.is_dir():
-        raise OutputError("results path is not a directory", path=root, fix=_RUN_FIX)
+        raise OptionError("results path is not a directory", path=root, fix=_RUN_FIX)
     manifest = _read_manifest(root)
     if not allow_partial:
         check_complete(root, manifest)

@@ -17,7 +17,7 @@ from lorascale.store.schema import MANIFEST
 
 Status = Literal["running", "complete", "failed", "interrupted"]
 STATUSES = ("running", "complete", "failed", "interrupted")
-_RUN_FIX = "pass the --out directory of a `lorascale run` (it holds manifest.json and matrices/)"
+_RUN_FIX = "pass the --out directory of a `lorascale run`, the one holding manifest.json and matrices/"
 
 
 @dataclass

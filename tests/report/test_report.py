@@ -199,9 +199,11 @@ def test_unusable_results_directory(make_run, tmp_path: Path, damage: str) -> No
     elif damage.startswith("corrupt"):
         table = root / damage.removeprefix("corrupt-")
         (table / "part-000000.parquet").write_bytes(b"PAR1 truncated by a crash")
-    with pytest.raises(OutputError) as info:
+    # A path that is not a run's results directory at all is a usage error (2); a damaged run is exit 6.
+    usage = damage in ("missing", "file", "no-manifest")
+    with pytest.raises(OptionError if usage else OutputError) as info:
         build_report(root)
-    assert info.value.exit_code == 6 and info.value.fix
+    assert info.value.exit_code == (2 if usage else 6) and info.value.fix
 
 
 def test_import_does_not_load_matplotlib() -> None:
