@@ -114,6 +114,9 @@ def _print_summary(out: Path) -> None:
 @click.option("--overwrite", is_flag=True, help="Replace a different earlier run in --out.")
 @click.option("--resume", is_flag=True, help="Require an earlier run in --out and continue it.")
 @click.option("--report", "make_report", is_flag=True, help="Also write RESULTS/report/ (figures + index.html).")
+@click.option("--series/--no-series", "series", default=None,
+              help="Draw the tuned models as a checkpoint series in the --report (default: only when their names "
+                   "are checkpoints of one run, e.g. run/checkpoint-200 or org/name@step1000).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--ray-address", default=None,
               help="Run on Ray: auto, ray://host:10001, host:port, or local (default: $RAY_ADDRESS; else in-process).")
@@ -128,11 +131,14 @@ def run(base: str, tuned: tuple[str, ...], out: Path, k: int, epsilon: float, si
         device: str, include: tuple[str, ...], exclude: tuple[str, ...], overwrite: bool, resume: bool,
         quiet: bool, ray_address: str | None, workers: int | None, cpus_per_worker: float | None,
         gpus_per_worker: float | None, backend: str, mode: str, top_k: int, cache_dir: Path | None,
-        no_cache: bool, make_report: bool) -> None:
+        no_cache: bool, make_report: bool, series: bool | None) -> None:
     """Compare BASE with each --tuned checkpoint and write Parquet tables to --out."""
     from lorascale.execute.executor import public_command
     from lorascale.pipeline import compare
 
+    if series is not None and not make_report:
+        raise click.UsageError("--series/--no-series only shape the report: add --report, or pass it to "
+                               "`lorascale report` later")
     progress = _Progress(enabled=not quiet)
     argv = public_command(sys.argv[1:])  # the manifest records the command: never credentials an address carries
     try:
@@ -150,7 +156,7 @@ def run(base: str, tuned: tuple[str, ...], out: Path, k: int, epsilon: float, si
     if make_report:
         from lorascale.report import build_report
 
-        click.echo(f"report: {build_report(out)}", err=True)
+        click.echo(f"report: {build_report(out, series=series)}", err=True)
 
 
 @main.command()
@@ -226,15 +232,19 @@ def _warn_if_partial(results: Path) -> None:
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Report directory (default RESULTS/report).")
 @click.option("--matrix", "matrices", multiple=True, help="Matrix for the heatmaps and spectra (repeatable).")
 @click.option("--order", type=click.Choice(["as-given", "name"]), default="as-given", show_default=True,
-              help="Model order, e.g. for a checkpoint series: as given, or natural name order.")
+              help="Model order in tables and legends: as given, or natural name order.")
+@click.option("--series/--no-series", "series", default=None,
+              help="Draw the tuned models as a checkpoint series in the report (default: only when their names "
+                   "are checkpoints of one run, e.g. run/checkpoint-200 or org/name@step1000).")
 @click.option("--partial", "allow_partial", is_flag=True,
               help="Also report a run that is not complete; the page is marked PARTIAL RESULTS.")
-def report(results: Path, out: Path | None, matrices: tuple[str, ...], order: str, allow_partial: bool) -> None:
+def report(results: Path, out: Path | None, matrices: tuple[str, ...], order: str, series: bool | None,
+           allow_partial: bool) -> None:
     """Write figures (PNG, SVG) and an offline index.html from a run's tables."""
     from lorascale.report import build_report
 
     index = build_report(results, out, matrices=list(matrices) or None, order=order,  # type: ignore[arg-type]
-                         allow_partial=allow_partial)
+                         series=series, allow_partial=allow_partial)
     if allow_partial:
         _warn_if_partial(results)
     click.echo(str(index))

@@ -8,7 +8,6 @@ the run has nothing to show (the caller then lists the reason on the page).
 from __future__ import annotations
 
 import math
-import re
 from pathlib import Path
 
 import numpy as np
@@ -164,31 +163,19 @@ def effective_rank(run: Run, styles: Styles, out: Path) -> FigureEntry | None:
         "The update dW")
 
 
-_STEP = re.compile(r"(?:checkpoint|ckpt|step|steps|iter|iteration|epoch)[-_ =]?(\d+)\D*$", re.IGNORECASE)
-
-
-def _steps(references: list[str]) -> list[int] | None:
-    """Training steps read from names like run/checkpoint-200 or step_1000, when every reference has a
-    distinct one in increasing order; otherwise None (e.g. `llama-7b` vs `llama-13b` are not steps)."""
-    found = [_STEP.search(ref.rstrip("/\\").rsplit("/", 1)[-1]) for ref in references]
-    if not all(found):
-        return None
-    steps = [int(match.group(1)) for match in found if match]
-    return steps if len(set(steps)) == len(steps) and steps == sorted(steps) else None
-
-
 @styled
-def checkpoints(run: Run, out: Path, *, matrix: str | None = None, order: str = "as-given"
-                ) -> FigureEntry | None:
-    """Paper Fig. 7: whole-model intruder count per checkpoint, and max_cos and sigma of the tracked
-    top ranks of one matrix (default: the one with most intruders in the last checkpoint)."""
-    if len(run.models) < 2:
+def checkpoints(run: Run, out: Path, chosen: series.Series, *, matrix: str | None = None) -> FigureEntry | None:
+    """Paper Fig. 7 for the checkpoint series `chosen`: whole-model intruder count per checkpoint, and
+    max_cos and sigma of the tracked top ranks of one matrix (default: the one with most intruders in the
+    last checkpoint). Steps on the x axis when the series has them, else the models in their order."""
+    models = list(chosen.models)
+    if len(models) < 2:
         return None
-    matrix = matrix or series.series_matrix(run)
-    tracks = series.series_tracks(run, matrix)
-    models, totals = series.series_totals(run)
+    matrix = matrix or series.series_matrix(run, models)
+    tracks = series.series_tracks(run, matrix, models)
+    totals = series.series_totals(run, models)
     labels = short_labels(models)
-    steps = _steps(models)
+    steps = chosen.steps
     x = np.array(steps if steps else range(len(models)), dtype=float)
     # Stacked panels sharing the checkpoint axis: long checkpoint names fit once, under the last panel.
     fig, axes = new_figure(6.4, nrows=3, sharex=True, squeeze=False)
@@ -215,22 +202,26 @@ def checkpoints(run: Run, out: Path, *, matrix: str | None = None, order: str = 
     sigma_ax.set_title(f"{short_matrix(matrix)}: its singular value", loc="left", fontsize=9)
     sigma_ax.set_ylabel("singular value σ")
     if steps:
-        sigma_ax.set_xlabel("checkpoint (training step read from the name)")
+        sigma_ax.set_xlabel("training step (read from the checkpoint names)")
     else:
         sigma_ax.set_xticks(x, [labels[m] for m in models], rotation=30 if len(models) > 3 else 0,
                             ha="right" if len(models) > 3 else "center", fontsize=7)
-        sigma_ax.set_xlabel("tuned model")
+        sigma_ax.set_xlabel("tuned model, in the order given (drawn as a series because of --series)")
     cos_ax.legend(*cos_ax.get_legend_handles_labels(), loc="center left", bbox_to_anchor=(1.01, 0.5),
                   frameon=False)
     fig.suptitle("Checkpoint series: intruders and the top singular vectors")
     save(fig, out, "checkpoints")
-    ordered = "the order given on the command line" if order == "as-given" else "natural name order"
+    if chosen.detected:
+        why = "recognised as checkpoints of one training run from their names, ordered by step"
+    elif steps:
+        why = "drawn as a series because of --series, ordered by the step in each name"
+    else:
+        why = "drawn as a series because of --series, in the report's model order"
     return FigureEntry(
         "checkpoints", "Checkpoint series",
-        f"Tuned models in {ordered} ({', '.join(labels[m] for m in models)}). Top: whole-model intruder "
+        f"Tuned models {why} ({', '.join(labels[m] for m in models)}). Top: whole-model intruder "
         f"count at the run's setting. Middle and bottom: for matrix {matrix}, the {tracks.side} singular "
         "vector at each tracked rank: its best |cos| with the base vectors (falling = turning into a new "
         "direction; grey = chance level) and its singular value (rising = gaining weight), as in paper "
         "Fig. 7. Tracked are the top-k ranks that are intruders at some checkpoint (at most 4), else ranks "
         "0-2. A rank index can hold a different vector at each checkpoint.", "Checkpoint series")
-

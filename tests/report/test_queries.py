@@ -83,7 +83,7 @@ def test_choose_matrices_and_blocks(run) -> None:
 def test_series_tracks_follow_intruders(make_run) -> None:
     tuned = [Tuned(f"run/checkpoint-{s}", "lora", strength=s / 400) for s in (100, 200, 400)]
     run = open_run(make_run(tuned, layers=1, modules=("q_proj",)))
-    tracks = series.series_tracks(run, series.series_matrix(run))
+    tracks = series.series_tracks(run, series.series_matrix(run, run.models), run.models)
     assert tracks.models == run.models
     assert tracks.intruder_ranks and set(tracks.intruder_ranks) <= set(tracks.ranks)
     assert tracks.max_cos.shape == tracks.sigma.shape == (3, len(tracks.ranks))
@@ -118,12 +118,3 @@ def test_short_labels_unique(refs: list[str]) -> None:
 def test_slug_is_file_safe() -> None:
     assert slug("model.layers.3.self_attn.q_proj.weight") == "model.layers.3.self_attn.q_proj.weight"
     assert "/" not in slug("encoder/layer 1:attention?") and slug("...") == "matrix"
-
-
-def test_training_steps_only_from_checkpoint_like_names() -> None:
-    from lorascale.report.figures import _steps
-
-    assert _steps(["/a/run/checkpoint-100", "/a/run/checkpoint-200/"]) == [100, 200]
-    assert _steps(["x/step_5.safetensors", "x/step_10.safetensors"]) == [5, 10]
-    assert _steps(["org/llama-7b", "org/llama-13b"]) is None  # sizes, not steps
-    assert _steps(["run/checkpoint-200", "run/checkpoint-100"]) is None  # not in order: categorical axis
