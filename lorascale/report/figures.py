@@ -35,6 +35,19 @@ def _mark_null(ax: Axes, null: queries.NullLevel, epsilon: float | None) -> None
         ax.axvline(epsilon, color="black", linestyle="-.", lw=1.0, label=f"run's ε = {epsilon:g}")
 
 
+def _lift_zero(ax: Axes) -> None:
+    """Start the y axis a little below 0, so a line at 0 (a full fine-tune without intruders) is drawn
+    above the axis, not hidden in it."""
+    top = ax.get_ylim()[1]
+    ax.set_ylim(-0.04 * top, top)
+    ax.axhline(0, color="0.6", lw=0.6, zorder=0.5)
+
+
+def _zero_note(values: list[np.ndarray], what: str) -> str:
+    """Legend suffix for a model whose line is 0 everywhere, so the reader looks for it on the axis."""
+    return f": 0 at every {what}" if all(not np.any(v) for v in values) else ""
+
+
 def _panels(n: int, height: float) -> tuple[object, list[Axes]]:
     fig, axes = new_figure(height, ncols=n, sharey=True, squeeze=False)
     return fig, list(axes[0])
@@ -56,11 +69,14 @@ def intruders_vs_epsilon(run: Run, styles: Styles, out: Path, *, k: int = 10) ->
         _mark_null(ax, null, run.epsilon)
         for i, model in enumerate(run.models):
             y = counts.get((model, side), np.zeros_like(epsilons))
+            line = styles[model].line()
+            line["label"] += _zero_note([counts.get((model, s), np.zeros(1)) for s in run.sides], "ε")
             # Stagger markers between models so overlapping lines still show every marker.
-            ax.plot(epsilons, y, markevery=(i % 10, 10), **styles[model].line())
+            ax.plot(epsilons, y, markevery=(i % 10, 10), clip_on=False, zorder=3, **line)
         ax.set(xlim=(0, 1), xlabel="similarity threshold ε",
                title=_SIDE_WORD[side] if len(run.sides) > 1 else None)
-        ax.set_ylim(bottom=0)
+        ax.set_ylim(bottom=0, top=max(1.0, ax.get_ylim()[1]))
+        _lift_zero(ax)
         ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     axes[0].set_ylabel(f"{_COUNTS} in top {k}\n(sum over matrices, max {examined:,})")
     fig.suptitle(f"Intruder dimensions vs similarity threshold ε\n(one of the top k = {k} vectors of a matrix "
@@ -80,34 +96,47 @@ def intruders_vs_epsilon(run: Run, styles: Styles, out: Path, *, k: int = 10) ->
 
 @styled
 def intruders_vs_k(run: Run, styles: Styles, out: Path, *, epsilon: float = 0.5) -> FigureEntry | None:
-    """Paper Fig. 11: summed intruder count at fixed ε as k sweeps 0..100% of each matrix's vectors."""
+    """Paper Fig. 11, as a share: of the top k% of each matrix's singular vectors, the fraction that are
+    intruders at fixed ε, next to the fraction random directions would give (the chance line)."""
     fractions = np.linspace(0.0, 1.0, 101)
     counts, coverage = queries.intruders_vs_k_fraction(run, fractions, epsilon=epsilon)
     if not counts:
         return None
-    fig, axes = _panels(len(run.sides), 3.3)
+    examined = queries.examined_vs_k_fraction(run, fractions)
+    chance = queries.null_share_vs_k_fraction(run, fractions, epsilon=epsilon)
+    x = fractions[1:] * 100  # at k = 0 nothing is examined: no share
+    fig, axes = _panels(len(run.sides), 3.5)
     for ax, side in zip(axes, run.sides):
         if coverage < 1.0:
             ax.axvspan(coverage * 100, 100, color="0.85", lw=0, zorder=0, label="max |cos| not computed")
+        ax.plot(x, chance[side][1:], color="0.3", linestyle=(0, (1, 1)), lw=1.4, zorder=2,
+                label=f"chance: share a random direction would show (max |cos| < {epsilon:g})")
         for i, model in enumerate(run.models):
-            ax.plot(fractions * 100, counts[(model, side)], markevery=(i % 10, 10), **styles[model].line())
-        ax.set(xlim=(0, 100), xlabel="k as % of the matrix's singular vectors",
+            share = counts[(model, side)][1:] / np.maximum(examined[model][1:], 1)
+            line = styles[model].line()
+            line["label"] += _zero_note([counts[(model, s)] for s in run.sides], "k")
+            ax.plot(x, share, markevery=(i % 10, 10), clip_on=False, zorder=3, **line)
+        ax.set(xlim=(0, 100), ylim=(0, 1.0), xlabel="top k, as % of the matrix's singular vectors",
                title=_SIDE_WORD[side] if len(run.sides) > 1 else None)
-        ax.set_ylim(bottom=0)
-    axes[0].set_ylabel(f"{_COUNTS} (ε = {epsilon:g})\n(sum over matrices)")
+        _lift_zero(ax)
+    axes[0].set_ylabel(f"share of the top k that are\nintruders (ε = {epsilon:g})")
     fig.suptitle(f"Intruder dimensions vs how many singular vectors are examined (ε = {epsilon:g})")
     handles, labels = axes[0].get_legend_handles_labels()
     legend_below(fig, handles, labels, columns=2)
     save(fig, out, "intruders-vs-k")
     stored = "" if coverage >= 1.0 else (f" The run computed max |cos| only for the top {coverage:.1%} of "
-                                         "some spectra (e.g. --mode topk; grey), so counts past it are "
+                                         "some spectra (e.g. --mode topk; grey), so shares past it are "
                                          "incomplete.")
     return FigureEntry(
         "intruders-vs-k", "Intruder dimensions vs k",
-        f"Intruders (max |cos| < {epsilon:g}) among the top k singular vectors of every matrix, with k "
-        "given as a percentage of the matrix's min(rows, cols) vectors and counts summed over matrices "
-        "(paper Fig. 11). Low-ranked vectors of nearly equal singular value mix freely, so counts always "
-        "rise towards 100%; compare models, not absolute levels." + stored, "Intruder dimensions")
+        f"Of the top k singular vectors of every matrix (k as a percentage of its min(rows, cols) vectors, "
+        f"all matrices pooled), the share with max |cos| < {epsilon:g}: intruders (paper Fig. 11 shows the "
+        "count). Dotted: the share if every vector were a uniformly random direction, the level of no "
+        "relation to the base at all. The paper's finding is the left end: LoRA has intruders among its "
+        "top vectors, full fine-tuning does not. Towards 100% the singular values crowd together, so any "
+        "update, full or LoRA, rotates those vectors freely and the curves climb towards the chance line: "
+        "there they measure noise in a nearly flat spectrum, not new directions." + stored,
+        "Intruder dimensions")
 
 
 @styled

@@ -117,3 +117,19 @@ def test_compare_agrees_with_float64_oracle(shape, side):
     assert result.delta_fro == pytest.approx(fro, rel=1e-5)
     assert result.delta_rel == pytest.approx(rel, rel=1e-5)
     assert result.delta_effective_rank == pytest.approx(erank, rel=1e-3)
+
+
+@pytest.mark.parametrize(("dim", "n_vectors", "epsilon"), [(64, 64, 0.3), (96, 48, 0.35), (40, 20, 0.4)])
+def test_null_intruder_probability_matches_random_vectors(dim: int, n_vectors: int, epsilon: float) -> None:
+    from lorascale.numerics.metrics import null_intruder_probability
+
+    # Brute force: random unit vectors against an explicit random orthonormal basis.
+    rng = np.random.default_rng(7)
+    basis, _ = np.linalg.qr(rng.standard_normal((dim, n_vectors)))  # (dim, p)
+    x = rng.standard_normal((20000, dim))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    brute = float(np.mean(np.abs(x @ basis).max(axis=1) < epsilon))
+    assert 0.02 < brute < 0.98  # a threshold where the probability is not trivially 0 or 1
+    assert null_intruder_probability(dim, n_vectors, epsilon) == pytest.approx(brute, abs=0.03)
+    assert null_intruder_probability(dim, n_vectors, 1.01) == 1.0
+    assert null_intruder_probability(dim, n_vectors, 0.0) == 0.0

@@ -118,3 +118,24 @@ def test_short_labels_unique(refs: list[str]) -> None:
 def test_slug_is_file_safe() -> None:
     assert slug("model.layers.3.self_attn.q_proj.weight") == "model.layers.3.self_attn.q_proj.weight"
     assert "/" not in slug("encoder/layer 1:attention?") and slug("...") == "matrix"
+
+
+def test_share_vs_k_denominators_and_chance_line(run) -> None:
+    from lorascale.numerics.metrics import null_intruder_probability
+
+    fractions = np.array([0.0, 0.1, 0.5, 1.0])
+    examined = queries.examined_vs_k_fraction(run, fractions)
+    table = run.matrices.to_pylist()
+    for model in run.models:
+        sizes = [min(r["rows"], r["cols"]) for r in table if r["model"] == model]
+        expected = [sum(math.ceil(f * n - 1e-9) for n in sizes) for f in fractions]
+        assert examined[model].tolist() == expected
+        counts, _ = queries.intruders_vs_k_fraction(run, fractions, epsilon=0.5)
+        for side in run.sides:
+            assert np.all(counts[(model, side)] <= examined[model])
+    chance = queries.null_share_vs_k_fraction(run, fractions, epsilon=0.3)
+    assert set(chance) == {"left", "right"} and np.isnan(chance["left"][0])
+    # All matrices of the fixture share one shape: the share is that shape's probability at every k.
+    rows, cols = table[0]["rows"], table[0]["cols"]
+    assert chance["left"][1:] == pytest.approx(null_intruder_probability(rows, min(rows, cols), 0.3))
+    assert chance["right"][1:] == pytest.approx(null_intruder_probability(cols, min(rows, cols), 0.3))
