@@ -1,4 +1,4 @@
-"""Known answers for the metrics of METHOD.md, and agreement with the float64 oracle."""
+"""Known answers for the metrics of docs/METHOD.md, and agreement with the float64 oracle."""
 
 from __future__ import annotations
 
@@ -82,7 +82,7 @@ def test_max_cos_is_over_all_base_vectors_and_chunked():
 @pytest.mark.parametrize("dim,n", [(4096, 4096), (384, 384), (1536, 384), (11008, 4096)])
 def test_null_max_cos_matches_direct_simulation_and_scale(dim, n):
     value = null_max_cos(dim, n)
-    # About sqrt(2 ln(2n) / dim) (METHOD.md): 0.06 for a 4096-dim full basis.
+    # About sqrt(2 ln(2n) / dim) (docs/METHOD.md): 0.06 for a 4096-dim full basis.
     assert value == pytest.approx(null_max_cos_approx(dim, n), rel=0.15)
     if dim <= 1536:  # direct simulation with a real random basis, for the small cases
         rng = np.random.default_rng(7)
@@ -94,7 +94,7 @@ def test_null_max_cos_matches_direct_simulation_and_scale(dim, n):
 
 def test_null_max_cos_is_deterministic():
     assert null_max_cos.__wrapped__(300, 200) == null_max_cos.__wrapped__(300, 200)
-    # METHOD.md: about 0.06 for m = 4096.
+    # docs/METHOD.md: about 0.06 for m = 4096.
     assert math.isclose(null_max_cos(4096, 4096), 0.06, abs_tol=0.005)
 
 
