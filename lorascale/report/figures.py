@@ -209,10 +209,11 @@ def checkpoints(run: Run, out: Path, chosen: series.Series, *, matrix: str | Non
     # Stacked panels sharing the checkpoint axis: long checkpoint names fit once, under the last panel.
     fig, axes = new_figure(6.4, nrows=3, sharex=True, squeeze=False)
     total_ax, cos_ax, sigma_ax = axes[:, 0]
-    total_ax.plot(x, totals, color="black", marker="o", label="whole model")
     total_ax.set_title("Whole model: intruder count", loc="left", fontsize=9)
     total_ax.set_ylabel(f"intruders\n(k={run.k}, ε={run.epsilon:g})")
-    total_ax.set_ylim(bottom=0)
+    total_ax.plot(x, totals, color="black", marker="o", clip_on=False, zorder=3)
+    total_ax.set_ylim(bottom=0, top=max(1.0, total_ax.get_ylim()[1]))
+    _lift_zero(total_ax)
     total_ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     index = {m: i for i, m in enumerate(models)}
     rows = [index[m] for m in tracks.models]
