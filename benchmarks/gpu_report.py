@@ -1,7 +1,7 @@
 """From gpu_check.py's records to its decision table, end-to-end summary and extrapolations.  Pure Python
 (no torch, no numpy): the parent process renders while the stages run, and tests call it directly.
 
-Accuracy criteria (METHOD.md; tests/numerics/test_backends.py for fp64 vectors):
+Accuracy criteria (docs/METHOD.md; tests/numerics/test_backends.py for fp64 vectors):
 - singular values: max |sigma_j - sigma_true_j| <= 1e-5 * sigma_1 in fp32, 1e-10 * sigma_1 in fp64;
 - top-10 vectors (separated by construction): sin(angle to the true vector) <= 1e-4 in fp32, 1e-8 in fp64,
   which bounds the error of max_cos and of the similarity block by the same amount;

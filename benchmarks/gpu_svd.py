@@ -124,7 +124,7 @@ def vector_error(vectors: torch.Tensor, true_vectors: torch.Tensor) -> float:
 
 
 def intruders(u: torch.Tensor, u0: torch.Tensor) -> tuple[int, float]:
-    """Intruders among the top 10 of `u` against ALL of `u0` (METHOD.md), and the closest max_cos to epsilon."""
+    """Intruders among the top 10 of `u` against ALL of `u0` (docs/METHOD.md), and the closest max_cos to epsilon."""
     max_cos = (u[:, :TOP].T @ u0).abs().max(dim=1).values  # (TOP, d) @ (d, p) -> (TOP, p) -> (TOP,)
     return int((max_cos < EPSILON).sum()), float((max_cos - EPSILON).abs().min())
 

@@ -280,6 +280,9 @@ def _print_summary(out: Path) -> None:
 @click.option("--overwrite", is_flag=True, help="Replace a different earlier run in --out.")
 @click.option("--resume", is_flag=True, help="Require an earlier run in --out and continue it.")
 @click.option("--report", "make_report", is_flag=True, help="Also write RESULTS/report/ (figures + index.html).")
+@click.option("--series/--no-series", "series", default=None,
+              help="Draw the tuned models as a checkpoint series in the --report (default: only when their names "
+                   "are checkpoints of one run, e.g. run/checkpoint-200 or org/name@step1000).")
 @click.option("--quiet", is_flag=True, help="No progress or stage lines on stderr; warnings and errors still show.")
 @click.option("--dry-run", is_flag=True,
               help="Resolve, read headers, match names and print the plan: matrices per model, tensors not "
@@ -298,7 +301,7 @@ def run(base: str, tuned: tuple[str, ...], out: Path, k: int, epsilon: float, si
         quiet: bool, ray_address: str | None, workers: int | None, cpus_per_worker: float | None,
         gpus_per_worker: float | None, backend: str, mode: str, top_k: int, cache_dir: Path | None,
         no_cache: bool, no_pickle: bool, make_report: bool, rename: tuple[str, ...],
-        dry_run: bool) -> None:
+        dry_run: bool, series: bool | None) -> None:
     """Compare the --base checkpoint with each --tuned checkpoint and write Parquet tables to --out.
 
     A checkpoint is a directory, a .safetensors file or a Hugging Face repo org/name[@revision].
@@ -306,6 +309,9 @@ def run(base: str, tuned: tuple[str, ...], out: Path, k: int, epsilon: float, si
     from lorascale.execute.executor import public_command
     from lorascale.pipeline import compare, format_plan, plan_run
 
+    if series is not None and not make_report:
+        raise click.UsageError("--series/--no-series only shape the report: add --report, or pass it to "
+                               "`lorascale report` later")
     progress = _Progress(enabled=not quiet)
     if dry_run:
         try:
@@ -337,7 +343,7 @@ def run(base: str, tuned: tuple[str, ...], out: Path, k: int, epsilon: float, si
         if not quiet:
             progress.stage(f"lorascale: writing the report (figures, index.html) to {out / 'report'}")
         try:
-            index = build_report(out)
+            index = build_report(out, series=series)
         finally:
             progress.close()
         click.echo(f"report: {index}", err=True)
@@ -418,15 +424,19 @@ def _warn_if_partial(results: Path) -> None:
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Report directory (default RESULTS/report).")
 @click.option("--matrix", "matrices", multiple=True, help="Matrix for the heatmaps and spectra (repeatable).")
 @click.option("--order", type=click.Choice(["as-given", "name"]), default="as-given", show_default=True,
-              help="Model order, e.g. for a checkpoint series: as given, or natural name order.")
+              help="Model order in tables and legends: as given, or natural name order.")
+@click.option("--series/--no-series", "series", default=None,
+              help="Draw the tuned models as a checkpoint series in the report (default: only when their names "
+                   "are checkpoints of one run, e.g. run/checkpoint-200 or org/name@step1000).")
 @click.option("--partial", "allow_partial", is_flag=True,
               help="Also report a run that is not complete; the page is marked PARTIAL RESULTS.")
-def report(results: Path, out: Path | None, matrices: tuple[str, ...], order: str, allow_partial: bool) -> None:
+def report(results: Path, out: Path | None, matrices: tuple[str, ...], order: str, series: bool | None,
+           allow_partial: bool) -> None:
     """Write figures (PNG, SVG) and an offline index.html from a run's tables."""
     from lorascale.report import build_report
 
     index = build_report(results, out, matrices=list(matrices) or None, order=order,  # type: ignore[arg-type]
-                         allow_partial=allow_partial)
+                         series=series, allow_partial=allow_partial)
     if allow_partial:
         _warn_if_partial(results)
     click.echo(str(index))

@@ -114,12 +114,12 @@ def load(out: str | Path, *, partial: bool = False) -> Results:
     >>> results.matrices.to_pandas()           # doctest: +SKIP
     """
     root = Path(out)
-    if not root.is_dir():
-        raise OutputError("results directory does not exist" if not root.exists() else
+    if not root.is_dir():  # not a results directory at all: a usage error, as for `lorascale summary`
+        raise OptionError("results directory does not exist" if not root.exists() else
                           "results path is not a directory", path=root, fix=_RUN_FIX)
     manifest = read_manifest(root)
     if manifest is None:
-        raise OutputError("not a lorascale results directory: there is no manifest.json", path=root,
+        raise OptionError("not a lorascale results directory: there is no manifest.json", path=root,
                           fix=_RUN_FIX)
     if not partial:
         check_complete(root, manifest)

@@ -1,4 +1,4 @@
-"""A float64 numpy implementation of METHOD.md, written independently of lorascale's torch code."""
+"""A float64 numpy implementation of docs/METHOD.md, written independently of lorascale's torch code."""
 
 from __future__ import annotations
 

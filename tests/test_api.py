@@ -101,9 +101,9 @@ def test_keyword_errors_keep_class_exit_code_and_path(run, tmp_path):
 
 
 def test_load_refuses_what_is_not_a_run(tmp_path):
-    with pytest.raises(OutputError, match="does not exist"):
+    with pytest.raises(OptionError, match="does not exist"):
         lorascale.load(tmp_path / "nope")
-    with pytest.raises(OutputError, match="no manifest.json"):
+    with pytest.raises(OptionError, match="no manifest.json"):
         lorascale.load(tmp_path)
     with pytest.raises(OptionError, match="unknown table"):
         lorascale.Results(root=tmp_path, manifest=None).table("matrix")  # type: ignore[arg-type]

@@ -1,7 +1,7 @@
 """Every checkpoint format against the float64 numpy oracle (tests/oracle.py), and the output contract.
 
 The oracle reads the same files with safetensors itself, upcasts them exactly to float64 and rebuilds W
-from METHOD.md (for adapters W = W0 + s * B @ A with s taken from peft's own live LoraLayer.scaling, so
+from docs/METHOD.md (for adapters W = W0 + s * B @ A with s taken from peft's own live LoraLayer.scaling, so
 the scale rule - alpha/r, alpha/sqrt(r), rank/alpha patterns - is checked against peft, not against a
 copy of lorascale's rule).
 

@@ -1,4 +1,4 @@
-"""Compare one tuned matrix with its base matrix (METHOD.md, Section 3).  Pure: tensors in, arrays out."""
+"""Compare one tuned matrix with its base matrix (docs/METHOD.md, sections 2-5).  Pure: tensors in, arrays out."""
 
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ def base_spectrum(w0: torch.Tensor, sides: tuple[str, ...], *, driver: str | Non
                   backend: str = "torch") -> BaseSpectrum:
     """SVD of the base matrix W0 (m, n), keeping only the singular vectors the requested sides need.
 
-    Always the full SVD: max_cos is a maximum over ALL base vectors (METHOD.md), whatever the mode.
+    Always the full SVD: max_cos is a maximum over ALL base vectors (docs/METHOD.md), whatever the mode.
     """
     u0, s0, vh0 = svd(w0, driver=driver, backend=backend)
     # Row-major copies: the layout a cached entry is loaded in, so that products with them (and results)

@@ -1,4 +1,4 @@
-"""Metrics of the paper (METHOD.md): max |cos|, intruder counts, effective rank, null level."""
+"""Metrics of the paper (docs/METHOD.md): max |cos|, intruder counts, effective rank, null level."""
 
 from __future__ import annotations
 
@@ -67,15 +67,14 @@ def lora_delta_singular_values(a: torch.Tensor, b: torch.Tensor, scale: float) -
     return svdvals(core)  # checks finiteness (s can overflow the product) and maps LinAlgError
 
 
-@functools.lru_cache(maxsize=256)
-def null_max_cos(dim: int, n_vectors: int, samples: int = 4000, seed: int = 0) -> float:
-    """Expected max |cos| between a uniformly random unit vector in R^dim and `n_vectors` orthonormal
-    vectors: the level a direction unrelated to the base reaches by chance (METHOD.md, "Scale of epsilon").
+@functools.lru_cache(maxsize=32)
+def _random_max_cos(dim: int, n_vectors: int, samples: int, seed: int) -> np.ndarray:
+    """`samples` draws of max |cos| between a uniformly random unit vector in R^dim and `n_vectors`
+    orthonormal vectors (read-only).
 
     By rotation invariance the cosines are the first `n_vectors` coordinates of a uniform point on the
     sphere, i.e. g_i / ||g|| with g ~ N(0, I_dim).  We draw g_1..g_p exactly and the rest of ||g||^2 as
     one chi-square(dim - p) variable, so the cost is O(samples * p), not O(samples * dim).
-    Monte Carlo with a fixed seed: deterministic, standard error below 1e-3 of the value.
     """
     if not 0 < n_vectors <= dim:
         raise ValueError(f"need 0 < n_vectors <= dim, got {n_vectors}, {dim}")
@@ -88,7 +87,31 @@ def null_max_cos(dim: int, n_vectors: int, samples: int = 4000, seed: int = 0) -
         rest = rng.chisquare(dim - n_vectors, count) if dim > n_vectors else np.zeros(count)
         norm = np.sqrt((head**2).sum(axis=1) + rest)
         maxima.append(np.abs(head).max(axis=1) / norm)
-    return float(np.concatenate(maxima).mean())
+    values = np.concatenate(maxima)
+    values.flags.writeable = False  # shared through the cache
+    return values
+
+
+@functools.lru_cache(maxsize=256)
+def null_max_cos(dim: int, n_vectors: int, samples: int = 4000, seed: int = 0) -> float:
+    """Expected max |cos| between a uniformly random unit vector in R^dim and `n_vectors` orthonormal
+    vectors: the level a direction unrelated to the base reaches by chance (docs/METHOD.md, "Chance level").
+
+    Monte Carlo with a fixed seed (`_random_max_cos`): deterministic, standard error below 1e-3 of the value.
+    """
+    return float(_random_max_cos(dim, n_vectors, samples, seed).mean())
+
+
+def null_intruder_probability(dim: int, n_vectors: int, epsilon: float, samples: int = 4000,
+                              seed: int = 0) -> float:
+    """Probability that a uniformly random unit vector in R^dim counts as an intruder against
+    `n_vectors` orthonormal base vectors, P(max |cos| < epsilon): the share of intruders a matrix would
+    show if its tuned vectors were random directions (docs/METHOD.md, "Chance level").
+
+    Same fixed-seed Monte Carlo draws as `null_max_cos` (resolution 1 / samples).
+    """
+    values = _random_max_cos(dim, n_vectors, samples, seed)
+    return float(np.count_nonzero(values < epsilon) / values.size)
 
 
 def null_max_cos_approx(dim: int, n_vectors: int) -> float:

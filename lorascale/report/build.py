@@ -17,6 +17,7 @@ import pyarrow as pa
 from lorascale.errors import OptionError, OutputError
 from lorascale.report import queries
 from lorascale.report.labels import slug
+from lorascale.report.series import Series, detect_series
 from lorascale.report.page import FigureEntry, PageContent, render_page
 from lorascale.report.summary import rows_for_run
 from lorascale.report.tables import Order, Run, open_run, unreadable
@@ -50,7 +51,8 @@ def _resolve_matrices(run: Run, matrices: Sequence[str] | None) -> list[queries.
     return queries.choose_matrices(run, requested)
 
 
-def _render(run: Run, chosen: list[queries.ChosenMatrix], order: Order, directory: Path) -> PageContent:
+def _render(run: Run, chosen: list[queries.ChosenMatrix], chosen_series: Series | None,
+            directory: Path) -> PageContent:
     # Imported here so that `import lorascale.report` (and the CLI summary) never loads matplotlib.
     from lorascale.report import figures, figures_matrix
     from lorascale.report.style import model_styles
@@ -74,12 +76,17 @@ def _render(run: Run, chosen: list[queries.ChosenMatrix], order: Order, director
     add(figures_matrix.spectra(run, styles, chosen, directory), f"Spectra: {no_spectra} for the chosen matrices.")
     add(figures.effective_rank(run, styles, directory),
         "Effective rank of dW: no matrix has both a layer index and a changed weight.")
-    if len(run.models) >= 2:
-        series_matrix = chosen[0].name if chosen and chosen[0].reason == "requested" else None
-        add(figures.checkpoints(run, directory, matrix=series_matrix, order=order),
-            "Checkpoint series: not enough data.")
-    else:
+    if len(run.models) < 2:
         content.notes.append("Checkpoint series: needs at least two tuned models.")
+    elif chosen_series is None:
+        content.notes.append(
+            "Checkpoint series: not drawn, because lines between these tuned models would suggest a training "
+            "trajectory. It is drawn for checkpoints of one run named by step (run/checkpoint-200, "
+            "run/step-1000, org/name@step1000); pass --series (series=True) to draw these models as one.")
+    else:
+        series_matrix = chosen[0].name if chosen and chosen[0].reason == "requested" else None
+        add(figures.checkpoints(run, directory, chosen_series, matrix=series_matrix),
+            "Checkpoint series: not enough data.")
     # Sections in reading order; figures keep their order within a section.
     sections = ["Intruder dimensions", "Similarity of singular vectors", "The update dW", "Checkpoint series"]
     content.figures.sort(key=lambda e: sections.index(e.section) if e.section in sections else len(sections))
@@ -104,13 +111,18 @@ def _swap_in(tmp: Path, out: Path) -> None:
 
 def build_report(results: str | Path, out: str | Path | None = None, *,
                  matrices: Sequence[str] | None = None, order: Order = "as-given",
-                 allow_partial: bool = False) -> Path:
+                 series: bool | None = None, allow_partial: bool = False) -> Path:
     """Write PNG + SVG figures and an offline index.html for the run in `results`; return index.html.
 
     `out` defaults to `results/report`. `matrices` picks the matrices for heatmaps, spectra and the
     checkpoint series (default: the two with most intruders and one typical one). `order` is the order of
-    tuned models in legends and the checkpoint series: "as-given" (manifest) or "name" (natural sort,
-    so checkpoint-200 comes before checkpoint-1000).
+    tuned models in tables and legends: "as-given" (manifest) or "name" (natural sort, so checkpoint-200
+    comes before checkpoint-1000).
+
+    `series` decides the checkpoint-series figure (lines from model to model, read as a training
+    trajectory): None draws it only when every tuned reference names a checkpoint of the same run
+    (`run/checkpoint-N`, `run/step-N`, `org/name@stepN`; series.detect_series), ordered by step; True
+    draws the tuned models as a series anyway (by step if each name has one, else in `order`); False never.
 
     Raises OutputError for a missing or unusable results directory or output directory, or a run that is
     not complete unless `allow_partial` (the page then carries a warning), and OptionError for matrix
@@ -127,7 +139,7 @@ def build_report(results: str | Path, out: str | Path | None = None, *,
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         try:
-            content = _render(run, chosen, order, tmp)
+            content = _render(run, chosen, detect_series(run.models, run.kinds, force=series), tmp)
         except pa.ArrowException as exc:  # a spectra/similarity part that cannot be read
             raise unreadable(run.root, exc) from exc
         (tmp / INDEX).write_text(render_page(content), encoding="utf-8")

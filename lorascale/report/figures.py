@@ -8,7 +8,6 @@ the run has nothing to show (the caller then lists the reason on the page).
 from __future__ import annotations
 
 import math
-import re
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +35,19 @@ def _mark_null(ax: Axes, null: queries.NullLevel, epsilon: float | None) -> None
         ax.axvline(epsilon, color="black", linestyle="-.", lw=1.0, label=f"run's ε = {epsilon:g}")
 
 
+def _lift_zero(ax: Axes) -> None:
+    """Start the y axis a little below 0, so a line at 0 (a full fine-tune without intruders) is drawn
+    above the axis, not hidden in it."""
+    top = ax.get_ylim()[1]
+    ax.set_ylim(-0.04 * top, top)
+    ax.axhline(0, color="0.6", lw=0.6, zorder=0.5)
+
+
+def _zero_note(values: list[np.ndarray], what: str) -> str:
+    """Legend suffix for a model whose line is 0 everywhere, so the reader looks for it on the axis."""
+    return f": 0 at every {what}" if all(not np.any(v) for v in values) else ""
+
+
 def _panels(n: int, height: float) -> tuple[object, list[Axes]]:
     fig, axes = new_figure(height, ncols=n, sharey=True, squeeze=False)
     return fig, list(axes[0])
@@ -57,11 +69,14 @@ def intruders_vs_epsilon(run: Run, styles: Styles, out: Path, *, k: int = 10) ->
         _mark_null(ax, null, run.epsilon)
         for i, model in enumerate(run.models):
             y = counts.get((model, side), np.zeros_like(epsilons))
+            line = styles[model].line()
+            line["label"] += _zero_note([counts.get((model, s), np.zeros(1)) for s in run.sides], "ε")
             # Stagger markers between models so overlapping lines still show every marker.
-            ax.plot(epsilons, y, markevery=(i % 10, 10), **styles[model].line())
+            ax.plot(epsilons, y, markevery=(i % 10, 10), clip_on=False, zorder=3, **line)
         ax.set(xlim=(0, 1), xlabel="similarity threshold ε",
                title=_SIDE_WORD[side] if len(run.sides) > 1 else None)
-        ax.set_ylim(bottom=0)
+        ax.set_ylim(bottom=0, top=max(1.0, ax.get_ylim()[1]))
+        _lift_zero(ax)
         ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     axes[0].set_ylabel(f"{_COUNTS} in top {k}\n(sum over matrices, max {examined:,})")
     fig.suptitle(f"Intruder dimensions vs similarity threshold ε\n(one of the top k = {k} vectors of a matrix "
@@ -81,34 +96,47 @@ def intruders_vs_epsilon(run: Run, styles: Styles, out: Path, *, k: int = 10) ->
 
 @styled
 def intruders_vs_k(run: Run, styles: Styles, out: Path, *, epsilon: float = 0.5) -> FigureEntry | None:
-    """Paper Fig. 11: summed intruder count at fixed ε as k sweeps 0..100% of each matrix's vectors."""
+    """Paper Fig. 11, as a share: of the top k% of each matrix's singular vectors, the fraction that are
+    intruders at fixed ε, next to the fraction random directions would give (the chance line)."""
     fractions = np.linspace(0.0, 1.0, 101)
     counts, coverage = queries.intruders_vs_k_fraction(run, fractions, epsilon=epsilon)
     if not counts:
         return None
-    fig, axes = _panels(len(run.sides), 3.3)
+    examined = queries.examined_vs_k_fraction(run, fractions)
+    chance = queries.null_share_vs_k_fraction(run, fractions, epsilon=epsilon)
+    x = fractions[1:] * 100  # at k = 0 nothing is examined: no share
+    fig, axes = _panels(len(run.sides), 3.5)
     for ax, side in zip(axes, run.sides):
         if coverage < 1.0:
             ax.axvspan(coverage * 100, 100, color="0.85", lw=0, zorder=0, label="max |cos| not computed")
+        ax.plot(x, chance[side][1:], color="0.3", linestyle=(0, (1, 1)), lw=1.4, zorder=2,
+                label=f"chance: share a random direction would show (max |cos| < {epsilon:g})")
         for i, model in enumerate(run.models):
-            ax.plot(fractions * 100, counts[(model, side)], markevery=(i % 10, 10), **styles[model].line())
-        ax.set(xlim=(0, 100), xlabel="k as % of the matrix's singular vectors",
+            share = counts[(model, side)][1:] / np.maximum(examined[model][1:], 1)
+            line = styles[model].line()
+            line["label"] += _zero_note([counts[(model, s)] for s in run.sides], "k")
+            ax.plot(x, share, markevery=(i % 10, 10), clip_on=False, zorder=3, **line)
+        ax.set(xlim=(0, 100), ylim=(0, 1.0), xlabel="top k, as % of the matrix's singular vectors",
                title=_SIDE_WORD[side] if len(run.sides) > 1 else None)
-        ax.set_ylim(bottom=0)
-    axes[0].set_ylabel(f"{_COUNTS} (ε = {epsilon:g})\n(sum over matrices)")
+        _lift_zero(ax)
+    axes[0].set_ylabel(f"share of the top k that are\nintruders (ε = {epsilon:g})")
     fig.suptitle(f"Intruder dimensions vs how many singular vectors are examined (ε = {epsilon:g})")
     handles, labels = axes[0].get_legend_handles_labels()
     legend_below(fig, handles, labels, columns=2)
     save(fig, out, "intruders-vs-k")
     stored = "" if coverage >= 1.0 else (f" The run computed max |cos| only for the top {coverage:.1%} of "
-                                         "some spectra (e.g. --mode topk; grey), so counts past it are "
+                                         "some spectra (e.g. --mode topk; grey), so shares past it are "
                                          "incomplete.")
     return FigureEntry(
         "intruders-vs-k", "Intruder dimensions vs k",
-        f"Intruders (max |cos| < {epsilon:g}) among the top k singular vectors of every matrix, with k "
-        "given as a percentage of the matrix's min(rows, cols) vectors and counts summed over matrices "
-        "(paper Fig. 11). Low-ranked vectors of nearly equal singular value mix freely, so counts always "
-        "rise towards 100%; compare models, not absolute levels." + stored, "Intruder dimensions")
+        f"Of the top k singular vectors of every matrix (k as a percentage of its min(rows, cols) vectors, "
+        f"all matrices pooled), the share with max |cos| < {epsilon:g}: intruders (paper Fig. 11 shows the "
+        "count). Dotted: the share if every vector were a uniformly random direction, the level of no "
+        "relation to the base at all. The paper's finding is the left end: LoRA has intruders among its "
+        "top vectors, full fine-tuning does not. Towards 100% the singular values crowd together, so any "
+        "update, full or LoRA, rotates those vectors freely and the curves climb towards the chance line: "
+        "there they measure noise in a nearly flat spectrum, not new directions." + stored,
+        "Intruder dimensions")
 
 
 @styled
@@ -164,39 +192,28 @@ def effective_rank(run: Run, styles: Styles, out: Path) -> FigureEntry | None:
         "The update dW")
 
 
-_STEP = re.compile(r"(?:checkpoint|ckpt|step|steps|iter|iteration|epoch)[-_ =]?(\d+)\D*$", re.IGNORECASE)
-
-
-def _steps(references: list[str]) -> list[int] | None:
-    """Training steps read from names like run/checkpoint-200 or step_1000, when every reference has a
-    distinct one in increasing order; otherwise None (e.g. `llama-7b` vs `llama-13b` are not steps)."""
-    found = [_STEP.search(ref.rstrip("/\\").rsplit("/", 1)[-1]) for ref in references]
-    if not all(found):
-        return None
-    steps = [int(match.group(1)) for match in found if match]
-    return steps if len(set(steps)) == len(steps) and steps == sorted(steps) else None
-
-
 @styled
-def checkpoints(run: Run, out: Path, *, matrix: str | None = None, order: str = "as-given"
-                ) -> FigureEntry | None:
-    """Paper Fig. 7: whole-model intruder count per checkpoint, and max_cos and sigma of the tracked
-    top ranks of one matrix (default: the one with most intruders in the last checkpoint)."""
-    if len(run.models) < 2:
+def checkpoints(run: Run, out: Path, chosen: series.Series, *, matrix: str | None = None) -> FigureEntry | None:
+    """Paper Fig. 7 for the checkpoint series `chosen`: whole-model intruder count per checkpoint, and
+    max_cos and sigma of the tracked top ranks of one matrix (default: the one with most intruders in the
+    last checkpoint). Steps on the x axis when the series has them, else the models in their order."""
+    models = list(chosen.models)
+    if len(models) < 2:
         return None
-    matrix = matrix or series.series_matrix(run)
-    tracks = series.series_tracks(run, matrix)
-    models, totals = series.series_totals(run)
+    matrix = matrix or series.series_matrix(run, models)
+    tracks = series.series_tracks(run, matrix, models)
+    totals = series.series_totals(run, models)
     labels = short_labels(models)
-    steps = _steps(models)
+    steps = chosen.steps
     x = np.array(steps if steps else range(len(models)), dtype=float)
     # Stacked panels sharing the checkpoint axis: long checkpoint names fit once, under the last panel.
     fig, axes = new_figure(6.4, nrows=3, sharex=True, squeeze=False)
     total_ax, cos_ax, sigma_ax = axes[:, 0]
-    total_ax.plot(x, totals, color="black", marker="o", label="whole model")
     total_ax.set_title("Whole model: intruder count", loc="left", fontsize=9)
     total_ax.set_ylabel(f"intruders\n(k={run.k}, ε={run.epsilon:g})")
-    total_ax.set_ylim(bottom=0)
+    total_ax.plot(x, totals, color="black", marker="o", clip_on=False, zorder=3)
+    total_ax.set_ylim(bottom=0, top=max(1.0, total_ax.get_ylim()[1]))
+    _lift_zero(total_ax)
     total_ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     index = {m: i for i, m in enumerate(models)}
     rows = [index[m] for m in tracks.models]
@@ -215,22 +232,26 @@ def checkpoints(run: Run, out: Path, *, matrix: str | None = None, order: str = 
     sigma_ax.set_title(f"{short_matrix(matrix)}: its singular value", loc="left", fontsize=9)
     sigma_ax.set_ylabel("singular value σ")
     if steps:
-        sigma_ax.set_xlabel("checkpoint (training step read from the name)")
+        sigma_ax.set_xlabel("training step (read from the checkpoint names)")
     else:
         sigma_ax.set_xticks(x, [labels[m] for m in models], rotation=30 if len(models) > 3 else 0,
                             ha="right" if len(models) > 3 else "center", fontsize=7)
-        sigma_ax.set_xlabel("tuned model")
+        sigma_ax.set_xlabel("tuned model, in the order given (drawn as a series because of --series)")
     cos_ax.legend(*cos_ax.get_legend_handles_labels(), loc="center left", bbox_to_anchor=(1.01, 0.5),
                   frameon=False)
     fig.suptitle("Checkpoint series: intruders and the top singular vectors")
     save(fig, out, "checkpoints")
-    ordered = "the order given on the command line" if order == "as-given" else "natural name order"
+    if chosen.detected:
+        why = "recognised as checkpoints of one training run from their names, ordered by step"
+    elif steps:
+        why = "drawn as a series because of --series, ordered by the step in each name"
+    else:
+        why = "drawn as a series because of --series, in the report's model order"
     return FigureEntry(
         "checkpoints", "Checkpoint series",
-        f"Tuned models in {ordered} ({', '.join(labels[m] for m in models)}). Top: whole-model intruder "
+        f"Tuned models {why} ({', '.join(labels[m] for m in models)}). Top: whole-model intruder "
         f"count at the run's setting. Middle and bottom: for matrix {matrix}, the {tracks.side} singular "
         "vector at each tracked rank: its best |cos| with the base vectors (falling = turning into a new "
         "direction; grey = chance level) and its singular value (rising = gaining weight), as in paper "
         "Fig. 7. Tracked are the top-k ranks that are intruders at some checkpoint (at most 4), else ranks "
         "0-2. A rank index can hold a different vector at each checkpoint.", "Checkpoint series")
-

@@ -163,6 +163,45 @@ def intruders_vs_k_fraction(run: Run, fractions: np.ndarray, *, epsilon: float =
     return counts, coverage
 
 
+def _examined(n: np.ndarray, fractions: np.ndarray) -> np.ndarray:
+    """(len(fractions), len(n)): vectors j < ceil(f * n) of each matrix, the ones with j / n < f."""
+    return np.ceil(np.outer(fractions, n) - 1e-9).astype(np.int64)
+
+
+def examined_vs_k_fraction(run: Run, fractions: np.ndarray) -> dict[str, np.ndarray]:
+    """Per model, how many singular vectors `intruders_vs_k_fraction` examines at each fraction (summed
+    over the model's matrices): the denominator of the share of intruders."""
+    fractions = np.asarray(fractions, dtype=float)
+    table = run.matrices
+    n = np.minimum(table.column("rows").to_numpy(), table.column("cols").to_numpy()).astype(np.int64)
+    models = np.array(table.column("model").to_pylist(), dtype=object)
+    examined = _examined(n, fractions)
+    return {model: examined[:, models == model].sum(axis=1) for model in run.models}
+
+
+def null_share_vs_k_fraction(run: Run, fractions: np.ndarray, *, epsilon: float) -> dict[str, np.ndarray]:
+    """Per side, the share of examined vectors that would count as intruders if every tuned vector were a
+    uniformly random direction (numerics.metrics.null_intruder_probability per matrix shape, weighted by
+    the vectors examined at each fraction): the chance line of the intruders-vs-k figure. NaN at f = 0."""
+    from lorascale.numerics.metrics import null_intruder_probability  # numpy + torch: only when drawing
+
+    fractions = np.asarray(fractions, dtype=float)
+    first = run.models[0]  # every tuned model shares the base's shapes: one model's matrices suffice
+    table = run.matrices.filter(pc.equal(run.matrices.column("model"), first))
+    rows = table.column("rows").to_numpy().astype(np.int64)
+    cols = table.column("cols").to_numpy().astype(np.int64)
+    n = np.minimum(rows, cols)
+    examined = _examined(n, fractions).astype(float)  # (fractions, matrices)
+    total = examined.sum(axis=1)
+    out: dict[str, np.ndarray] = {}
+    for side in run.sides:
+        dims = rows if side == "left" else cols  # left vectors live in R^rows, right ones in R^cols
+        chance = np.array([null_intruder_probability(int(d), int(p), epsilon) for d, p in zip(dims, n)])
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out[side] = np.where(total > 0, examined @ chance / np.where(total > 0, total, 1), np.nan)
+    return out
+
+
 def effective_rank_by_layer(run: Run) -> dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]:
     """{module: {model: (layers, mean delta effective rank)}} for matrices that have a layer index."""
     table = run.matrices.filter(pc.and_(pc.is_valid(run.matrices.column("layer")),

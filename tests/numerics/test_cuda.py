@@ -3,7 +3,7 @@ gesvda, cupy, the Gram + eigh route) in fp32 and fp64, the comparison of a full 
 adapter, and the pipeline end to end with --device cuda.  Marked `gpu`; skipped where torch sees no CUDA
 (benchmarks/gpu_check.py runs them first on a GPU machine).
 
-Tolerances (METHOD.md): singular values to 1e-5 * sigma_1 in fp32, 1e-10 in fp64.  Singular vectors are
+Tolerances (docs/METHOD.md, "Accuracy"): singular values to 1e-5 * sigma_1 in fp32, 1e-10 in fp64.  Singular vectors are
 only as well defined as the gap to their neighbours, so max_cos and the similarity block are compared
 with C * unit roundoff * sigma_1 / gap (Wedin's bound, C = 10), from the gaps the oracle finds, as in
 tests/test_formats.py; on the separated matrices used here that is <= 1e-4 in fp32 for the top vectors.

@@ -1,4 +1,4 @@
-"""Known answers for the metrics of METHOD.md, and agreement with the float64 oracle."""
+"""Known answers for the metrics of docs/METHOD.md, and agreement with the float64 oracle."""
 
 from __future__ import annotations
 
@@ -82,7 +82,7 @@ def test_max_cos_is_over_all_base_vectors_and_chunked():
 @pytest.mark.parametrize("dim,n", [(4096, 4096), (384, 384), (1536, 384), (11008, 4096)])
 def test_null_max_cos_matches_direct_simulation_and_scale(dim, n):
     value = null_max_cos(dim, n)
-    # About sqrt(2 ln(2n) / dim) (METHOD.md): 0.06 for a 4096-dim full basis.
+    # About sqrt(2 ln(2n) / dim) (docs/METHOD.md): 0.06 for a 4096-dim full basis.
     assert value == pytest.approx(null_max_cos_approx(dim, n), rel=0.15)
     if dim <= 1536:  # direct simulation with a real random basis, for the small cases
         rng = np.random.default_rng(7)
@@ -94,7 +94,7 @@ def test_null_max_cos_matches_direct_simulation_and_scale(dim, n):
 
 def test_null_max_cos_is_deterministic():
     assert null_max_cos.__wrapped__(300, 200) == null_max_cos.__wrapped__(300, 200)
-    # METHOD.md: about 0.06 for m = 4096.
+    # docs/METHOD.md: about 0.06 for m = 4096.
     assert math.isclose(null_max_cos(4096, 4096), 0.06, abs_tol=0.005)
 
 
@@ -117,3 +117,19 @@ def test_compare_agrees_with_float64_oracle(shape, side):
     assert result.delta_fro == pytest.approx(fro, rel=1e-5)
     assert result.delta_rel == pytest.approx(rel, rel=1e-5)
     assert result.delta_effective_rank == pytest.approx(erank, rel=1e-3)
+
+
+@pytest.mark.parametrize(("dim", "n_vectors", "epsilon"), [(64, 64, 0.3), (96, 48, 0.35), (40, 20, 0.4)])
+def test_null_intruder_probability_matches_random_vectors(dim: int, n_vectors: int, epsilon: float) -> None:
+    from lorascale.numerics.metrics import null_intruder_probability
+
+    # Brute force: random unit vectors against an explicit random orthonormal basis.
+    rng = np.random.default_rng(7)
+    basis, _ = np.linalg.qr(rng.standard_normal((dim, n_vectors)))  # (dim, p)
+    x = rng.standard_normal((20000, dim))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    brute = float(np.mean(np.abs(x @ basis).max(axis=1) < epsilon))
+    assert 0.02 < brute < 0.98  # a threshold where the probability is not trivially 0 or 1
+    assert null_intruder_probability(dim, n_vectors, epsilon) == pytest.approx(brute, abs=0.03)
+    assert null_intruder_probability(dim, n_vectors, 1.01) == 1.0
+    assert null_intruder_probability(dim, n_vectors, 0.0) == 0.0

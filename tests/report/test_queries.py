@@ -83,7 +83,7 @@ def test_choose_matrices_and_blocks(run) -> None:
 def test_series_tracks_follow_intruders(make_run) -> None:
     tuned = [Tuned(f"run/checkpoint-{s}", "lora", strength=s / 400) for s in (100, 200, 400)]
     run = open_run(make_run(tuned, layers=1, modules=("q_proj",)))
-    tracks = series.series_tracks(run, series.series_matrix(run))
+    tracks = series.series_tracks(run, series.series_matrix(run, run.models), run.models)
     assert tracks.models == run.models
     assert tracks.intruder_ranks and set(tracks.intruder_ranks) <= set(tracks.ranks)
     assert tracks.max_cos.shape == tracks.sigma.shape == (3, len(tracks.ranks))
@@ -120,10 +120,22 @@ def test_slug_is_file_safe() -> None:
     assert "/" not in slug("encoder/layer 1:attention?") and slug("...") == "matrix"
 
 
-def test_training_steps_only_from_checkpoint_like_names() -> None:
-    from lorascale.report.figures import _steps
+def test_share_vs_k_denominators_and_chance_line(run) -> None:
+    from lorascale.numerics.metrics import null_intruder_probability
 
-    assert _steps(["/a/run/checkpoint-100", "/a/run/checkpoint-200/"]) == [100, 200]
-    assert _steps(["x/step_5.safetensors", "x/step_10.safetensors"]) == [5, 10]
-    assert _steps(["org/llama-7b", "org/llama-13b"]) is None  # sizes, not steps
-    assert _steps(["run/checkpoint-200", "run/checkpoint-100"]) is None  # not in order: categorical axis
+    fractions = np.array([0.0, 0.1, 0.5, 1.0])
+    examined = queries.examined_vs_k_fraction(run, fractions)
+    table = run.matrices.to_pylist()
+    for model in run.models:
+        sizes = [min(r["rows"], r["cols"]) for r in table if r["model"] == model]
+        expected = [sum(math.ceil(f * n - 1e-9) for n in sizes) for f in fractions]
+        assert examined[model].tolist() == expected
+        counts, _ = queries.intruders_vs_k_fraction(run, fractions, epsilon=0.5)
+        for side in run.sides:
+            assert np.all(counts[(model, side)] <= examined[model])
+    chance = queries.null_share_vs_k_fraction(run, fractions, epsilon=0.3)
+    assert set(chance) == {"left", "right"} and np.isnan(chance["left"][0])
+    # All matrices of the fixture share one shape: the share is that shape's probability at every k.
+    rows, cols = table[0]["rows"], table[0]["cols"]
+    assert chance["left"][1:] == pytest.approx(null_intruder_probability(rows, min(rows, cols), 0.3))
+    assert chance["right"][1:] == pytest.approx(null_intruder_probability(cols, min(rows, cols), 0.3))

@@ -85,5 +85,5 @@ def test_empty_rows_format() -> None:
 
 
 def test_missing_results(tmp_path: Path) -> None:
-    with pytest.raises(OutputError):
+    with pytest.raises(OptionError):  # not a results directory: a usage error (exit 2)
         summary_rows(tmp_path / "missing")
