@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -15,7 +15,8 @@ from lorascale.io.checkpoint import Checkpoint, open_checkpoint
 from lorascale.io.resolve import resolve
 from lorascale.plan import Plan, plan_jobs
 from lorascale.io.identity import describe
-from lorascale.records import AnalysisOptions
+from lorascale.naming import References, name_references
+from lorascale.records import AnalysisOptions, NamedReference
 from lorascale.store.manifest import Manifest
 from lorascale.store.run_directory import RunDirectory
 
@@ -65,20 +66,28 @@ def _performance_options(*, device: str, driver: str | None, backend: str, mode:
             "mode": mode, "top_k": top_k, "cache_dir": str(Path(cache_dir).expanduser()) if cache_dir else None}
 
 
-def _new_manifest(base: Checkpoint, tuned: list[Checkpoint], plan: Plan, options: AnalysisOptions, *,
-                  command: str, side: str, include: Sequence[str], exclude: Sequence[str]) -> Manifest:
+def _described(checkpoint: Checkpoint, name: NamedReference) -> dict:
+    """The manifest's record of a checkpoint, with the label that names it in tables and figures."""
+    return {**describe(checkpoint), "label": name.label}
+
+
+def _new_manifest(base: Checkpoint, tuned: list[Checkpoint], names: list[NamedReference], plan: Plan,
+                  options: AnalysisOptions, *, command: str, side: str, include: Sequence[str],
+                  exclude: Sequence[str]) -> Manifest:
     return Manifest(
         lorascale_version=__version__, command=command,
         options={"k": options.k, "epsilon": options.epsilon, "side": side, "precision": options.precision,
                  "include": list(include), "exclude": list(exclude), "driver": options.driver,
                  "backend": options.backend, "mode": options.mode,
                  "top_k": options.top_k if options.mode == "topk" else None, "cache_dir": options.cache_dir},
-        base=describe(base), tuned=[describe(c) for c in tuned], device=options.device,
+        base=_described(base, names[0]), tuned=[_described(c, n) for c, n in zip(tuned, names[1:])],
+        device=options.device,
         precision=options.precision, torch=torch.__version__, matrices_planned=len(plan.jobs),
         skipped=[asdict(s) for s in plan.skipped])
 
 
-def compare(base: str, tuned: Sequence[str], out: str | Path, *, k: int = 10, epsilon: float = 0.5,
+def compare(base: str | Mapping[str, str], tuned: References, out: str | Path, *, k: int = 10,
+            epsilon: float = 0.5,
             side: str = "left", precision: str = "fp32", device: str = "auto",
             include: Sequence[str] = (), exclude: Sequence[str] = (), overwrite: bool = False,
             resume: bool = False, driver: str | None = None, backend: str = "auto", mode: str = "exact",
@@ -90,6 +99,9 @@ def compare(base: str, tuned: Sequence[str], out: str | Path, *, k: int = 10, ep
     """Compare `base` with each of `tuned` and write matrices/, spectra/, similarity/ and manifest.json.
 
     References are local directories, .safetensors files, or hub repo ids `org/name[@revision]`.
+    Labels name the models in tables, legends and the summary: `tuned=["lora=org/adapter", "./full"]` or
+    `tuned={"lora": "org/adapter"}`, likewise `base="NAME=REF"` or `{"NAME": "REF"}` (naming.py has the
+    rule); a model without one gets its short display name.  The `model` column keeps the reference.
     Re-running the same comparison on the same `out` continues where an interrupted run stopped.
     Runs in-process unless `ray_address` (or RAY_ADDRESS) is given or `workers` > 1: then on Ray actors
     (execute/ray_executor.py), `cpus_per_worker` / `gpus_per_worker` each; `executor` (an
@@ -101,10 +113,8 @@ def compare(base: str, tuned: Sequence[str], out: str | Path, *, k: int = 10, ep
     >>> lorascale.compare(base="meta-llama/Llama-2-7b-hf",  # doctest: +SKIP
     ...                   tuned=["LoRA-TMLR-2024/magicoder-lora-rank-16-alpha-32"], out="results")
     """
-    if not tuned:
-        raise OptionError("give at least one tuned checkpoint (--tuned)")
-    if len(set(tuned)) != len(tuned):
-        raise OptionError("the same --tuned reference is given twice")
+    base_name, tuned_names = name_references(base, tuned)
+    base, references = base_name.reference, [n.reference for n in tuned_names]
     if executor is None:
         executor = make_executor(address=ray_address or settings.ray_address(), workers=workers,
                                  cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker,
@@ -115,13 +125,15 @@ def compare(base: str, tuned: Sequence[str], out: str | Path, *, k: int = 10, ep
                                              driver=driver, backend=backend, mode=mode, top_k=top_k,
                                              cache_dir=cache_dir if use_cache else None))
     # Everything that can be wrong with the input is found here, before the output directory is touched.
-    base_checkpoint, *tuned_checkpoints = _open_checkpoints([base, *tuned], include, exclude)
-    plan: Plan = plan_jobs(base_checkpoint, tuned_checkpoints, include=tuple(include), exclude=tuple(exclude))
+    base_checkpoint, *tuned_checkpoints = _open_checkpoints([base, *references], include, exclude)
+    plan: Plan = plan_jobs(base_checkpoint, tuned_checkpoints, include=tuple(include), exclude=tuple(exclude),
+                           labels={n.reference: n.label for n in tuned_names})
 
     out = Path(out)
-    manifest = _new_manifest(base_checkpoint, tuned_checkpoints, plan, options, side=side, include=include,
-                             exclude=exclude, command=command or f"lorascale.compare(base={base!r}, "
-                                                                 f"tuned={list(tuned)!r}, out={str(out)!r})")
+    manifest = _new_manifest(base_checkpoint, tuned_checkpoints, [base_name, *tuned_names], plan, options,
+                             side=side, include=include, exclude=exclude,
+                             command=command or f"lorascale.compare(base={base!r}, "
+                                                f"tuned={references!r}, out={str(out)!r})")
     with RunDirectory.open(out, manifest, overwrite=overwrite, resume=resume) as run_dir:
         jobs = run_dir.pending(plan.jobs)
         with run_dir.session(executor.describe(), len(jobs)) as writer:

@@ -8,7 +8,8 @@ Tuned names are matched to the base's naming: exact, then by dotted suffix in ei
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 
 from lorascale.errors import MismatchError
 from lorascale.io.checkpoint import Checkpoint
@@ -92,12 +93,13 @@ def layer_and_module(names: list[str]) -> dict[str, tuple[int | None, str]]:
 
 
 def plan_jobs(base: Checkpoint, tuned: list[Checkpoint], *, include: tuple[str, ...] = (),
-              exclude: tuple[str, ...] = ()) -> Plan:
+              exclude: tuple[str, ...] = (), labels: Mapping[str, str] | None = None) -> Plan:
     """Match every tuned checkpoint to the base and build one job per analysed base matrix.
 
     The user's selection is applied before anything is compared, so that --exclude always gets a matrix
     out of the way (a shape mismatch on it included); 2-D tensors that cannot be analysed (integer or
     quantized dtypes, unknown dtypes, no elements) are listed in `skipped` with the reason, on either side.
+    `labels` maps a tuned reference to its display label, carried by each TunedSource into the tables.
     """
     if base.kind != "full":
         raise MismatchError("the base must be a full checkpoint, not an adapter", path=base.reference,
@@ -125,8 +127,9 @@ def plan_jobs(base: Checkpoint, tuned: list[Checkpoint], *, include: tuple[str, 
                 "no weight matrix matches the base checkpoint", path=model.reference,
                 fix=f"check that it is a fine-tune of {base.reference}",
             )
+        label = (labels or {}).get(model.reference)
         for name, source in found.items():
-            sources.setdefault(name, []).append(source)
+            sources.setdefault(name, []).append(replace(source, label=label))
     names = [n for n in base_matrices if n in sources]
     if not names:
         # Name a reason that is not the selection itself, when there is one: that is the surprising part.
