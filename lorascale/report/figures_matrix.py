@@ -217,11 +217,13 @@ def intruder_locations(run: Run, out: Path) -> FigureEntry | None:
         bar = fig.colorbar(image, ax=axes, shrink=min(0.9, 0.3 + 0.6 / nrows), aspect=20,
                            label="intruders per matrix")
         bar.ax.yaxis.set_major_locator(mpl.ticker.MaxNLocator(integer=True))
-    fig.suptitle(f"Where intruders sit (k = {run.k}, ε = {run.epsilon:g})")
+    # The matrices table's `intruders` counts the first side (left unless the run was --side right).
+    side = run.sides[0]
+    fig.suptitle(f"Where intruders sit ({side} vectors, k = {run.k}, ε = {run.epsilon:g})")
     save(fig, out, "intruder-locations")
     return FigureEntry(
         "intruder-locations", "Where intruders sit",
-        f"Intruder dimensions per matrix at the run's setting (top k = {run.k} vectors, max |cos| < "
+        f"Intruder dimensions per matrix at the run's setting (top k = {run.k} {side} singular vectors, max |cos| < "
         f"ε = {run.epsilon:g}, the matrices table's intruders column), by layer (columns) and module (rows), one panel "
         "per tuned model. White: none; light grey: matrix not analysed; 'other' holds matrices without a "
         "layer index.", "Intruder dimensions")
