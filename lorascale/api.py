@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import inspect
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,11 +55,12 @@ def _cell(value: Any) -> str:
     return "" if value is None else str(value)
 
 
-def compare(base: str, tuned: str | Sequence[str], out: str | Path, *, report: bool = False,
+def compare(base: str | Mapping[str, str], tuned: str | Sequence[str] | Mapping[str, str], out: str | Path, *, report: bool = False,
             progress: bool = False, **options: Any) -> CompareResult:
     """Compare `base` with `tuned` (one reference or a list) and write the tables to `out`.
 
-    References are local directories, .safetensors files, or hub repo ids `org/name[@revision]`.
+    References are local directories, .safetensors or .bin files, or hub repo ids `org/name[@revision]`;
+    `"NAME=REF"` or a dict `{"NAME": "REF"}` labels a model in the tables and figures.
     `report=True` also writes out/report/ (figures and index.html); `progress=True` shows a progress
     bar (tqdm: a widget in Jupyter, a text bar in a terminal).  Every other keyword is an option of the
     run (k, epsilon, side, precision, device, backend, mode, include, exclude, overwrite, resume, ...);
@@ -74,9 +75,13 @@ def compare(base: str, tuned: str | Sequence[str], out: str | Path, *, report: b
 
     if isinstance(tuned, (str, Path)):
         tuned = [str(tuned)]
+    elif isinstance(tuned, Mapping):  # {"NAME": "REF"}: labels (naming.py checks them)
+        tuned = {name: str(ref) if isinstance(ref, Path) else ref for name, ref in tuned.items()}
     elif not isinstance(tuned, Sequence) or not all(isinstance(t, (str, Path)) for t in tuned):
-        raise OptionError("tuned must be a reference string or a list of them",
-                          fix="e.g. tuned='org/adapter' or tuned=['./full', './lora']")
+        raise OptionError("tuned must be a reference string, a list of them, or a dict of labels to references",
+                          fix="e.g. tuned='org/adapter', tuned=['./full', 'lora=./lora'] or tuned={'lora': './lora'}")
+    else:
+        tuned = [str(t) for t in tuned]
     engine = inspect.signature(pipeline.compare).parameters
     unknown = sorted(set(options) - set(_public(engine)))
     if unknown:
@@ -84,7 +89,7 @@ def compare(base: str, tuned: str | Sequence[str], out: str | Path, *, report: b
                           fix=f"keywords: report, progress, {', '.join(_public(engine))}")
     bar = _ProgressBar() if progress else None
     try:
-        result = pipeline.compare(str(base), [str(t) for t in tuned], out, progress=bar, **options)
+        result = pipeline.compare(str(base) if isinstance(base, Path) else base, tuned, out, progress=bar, **options)
         summary = _results.load(result.out).summary()
         index = None
         if report:

@@ -248,9 +248,11 @@ def _print_summary(out: Path) -> None:
 
 @main.command()
 @click.option("--base", required=True, metavar="REF",
-              help="Base checkpoint: directory, .safetensors file, or org/name[@rev].")
+              help="Base checkpoint: directory, .safetensors file, or org/name[@rev]; NAME=REF labels it.")
 @click.option("--tuned", "tuned", multiple=True, required=True, metavar="REF",
-              help="A fine-tune of --base, full or LoRA adapter, as for --base; repeatable.")
+              help="A fine-tune of --base, full or LoRA adapter, as for --base; repeatable.  NAME=REF labels it in "
+                   "tables, legends and the summary: NAME is letters, digits, _ . + -, and the text is split on "
+                   "its first '=' only when it is not an existing path.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, metavar="DIR", help="Results directory.")
 @click.option("--k", default=10, show_default=True, help="Top tuned singular vectors checked for intruders.")
 @click.option("--epsilon", default=0.5, show_default=True, help="Intruder threshold on max |cos|.")
@@ -399,14 +401,28 @@ def demo(out: Path, quiet: bool) -> None:
               help="Model order: as given on the command line, or natural name order (checkpoint-200 < -1000).")
 @click.option("--partial", "allow_partial", is_flag=True,
               help="Also summarise a run that is not complete (failed, interrupted, running); marked PARTIAL.")
-def summary(results: Path, fmt: str, order: str, allow_partial: bool) -> None:
-    """Print the per-model summary of a finished run."""
-    from lorascale.report import format_summary, summary_rows
+@click.option("--k", type=int, default=None,
+              help="Count intruders among the top K tuned vectors instead of the run's k; re-thresholds from "
+                   "spectra/ without recomputing.")
+@click.option("--epsilon", type=float, default=None,
+              help="Intruder threshold on max |cos| instead of the run's epsilon; re-thresholds from spectra/.")
+@click.option("--side", type=click.Choice(["left", "right", "both"]), default=None,
+              help="Sides to count, among those the run computed (default: all of them).")
+@click.option("--by", type=click.Choice(["module", "layer"]), default=None,
+              help="One row per model and module type, or per model and layer.")
+def summary(results: Path, fmt: str, order: str, allow_partial: bool, k: int | None, epsilon: float | None,
+            side: str | None, by: str | None) -> None:
+    """Print the per-model summary of a finished run, optionally at another k, epsilon or side."""
+    from lorascale.report import format_summary
+    from lorascale.report.summary import summarise
 
-    rows = summary_rows(results, order=order, allow_partial=allow_partial)  # type: ignore[arg-type]
+    result = summarise(results, order=order, allow_partial=allow_partial,  # type: ignore[arg-type]
+                       k=k, epsilon=epsilon, side=side, by=by)  # type: ignore[arg-type]
     if allow_partial:
         _warn_if_partial(results)
-    click.echo(format_summary(rows, fmt))  # type: ignore[arg-type]
+    for note in result.notes:
+        click.echo(f"lorascale: note: {note}", err=True)
+    click.echo(format_summary(result.rows, fmt))  # type: ignore[arg-type]
 
 
 def _warn_if_partial(results: Path) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -18,7 +18,8 @@ from lorascale.io.checkpoint import Checkpoint, open_checkpoint
 from lorascale.io.resolve import resolve
 from lorascale.plan import Plan, Rename, parse_renames, plan_jobs
 from lorascale.io.identity import describe
-from lorascale.records import AnalysisOptions, Skipped, TensorEntry
+from lorascale.naming import References, name_references
+from lorascale.records import AnalysisOptions, NamedReference, Skipped, TensorEntry
 from lorascale.store.manifest import Manifest
 from lorascale.store.run_directory import RunDirectory
 
@@ -72,9 +73,14 @@ def _performance_options(*, device: str, driver: str | None, backend: str, mode:
             "mode": mode, "top_k": top_k, "cache_dir": str(Path(cache_dir).expanduser()) if cache_dir else None}
 
 
-def _new_manifest(base: Checkpoint, tuned: list[Checkpoint], plan: Plan, options: AnalysisOptions, *,
-                  command: str, side: str, include: Sequence[str], exclude: Sequence[str],
-                  rename: Sequence[str] = ()) -> Manifest:
+def _described(checkpoint: Checkpoint, name: NamedReference) -> dict:
+    """The manifest's record of a checkpoint, with the label that names it in tables and figures."""
+    return {**describe(checkpoint), "label": name.label}
+
+
+def _new_manifest(base: Checkpoint, tuned: list[Checkpoint], names: list[NamedReference], plan: Plan,
+                  options: AnalysisOptions, *, command: str, side: str, include: Sequence[str],
+                  exclude: Sequence[str], rename: Sequence[str] = ()) -> Manifest:
     return Manifest(
         lorascale_version=__version__, command=command,
         options={"k": options.k, "epsilon": options.epsilon, "side": side, "precision": options.precision,
@@ -82,12 +88,14 @@ def _new_manifest(base: Checkpoint, tuned: list[Checkpoint], plan: Plan, options
                  "driver": options.driver,
                  "backend": options.backend, "mode": options.mode,
                  "top_k": options.top_k if options.mode == "topk" else None, "cache_dir": options.cache_dir},
-        base=describe(base), tuned=[describe(c) for c in tuned], device=options.device,
+        base=_described(base, names[0]), tuned=[_described(c, n) for c, n in zip(tuned, names[1:])],
+        device=options.device,
         precision=options.precision, torch=torch.__version__, matrices_planned=len(plan.jobs),
         skipped=[asdict(s) for s in plan.skipped])
 
 
-def compare(base: str, tuned: Sequence[str], out: str | Path, *, k: int = 10, epsilon: float = 0.5,
+def compare(base: str | Mapping[str, str], tuned: References, out: str | Path, *, k: int = 10,
+            epsilon: float = 0.5,
             side: str = "left", precision: str = "fp32", device: str = "auto",
             include: Sequence[str] = (), exclude: Sequence[str] = (), rename: Sequence[str] = (),
             overwrite: bool = False, resume: bool = False, driver: str | None = None, backend: str = "auto", mode: str = "exact",
@@ -99,6 +107,9 @@ def compare(base: str, tuned: Sequence[str], out: str | Path, *, k: int = 10, ep
     """Compare `base` with each of `tuned` and write matrices/, spectra/, similarity/ and manifest.json.
 
     References are local directories, .safetensors files, or hub repo ids `org/name[@revision]`.
+    Labels name the models in tables, legends and the summary: `tuned=["lora=org/adapter", "./full"]` or
+    `tuned={"lora": "org/adapter"}`, likewise `base="NAME=REF"` or `{"NAME": "REF"}` (naming.py has the
+    rule); a model without one gets its short display name.  The `model` column keeps the reference.
     Re-running the same comparison on the same `out` continues where an interrupted run stopped.
     Runs in-process unless `ray_address` (or RAY_ADDRESS) is given or `workers` > 1: then on Ray actors
     (execute/ray_executor.py), `cpus_per_worker` / `gpus_per_worker` each; `executor` (an
@@ -114,16 +125,19 @@ def compare(base: str, tuned: Sequence[str], out: str | Path, *, k: int = 10, ep
     >>> lorascale.compare(base="meta-llama/Llama-2-7b-hf",  # doctest: +SKIP
     ...                   tuned=["LoRA-TMLR-2024/magicoder-lora-rank-16-alpha-32"], out="results")
     """
-    executor, options, base_checkpoint, tuned_checkpoints, plan = _prepare(
+    executor, options, names, base_checkpoint, tuned_checkpoints, plan = _prepare(
         base, tuned, k=k, epsilon=epsilon, side=side, precision=precision, device=device, include=include,
         exclude=exclude, driver=driver, backend=backend, mode=mode, top_k=top_k, cache_dir=cache_dir,
         use_cache=use_cache, executor=executor, ray_address=ray_address, workers=workers,
-        cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker, rename=rename, no_pickle=no_pickle, download=True)
+        cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker, rename=rename, no_pickle=no_pickle,
+        download=True)
 
     out = Path(out)
-    manifest = _new_manifest(base_checkpoint, tuned_checkpoints, plan, options, side=side, include=include,
-                             exclude=exclude, rename=rename, command=command or f"lorascale.compare(base={base!r}, "
-                                                                 f"tuned={list(tuned)!r}, out={str(out)!r})")
+    references = [n.reference for n in names[1:]]
+    manifest = _new_manifest(base_checkpoint, tuned_checkpoints, names, plan, options, side=side, include=include,
+                             exclude=exclude, rename=rename,
+                             command=command or f"lorascale.compare(base={names[0].reference!r}, "
+                                                f"tuned={references!r}, out={str(out)!r})")
     with RunDirectory.open(out, manifest, overwrite=overwrite, resume=resume) as run_dir:
         jobs = run_dir.pending(plan.jobs)
         log.info("computing %d of %d matrices", len(jobs), len(plan.jobs))
@@ -141,18 +155,17 @@ def compare(base: str, tuned: Sequence[str], out: str | Path, *, k: int = 10, ep
     return RunResult(out=out, manifest=manifest, computed=len(jobs), planned=len(plan.jobs))
 
 
-def _prepare(base: str, tuned: Sequence[str], *, k: int, epsilon: float, side: str, precision: str, device: str,
+def _prepare(base: str | Mapping[str, str], tuned: References, *, k: int, epsilon: float, side: str, precision: str, device: str,
              include: Sequence[str], exclude: Sequence[str], driver: str | None, backend: str, mode: str,
              top_k: int, cache_dir: str | Path | None, use_cache: bool, executor: Executor | None,
              ray_address: str | None, workers: int | None, cpus_per_worker: float | None,
              gpus_per_worker: float | None, rename: Sequence[str] = (), no_pickle: bool = False,
-             download: bool) -> tuple[Executor, AnalysisOptions, Checkpoint, list[Checkpoint], Plan]:
-    """Options checked, checkpoints resolved and indexed, jobs planned: what compare() runs and plan_run()
-    shows.  Everything that can be wrong with the input is found here, before any output is touched."""
-    if not tuned:
-        raise OptionError("give at least one tuned checkpoint (--tuned)")
-    if len(set(tuned)) != len(tuned):
-        raise OptionError("the same --tuned reference is given twice")
+             download: bool) -> tuple[Executor, AnalysisOptions, list[NamedReference], Checkpoint, list[Checkpoint],
+                                      Plan]:
+    """Options checked, references named (base first), checkpoints resolved and indexed, jobs planned: what
+    compare() runs and plan_run() shows.  Everything that can be wrong with the input is found here, before
+    any output is touched."""
+    base_name, tuned_names = name_references(base, tuned)
     rules = parse_renames(rename)
     if executor is None:
         executor = make_executor(address=ray_address or settings.ray_address(), workers=workers,
@@ -163,13 +176,14 @@ def _prepare(base: str, tuned: Sequence[str], *, k: int, epsilon: float, side: s
     options = executor.prepare(build_options(k=k, epsilon=epsilon, side=side, precision=precision, device=device,
                                              driver=driver, backend=backend, mode=mode, top_k=top_k,
                                              cache_dir=cache_dir if use_cache else None))
-    base_checkpoint, *tuned_checkpoints = _open_checkpoints([base, *tuned], include, exclude, rules,
+    references = [base_name.reference, *(n.reference for n in tuned_names)]
+    base_checkpoint, *tuned_checkpoints = _open_checkpoints(references, include, exclude, rules,
                                                             allow_pickle=not no_pickle, download=download)
     _warn_same_checkpoints(base_checkpoint, tuned_checkpoints)
     log.info("planning: matching %d tuned model(s) to the base", len(tuned_checkpoints))
     plan: Plan = plan_jobs(base_checkpoint, tuned_checkpoints, include=tuple(include), exclude=tuple(exclude),
-                           rename=rules)
-    return executor, options, base_checkpoint, tuned_checkpoints, plan
+                           rename=rules, labels={n.reference: n.label for n in tuned_names})
+    return executor, options, [base_name, *tuned_names], base_checkpoint, tuned_checkpoints, plan
 
 
 def _open_checkpoints(references: list[str], include: Sequence[str], exclude: Sequence[str],
@@ -245,7 +259,7 @@ def plan_run(base: str, tuned: Sequence[str], *, k: int = 10, epsilon: float = 0
     """The dry run of compare(): the same checks, resolution, header indexing and name matching, then the
     plan; no weight file is downloaded, no tensor read, no output written and no Ray started.  The SVD time
     is estimated from one SVD timed on this machine's `device` (for a Ray run: the driver's device)."""
-    executor, options, base_checkpoint, tuned_checkpoints, plan = _prepare(
+    executor, options, _, base_checkpoint, tuned_checkpoints, plan = _prepare(
         base, tuned, k=k, epsilon=epsilon, side=side, precision=precision, device=device, include=include,
         exclude=exclude, driver=driver, backend=backend, mode=mode, top_k=top_k, cache_dir=None, use_cache=False,
         executor=None, ray_address=ray_address, workers=workers, cpus_per_worker=cpus_per_worker,

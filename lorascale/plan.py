@@ -14,7 +14,7 @@ from __future__ import annotations
 import fnmatch
 import re
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from lorascale.errors import MismatchError, OptionError
@@ -261,13 +261,15 @@ Unit = tuple[str, int | None]  # (base tensor name, expert slice or None)
 
 
 def plan_jobs(base: Checkpoint, tuned: list[Checkpoint], *, include: tuple[str, ...] = (),
-              exclude: tuple[str, ...] = (), rename: Sequence[Rename] = ()) -> Plan:
+              exclude: tuple[str, ...] = (), rename: Sequence[Rename] = (),
+              labels: Mapping[str, str] | None = None) -> Plan:
     """Match every tuned checkpoint to the base and build one job per analysed base matrix.
 
     The user's selection is applied before anything is compared, so that --exclude always gets a matrix
     out of the way (a shape mismatch on it included); 2-D tensors that cannot be analysed (integer or
     quantized dtypes, unknown dtypes, no elements) are listed in `skipped` with the reason, on either side.
     Fused 3-D expert tensors give one job per expert.  `rename` rewrites the tuned names before matching.
+    `labels` maps a tuned reference to its display label, carried by each TunedSource into the tables.
     """
     if base.kind != "full":
         raise MismatchError("the base must be a full checkpoint, not an adapter", path=base.reference,
@@ -296,8 +298,9 @@ def plan_jobs(base: Checkpoint, tuned: list[Checkpoint], *, include: tuple[str, 
                 fix=f"check that it is a fine-tune of {base.reference}"
                     + ("; or map its names with --rename FROM=TO" if not rename else ""),
             )
+        label = (labels or {}).get(model.reference)
         for unit, source in found.items():
-            sources.setdefault(unit, []).append(source)
+            sources.setdefault(unit, []).append(replace(source, label=label))
     changed = {name for name, _ in sources}
     names = [n for n in base_matrices if n in changed]
     if not names:

@@ -107,6 +107,7 @@ class TunedSource:
     update: Update
     full: TensorEntry | None = None
     lora: LoraFactors | None = None
+    label: str | None = None  # display label (`NAME=REF`, or the default short name); None: not given
 
 
 @dataclass(frozen=True)
@@ -169,3 +170,11 @@ class MatrixResult:
     matrices: dict[str, list]
     spectra: dict[str, object]
     similarity: dict[str, object]
+
+
+@dataclass(frozen=True)
+class NamedReference:
+    """A checkpoint reference and the label that names it in tables, legends and the summary."""
+
+    reference: str  # exactly as the user gave it, without any `NAME=` prefix
+    label: str

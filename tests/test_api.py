@@ -82,7 +82,7 @@ def test_errors_name_keywords_not_flags(llama, tmp_path):
     assert "top_k=4 is below k=10" in str(caught.value) and "--" not in str(caught.value)
     with pytest.raises(OptionError, match="unexpected keyword argument 'kk'"):
         lorascale.compare(str(llama.base["fp32"]), str(llama.lora.path), tmp_path / "x", kk=3)
-    with pytest.raises(OptionError, match="tuned must be a reference string or a list"):
+    with pytest.raises(OptionError, match="tuned must be a reference string, a list of them"):
         lorascale.compare(str(llama.base["fp32"]), 3, tmp_path / "x")
     assert not (tmp_path / "x").exists()
 

@@ -58,7 +58,8 @@ def test_run_on_tiny_checkpoints(llama, tmp_path):
     # stdout: the summary only; stderr: progress and the "wrote" note.
     lines = result.stdout.splitlines()
     assert SUMMARY_HEADER in lines[0]
-    assert any(line.startswith(str(full)) for line in lines) and any(line.startswith(str(lora)) for line in lines)
+    # Each row: the model's label (its short name here) first, its reference last.
+    assert any(line.endswith(str(full)) for line in lines) and any(line.endswith(str(lora)) for line in lines)
     assert "wrote" not in result.stdout and "matrices" not in result.stdout.split("\n", 1)[1]
     assert f"wrote {out}" in result.stderr
     assert "matrices" in result.stderr  # the progress bar's label (stderr is not a terminal here)
@@ -189,6 +190,8 @@ def test_run_with_report_and_summary_commands(llama, tmp_path):
     missing = invoke("summary", tmp_path / "nowhere")
     # A results directory that is not there: a usage error (README "Errors": 2), not "output unusable" (6).
     assert missing.exit_code == 2 and len(missing.stderr.strip().splitlines()) == 1
+
+
 def test_bad_rename_is_exit_2_naming_the_option(tmp_path):
     result = invoke("run", "--base", tmp_path / "base", "--tuned", tmp_path / "tuned", "--out", tmp_path / "out",
                     "--rename", "layers.(\\d+=h.\\1", "--quiet")
@@ -196,3 +199,76 @@ def test_bad_rename_is_exit_2_naming_the_option(tmp_path):
     assert "--rename" in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_tuned_labels(llama, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    base, full, lora = llama.base["fp32"], llama.tuned["fp32"], llama.lora.path
+    args = ["run", "--base", f"llama={base}", "--tuned", f"full={full}", "--tuned", f"lora-r4={lora}", "--out", out,
+            "--quiet", "--device", "cpu"]
+    result = invoke(*args, "--report")
+    assert result.exit_code == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].split()[0] == "model" and lines[0].split()[-1] == "reference"
+    assert lines[2].startswith("full ") and lines[2].endswith(str(full))
+    assert lines[3].startswith("lora-r4 ") and lines[3].endswith(str(lora))
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert (manifest["base"]["reference"], manifest["base"]["label"]) == (str(base), "llama")
+    assert [(t["reference"], t["label"]) for t in manifest["tuned"]] == [(str(full), "full"), (str(lora), "lora-r4")]
+    labels = duckdb.connect().execute(
+        f"SELECT DISTINCT model, label FROM read_parquet('{out}/matrices/*.parquet') ORDER BY label").fetchall()
+    assert labels == [(str(full), "full"), (str(lora), "lora-r4")]  # `model` keeps the reference
+    page = (out / "report" / "index.html").read_text(encoding="utf-8")
+    assert '<td class="text">lora-r4</td>' in page and str(lora) in page and "llama" in page
+    # The same command resumes; other labels for the same run are refused, naming the earlier ones.
+    assert invoke(*args).exit_code == 0
+    relabelled = invoke(*[a if a != f"full={full}" else f"ft={full}" for a in args])
+    assert relabelled.exit_code == 6 and "other labels: llama, full, lora-r4" in relabelled.stderr
+
+    twice = invoke("run", "--base", base, "--tuned", f"x={full}", "--tuned", f"x={lora}", "--out", tmp_path / "two")
+    assert twice.exit_code == 2 and "two tuned models have the label 'x'" in twice.stderr
+    assert len(twice.stderr.strip().splitlines()) == 1 and not (tmp_path / "two").exists()
+
+    # A local path that contains '=' is a path, not NAME=REF.
+    shutil.copytree(full, tmp_path / "lr=3e-4")
+    monkeypatch.chdir(tmp_path)
+    plain = invoke("run", "--base", base, "--tuned", "lr=3e-4", "--out", tmp_path / "eq", "--quiet", "--device", "cpu")
+    assert plain.exit_code == 0, plain.stderr
+    assert json.loads((tmp_path / "eq" / MANIFEST).read_text())["tuned"][0]["reference"] == "lr=3e-4"
+
+
+def test_summary_rethresholds_and_breaks_down(llama, tmp_path):
+    base, full, lora = llama.base["fp32"], llama.tuned["fp32"], llama.lora.path
+    common = ["--base", base, "--tuned", full, "--tuned", lora, "--quiet", "--device", "cpu", "--side", "both"]
+    first = invoke("run", *common, "--out", tmp_path / "first")
+    assert first.exit_code == 0, first.stderr
+    header = first.stdout.splitlines()[0]
+    assert "left intruders (k=10, eps=0.5)" in header and "right intruders" in header
+    fresh = invoke("run", *common, "--out", tmp_path / "fresh", "--k", "4", "--epsilon", "0.7")
+    assert fresh.exit_code == 0, fresh.stderr
+    keys = ("model", "intruders", "matrices_with_intruders", "intruders_right", "matrices_with_intruders_right")
+
+    def counts(*args):
+        result = invoke("summary", *args, "--format", "json")
+        assert result.exit_code == 0, result.stderr
+        return [{key: row[key] for key in keys} for row in json.loads(result.stdout)]
+
+    again = counts(tmp_path / "first", "--k", "4", "--epsilon", "0.7")
+    assert again == counts(tmp_path / "fresh")
+    assert sum(row["intruders"] + row["intruders_right"] for row in again) > 0
+    assert counts(tmp_path / "first", "--k", "10", "--epsilon", "0.5") == counts(tmp_path / "first")
+    stored = json.loads(invoke("summary", tmp_path / "first", "--format", "json").stdout)
+    right = json.loads(invoke("summary", tmp_path / "first", "--side", "right", "--format", "json").stdout)
+    assert [(r["side"], r["intruders"]) for r in right] == [("right", r["intruders_right"]) for r in stored]
+    by_module = invoke("summary", tmp_path / "first", "--by", "module")
+    assert by_module.exit_code == 0 and by_module.stdout.splitlines()[0].split()[:3] == ["model", "update", "module"]
+    by_layer = json.loads(invoke("summary", tmp_path / "first", "--by", "layer", "--format", "json").stdout)
+    for model, total in {row["model"]: row["intruders"] for row in stored}.items():
+        assert sum(row["intruders"] for row in by_layer if row["model"] == model) == total
+    for bad in (["--k", "0"], ["--epsilon", "1.5"]):
+        refused = invoke("summary", tmp_path / "first", *bad)
+        assert refused.exit_code == 2 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    left_only = invoke("run", *common[:-2], "--out", tmp_path / "left")
+    assert left_only.exit_code == 0, left_only.stderr
+    no_right = invoke("summary", tmp_path / "left", "--side", "right")
+    assert no_right.exit_code == 2 and "--side both" in no_right.stderr

@@ -205,15 +205,18 @@ class _RowBuilder:
     def add_tuned(self, source: TunedSource, comparison: TunedComparison, base: BaseSpectrum,
                   seconds: float) -> None:
         """One tuned model's matrices row, its spectrum rows and its similarity block, per side."""
-        first_side = self.options.sides[0]  # the matrices table counts intruders on the first side
+        # store/schema.py: `intruders` on the first side (left, the paper's, unless --side right), and
+        # `intruders_right` whenever the right side was computed.
+        counts = {side: intruder_count(result.max_cos, self.options.k, self.options.epsilon)
+                  for side, result in comparison.sides.items()}
+        first_side = self.options.sides[0]
         self.matrices.add(
             model=source.model, matrix=self.job.matrix, layer=self.job.layer, module=self.job.module,
             rows=self.job.rows, cols=self.job.cols, update=source.update,
             delta_fro=comparison.delta_fro, delta_rel=comparison.delta_rel,
             delta_effective_rank=comparison.delta_effective_rank,
-            intruders=intruder_count(comparison.sides[first_side].max_cos, self.options.k, self.options.epsilon),
-            null_max_cos=base.null_max_cos[first_side], seconds=seconds, method=_method(comparison),
-            expert=self.job.expert)
+            intruders=counts[first_side], null_max_cos=base.null_max_cos[first_side], seconds=seconds,
+            method=_method(comparison), label=source.label, intruders_right=counts.get("right"), expert=self.job.expert)
         for side, result in comparison.sides.items():
             self._spectrum(source.model, "tuned", side, comparison.s, result.max_cos, result.argmax)
             b = result.block.shape[0]

@@ -57,7 +57,7 @@ def _render(run: Run, chosen: list[queries.ChosenMatrix], chosen_series: Series 
     from lorascale.report import figures, figures_matrix
     from lorascale.report.style import model_styles
 
-    styles = model_styles(run.models, run.kinds)
+    styles = model_styles(run.models, run.kinds, run.labels)
     content = PageContent(run=run, rows=rows_for_run(run))
 
     def add(entry: FigureEntry | None, missing: str) -> None:

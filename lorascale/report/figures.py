@@ -15,7 +15,7 @@ from matplotlib.axes import Axes
 from matplotlib.ticker import MaxNLocator
 
 from lorascale.report import queries, series
-from lorascale.report.labels import short_labels, short_matrix
+from lorascale.report.labels import short_matrix
 from lorascale.report.page import FigureEntry
 from lorascale.report.style import ModelStyle, legend_below, log_y, new_figure, save, styled
 from lorascale.report.tables import Run
@@ -203,7 +203,7 @@ def checkpoints(run: Run, out: Path, chosen: series.Series, *, matrix: str | Non
     matrix = matrix or series.series_matrix(run, models)
     tracks = series.series_tracks(run, matrix, models)
     totals = series.series_totals(run, models)
-    labels = short_labels(models)
+    labels = {model: run.label(model) for model in models}
     steps = chosen.steps
     x = np.array(steps if steps else range(len(models)), dtype=float)
     # Stacked panels sharing the checkpoint axis: long checkpoint names fit once, under the last panel.

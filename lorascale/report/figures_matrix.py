@@ -14,7 +14,7 @@ import numpy as np
 from matplotlib.lines import Line2D
 
 from lorascale.report import queries
-from lorascale.report.labels import kind_label, short_labels, short_matrix
+from lorascale.report.labels import kind_label, short_matrix
 from lorascale.report.page import FigureEntry
 from lorascale.report.style import WIDTH, ModelStyle, legend_below, log_y, new_figure, save, styled
 from lorascale.report.tables import Run
@@ -50,7 +50,7 @@ def heatmap(run: Run, chosen: queries.ChosenMatrix, out: Path, stem: str) -> Fig
     if not blocks:
         return None
     spectrum = queries.matrix_spectrum(run, chosen.name)
-    labels = short_labels(run.models)
+    labels = run.labels
     models = [m for m in run.models if any((m, side) in blocks for side in run.sides)]
     sides = [side for side in run.sides if any((m, side) in blocks for m in models)]
     ncols = min(len(models), 4)
@@ -127,7 +127,7 @@ def spectra(run: Run, styles: Styles, chosen: list[queries.ChosenMatrix], out: P
         for ax, limit in ((full_ax, n), (top_ax, min(zoom, n))):
             if spectrum.base.size:
                 ax.plot(np.arange(len(spectrum.base[:limit])), spectrum.base[:limit], color="0.2",
-                        lw=2.6, alpha=0.45, label="base model")
+                        lw=2.6, alpha=0.45, label=f"base: {run.base_label}")
             for model in run.models:
                 if model not in spectrum.tuned:
                     continue
@@ -173,7 +173,7 @@ def intruder_locations(run: Run, out: Path) -> FigureEntry | None:
     if not grid.layers or not grid.modules:
         return None
     models = list(run.models)
-    labels = short_labels(models)
+    labels = run.labels
     peak = max([float(np.nanmax(c)) if np.isfinite(c).any() else 0.0 for c in grid.counts.values()] + [1.0])
     # Small multiples: one column up to 4 models, then 2-3 columns so a long series stays on a page.
     ncols = 1 if len(models) <= 4 else 2 if len(models) <= 10 else 3
@@ -217,11 +217,13 @@ def intruder_locations(run: Run, out: Path) -> FigureEntry | None:
         bar = fig.colorbar(image, ax=axes, shrink=min(0.9, 0.3 + 0.6 / nrows), aspect=20,
                            label="intruders per matrix")
         bar.ax.yaxis.set_major_locator(mpl.ticker.MaxNLocator(integer=True))
-    fig.suptitle(f"Where intruders sit (k = {run.k}, ε = {run.epsilon:g})")
+    # The matrices table's `intruders` counts the first side (left unless the run was --side right).
+    side = run.sides[0]
+    fig.suptitle(f"Where intruders sit ({side} vectors, k = {run.k}, ε = {run.epsilon:g})")
     save(fig, out, "intruder-locations")
     return FigureEntry(
         "intruder-locations", "Where intruders sit",
-        f"Intruder dimensions per matrix at the run's setting (top k = {run.k} vectors, max |cos| < "
+        f"Intruder dimensions per matrix at the run's setting (top k = {run.k} {side} singular vectors, max |cos| < "
         f"ε = {run.epsilon:g}, the matrices table's intruders column), by layer (columns) and module (rows), one panel "
         "per tuned model. White: none; light grey: matrix not analysed; 'other' holds matrices without a "
         "layer index.", "Intruder dimensions")

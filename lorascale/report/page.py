@@ -10,7 +10,7 @@ import html
 from dataclasses import dataclass, field
 from typing import Any
 
-from lorascale.report.summary import COLUMNS, format_cell
+from lorascale.report.summary import format_cell, table_columns
 from lorascale.report.tables import Run
 from lorascale.store.schema import REPORT_GENERATOR as GENERATOR  # also marks a directory as ours
 
@@ -59,7 +59,8 @@ def _facts(run: Run) -> str:
     options = manifest.options
     side = options.get("side", "/".join(run.sides))
     facts = [
-        ("Base model", f'<span class="ref">{_e(run.base)}</span>'),
+        ("Base model", f'{_e(run.base_label)}' + ("" if run.base_label == run.base else
+                                                     f' <span class="ref">{_e(run.base)}</span>')),
         ("Tuned models", str(len(run.models))),
         ("Intruder setting", f"top k = {run.k} singular vectors, max |cos| &lt; ε = {run.epsilon:g}, "
                              f"side: {_e(side)}"),
@@ -75,17 +76,16 @@ def _facts(run: Run) -> str:
 
 
 def _summary_table(rows: list[dict[str, Any]], run: Run) -> str:
-    keys = [key for key in COLUMNS if key not in ("k", "epsilon")]
-    headers = {**COLUMNS, "intruders": f"intruders (k={run.k}, ε={run.epsilon:g})",
-               "mean_delta_rel": "mean ‖dW‖/‖W0‖", "mean_effective_rank": "mean eff. rank of dW"}
-    head = "".join(f'<th class="{"text" if k in ("model", "update") else ""}">{_e(headers[k])}</th>'
-                   for k in keys)
+    if not rows:
+        return "<p>No tuned models.</p>"
+    columns = table_columns(rows, epsilon_symbol="ε")
+    rename = {"mean_delta_rel": "mean ‖dW‖/‖W0‖", "mean_effective_rank": "mean eff. rank of dW"}
+    text = {"label": "text", "update": "text", "model": "text ref"}
+    head = "".join(f'<th class="{"text" if key in text else ""}">{_e(rename.get(key, header))}</th>'
+                   for key, header in columns)
     body = []
     for row in rows:
-        cells = []
-        for key in keys:
-            css = "text ref" if key == "model" else "text" if key == "update" else ""
-            cells.append(f'<td class="{css}">{_e(format_cell(row.get(key)))}</td>')
+        cells = [f'<td class="{text.get(key, "")}">{_e(format_cell(row.get(key)))}</td>' for key, _ in columns]
         body.append("<tr>" + "".join(cells) + "</tr>")
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 

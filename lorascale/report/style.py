@@ -67,9 +67,11 @@ class ModelStyle:
         return {"color": self.colour, "linestyle": self.dash, "marker": self.marker, "label": self.label}
 
 
-def model_styles(models: Sequence[str], kinds: dict[str, str]) -> dict[str, ModelStyle]:
-    """One style per model, stable for a run, so a model looks the same in every figure."""
-    labels = short_labels(models)
+def model_styles(models: Sequence[str], kinds: dict[str, str], labels: dict[str, str] | None = None
+                 ) -> dict[str, ModelStyle]:
+    """One style per model, stable for a run, so a model looks the same in every figure.  `labels`: the
+    run's display labels (Run.labels); short names of the references when not given."""
+    labels = {**short_labels(models), **(labels or {})}
     return {model: ModelStyle(label=f"{labels[model]} ({kind_label(kinds.get(model, '?'))})",
                               # Shift the dash cycle each time the colours wrap, so no two of the
                               # first 64 models share both colour and dash.

@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 
 from lorascale.errors import OptionError, OutputError
+from lorascale.report.labels import short_labels
 from lorascale.store.manifest import Manifest, read_manifest
 from lorascale.store.run_directory import check_complete, effective_status
 from lorascale.store.schema import MATRICES, SCHEMAS, SIMILARITY, SPECTRA
@@ -47,6 +48,8 @@ class Run:
 
     `models` is the display order of the tuned models (manifest order, or natural name order).
     `matrices` is the whole matrices table (one row per tuned model and matrix; small).
+    `labels` names each tuned model in tables and legends (`--tuned NAME=REF`, else its short name), and
+    `base_label` the base; the references themselves stay in `models`, `base` and the manifest.
     """
 
     root: Path
@@ -59,6 +62,12 @@ class Run:
     sides: tuple[str, ...]
     matrices: pa.Table
     missing_tables: tuple[str, ...] = field(default=())
+    labels: dict[str, str] = field(default_factory=dict)
+    base_label: str = ""
+
+    def label(self, model: str) -> str:
+        """The display label of a tuned model (its reference when it has none)."""
+        return self.labels.get(model, model)
 
     @property
     def status(self) -> str:
@@ -107,6 +116,17 @@ def _model_order(manifest: Manifest, present: list[str], order: Order) -> tuple[
     return tuple(ordered + extra)
 
 
+def _display_labels(manifest: Manifest, models: tuple[str, ...]) -> dict[str, str]:
+    """Each model's label from the manifest; short names for models without one (runs written before
+    labels), and the full reference wherever a short name would repeat another model's label."""
+    given = {str(t.get("reference")): t["label"] for t in manifest.tuned if isinstance(t.get("label"), str)}
+    defaults = short_labels(models)
+    labels = {model: given.get(model, defaults[model]) for model in models}
+    repeated = {label for label in labels.values() if list(labels.values()).count(label) > 1}
+    return {model: model if label in repeated and model not in given else label
+            for model, label in labels.items()}
+
+
 def open_run(results: str | Path, *, order: Order = "as-given", allow_partial: bool = False) -> Run:
     """Validate `results` and load what every report needs.
 
@@ -149,8 +169,13 @@ def open_run(results: str | Path, *, order: Order = "as-given", allow_partial: b
     side = str(options.get("side", "left"))
     sides = ("left", "right") if side == "both" else (side,)
     base = manifest.base
+    base_reference = str(base.get("reference", "base model"))
+    base_label = base.get("label")
+    if not isinstance(base_label, str):
+        base_label = short_labels([base_reference])[base_reference]
     missing = tuple(t for t in (SPECTRA, SIMILARITY) if _open_dataset(root / t, t) is None)
-    return Run(root=root, manifest=manifest, base=str(base.get("reference", "base model")),
+    return Run(root=root, manifest=manifest, base=base_reference,
                models=models, kinds=kinds, k=int(options.get("k", 10)),
                epsilon=float(options.get("epsilon", 0.5)), sides=sides, matrices=matrices,
-               missing_tables=missing)
+               missing_tables=missing, labels=_display_labels(manifest, models),
+               base_label=base_label)

@@ -178,11 +178,21 @@ def _prepare(out: Path, manifest: Manifest, *, overwrite: bool, resume: bool) ->
     if _run_identity(previous) != _run_identity(manifest):
         raise OutputError("directory holds a different run (other checkpoints or options)", path=out,
                           fix="choose another --out, or pass --overwrite to replace it")
+    earlier, labels = _labels(previous), _labels(manifest)
+    # Rows carry their model's label; a run written before labels existed has none to disagree with.
+    if any(label is not None for label in earlier) and earlier != labels:
+        raise OutputError(f"directory holds this run under other labels: {', '.join(map(str, earlier))}",
+                          path=out, fix="use the same NAME=REF labels, or pass --overwrite to recompute")
     for before, now_ in zip((previous.base, *previous.tuned), (manifest.base, *manifest.tuned)):
         if reason := changed_since(before, now_):
             raise OutputError(f"the earlier run's rows are stale: {now_.get('reference')}: {reason}", path=out,
                               fix="pass --overwrite to recompute, or choose another --out")
     return previous
+
+
+def _labels(manifest: Manifest) -> tuple:
+    """The base's and each tuned model's label (None in manifests written before labels)."""
+    return tuple(entry.get("label") for entry in (manifest.base, *manifest.tuned))
 
 
 def _run_identity(manifest: Manifest) -> tuple:

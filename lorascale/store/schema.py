@@ -44,12 +44,20 @@ MATRICES_SCHEMA = pa.schema(
         pa.field("delta_fro", pa.float64(), nullable=False),  # ||W - W0||_F
         pa.field("delta_rel", pa.float64(), nullable=False),  # ||W - W0||_F / ||W0||_F
         pa.field("delta_effective_rank", pa.float64()),  # null when W == W0
-        pa.field("intruders", pa.int32(), nullable=False),  # at the run's k and epsilon
+        # At the run's k and epsilon, on the left side (the paper's), or on the right for a --side right run.
+        pa.field("intruders", pa.int32(), nullable=False),
         pa.field("null_max_cos", pa.float64(), nullable=False),  # E[max |cos|] of a random unit vector
         pa.field("seconds", pa.float64(), nullable=False),  # compute time for this (model, matrix)
         # One of METHODS.  Added after the first release, last and nullable so that older readers keep working
         # and runs written before it read as null.
         pa.field("method", pa.string()),
+        # Added later, last and nullable like `method` (runs written before them read as null):
+        # the tuned model's display label (`--tuned NAME=REF`, else its short name; `model` keeps the reference),
+        pa.field("label", pa.string()),
+        # and the right side's intruder count when the run computed that side (--side right or both).  With
+        # --side both, `intruders` counts the left side (the paper's); with --side right both columns count it.
+        pa.field("intruders_right", pa.int32()),
+        # and the expert of a mixture-of-experts matrix (null otherwise).
         EXPERT_FIELD,
     ]
 )

@@ -31,6 +31,7 @@ class Tuned:
     kind: str  # "full" or "lora"
     strength: float = 1.0
     rank: int = 4  # LoRA rank
+    label: str | None = None  # as `--tuned NAME=REF` gives it; None: a run written before labels
 
 
 def _svd(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -88,12 +89,12 @@ def write_run(root: Path, tuned: Sequence[Tuned], *, layers: int = 2,
         for model in tuned:
             w = _tuned_matrix(rng, w0, model)
             u, s, v = _svd(w)
-            intruders = 0
+            intruders: dict[str, int] = {}
             for side_name in sides:
                 vectors, base_vectors = (u, u0) if side_name == "left" else (v, v0)
                 cos = np.abs(vectors.T @ base_vectors)  # (tuned, base)
                 max_cos, argmax = cos.max(axis=1), cos.argmax(axis=1)
-                intruders += int(np.sum(max_cos[:k] < epsilon))
+                intruders[side_name] = int(np.sum(max_cos[:k] < epsilon))
                 spectra += [dict(model=model.reference, role="tuned", matrix=name, side=side_name, rank=j,
                                  sigma=float(s[j]), max_cos=float(max_cos[j]), argmax=int(argmax[j]))
                             for j in range(len(s))]
@@ -107,8 +108,9 @@ def write_run(root: Path, tuned: Sequence[Tuned], *, layers: int = 2,
                 cols=shape[1], update=model.kind, delta_fro=float(np.linalg.norm(delta)),
                 delta_rel=float(np.linalg.norm(delta) / np.linalg.norm(w0)),
                 delta_effective_rank=_effective_rank(np.linalg.svd(delta, compute_uv=False)),
-                intruders=intruders, null_max_cos=math.sqrt(2 * math.log(2 * dim) / dim),
-                seconds=0.01))
+                # store/schema.py: `intruders` on the first side, `intruders_right` when the right was computed.
+                intruders=intruders[sides[0]], intruders_right=intruders.get("right"), label=model.label,
+                null_max_cos=math.sqrt(2 * math.log(2 * dim) / dim), seconds=0.01))
     root.mkdir(parents=True, exist_ok=True)
     for table, rows, parts in ((MATRICES, matrices, 1), (SPECTRA, spectra, 2), (SIMILARITY, similarity, 1)):
         (root / table).mkdir(exist_ok=True)
@@ -120,7 +122,8 @@ def write_run(root: Path, tuned: Sequence[Tuned], *, layers: int = 2,
         "lorascale_version": "0.1.0",
         "options": {"k": k, "epsilon": epsilon, "side": side, "precision": "float64", "device": "cpu"},
         "base": {"reference": BASE, "kind": "full", "revision": "abc123"},
-        "tuned": [{"reference": t.reference, "kind": t.kind} for t in tuned],
+        "tuned": [{"reference": t.reference, "kind": t.kind, **({"label": t.label} if t.label else {})}
+                  for t in tuned],
         "status": status, "started": "2026-01-01T10:00:00Z", "finished": "2026-01-01T10:05:00Z",
         "some_future_key": {"ignored": True},
     }

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pytest
 from report_fixtures import Tuned
@@ -35,10 +36,12 @@ def test_epsilon_curve_matches_brute_force_and_run_count(run) -> None:
             expected = [sum(1 for r in rows if r["model"] == model and r["side"] == side and r["rank"] < 10
                             and r["max_cos"] < eps) for eps in epsilons]
             assert list(counts[(model, side)]) == expected
-    # At the run's own (k, epsilon) the curve equals the matrices table's intruders column (both sides).
+    # At the run's own (k, epsilon) the curve equals the matrices table's counts: `intruders` on the left
+    # side, `intruders_right` on the right.
     for model, total in queries.total_intruders(run).items():
-        at_run = sum(int(counts[(model, side)][2]) for side in ("left", "right"))
-        assert at_run == total
+        assert int(counts[(model, "left")][2]) == total
+        mine = run.matrices.filter(pc.equal(run.matrices.column("model"), model))
+        assert int(counts[(model, "right")][2]) == pc.sum(mine.column("intruders_right")).as_py()
 
 
 def test_k_fraction_curve_matches_brute_force(run) -> None:

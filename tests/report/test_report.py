@@ -75,11 +75,14 @@ def test_report_intruder_counts_on_page_match_tables(mixed_report: Path) -> None
     text = mixed_report.read_text(encoding="utf-8")
     assert "intruders (k=10, ε=0.5)" in text
     # The LoRA adds intruders, the small full fine-tune none: the summary row shows both.
-    rows = re.findall(r"<tr><td class=\"text ref\">([^<]+)</td><td class=\"text\">(\w+)</td>"
-                      r"<td class=\"\">(\d+)</td><td class=\"\">(\d+)</td>", text)
-    counts = {model: int(intruders) for model, _, _, intruders in rows}
+    # Rows start with the model's label and end with its reference.
+    rows = re.findall(r"<tr><td class=\"text\">([^<]+)</td><td class=\"text\">(\w+)</td>"
+                      r"<td class=\"\">(\d+)</td><td class=\"\">(\d+)</td>.*?<td class=\"text ref\">([^<]+)</td></tr>",
+                      text)
+    counts = {reference: int(intruders) for _, _, _, intruders, reference in rows}
     assert counts["org/full-ft"] == 0
     assert counts["/scratch/runs/lora-r4/final"] > 0
+    assert [label for label, *_ in rows] == ["org/full-ft", "…/lora-r4/final"]
 
 
 def test_checkpoint_series_ordered_by_name(make_run) -> None:
