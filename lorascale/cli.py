@@ -7,14 +7,19 @@ import shlex
 import signal
 import sys
 import threading
+import time
 import traceback
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from lorascale import __version__, settings
 from lorascale.errors import LorascaleError
 from lorascale.numerics.backends import BACKEND_CHOICES, DEVICE_CHOICES
+
+if TYPE_CHECKING:
+    from lorascale.io.downloads import DownloadStatus
 
 
 class Terminated(KeyboardInterrupt):
@@ -62,24 +67,66 @@ def main() -> None:
 
 
 class _Progress:
-    """A progress bar on stderr, created on the first finished matrix."""
+    """Progress on stderr: a bar of matrices (created on the first finished matrix) and, for hub streaming,
+    the downloads beside it.  Downloads report from their own threads, hence the lock."""
 
     def __init__(self, enabled: bool) -> None:
         self.enabled, self.bar, self.shown = enabled, None, 0
+        self.matrix = ""
+        self.download: str | None = None  # "downloaded 2/5 files, 120/300 MB"
+        self.lock = threading.Lock()
+        self.tty = sys.stderr.isatty()
+        self.drawn = 0.0  # when a download line was last drawn on the terminal
+        self.line_open = False  # a download line was drawn before the bar existed
+
+    def _item(self, matrix: str | None) -> str:
+        return " | ".join(part for part in (matrix or "", self.download or "") if part)
 
     def __call__(self, done: int, total: int, matrix: str) -> None:
         if not self.enabled:
             return
-        if self.bar is None:
-            self.bar = click.progressbar(length=total, label="matrices", file=sys.stderr, show_pos=True,
-                                         show_eta=True, item_show_func=lambda m: m or "")
-            self.bar.__enter__()
-        self.bar.update(done - self.shown, matrix)
-        self.shown = done
+        with self.lock:
+            if self.bar is None:
+                if self.line_open:
+                    sys.stderr.write("\n")
+                self.bar = click.progressbar(length=total, label="matrices", file=sys.stderr, show_pos=True,
+                                             show_eta=True, item_show_func=self._item)
+                self.bar.__enter__()
+            self.matrix = matrix
+            self.bar.update(done - self.shown, matrix)
+            self.shown = done
+
+    def downloads(self, status: DownloadStatus) -> None:
+        """A DownloadStatus from the hub streaming threads."""
+        if not self.enabled:
+            return
+        mb = 1024 * 1024
+        text = (f"downloaded {status.files_done}/{status.files_total} files, "
+                f"{status.bytes_done / mb:.0f}/{status.bytes_total / mb:.0f} MB")
+        with self.lock:
+            self.download = text
+            if not self.tty:  # a log: one line per finished file
+                if status.finished is not None:
+                    click.echo(f"{text} ({status.finished})", err=True)
+                return
+            now = time.monotonic()
+            if status.finished is None and now - self.drawn < 0.2:
+                return
+            self.drawn = now
+            if self.bar is not None:
+                self.bar.current_item = self.matrix
+                self.bar.render_progress()
+            else:
+                sys.stderr.write(f"\r{text}\x1b[K")
+                sys.stderr.flush()
+                self.line_open = True
 
     def close(self) -> None:
-        if self.bar is not None:
-            self.bar.__exit__(None, None, None)
+        with self.lock:
+            if self.bar is not None:
+                self.bar.__exit__(None, None, None)
+            elif self.line_open:
+                sys.stderr.write("\n")
 
 
 def _print_summary(out: Path) -> None:
@@ -109,6 +156,9 @@ def _print_summary(out: Path) -> None:
 @click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
               help="Cache of base SVDs, reused across runs (default: $LORASCALE_CACHE_DIR or ~/.cache/lorascale).")
 @click.option("--no-cache", is_flag=True, help="Neither read nor write the base-SVD cache.")
+@click.option("--scratch-dir", type=click.Path(path_type=Path), default=None,
+              help="Disk-light hub runs: download hub weight files here instead of the hub cache and delete each "
+                   "once its matrices are done (files already in the hub cache are read there, never deleted).")
 @click.option("--include", multiple=True, help="Glob on base tensor names to analyse (repeatable).")
 @click.option("--exclude", multiple=True, help="Glob on base tensor names to skip (repeatable).")
 @click.option("--overwrite", is_flag=True, help="Replace a different earlier run in --out.")
@@ -128,11 +178,15 @@ def run(base: str, tuned: tuple[str, ...], out: Path, k: int, epsilon: float, si
         device: str, include: tuple[str, ...], exclude: tuple[str, ...], overwrite: bool, resume: bool,
         quiet: bool, ray_address: str | None, workers: int | None, cpus_per_worker: float | None,
         gpus_per_worker: float | None, backend: str, mode: str, top_k: int, cache_dir: Path | None,
-        no_cache: bool, make_report: bool) -> None:
+        no_cache: bool, make_report: bool, scratch_dir: Path | None) -> None:
     """Compare BASE with each --tuned checkpoint and write Parquet tables to --out."""
     from lorascale.execute.executor import public_command
     from lorascale.pipeline import compare
 
+    if not settings.debug():  # huggingface_hub's retry warnings would break the one-line error (progress shows it)
+        from huggingface_hub.utils import logging as hub_logging
+
+        hub_logging.set_verbosity_error()
     progress = _Progress(enabled=not quiet)
     argv = public_command(sys.argv[1:])  # the manifest records the command: never credentials an address carries
     try:
@@ -141,6 +195,7 @@ def run(base: str, tuned: tuple[str, ...], out: Path, k: int, epsilon: float, si
                          ray_address=ray_address, workers=workers, cpus_per_worker=cpus_per_worker,
                          gpus_per_worker=gpus_per_worker, backend=backend, mode=mode, top_k=top_k,
                          cache_dir=cache_dir, use_cache=not no_cache, progress=progress,
+                         scratch_dir=scratch_dir, download_progress=progress.downloads,
                          command=shlex.join(["lorascale", *argv]))
     finally:
         progress.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -11,11 +12,13 @@ import torch
 from lorascale import __version__, settings
 from lorascale.errors import OptionError
 from lorascale.execute.executor import Executor, make_executor
+from lorascale.execute.streaming import StreamedFiles, stream_order
+from lorascale.io.downloads import StatusCallback
 from lorascale.io.checkpoint import Checkpoint, open_checkpoint
 from lorascale.io.resolve import resolve
 from lorascale.plan import Plan, plan_jobs
 from lorascale.io.identity import describe
-from lorascale.records import AnalysisOptions
+from lorascale.records import AnalysisOptions, HubFile, RemoteFile
 from lorascale.store.manifest import Manifest
 from lorascale.store.run_directory import RunDirectory
 
@@ -83,6 +86,7 @@ def compare(base: str, tuned: Sequence[str], out: str | Path, *, k: int = 10, ep
             include: Sequence[str] = (), exclude: Sequence[str] = (), overwrite: bool = False,
             resume: bool = False, driver: str | None = None, backend: str = "auto", mode: str = "exact",
             top_k: int = 64, cache_dir: str | Path | None = None, use_cache: bool = True,
+            scratch_dir: str | Path | None = None, download_progress: StatusCallback | None = None,
             executor: Executor | None = None,
             ray_address: str | None = None, workers: int | None = None, cpus_per_worker: float | None = None,
             gpus_per_worker: float | None = None, progress: ProgressCallback | None = None,
@@ -97,6 +101,9 @@ def compare(base: str, tuned: Sequence[str], out: str | Path, *, k: int = 10, ep
     `backend` picks the SVD backend (auto, torch, cupy, or the opt-in gram; numerics/backends.py).
     `mode="topk"` computes max_cos only for the top `top_k` tuned vectors (numerics/topk.py).  Base SVDs
     are cached in `cache_dir` (default settings.cache_dir()) unless `use_cache=False` (store/svd_cache.py).
+    Hub references are planned from their headers and their weight files downloaded while earlier shards
+    are analysed (execute/streaming.py), into the hub cache or, with `scratch_dir`, into that directory,
+    deleting each file once its matrices are done; `download_progress` gets a DownloadStatus as they go.
 
     >>> lorascale.compare(base="meta-llama/Llama-2-7b-hf",  # doctest: +SKIP
     ...                   tuned=["LoRA-TMLR-2024/magicoder-lora-rank-16-alpha-32"], out="results")
@@ -108,7 +115,7 @@ def compare(base: str, tuned: Sequence[str], out: str | Path, *, k: int = 10, ep
     if executor is None:
         executor = make_executor(address=ray_address or settings.ray_address(), workers=workers,
                                  cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker,
-                                 node_cache_dir=cache_dir is None)
+                                 node_cache_dir=cache_dir is None, scratch_dir=scratch_dir is not None)
     if use_cache and cache_dir is None:
         cache_dir = settings.cache_dir()
     options = executor.prepare(build_options(k=k, epsilon=epsilon, side=side, precision=precision, device=device,
@@ -117,35 +124,67 @@ def compare(base: str, tuned: Sequence[str], out: str | Path, *, k: int = 10, ep
     # Everything that can be wrong with the input is found here, before the output directory is touched.
     base_checkpoint, *tuned_checkpoints = _open_checkpoints([base, *tuned], include, exclude)
     plan: Plan = plan_jobs(base_checkpoint, tuned_checkpoints, include=tuple(include), exclude=tuple(exclude))
+    streamed = streamed_files([base_checkpoint, *tuned_checkpoints])
+    scratch = _scratch_directory(scratch_dir) if scratch_dir is not None else None
 
     out = Path(out)
     manifest = _new_manifest(base_checkpoint, tuned_checkpoints, plan, options, side=side, include=include,
                              exclude=exclude, command=command or f"lorascale.compare(base={base!r}, "
                                                                  f"tuned={list(tuned)!r}, out={str(out)!r})")
+    if scratch is not None:
+        manifest.options["scratch_dir"] = str(scratch)  # where files went; not part of a run's identity
     with RunDirectory.open(out, manifest, overwrite=overwrite, resume=resume) as run_dir:
-        jobs = run_dir.pending(plan.jobs)
+        jobs = run_dir.pending(tuple(stream_order(plan.jobs, streamed)) if streamed else plan.jobs)
+        files = StreamedFiles(jobs, streamed, scratch_dir=scratch, on_status=download_progress) if streamed else None
         with run_dir.session(executor.describe(), len(jobs)) as writer:
             try:
                 finished = len(plan.jobs) - len(jobs)
-                for result in executor.run(jobs, options):
+                for result in executor.run(jobs, options, **({"files": files} if files is not None else {})):
                     writer.add(result)
+                    if files is not None:
+                        files.finished(result.matrix)
                     finished += 1
                     if progress is not None:
                         progress(finished, len(plan.jobs), result.matrix)
             finally:
                 executor.close()  # releases its workers now, not at garbage collection
+                if files is not None:
+                    files.close()
                 _record_execution(manifest, executor.describe())
     return RunResult(out=out, manifest=manifest, computed=len(jobs), planned=len(plan.jobs))
 
 
 def _open_checkpoints(references: list[str], include: Sequence[str], exclude: Sequence[str]) -> list[Checkpoint]:
-    """Resolve and index every reference.  Hub repos are planned from their headers first (HTTP range
-    requests), so a comparison that cannot work fails before any weight file is downloaded."""
-    headers = [open_checkpoint(resolve(r, headers_only=True)) for r in references]
-    if not any(c.resolved.headers_only for c in headers):
-        return headers  # local or offline: these are the files themselves
-    plan_jobs(headers[0], headers[1:], include=tuple(include), exclude=tuple(exclude))  # raises if hopeless
-    return [open_checkpoint(resolve(r)) if c.resolved.headers_only else c for r, c in zip(references, headers)]
+    """Resolve and index every reference.  Hub repos (online) are indexed from their headers alone (HTTP
+    range requests): a comparison that cannot work fails before any weight file is downloaded, and the
+    weight files are streamed while the run goes (streamed_files)."""
+    return [open_checkpoint(resolve(r, headers_only=True)) for r in references]
+
+
+def streamed_files(checkpoints: Sequence[Checkpoint]) -> dict[HubFile, RemoteFile]:
+    """The weight files of headers-only Hub checkpoints, in checkpoint and shard order: what a run downloads."""
+    streamed: dict[HubFile, RemoteFile] = {}
+    for checkpoint in checkpoints:
+        resolved = checkpoint.resolved
+        if not resolved.headers_only or resolved.repo_id is None or resolved.revision is None:
+            continue
+        for path in resolved.weight_files:
+            hub = HubFile(resolved.repo_id, resolved.revision, path.relative_to(resolved.root).as_posix())
+            streamed[hub] = checkpoint.remote[path.name]
+    return streamed
+
+
+def _scratch_directory(scratch_dir: str | Path) -> Path:
+    """--scratch-dir as an absolute path, created if needed; checked before the output directory is touched."""
+    path = Path(os.path.abspath(os.path.expanduser(scratch_dir)))
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OptionError(f"--scratch-dir cannot be created ({exc.strerror or exc})", path=path,
+                          fix="give a writable directory") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise OptionError("--scratch-dir is not writable", path=path, fix="give a writable directory")
+    return path
 
 
 def _record_execution(manifest: Manifest, execution: dict) -> None:

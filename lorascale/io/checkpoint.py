@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+import hashlib
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from lorascale.errors import CheckpointFormatError
@@ -10,7 +11,7 @@ from lorascale.io.adapter import AdapterIndex, index_adapter, read_adapter_setti
 from lorascale.io.jsonfiles import read_weight_map
 from lorascale.io.resolve import remote_header
 from lorascale.io.safetensors_header import index_files, parse_header
-from lorascale.records import AdapterSettings, HubFile, Kind, ResolvedCheckpoint, TensorEntry
+from lorascale.records import AdapterSettings, HubFile, Kind, RemoteFile, ResolvedCheckpoint, TensorEntry
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,8 @@ class Checkpoint:
     tensors: dict[str, TensorEntry]
     adapter: AdapterSettings | None = None
     lora: AdapterIndex | None = None
+    # Headers-only Hub checkpoints (resolved.headers_only): weight file name -> what is known before download.
+    remote: dict[str, RemoteFile] = field(default_factory=dict)
 
     @property
     def reference(self) -> str:
@@ -36,9 +39,12 @@ def open_checkpoint(resolved: ResolvedCheckpoint) -> Checkpoint:
 
     A headers-only Hub checkpoint (resolve(..., headers_only=True)) has its headers read over HTTP.
     """
+    remote: dict[str, RemoteFile] = {}
     if resolved.headers_only:
         def read(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
-            return parse_header(path, *remote_header(resolved, path))
+            header, size, sha256 = remote_header(resolved, path)
+            remote[path.name] = RemoteFile(size, hashlib.sha256(header).hexdigest(), sha256)
+            return parse_header(path, header, size)
 
         indexed = index_files(resolved.weight_files, read=read)
     else:
@@ -50,8 +56,8 @@ def open_checkpoint(resolved: ResolvedCheckpoint) -> Checkpoint:
         assert resolved.adapter_config is not None
         settings = read_adapter_settings(resolved.adapter_config)
         return Checkpoint(resolved, tensors, settings,
-                          index_adapter(resolved.weight_files[0], settings, tensors))
-    return Checkpoint(resolved, tensors)
+                          index_adapter(resolved.weight_files[0], settings, tensors), remote=remote)
+    return Checkpoint(resolved, tensors, remote=remote)
 
 
 def _with_hub_origin(resolved: ResolvedCheckpoint, tensors: dict[str, TensorEntry]) -> dict[str, TensorEntry]:
