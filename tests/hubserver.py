@@ -9,11 +9,11 @@ Serves, for each repo added:
     GET  /{org}/{name}/resolve/{rev}/{file}                 the file, whole or one Range
 
 Test controls: `throttle` (bytes per second for file bodies), `token` (every request needs
-`Authorization: Bearer <token>`, else 401), `die_after` (file -> bytes: the server sends that many bytes of
-the file, then stops listening, as a crashed server does), `hold` (file -> threading.Event: its body is
-not sent before the event is set or `hold_timeout` passes; `held_too_long` records a timeout).
-Every request is logged in `requests` as (method, path, Range header); `downloads` logs whole-file or
-resumed GETs of a file as (file, first byte).
+`Authorization: Bearer <token>`, else 401), `die_after` ("org/name/file" -> bytes: the server sends that
+many bytes of the file, then stops listening, as a crashed server does), `hold` ("org/name/file" ->
+threading.Event: its body is not sent before the event is set or `hold_timeout` passes; `held_too_long`
+records a timeout).  Every request is logged in `requests` as (method, path, Range header); `downloads`
+logs whole-file or resumed GETs as ("org/name/file", first byte); `finished` when a body was sent whole.
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ class HubServer:
     downloads: list[tuple[str, int]] = field(default_factory=list)
     finished: list[tuple[str, float]] = field(default_factory=list)  # (file, time its last byte was sent)
     url: str = ""
+    dead: bool = False  # after a die_after cut: every connection is dropped unanswered until stop() completes
     _server: http.server.ThreadingHTTPServer | None = None
 
     def add_repo(self, repo_id: str, files: dict[str, bytes | Path], *, commit: str | None = None) -> str:
@@ -125,6 +126,9 @@ def _handler(hub: HubServer) -> type[http.server.BaseHTTPRequestHandler]:
 
         def _serve(self) -> None:
             hub.requests.append((self.command, self.path, self.headers.get("Range")))
+            if hub.dead:
+                self.close_connection = True
+                return
             if not self._authorised():
                 return
             path = unquote(self.path.split("?")[0]).strip("/")
@@ -185,16 +189,16 @@ def _handler(hub: HubServer) -> type[http.server.BaseHTTPRequestHandler]:
                 self.send_header("Content-Range", f"bytes {start}-{end}/{len(content)}")
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
-            if wanted and (start > 0 and end == len(content) - 1) or not wanted:
-                hub.downloads.append((name, start))
-            if not wanted or end - start > 4096:  # a download, not a header read
-                gate = hub.hold.get(name)
+            download = not wanted or end == len(content) - 1  # whole or resumed; header reads end before
+            if download:
+                hub.downloads.append((f"{repo.repo_id}/{name}", start))
+                gate = hub.hold.get(f"{repo.repo_id}/{name}")
                 if gate is not None and not gate.wait(hub.hold_timeout):
-                    hub.held_too_long.append(name)
-            self._send(name, body, start)
+                    hub.held_too_long.append(f"{repo.repo_id}/{name}")
+            self._send(f"{repo.repo_id}/{name}", body, start, download)
 
-        def _send(self, name: str, body: bytes, start: int) -> None:
-            cut = hub.die_after.get(name)
+        def _send(self, name: str, body: bytes, start: int, download: bool) -> None:
+            cut = hub.die_after.get(name)  # name: org/repo/file
             step = 16 * 1024
             for offset in range(0, len(body), step):
                 chunk = body[offset:offset + step]
@@ -202,6 +206,7 @@ def _handler(hub: HubServer) -> type[http.server.BaseHTTPRequestHandler]:
                     self.wfile.write(chunk[:max(0, cut - start - offset)])
                     self.wfile.flush()
                     hub.die_after.pop(name, None)
+                    hub.dead = True
                     threading.Thread(target=hub.stop, daemon=True).start()
                     self.close_connection = True
                     return
@@ -209,7 +214,8 @@ def _handler(hub: HubServer) -> type[http.server.BaseHTTPRequestHandler]:
                 if hub.throttle:
                     time.sleep(len(chunk) / hub.throttle)
             self.wfile.flush()
-            hub.finished.append((name, time.monotonic()))
+            if download:
+                hub.finished.append((name, time.monotonic()))
 
     return Handler
 

@@ -134,7 +134,7 @@ class StreamedFiles:
         self._advance()
 
     def close(self) -> None:
-        """No further download (a partial one is resumed by the next run)."""
+        """No further download (files already downloaded are kept for the next run)."""
         self._downloads.close()
 
     def _advance(self) -> None:

@@ -117,7 +117,7 @@ class Downloads:
 
     def close(self) -> None:
         """Start no further download.  A download in progress is left to end on its own (a daemon thread):
-        waiting for a large file would delay Ctrl-C; its partial file is resumed by the next run."""
+        waiting for a large file would delay Ctrl-C."""
         with self._lock:
             self._closed = True
             self._lock.notify_all()

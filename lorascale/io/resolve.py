@@ -189,7 +189,7 @@ def cached_hub_file(origin: HubFile) -> Path | None:
 def download_hub_file(origin: HubFile, *, local_dir: Path | None = None, tqdm_class: type | None = None) -> Path:
     """Download one weight file of a Hub commit (hub streaming, execute/streaming.py): into the hub cache, or
     into `local_dir` (the disk-light --scratch-dir mode, which never touches the hub cache).  huggingface_hub
-    resumes a partial download left by an earlier attempt.  `tqdm_class` receives the byte counts.
+    retries a connection that breaks mid-file from where it broke.  `tqdm_class` receives the byte counts.
 
     Raises CheckpointReferenceError: 401/403 say to set HF_TOKEN; a download cut off says that a rerun resumes.
     The token never reaches the message (the error is rebuilt outside the `except`, see _hub_call).
@@ -350,7 +350,7 @@ def _hub_error(exc: Exception, reference: str, revision: str | None, settings: H
     """Map by exception class only: huggingface_hub's wording changes between versions.
 
     `download`: the weight file being downloaded (hub streaming); a failure that is not about access then
-    says that a rerun resumes, since finished matrices are kept and partial downloads continue.
+    says that a rerun resumes, since finished matrices and downloaded files are kept.
     """
     def err(message: str, fix: str | None = None) -> CheckpointReferenceError:
         return CheckpointReferenceError(message, path=reference, fix=fix)
@@ -365,7 +365,7 @@ def _hub_error(exc: Exception, reference: str, revision: str | None, settings: H
             what = f"HTTP {status}" if status else type(exc).__name__
             return err(f"download of {download} failed ({what})",
                        "check the network connection and HF_ENDPOINT, then rerun the same command: finished "
-                       "matrices are kept and the download resumes where it stopped")
+                       "matrices and downloaded files are kept")
 
     if isinstance(exc, GatedRepoError):  # before RepositoryNotFoundError: it is a subclass
         return err("gated or private repo: this token (or no token) has no access",
