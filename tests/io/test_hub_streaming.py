@@ -156,3 +156,30 @@ def test_401_says_to_set_hf_token_and_never_shows_the_token(llama, hub: HubServe
     written = "".join(p.read_text(errors="replace") for p in out.rglob("*.json"))
     for text in (refused.output, refused.stderr, accepted.output, accepted.stderr, caplog.text, written):
         assert TOKEN not in text
+
+
+def test_stream_order_takes_jobs_as_their_shards_arrive():
+    """Jobs on base shard 1 + tuned shard 1 first, largest first among them; no job waits for a file it does
+    not read."""
+    from lorascale.execute.streaming import stream_order
+    from lorascale.records import HubFile, MatrixJob, RemoteFile, TensorEntry, TunedSource
+
+    def entry(repo: str, shard: int, name: str, rows: int) -> TensorEntry:
+        return TensorEntry(name, Path(f"/nowhere/{repo}/{shard}"), "F32", (rows, 8), 0, rows * 32,
+                           hub=HubFile(repo, "c" * 40, f"model-{shard}.safetensors"))
+
+    layout = [("a", 2, 8), ("b", 1, 4), ("c", 1, 16), ("d", 2, 32), ("e", 3, 8)]  # name, shard, rows
+    jobs = [MatrixJob(n, None, n, rows, 8, entry("org/base", s, n, rows),
+                      (TunedSource("org/tuned", "full", full=entry("org/tuned", s, n, rows)),), "org/base")
+            for n, s, rows in sorted(layout, key=lambda x: -x[2])]  # the plan: largest first
+    streamed = {e.hub: RemoteFile(1, "h") for job in jobs for e in (job.base, job.tuned[0].full)}
+    streamed = dict(sorted(streamed.items(), key=lambda kv: (kv[0].repo_id, kv[0].filename)))
+    assert [j.matrix for j in stream_order(jobs, streamed)] == ["c", "b", "d", "a", "e"]
+
+
+def test_scratch_dir_is_for_in_process_runs():
+    from lorascale.errors import OptionError
+    from lorascale.execute.executor import make_executor
+
+    with pytest.raises(OptionError, match="scratch-dir"):
+        make_executor(workers=2, scratch_dir=True)
