@@ -12,12 +12,16 @@ import threading
 import time
 import traceback
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from lorascale import __version__, settings
 from lorascale.errors import LorascaleError
 from lorascale.numerics.backends import BACKEND_CHOICES, DEVICE_CHOICES
+
+if TYPE_CHECKING:
+    from lorascale.io.downloads import DownloadStatus
 
 
 class Terminated(KeyboardInterrupt):
@@ -106,7 +110,9 @@ class _Progress:
     <matrix>`.  Elsewhere (CI, Slurm, `ray job logs`): the same text as a plain line whenever another
     `every_percent` of the matrices is done or `every_seconds` have passed (LORASCALE_PROGRESS_SECONDS,
     default 30), and at the end.  Rates count only the matrices this process computed (a resume skips some).
-    Disabled (--quiet): nothing, not even the stages; warnings still show.
+    Disabled (--quiet): nothing, not even the stages; warnings still show.  Hub streaming reports its
+    downloads from its own threads (downloads()): beside the bar in a terminal, one line per finished file
+    elsewhere.
     """
 
     def __init__(self, enabled: bool, *, stream=None, interactive: bool | None = None,
@@ -121,6 +127,8 @@ class _Progress:
         self.last_line, self.last_percent, self.width = self.started, float("-inf"), 0  # the first one shows
         self.lock = threading.RLock()
         self.timer: threading.Timer | None = None  # the stage not yet shown
+        self.download: str | None = None  # "downloaded 2/5 files, 120/300 MB" while hub files stream
+        self.current: tuple[int, int, str] | None = None  # the last (done, total, matrix) drawn
         self.handler = _StageHandler(self)
         stages = logging.getLogger("lorascale")
         stages.addHandler(self.handler)
@@ -131,10 +139,15 @@ class _Progress:
         self._end_stage()
         if not self.enabled:
             return
+        with self.lock:  # hub downloads draw from their own threads
+            self._draw(done, total, matrix)
+
+    def _draw(self, done: int, total: int, matrix: str) -> None:
         now = time.monotonic()
         if self.first is None:
             self.first = done - 1
         percent = 100.0 * done / total if total else 100.0
+        self.current = (done, total, matrix)
         text = self.text(done, total, matrix, now)
         if self.interactive:
             self._write("\r" + text.ljust(self.width), end="")
@@ -161,8 +174,31 @@ class _Progress:
         if self.interactive:
             filled = 20 * done // total if total else 20
             bar = "[" + "#" * filled + "-" * (20 - filled) + "] "
+        download = f" | {self.download}" if self.download and self.interactive else ""
         return (f"{bar}matrices {done}/{total} {percent}% | elapsed {_clock(elapsed)} | {speed} | {eta} | "
-                f"{matrix}")
+                f"{matrix}{download}")
+
+    def downloads(self, status: DownloadStatus) -> None:
+        """A DownloadStatus from the hub streaming threads."""
+        if not self.enabled:
+            return
+        mb = 1024 * 1024
+        text = (f"downloaded {status.files_done}/{status.files_total} files, "
+                f"{status.bytes_done / mb:.0f}/{status.bytes_total / mb:.0f} MB")
+        with self.lock:
+            self.download = text
+            if not self.interactive:  # a log: one line per finished file
+                if status.finished is not None:
+                    self._write(f"lorascale: {text}, {status.finished}")
+                return
+            if self.current is not None:
+                done, total, matrix = self.current
+                line = self.text(done, total, matrix, time.monotonic())
+                self._write("\r" + line.ljust(self.width), end="")
+                self.width = len(line)
+            else:
+                self._write("\r" + text.ljust(self.width), end="")
+                self.width = len(text)
 
     def stage(self, message: str, *, now: bool = False) -> None:
         """A line saying what happens now (resolve, headers, Ray start-up, report writing), written once the
@@ -275,6 +311,9 @@ def _print_summary(out: Path) -> None:
 @click.option("--no-pickle", is_flag=True,
               help="Refuse pickled .bin weights (read otherwise, only when a checkpoint has no safetensors, "
                    "with torch's restricted weights_only loader).")
+@click.option("--scratch-dir", type=click.Path(path_type=Path), default=None,
+              help="Disk-light hub runs: download hub weight files here instead of the hub cache and delete each "
+                   "once its matrices are done (files already in the hub cache are read there, never deleted).")
 @click.option("--include", multiple=True, help="Glob on base tensor names to analyse (repeatable).")
 @click.option("--exclude", multiple=True, help="Glob on base tensor names to skip (repeatable).")
 @click.option("--rename", multiple=True, metavar="FROM=TO",
@@ -303,7 +342,7 @@ def run(base: str, tuned: tuple[str, ...], out: Path, k: int, epsilon: float, si
         quiet: bool, ray_address: str | None, workers: int | None, cpus_per_worker: float | None,
         gpus_per_worker: float | None, backend: str, mode: str, top_k: int, cache_dir: Path | None,
         no_cache: bool, no_pickle: bool, make_report: bool, rename: tuple[str, ...],
-        dry_run: bool, series: bool | None) -> None:
+        dry_run: bool, series: bool | None, scratch_dir: Path | None) -> None:
     """Compare the --base checkpoint with each --tuned checkpoint and write Parquet tables to --out.
 
     A checkpoint is a directory, a .safetensors file or a Hugging Face repo org/name[@revision].
@@ -314,6 +353,10 @@ def run(base: str, tuned: tuple[str, ...], out: Path, k: int, epsilon: float, si
     if series is not None and not make_report:
         raise click.UsageError("--series/--no-series only shape the report: add --report, or pass it to "
                                "`lorascale report` later")
+    if not settings.debug():  # huggingface_hub's retry warnings would break the one-line error (progress shows it)
+        from huggingface_hub.utils import logging as hub_logging
+
+        hub_logging.set_verbosity_error()
     progress = _Progress(enabled=not quiet)
     if dry_run:
         try:
@@ -333,6 +376,7 @@ def run(base: str, tuned: tuple[str, ...], out: Path, k: int, epsilon: float, si
                          resume=resume, ray_address=ray_address, workers=workers, cpus_per_worker=cpus_per_worker,
                          gpus_per_worker=gpus_per_worker, backend=backend, mode=mode, top_k=top_k,
                          cache_dir=cache_dir, use_cache=not no_cache, no_pickle=no_pickle, progress=progress,
+                         scratch_dir=scratch_dir, download_progress=progress.downloads,
                          command=shlex.join(["lorascale", *argv]))
     finally:
         progress.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -14,12 +15,14 @@ import torch
 from lorascale import __version__, settings
 from lorascale.errors import LorascaleError, OptionError
 from lorascale.execute.executor import Executor, make_executor
+from lorascale.execute.streaming import StreamedFiles, stream_order
+from lorascale.io.downloads import StatusCallback
 from lorascale.io.checkpoint import Checkpoint, open_checkpoint
 from lorascale.io.resolve import resolve
 from lorascale.plan import Plan, Rename, parse_renames, plan_jobs
 from lorascale.io.identity import describe
 from lorascale.naming import References, name_references
-from lorascale.records import AnalysisOptions, NamedReference, Skipped, TensorEntry
+from lorascale.records import AnalysisOptions, HubFile, NamedReference, RemoteFile, Skipped, TensorEntry
 from lorascale.store.manifest import Manifest
 from lorascale.store.run_directory import RunDirectory
 
@@ -100,7 +103,8 @@ def compare(base: str | Mapping[str, str], tuned: References, out: str | Path, *
             include: Sequence[str] = (), exclude: Sequence[str] = (), rename: Sequence[str] = (),
             overwrite: bool = False, resume: bool = False, driver: str | None = None, backend: str = "auto", mode: str = "exact",
             top_k: int = 64, cache_dir: str | Path | None = None, use_cache: bool = True,
-            no_pickle: bool = False, executor: Executor | None = None,
+            no_pickle: bool = False, scratch_dir: str | Path | None = None,
+            download_progress: StatusCallback | None = None, executor: Executor | None = None,
             ray_address: str | None = None, workers: int | None = None, cpus_per_worker: float | None = None,
             gpus_per_worker: float | None = None, progress: ProgressCallback | None = None,
             command: str | None = None) -> RunResult:
@@ -121,6 +125,9 @@ def compare(base: str | Mapping[str, str], tuned: References, out: str | Path, *
     are cached in `cache_dir` (default settings.cache_dir()) unless `use_cache=False` (store/svd_cache.py).
     Pickled .bin weights (only when a checkpoint has no safetensors) are read with torch's restricted loader;
     `no_pickle=True` refuses them.
+    Hub references are planned from their headers and their weight files downloaded while earlier shards
+    are analysed (execute/streaming.py), into the hub cache or, with `scratch_dir`, into that directory,
+    deleting each file once its matrices are done; `download_progress` gets a DownloadStatus as they go.
 
     >>> lorascale.compare(base="meta-llama/Llama-2-7b-hf",  # doctest: +SKIP
     ...                   tuned=["LoRA-TMLR-2024/magicoder-lora-rank-16-alpha-32"], out="results")
@@ -130,7 +137,9 @@ def compare(base: str | Mapping[str, str], tuned: References, out: str | Path, *
         exclude=exclude, driver=driver, backend=backend, mode=mode, top_k=top_k, cache_dir=cache_dir,
         use_cache=use_cache, executor=executor, ray_address=ray_address, workers=workers,
         cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker, rename=rename, no_pickle=no_pickle,
-        download=True)
+        scratch_dir=scratch_dir)
+    streamed = streamed_files([base_checkpoint, *tuned_checkpoints])
+    scratch = _scratch_directory(scratch_dir) if scratch_dir is not None else None
 
     out = Path(out)
     references = [n.reference for n in names[1:]]
@@ -138,19 +147,26 @@ def compare(base: str | Mapping[str, str], tuned: References, out: str | Path, *
                              exclude=exclude, rename=rename,
                              command=command or f"lorascale.compare(base={names[0].reference!r}, "
                                                 f"tuned={references!r}, out={str(out)!r})")
+    if scratch is not None:
+        manifest.options["scratch_dir"] = str(scratch)  # where files went; not part of a run's identity
     with RunDirectory.open(out, manifest, overwrite=overwrite, resume=resume) as run_dir:
-        jobs = run_dir.pending(plan.jobs)
+        jobs = run_dir.pending(tuple(stream_order(plan.jobs, streamed)) if streamed else plan.jobs)
         log.info("computing %d of %d matrices", len(jobs), len(plan.jobs))
+        files = StreamedFiles(jobs, streamed, scratch_dir=scratch, on_status=download_progress) if streamed else None
         with run_dir.session(executor.describe(), len(jobs)) as writer:
             try:
                 finished = len(plan.jobs) - len(jobs)
-                for result in executor.run(jobs, options):
+                for result in executor.run(jobs, options, **({"files": files} if files is not None else {})):
                     writer.add(result)
+                    if files is not None:
+                        files.finished(result.matrix)
                     finished += 1
                     if progress is not None:
                         progress(finished, len(plan.jobs), result.matrix)
             finally:
                 executor.close()  # releases its workers now, not at garbage collection
+                if files is not None:
+                    files.close()
                 _record_execution(manifest, executor.describe())
     return RunResult(out=out, manifest=manifest, computed=len(jobs), planned=len(plan.jobs))
 
@@ -160,7 +176,7 @@ def _prepare(base: str | Mapping[str, str], tuned: References, *, k: int, epsilo
              top_k: int, cache_dir: str | Path | None, use_cache: bool, executor: Executor | None,
              ray_address: str | None, workers: int | None, cpus_per_worker: float | None,
              gpus_per_worker: float | None, rename: Sequence[str] = (), no_pickle: bool = False,
-             download: bool) -> tuple[Executor, AnalysisOptions, list[NamedReference], Checkpoint, list[Checkpoint],
+             scratch_dir: str | Path | None = None) -> tuple[Executor, AnalysisOptions, list[NamedReference], Checkpoint, list[Checkpoint],
                                       Plan]:
     """Options checked, references named (base first), checkpoints resolved and indexed, jobs planned: what
     compare() runs and plan_run() shows.  Everything that can be wrong with the input is found here, before
@@ -170,15 +186,14 @@ def _prepare(base: str | Mapping[str, str], tuned: References, *, k: int, epsilo
     if executor is None:
         executor = make_executor(address=ray_address or settings.ray_address(), workers=workers,
                                  cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker,
-                                 node_cache_dir=cache_dir is None)
+                                 node_cache_dir=cache_dir is None, scratch_dir=scratch_dir is not None)
     if use_cache and cache_dir is None:
         cache_dir = settings.cache_dir()
     options = executor.prepare(build_options(k=k, epsilon=epsilon, side=side, precision=precision, device=device,
                                              driver=driver, backend=backend, mode=mode, top_k=top_k,
                                              cache_dir=cache_dir if use_cache else None))
     references = [base_name.reference, *(n.reference for n in tuned_names)]
-    base_checkpoint, *tuned_checkpoints = _open_checkpoints(references, include, exclude, rules,
-                                                            allow_pickle=not no_pickle, download=download)
+    base_checkpoint, *tuned_checkpoints = _open_checkpoints(references, allow_pickle=not no_pickle)
     _warn_same_checkpoints(base_checkpoint, tuned_checkpoints)
     log.info("planning: matching %d tuned model(s) to the base", len(tuned_checkpoints))
     plan: Plan = plan_jobs(base_checkpoint, tuned_checkpoints, include=tuple(include), exclude=tuple(exclude),
@@ -186,13 +201,11 @@ def _prepare(base: str | Mapping[str, str], tuned: References, *, k: int, epsilo
     return executor, options, [base_name, *tuned_names], base_checkpoint, tuned_checkpoints, plan
 
 
-def _open_checkpoints(references: list[str], include: Sequence[str], exclude: Sequence[str],
-                      rename: Sequence[Rename] = (), *, allow_pickle: bool = True,
-                      download: bool = True) -> list[Checkpoint]:
-    """Resolve and index every reference.  Hub repos are planned from their headers first (HTTP range
-    requests), so a comparison that cannot work fails before any weight file is downloaded; with
-    `download=False` (a dry run) they stay headers only.  Every reference is tried before an error is
-    raised, so that one run reports each unreachable or unreadable reference."""
+def _open_checkpoints(references: list[str], *, allow_pickle: bool = True) -> list[Checkpoint]:
+    """Resolve and index every reference.  Hub repos (online) are indexed from their headers alone (HTTP
+    range requests): a comparison that cannot work fails before any weight file is downloaded, and the
+    weight files are streamed while the run goes (streamed_files).  Every reference is tried before an
+    error is raised, so that one run reports each unreachable or unreadable reference."""
     headers: list[Checkpoint] = []
     errors: list[LorascaleError] = []
     for reference in references:
@@ -210,13 +223,7 @@ def _open_checkpoints(references: list[str], include: Sequence[str], exclude: Se
         # One line for all of them, with the first one's exit code.
         raise type(errors[0])(f"{len(errors)} of {len(references)} references cannot be used: "
                               + "; ".join(str(e) for e in errors))
-    if not download or not any(c.resolved.headers_only for c in headers):
-        return headers  # local or offline: these are the files themselves
-    plan_jobs(headers[0], headers[1:], include=tuple(include), exclude=tuple(exclude),
-              rename=rename)  # raises if hopeless
-    log.info("downloading the weight files the plan needs")
-    return [open_checkpoint(resolve(r, allow_pickle=allow_pickle)) if c.resolved.headers_only else c
-            for r, c in zip(references, headers)]
+    return headers
 
 
 def _warn_same_checkpoints(base: Checkpoint, tuned: list[Checkpoint]) -> None:
@@ -263,7 +270,7 @@ def plan_run(base: str, tuned: Sequence[str], *, k: int = 10, epsilon: float = 0
         base, tuned, k=k, epsilon=epsilon, side=side, precision=precision, device=device, include=include,
         exclude=exclude, driver=driver, backend=backend, mode=mode, top_k=top_k, cache_dir=None, use_cache=False,
         executor=None, ray_address=ray_address, workers=workers, cpus_per_worker=cpus_per_worker,
-        gpus_per_worker=gpus_per_worker, rename=rename, no_pickle=no_pickle, download=False)
+        gpus_per_worker=gpus_per_worker, rename=rename, no_pickle=no_pickle)
     executor.close()
     per_model: Counter[str] = Counter(s.model for job in plan.jobs for s in job.tuned)
     read = 0
@@ -346,6 +353,32 @@ def _duration(seconds: float) -> str:
     minutes, s = divmod(int(round(seconds)), 60)
     hours, m = divmod(minutes, 60)
     return f"{hours} h {m:02d} min" if hours else f"{m} min {s:02d} s"
+
+
+def streamed_files(checkpoints: Sequence[Checkpoint]) -> dict[HubFile, RemoteFile]:
+    """The weight files of headers-only Hub checkpoints, in checkpoint and shard order: what a run downloads."""
+    streamed: dict[HubFile, RemoteFile] = {}
+    for checkpoint in checkpoints:
+        resolved = checkpoint.resolved
+        if not resolved.headers_only or resolved.repo_id is None or resolved.revision is None:
+            continue
+        for path in resolved.weight_files:
+            hub = HubFile(resolved.repo_id, resolved.revision, path.relative_to(resolved.root).as_posix())
+            streamed[hub] = checkpoint.remote[path.name]
+    return streamed
+
+
+def _scratch_directory(scratch_dir: str | Path) -> Path:
+    """--scratch-dir as an absolute path, created if needed; checked before the output directory is touched."""
+    path = Path(os.path.abspath(os.path.expanduser(scratch_dir)))
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OptionError(f"--scratch-dir cannot be created ({exc.strerror or exc})", path=path,
+                          fix="give a writable directory") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise OptionError("--scratch-dir is not writable", path=path, fix="give a writable directory")
+    return path
 
 
 def _record_execution(manifest: Manifest, execution: dict) -> None:

@@ -49,6 +49,16 @@ class HubFile:
 
 
 @dataclass(frozen=True)
+class RemoteFile:
+    """A Hub weight file known from its header alone (hub streaming): what identifies its bytes before they
+    are downloaded, and after a --scratch-dir copy has been deleted."""
+
+    size: int
+    header_sha256: str  # sha256 of the safetensors header JSON
+    sha256: str | None = None  # the sha256 the Hub publishes (LFS files); None for files stored in git
+
+
+@dataclass(frozen=True)
 class TensorEntry:
     """One tensor as described by a safetensors header or a torch.save zip; no data is read to build it."""
 

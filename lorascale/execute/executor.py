@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator, Sequence
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 from urllib.parse import urlsplit
 
 from lorascale.errors import OptionError
 from lorascale.records import AnalysisOptions, MatrixJob, MatrixResult
+
+if TYPE_CHECKING:
+    from lorascale.execute.streaming import StreamedFiles
 
 
 @runtime_checkable
@@ -33,9 +36,12 @@ class Executor(Protocol):
         output is written."""
         ...
 
-    def run(self, jobs: Sequence[MatrixJob], options: AnalysisOptions) -> Iterator[MatrixResult]:
+    def run(self, jobs: Sequence[MatrixJob], options: AnalysisOptions, *,
+            files: StreamedFiles | None = None) -> Iterator[MatrixResult]:
         """Each job's result as soon as it is computed, in any order; `options` from prepare().  The base
-        rows are labelled with each job's `base_model`."""
+        rows are labelled with each job's `base_model`.  `files` (only passed when a run streams hub files):
+        an executor that reads tensors on this machine reads them through it (it downloads them in the
+        background); one that does not never starts it, and its workers fetch hub files themselves."""
         ...
 
     def describe(self) -> dict:
@@ -60,15 +66,20 @@ def wants_ray(address: str | None, workers: int | None) -> bool:
 
 
 def make_executor(*, address: str | None = None, workers: int | None = None, cpus_per_worker: float | None = None,
-                  gpus_per_worker: float | None = None, node_cache_dir: bool = False) -> Executor:
+                  gpus_per_worker: float | None = None, node_cache_dir: bool = False,
+                  scratch_dir: bool = False) -> Executor:
     """The executor for these options: Ray when `address` is given or `workers` > 1, else in-process.
 
     `address`: a Ray address (the caller passes RAY_ADDRESS when the user gave none); `workers`,
     `cpus_per_worker`, `gpus_per_worker`: the Ray workers' number and resources (None: derived from the
     cluster); `node_cache_dir`: Ray workers cache base SVDs in their own node's default cache directory.
-    Raises OptionError for worker resources without Ray, or impossible values.
+    `scratch_dir`: the run downloads hub files into a --scratch-dir, which only the in-process executor does.
+    Raises OptionError for worker resources without Ray, --scratch-dir with Ray, or impossible values.
     """
     if wants_ray(address, workers):
+        if scratch_dir:
+            raise OptionError("--scratch-dir applies to in-process runs: Ray workers fetch hub files into their "
+                              "own node's hub cache", fix="drop --scratch-dir, or run in-process")
         from lorascale.execute.ray_executor import RayExecutor
 
         return RayExecutor(address=address, workers=workers, cpus_per_worker=cpus_per_worker,

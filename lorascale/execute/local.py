@@ -14,6 +14,7 @@ from dataclasses import replace
 import torch
 
 from lorascale.execute.executor import Executor
+from lorascale.execute.streaming import StreamedFiles
 from lorascale.execute.worker import TensorLoader, analyse_job, job_entries
 from lorascale.io.tensors import load_tensor
 from lorascale.numerics.backends import resolve
@@ -68,15 +69,23 @@ class TensorPrefetcher:
         self.close()
 
 
-def run_local(jobs: Iterable[MatrixJob], options: AnalysisOptions, *, prefetch: bool = True) -> Iterator[MatrixResult]:
+def run_local(jobs: Iterable[MatrixJob], options: AnalysisOptions, *, prefetch: bool = True,
+              files: StreamedFiles | None = None) -> Iterator[MatrixResult]:
     """Yield each job's result as soon as it is computed, on this machine; `options` resolved (see
-    LocalExecutor.prepare).  `prefetch`: read the next tensor while the current one is decomposed."""
+    LocalExecutor.prepare).  `prefetch`: read the next tensor while the current one is decomposed.
+    `files`: hub files streamed while the run goes (execute/streaming.py); a read waits for its file."""
     jobs = list(jobs)
+    read: TensorLoader = load_tensor
+    if files is not None:
+        files.start()
+
+        def read(entry: TensorEntry) -> torch.Tensor:
+            return load_tensor(files.local(entry))
     if not prefetch:
         for job in jobs:
-            yield analyse_job(job, options)
+            yield analyse_job(job, options, load=read)
         return
-    with TensorPrefetcher([entry for job in jobs for entry in job_entries(job)]) as prefetcher:
+    with TensorPrefetcher([entry for job in jobs for entry in job_entries(job)], read=read) as prefetcher:
         for job in jobs:
             yield analyse_job(job, options, load=prefetcher.load)
 
@@ -96,10 +105,12 @@ class LocalExecutor(Executor):
         compute = resolve(options.device, options.backend, options.driver)
         return replace(options, device=compute.device, backend=compute.backend, driver=compute.driver)
 
-    def run(self, jobs: Sequence[MatrixJob], options: AnalysisOptions) -> Iterator[MatrixResult]:
-        """Each job's result, in job order, computed as the iterator is advanced (ends an earlier run)."""
+    def run(self, jobs: Sequence[MatrixJob], options: AnalysisOptions, *,
+            files: StreamedFiles | None = None) -> Iterator[MatrixResult]:
+        """Each job's result, in job order, computed as the iterator is advanced (ends an earlier run);
+        `files`: streamed hub files, downloaded here while earlier jobs compute."""
         self.close()
-        self._active = run_local(jobs, options, prefetch=self.prefetch)
+        self._active = run_local(jobs, options, prefetch=self.prefetch, files=files)
         return self._active
 
     def describe(self) -> dict:

@@ -110,9 +110,11 @@ class RayExecutor(Executor):
                 "cpus_per_worker": self.cpus_per_worker, "gpus_per_worker": self.gpus_per_worker,
                 **self._info, "nodes": nodes}
 
-    def run(self, jobs: Sequence[MatrixJob], options: AnalysisOptions) -> Iterator[MatrixResult]:
+    def run(self, jobs: Sequence[MatrixJob], options: AnalysisOptions, *,
+            files: Any = None) -> Iterator[MatrixResult]:
         """Each job's result as a worker finishes it (ends an earlier run).  Connects to Ray, or starts a
-        local one, on the first result asked for; raises ExecutionError when Ray fails the run."""
+        local one, on the first result asked for; raises ExecutionError when Ray fails the run.  `files`
+        (streamed hub files) is not started: each actor fetches hub files into its own node's hub cache."""
         self.close()
         self._active = self._results(list(jobs), options)
         return self._active

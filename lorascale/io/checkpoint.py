@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+import hashlib
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from lorascale.errors import CheckpointFormatError
@@ -11,7 +12,7 @@ from lorascale.io.jsonfiles import read_json_file, read_weight_map
 from lorascale.io.resolve import remote_header
 from lorascale.io.safetensors_header import index_files, parse_header, read_header
 from lorascale.io.torch_bin import read_bin_index
-from lorascale.records import AdapterSettings, HubFile, Kind, ResolvedCheckpoint, TensorEntry, Update
+from lorascale.records import AdapterSettings, HubFile, Kind, RemoteFile, ResolvedCheckpoint, TensorEntry, Update
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,8 @@ class Checkpoint:
     adapter: AdapterSettings | None = None
     lora: AdapterIndex | None = None
     model_type: str | None = None  # config.json's model_type, when there is one (fused expert layouts)
+    # Headers-only Hub checkpoints (resolved.headers_only): weight file name -> what is known before download.
+    remote: dict[str, RemoteFile] = field(default_factory=dict)
 
     @property
     def reference(self) -> str:
@@ -45,9 +48,12 @@ def open_checkpoint(resolved: ResolvedCheckpoint) -> Checkpoint:
 
     A headers-only Hub checkpoint (resolve(..., headers_only=True)) has its headers read over HTTP.
     """
+    remote: dict[str, RemoteFile] = {}
     if resolved.headers_only:
         def read(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
-            return parse_header(path, *remote_header(resolved, path))
+            header, size, sha256 = remote_header(resolved, path)
+            remote[path.name] = RemoteFile(size, hashlib.sha256(header).hexdigest(), sha256)
+            return parse_header(path, header, size)
 
         indexed = index_files(resolved.weight_files, read=read)
     else:
@@ -59,8 +65,8 @@ def open_checkpoint(resolved: ResolvedCheckpoint) -> Checkpoint:
         assert resolved.adapter_config is not None
         settings = read_adapter_settings(resolved.adapter_config)
         return Checkpoint(resolved, tensors, settings,
-                          index_adapter(resolved.weight_files[0], settings, tensors))
-    return Checkpoint(resolved, tensors, model_type=_model_type(resolved.config))
+                          index_adapter(resolved.weight_files[0], settings, tensors), remote=remote)
+    return Checkpoint(resolved, tensors, model_type=_model_type(resolved.config), remote=remote)
 
 
 def _model_type(config: Path | None) -> str | None:

@@ -10,6 +10,11 @@ identified by what changes whenever its bytes change:
 - hub files also: the sha256 the hub publishes for them (content-addressed), and the resolved commit;
 - small metadata files (adapter_config.json with the scale, the shard index, config.json): their sha256.
 
+Hub files that a run streams (downloads while it computes; deleted after use with --scratch-dir) have no
+lasting local copy: they are identified by the resolved commit (immutable), their size, the sha256 the hub
+publishes and the sha256 of their header, all known before the download; the file read is checked against
+that header hash once downloaded (execute/streaming.py).
+
 Two identities are equal only if every field is; a false "changed" (a checkpoint copied to another disk)
 costs a recomputation, never a wrong number.
 """
@@ -23,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from lorascale.io.checkpoint import Checkpoint
+from lorascale.records import RemoteFile
 
 # Fields of a weight-file entry that must match for its rows to be reused.
 _FILE_FIELDS = ("name", "bytes", "sha256", "header_sha256", "mtime_ns", "ctime_ns", "inode")
@@ -57,6 +63,18 @@ def _weight_file(path: Path, known_sha256: str | None) -> dict[str, Any]:
     return entry
 
 
+def _remote_file(name: str, remote: RemoteFile) -> dict[str, Any]:
+    """A Hub weight file that is streamed (downloaded while the run goes, and deleted after it in
+    --scratch-dir mode): identified by the commit, its size, published sha256 and header hash, since no
+    local copy, inode or time outlives the run."""
+    entry: dict[str, Any] = {"name": name, "bytes": remote.size}
+    if remote.sha256:
+        entry["sha256"] = remote.sha256
+    entry["header_sha256"] = remote.header_sha256
+    entry["streamed"] = True
+    return entry
+
+
 def describe(checkpoint: Checkpoint) -> dict[str, Any]:
     """The manifest's record of `checkpoint`: where it is, its kind, and the identity of every file read."""
     resolved = checkpoint.resolved
@@ -64,7 +82,8 @@ def describe(checkpoint: Checkpoint) -> dict[str, Any]:
         "reference": resolved.reference, "kind": checkpoint.update, "source": resolved.source,
         "format": resolved.weight_format,
         "path": str(resolved.root), "repo_id": resolved.repo_id, "revision": resolved.revision,
-        "files": [_weight_file(p, resolved.file_hashes.get(p.name)) for p in resolved.weight_files],
+        "files": [_remote_file(p.name, checkpoint.remote[p.name]) if resolved.headers_only
+                  else _weight_file(p, resolved.file_hashes.get(p.name)) for p in resolved.weight_files],
         "metadata_files": {p.name: _sha256(p) for p in (resolved.adapter_config, resolved.index_file, resolved.config)
                            if p is not None},
     }

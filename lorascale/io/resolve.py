@@ -18,7 +18,8 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url, list_repo_files, snapshot_download
+from huggingface_hub import (get_hf_file_metadata, hf_hub_download, hf_hub_url, list_repo_files, snapshot_download,
+                             try_to_load_from_cache)
 from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
 
 try:  # huggingface_hub >= 0.25 keeps every exception class in `errors`
@@ -206,25 +207,55 @@ def hub_file(origin: HubFile) -> Path:
     reference = f"{origin.repo_id}@{origin.revision}"
     return Path(_hub_call(reference, origin.revision, settings, hf_hub_download, origin.repo_id, origin.filename,
                           revision=origin.revision, cache_dir=settings.cache_dir,
-                          local_files_only=settings.offline))
+                          local_files_only=settings.offline, endpoint=settings.endpoint))
 
 
-def remote_header(resolved: ResolvedCheckpoint, path: Path) -> tuple[bytes, int]:
-    """(header JSON bytes, file size) of weight file `path` of a headers-only Hub checkpoint, read with two
-    HTTP range requests (the 8-byte length, then the header) through huggingface_hub's session: no tensor
-    data is transferred.  Raises CheckpointReferenceError for Hub failures, CheckpointFormatError for a
-    length prefix that does not fit the file."""
+def cached_hub_file(origin: HubFile) -> Path | None:
+    """The file in this machine's hub cache if it is there already (no network), else None."""
+    found = try_to_load_from_cache(origin.repo_id, origin.filename, cache_dir=hub_settings().cache_dir,
+                                   revision=origin.revision)
+    return Path(found) if isinstance(found, str) and os.path.isfile(found) else None
+
+
+def download_hub_file(origin: HubFile, *, local_dir: Path | None = None, tqdm_class: type | None = None) -> Path:
+    """Download one weight file of a Hub commit (hub streaming, execute/streaming.py): into the hub cache, or
+    into `local_dir` (the disk-light --scratch-dir mode, which never touches the hub cache).  huggingface_hub
+    retries a connection that breaks mid-file from where it broke.  `tqdm_class` receives the byte counts.
+
+    Raises CheckpointReferenceError: 401/403 say to set HF_TOKEN; a download cut off says that a rerun resumes.
+    The token never reaches the message (the error is rebuilt outside the `except`, see _hub_call).
+    """
+    settings = hub_settings()
+    reference = f"{origin.repo_id}@{origin.revision}"
+    where = {"local_dir": local_dir} if local_dir is not None else {"cache_dir": settings.cache_dir}
+    try:
+        return Path(hf_hub_download(origin.repo_id, origin.filename, revision=origin.revision, token=settings.token,
+                                    local_files_only=settings.offline, endpoint=settings.endpoint,
+                                    tqdm_class=tqdm_class, **where))
+    except (HfHubHTTPError, EntryNotFoundError, OfflineModeIsEnabled, HFValidationError, OSError,
+            *_CLIENT_ERRORS) as exc:
+        error = _hub_error(exc, reference, origin.revision, settings, download=origin.filename)
+    raise error
+
+
+def remote_header(resolved: ResolvedCheckpoint, path: Path) -> tuple[bytes, int, str | None]:
+    """(header JSON bytes, file size, sha256 or None) of weight file `path` of a headers-only Hub checkpoint,
+    read with two HTTP range requests (the 8-byte length, then the header) through huggingface_hub's
+    session: no tensor data is transferred.  The sha256 is the one the Hub publishes for an LFS file (its
+    ETag).  Raises CheckpointReferenceError for Hub failures, CheckpointFormatError for a length prefix that
+    does not fit the file."""
     settings = hub_settings()
     assert resolved.repo_id is not None and resolved.revision is not None
     url = hf_hub_url(resolved.repo_id, path.relative_to(resolved.root).as_posix(), revision=resolved.revision,
                      endpoint=settings.endpoint)
-    size = _hub_call(resolved.reference, resolved.revision, settings, _remote_size, url)
+    size, etag = _hub_call(resolved.reference, resolved.revision, settings, _remote_size, url)
     prefix = _hub_call(resolved.reference, resolved.revision, settings, _remote_range, url, 0, 8)
     length = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
     if length < 0 or 8 + length > (size or 0) or length > MAX_HEADER_BYTES:
         raise CheckpointFormatError(f"header length {length} does not fit in a file of {size} bytes", path=path,
                                     fix="the file on the Hub is not a safetensors file")
-    return _hub_call(resolved.reference, resolved.revision, settings, _remote_range, url, 8, length), size
+    header = _hub_call(resolved.reference, resolved.revision, settings, _remote_range, url, 8, length)
+    return header, size, etag if etag is not None and _SHA256_RE.fullmatch(etag) else None
 
 
 def _hub_has(reference: str, repo_id: str, commit: str, filename: str, settings: HubSettings) -> bool:
@@ -244,8 +275,9 @@ def _hub_has(reference: str, repo_id: str, commit: str, filename: str, settings:
     raise error  # outside the except block: the HTTP error holds the request, and its headers the token
 
 
-def _remote_size(url: str, *, token: str | None) -> int | None:
-    return get_hf_file_metadata(url, token=token).size
+def _remote_size(url: str, *, token: str | None) -> tuple[int | None, str | None]:
+    metadata = get_hf_file_metadata(url, token=token)
+    return metadata.size, metadata.etag
 
 
 def _remote_range(url: str, start: int, length: int, *, token: str | None) -> bytes:
@@ -368,7 +400,7 @@ def _snapshot(reference: str, repo_id: str, revision: str | None, files: Iterabl
     """snapshot_download restricted to `files` (exact names; escaped because the patterns are fnmatch globs)."""
     return Path(_hub_call(reference, revision, settings, snapshot_download, repo_id, revision=revision,
                           cache_dir=settings.cache_dir, allow_patterns=[glob.escape(f) for f in files],
-                          local_files_only=settings.offline))
+                          local_files_only=settings.offline, endpoint=settings.endpoint))
 
 
 def _hub_call(reference: str, revision: str | None, settings: HubSettings, fn: Callable[..., Any], /,
@@ -386,11 +418,27 @@ def _hub_call(reference: str, revision: str | None, settings: HubSettings, fn: C
     raise error
 
 
-def _hub_error(exc: Exception, reference: str, revision: str | None,
-               settings: HubSettings) -> CheckpointReferenceError:
-    """Map by exception class only: huggingface_hub's wording changes between versions."""
+def _hub_error(exc: Exception, reference: str, revision: str | None, settings: HubSettings, *,
+               download: str | None = None) -> CheckpointReferenceError:
+    """Map by exception class only: huggingface_hub's wording changes between versions.
+
+    `download`: the weight file being downloaded (hub streaming); a failure that is not about access then
+    says that a rerun resumes, since finished matrices and downloaded files are kept.
+    """
     def err(message: str, fix: str | None = None) -> CheckpointReferenceError:
         return CheckpointReferenceError(message, path=reference, fix=fix)
+
+    if download is not None and not isinstance(exc, (GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError,
+                                                     DisabledRepoError, HFValidationError)):
+        status = getattr(getattr(exc, "response", None), "status_code", None)
+        if not (isinstance(exc, HfHubHTTPError) and status in (401, 403)) and not settings.offline:
+            if isinstance(exc, OSError) and not isinstance(exc, HfHubHTTPError) and exc.filename:
+                return err(f"cannot write {download} at {exc.filename} ({exc.strerror or type(exc).__name__})",
+                           "check disk space and permissions of the hub cache or --scratch-dir")
+            what = f"HTTP {status}" if status else type(exc).__name__
+            return err(f"download of {download} failed ({what})",
+                       "check the network connection and HF_ENDPOINT, then rerun the same command: finished "
+                       "matrices and downloaded files are kept")
 
     if isinstance(exc, GatedRepoError):  # before RepositoryNotFoundError: it is a subclass
         return err("gated or private repo: this token (or no token) has no access",

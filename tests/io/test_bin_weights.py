@@ -44,6 +44,7 @@ def _rows(out: Path, table: str, names: dict[str, str]) -> list[dict]:
     rows = ds.dataset(out / table).to_table().to_pylist()
     for row in rows:
         row.pop("seconds", None)
+        row.pop("label", None)  # the default label is the short path: the copies live in other directories
         row["model"] = names.get(row["model"], row["model"])
     return sorted(rows, key=lambda r: json.dumps({k: v for k, v in r.items() if not isinstance(v, float)},
                                                  sort_keys=True, default=str))
