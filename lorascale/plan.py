@@ -17,20 +17,17 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
-from lorascale.errors import MismatchError, OptionError
+from lorascale.errors import MismatchError, OptionError, UnsupportedAdapterError
 from lorascale.io.adapter import ParameterFactors, rank_for, scale_for
 from lorascale.io.checkpoint import Checkpoint
 from lorascale.io.safetensors_header import DTYPE_BITS, dtype_not_analysed
+from lorascale.moe_layouts import TRANSPOSED_EXPERT_MODEL_TYPES, saved_expert_parts
 from lorascale.records import LoraFactors, MatrixJob, Skipped, TensorEntry, TunedSource
 
 # Embeddings and output heads are tables of vectors, not linear maps between hidden states: the paper
 # leaves them out, and their vocab-sized SVDs would dominate the run time.
 DEFAULT_EXCLUDE = ("*embed*", "*lm_head*", "*.wte.weight", "*.wpe.weight", "wte.weight", "wpe.weight",
                    "shared.weight")
-# transformers' expert modules that store fused tensors as [E, in, out] (`is_transposed=True` in
-# transformers.integrations.moe, which peft's ParamWrapper reads); every other layout is [E, out, in].  Only
-# needed when d1 == d2, where the adapter's factor shapes cannot tell the two apart.
-TRANSPOSED_EXPERT_MODEL_TYPES = frozenset({"gpt_oss", "openai_privacy_filter", "aria"})
 _EXPERTS = re.compile(r"(?:^|\.)experts(?:\.|$)")
 _EXPERT_INDEX = re.compile(r"(?:^|\.)experts\.(\d+)(?:\.|$)")
 
@@ -421,10 +418,11 @@ def _match_adapter(model: Checkpoint, selection: _Selection,
         found[(target, None)] = TunedSource(model=model.reference,
                                             update="lora" if factors.magnitude is None else "dora", lora=factors)
     by_stored = {stored: new for new, stored in parameters.items()}
+    per_expert = _match_per_expert(model, selection, [s for s, new in by_stored.items() if targets.get(new) is None])
     for wrappers in _group_by_module(model.lora.parameters):
-        bases = {}
+        bases: dict[str, str | _PerExpertBase] = {}
         for candidate in wrappers[0].candidates:
-            target = targets.get(by_stored[candidate])
+            target = targets.get(by_stored[candidate]) or per_expert.get(candidate)
             if target is None:
                 unknown.append(candidate)
             else:
@@ -432,19 +430,25 @@ def _match_adapter(model: Checkpoint, selection: _Selection,
         if not bases:
             continue
         for wrapper, (parameter, target) in _pair_parameters(model, wrappers, bases, selection).items():
+            if isinstance(target, _PerExpertBase):
+                for name, factors in _per_expert_factors(model, wrapper, parameter, target).items():
+                    if name in selection.analysed:
+                        found[(name, None)] = TunedSource(model=model.reference, update="lora", lora=factors)
+                continue
             if target not in selection.analysed:
                 continue
             for key, factors in _parameter_factors(model, wrapper, parameter, selection.base_2d[target],
                                                    selection.model_type).items():
                 found[(target, key)] = TunedSource(model=model.reference, update="lora", lora=factors)
     if unknown:
+        _refuse_unknown_split(model, selection, unknown)
         trained_on = model.adapter.base_model_name_or_path if model.adapter else None
         raise MismatchError(
             f"adapter targets {len(unknown)} module(s) or parameter(s) the base does not have, e.g. {unknown[0]!r}",
             path=model.reference,
             fix=f"pass the base it was trained on{f', {trained_on},' if trained_on else ''} as --base"
-                + ("; a fused expert parameter needs a base saved with fused experts" if model.lora.parameters
-                   else ""),
+                + ("; a fused expert parameter needs a base holding it fused, or per expert as transformers "
+                   "saves it" if model.lora.parameters else ""),
         )
     for name, why in model.lora.other.items():
         skipped.append(Skipped(name, why, model.reference))
@@ -467,22 +471,23 @@ def _fits(model: Checkpoint, wrapper: ParameterFactors, parameter: str, shape: t
             and (experts > 1 or (wrapper.b.shape[0], wrapper.a.shape[1]) == (d1, d2)))
 
 
-def _pair_parameters(model: Checkpoint, wrappers: list[ParameterFactors], bases: dict[str, str],
-                     selection: _Selection) -> dict[ParameterFactors, tuple[str, str]]:
+def _pair_parameters(model: Checkpoint, wrappers: list[ParameterFactors], bases: dict[str, str | _PerExpertBase],
+                     selection: _Selection) -> dict[ParameterFactors, tuple[str, str | _PerExpertBase]]:
     """Which targeted parameter each nested wrapper of one module adapts, from shapes alone.
 
     peft saves nested wrappers as module / module.base_layer / ..., in the order the module registered its
     parameters, which the file does not record; shapes decide, and a tie is refused rather than guessed.
     """
-    pairs: dict[ParameterFactors, tuple[str, str]] = {}
+    pairs: dict[ParameterFactors, tuple[str, str | _PerExpertBase]] = {}
     taken: set[str] = set()
+    shapes = {p: t.shape if isinstance(t, _PerExpertBase) else selection.base_2d[t].shape for p, t in bases.items()}
     for wrapper in wrappers:
-        fitting = [p for p, t in bases.items() if _fits(model, wrapper, p, selection.base_2d[t].shape)]
+        fitting = [p for p in bases if _fits(model, wrapper, p, shapes[p])]
         if len(fitting) != 1 or fitting[0] in taken:
-            shapes = {p: list(selection.base_2d[t].shape) for p, t in bases.items()}
             raise MismatchError(
                 f"cannot tell which parameter the factors lora_A {list(wrapper.a.shape)} / lora_B "
-                f"{list(wrapper.b.shape)} adapt: {'several fit' if len(fitting) > 1 else 'none fits'} of {shapes}",
+                f"{list(wrapper.b.shape)} adapt: {'several fit' if len(fitting) > 1 else 'none fits'} of "
+                f"{ {p: list(shape) for p, shape in shapes.items()} }",
                 path=model.reference, tensor=wrapper.a.name,
                 fix="the adapter was trained on a different base model, or target_parameters does not match it")
         taken.add(fitting[0])
@@ -514,3 +519,106 @@ def _parameter_factors(model: Checkpoint, wrapper: ParameterFactors, parameter: 
         transposed = model_type in TRANSPOSED_EXPERT_MODEL_TYPES
     return {e: LoraFactors(a=wrapper.a, b=wrapper.b, rank=rank, scale=scale, fan_in_fan_out=transposed,
                            expert=e, num_experts=experts) for e in range(experts)}
+
+
+@dataclass(frozen=True)
+class _PerExpertBase:
+    """A fused expert parameter that the base stores one expert at a time, as transformers saves it: expert e's
+    slice [out, in] of the fused [E, out, in] parameter is its parts `parts[e]` (w1, w3) stacked along out."""
+
+    parts: tuple[tuple[str, ...], ...]  # [expert][part] base tensor names, parts in concatenation order
+    rows: tuple[int, ...]  # rows of each part
+    cols: int
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return len(self.parts), sum(self.rows), self.cols
+
+
+_FIRST_EXPERT = re.compile(r"(^|\.)experts\.0(\.|$)")
+
+
+def _match_per_expert(model: Checkpoint, selection: _Selection, candidates: Sequence[str]) -> dict[str, _PerExpertBase]:
+    """Targeted fused expert parameters (in-memory paths with no such base tensor) that the base stores per
+    expert under the names transformers' conversion mapping gives them (moe_layouts.saved_expert_parts)."""
+    variants = {c: saved_expert_parts(selection.model_type, c, 0) for c in candidates}
+    variants = {c: v for c, v in variants.items() if v}
+    if not variants:
+        return {}
+    names = _renamed_names(model, {n for options in variants.values() for parts in options for n in parts},
+                           selection.rename)
+    by_stored = {stored: new for new, stored in names.items()}
+    targets = selection.matcher.match_all(names, where=model.reference)
+    found: dict[str, _PerExpertBase] = {}
+    for candidate, options in variants.items():
+        for parts in options:
+            first = [targets.get(by_stored[n]) for n in parts]
+            if all(f is not None and _FIRST_EXPERT.search(f) for f in first):
+                found[candidate] = _per_expert_base(candidate, [f for f in first if f is not None], selection)
+                break
+    return found
+
+
+def _per_expert_base(parameter: str, first: list[str], selection: _Selection) -> _PerExpertBase:
+    """Expert 0's part tensors `first`, and every further expert the base has them for (experts.1., ...)."""
+    experts: list[tuple[str, ...]] = []
+    while True:
+        names = tuple(_FIRST_EXPERT.sub(rf"\g<1>experts.{len(experts)}\g<2>", n, count=1) for n in first)
+        if not all(n in selection.base_2d for n in names):
+            break
+        experts.append(names)
+    shapes = [selection.base_2d[n].shape for n in experts[0]]
+    for names in experts:
+        found = [selection.base_2d[n].shape for n in names]
+        if found != shapes or len({cols for _, cols in found}) != 1:
+            raise MismatchError(
+                f"the base stores {parameter} per expert, but its parts {list(names)} have shapes "
+                f"{[list(s) for s in found]}, which do not stack into one [E, out, in] parameter like expert 0's "
+                f"{[list(s) for s in shapes]}", path=selection.base_2d[names[0]].file, tensor=names[0],
+                fix="the base checkpoint is not the model the adapter was trained on, or it is damaged")
+    return _PerExpertBase(parts=tuple(experts), rows=tuple(rows for rows, _ in shapes), cols=shapes[0][1])
+
+
+def _per_expert_factors(model: Checkpoint, wrapper: ParameterFactors, parameter: str,
+                        base: _PerExpertBase) -> dict[str, LoraFactors]:
+    """Each per-expert base tensor's factors: its expert's A_e and its rows of B_e.
+
+    transformers' fused expert parameters of these layouts are [E, out, in] (not transposed), so peft's delta
+    of expert e is s * B_e @ A_e ([out, in]); rows start..stop of it are s * B_e[start:stop] @ A_e.
+    """
+    assert model.adapter is not None
+    rank = rank_for(model.adapter, parameter)
+    scale = scale_for(model.adapter, parameter, rank)
+    experts, out_dim, in_dim = base.shape
+    if (wrapper.b.shape[0], wrapper.a.shape[1]) != (out_dim, in_dim):
+        raise MismatchError(
+            f"lora_A {list(wrapper.a.shape)} / lora_B {list(wrapper.b.shape)} adapt {parameter} as [E, in, out], "
+            f"but transformers stacks the base's per-expert tensors into [E, out, in] = {list(base.shape)}",
+            path=model.reference, tensor=wrapper.a.name, fix="the adapter was trained on a different base model")
+    found: dict[str, LoraFactors] = {}
+    for expert, names in enumerate(base.parts):
+        start = 0
+        for name, rows in zip(names, base.rows):
+            found[name] = LoraFactors(a=wrapper.a, b=wrapper.b, rank=rank, scale=scale, fan_in_fan_out=False,
+                                      expert=expert, num_experts=experts, out_rows=(start, start + rows))
+            start += rows
+    return found
+
+
+def _refuse_unknown_split(model: Checkpoint, selection: _Selection, unknown: Sequence[str]) -> None:
+    """A fused expert parameter whose base stores experts one by one, for a model type whose split is unknown:
+    say so, rather than that the base lacks the parameter."""
+    per_expert_base = any(expert_of(n) is not None for n in selection.base_2d)
+    for candidate in unknown:
+        module, _, parameter = candidate.rpartition(".")
+        if (per_expert_base and re.search(r"(^|\.)experts$", module)
+                and saved_expert_parts(selection.model_type, candidate, 0) is None):
+            known = (f"model_type {selection.model_type!r}" if selection.model_type
+                     else "a base whose config.json gives no model_type")
+            raise UnsupportedAdapterError(
+                f"the adapter targets the fused expert parameter {candidate!r}, which the base stores per expert, "
+                f"and lorascale does not know how transformers splits {parameter} into per-expert tensors for "
+                f"{known}",
+                path=model.reference, tensor=candidate,
+                fix="merge the adapter with peft's merge_and_unload and compare the merged model, or pass a base "
+                    "saved with fused experts")

@@ -106,6 +106,9 @@ class LoraFactors:
     # uses rows e*r..(e+1)*r of A and columns e, e+E, ... of B (peft reshapes B to (out, r, E)).
     expert: int | None = None
     num_experts: int = 1
+    # Rows [start, stop) of the (expert's) update this matrix takes: one part (w1 or w3) of a fused
+    # gate_up_proj that the base stores per expert (moe_layouts.py); rows of B, since W = W0 + s*B[rows]@A.
+    out_rows: tuple[int, int] | None = None
     magnitude: TensorEntry | None = None  # DoRA's lora_magnitude_vector m [out]; None for plain LoRA
 
 

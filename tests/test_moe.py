@@ -17,7 +17,8 @@ import pytest
 import torch
 
 import checkpoints
-from lorascale.errors import MismatchError
+from lorascale.errors import MismatchError, UnsupportedAdapterError
+from lorascale.moe_layouts import SAVED_EXPERT_LAYOUTS
 from lorascale.pipeline import compare
 from lorascale.store.schema import MATRICES, SIMILARITY, SPECTRA
 from test_formats import Full, OracleMatrix, by_key, check_run, read_table, safe_epsilon
@@ -80,6 +81,20 @@ def mixtral(seed: int = 0):
                            num_key_value_heads=2, num_local_experts=3, num_experts_per_tok=2, vocab_size=64,
                            tie_word_embeddings=False)
     return _condition(MixtralForCausalLM(config).eval(), seed + 4000)
+
+
+def qwen3_moe(seed: int = 0):
+    """Qwen3-MoE: fused [E, out, in] in memory, saved per expert (mlp.experts.N.gate_proj/up_proj/down_proj);
+    hidden = 2 * moe_intermediate makes gate_up_proj square."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    checkpoints._quiet_transformers()
+    torch.manual_seed(seed)
+    config = Qwen3MoeConfig(hidden_size=32, intermediate_size=40, moe_intermediate_size=16, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_experts=4,
+                            num_experts_per_tok=2, vocab_size=64, decoder_sparse_step=1, mlp_only_layers=[],
+                            tie_word_embeddings=False)
+    return _condition(Qwen3MoeForCausalLM(config).eval(), seed + 5000)
 
 
 def save_state_dict(model: torch.nn.Module, directory: Path) -> Path:
@@ -245,12 +260,133 @@ def test_per_expert_layout_full_fine_tune_matches_oracle(tmp_path):
     assert any(r["matrix"] == "model.layers.1.block_sparse_moe.gate.weight" for r in read_table(out, MATRICES))
 
 
-def test_fused_adapter_on_per_expert_base_is_a_clear_error(tmp_path):
-    """A target_parameters adapter names the fused in-memory parameter; a base saved per expert has no such
-    tensor, which is refused naming the parameter (nothing is guessed)."""
+# Per-expert names save_pretrained writes for each fused parameter, per model family; (gate, up) in this order.
+PARTS = {"mixtral": {"gate_up_proj": ("w1", "w3"), "down_proj": ("w2",)},
+         "qwen3_moe": {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}}
+
+
+def _rank_r(delta: np.ndarray, unit: str) -> np.ndarray:
+    """peft merged in fp32: its round-off removed by keeping the rank-R part of the delta."""
+    u, s, vt = np.linalg.svd(delta, full_matrices=False)
+    assert s[R] < 1e-5 * s[0], f"{unit}: peft's merge is not a rank-{R} update"
+    return (u[:, :R] * s[:R]) @ vt[:R]
+
+
+@pytest.mark.parametrize("factory", [mixtral, qwen3_moe], ids=["mixtral", "qwen3_moe"])
+def test_fused_adapter_on_per_expert_base_matches_peft_merge(tmp_path, factory):
+    """transformers 5 holds Mixtral / Qwen3-MoE experts fused but saves them per expert: an adapter trained on the
+    fused parameters (target_parameters) is split into the per-expert tensors exactly as peft's
+    merge_and_unload + save_pretrained does (gate/w1 takes the first rows of gate_up_proj), and the run on the
+    adapter equals the run on that merged checkpoint and the float64 oracle."""
+    base_model = factory()
+    model_type = base_model.config.model_type
+    base = checkpoints.save_full(base_model, tmp_path / "base", max_shard_size="40KB")  # sharded, per expert
+    peft_model = expert_adapter(base_model, tmp_path / "lora")
+    merged = copy.deepcopy(peft_model).merge_and_unload()
+    merged_dir = checkpoints.save_full(merged, tmp_path / "merged", max_shard_size=None)
+    base_w, merged_w = checkpoints.load_float64(base), checkpoints.load_float64(merged_dir)
+    assert not any(w.ndim == 3 for w in base_w.values())  # saved per expert, 2-D
+    experts = base_model.config.num_local_experts if model_type == "mixtral" else base_model.config.num_experts
+    parts = PARTS[model_type]
+    module = "block_sparse_moe.experts" if model_type == "mixtral" else "mlp.experts"
+    lora = str(tmp_path / "lora")
+    expected = {}
+    for name, w0 in base_w.items():
+        if _analysed(name, w0) and not np.array_equal(merged_w[name], w0):
+            delta = _rank_r(merged_w[name] - w0, name)
+            expected[lora, name] = OracleMatrix(w0, w0 + delta, delta, "lora")
+    adapted = {name for _, name in expected}
+    assert adapted == {f"model.layers.{layer}.self_attn.q_proj.weight" for layer in range(2)} | {
+        f"model.layers.{layer}.{module}.{e}.{part}.weight" for layer in range(2) for e in range(experts)
+        for names in parts.values() for part in names}
+    # The split itself, against peft's own fused delta: gate (w1) takes rows [0, I) of expert e's B_e @ A_e.
+    fused = merged_tensors(peft_model)
+    fused_base = {k: v.detach().to(torch.float64).numpy() for k, v in base_model.state_dict().items()}
+    gate_up = "model.layers.1.mlp.experts.gate_up_proj"
+    fused_delta = fused[gate_up][2] - fused_base[gate_up][2]
+    gate, up = (f"model.layers.1.{module}.2.{p}.weight" for p in parts["gate_up_proj"])
+    half = fused_delta.shape[0] // 2
+    np.testing.assert_allclose(merged_w[gate] - base_w[gate], fused_delta[:half], atol=1e-6)
+    np.testing.assert_allclose(merged_w[up] - base_w[up], fused_delta[half:], atol=1e-6)
+
+    epsilon = safe_epsilon(expected)
+    compare(str(base), [lora], tmp_path / "out", epsilon=epsilon, use_cache=False, device="cpu")
+    check_run(tmp_path / "out", str(base), expected, epsilon=epsilon, strict_intruders=True)
+    # The merged checkpoint's run (every matrix, unchanged ones too) agrees on every adapted matrix.
+    compare(str(base), [str(merged_dir)], tmp_path / "out-merged", epsilon=epsilon, use_cache=False, device="cpu")
+    rows = by_key(read_table(tmp_path / "out", MATRICES), "matrix")
+    twins = by_key(read_table(tmp_path / "out-merged", MATRICES), "matrix")
+    spectra = by_key(read_table(tmp_path / "out", SPECTRA), "role", "matrix")
+    twin_spectra = by_key(read_table(tmp_path / "out-merged", SPECTRA), "role", "matrix")
+    assert {name for (name,) in rows} == adapted
+    for name in adapted:
+        (row,), (twin,) = rows[name,], twins[name,]
+        assert (row["update"], twin["update"]) == ("lora", "full")
+        assert (row["expert"], row["layer"], row["module"], row["intruders"]) == (
+            twin["expert"], twin["layer"], twin["module"], twin["intruders"])
+        assert row["expert"] == (int(name.split(".experts.")[1].split(".")[0]) if ".experts." in name else None)
+        assert row["delta_fro"] == pytest.approx(twin["delta_fro"], rel=1e-3)
+        ours, theirs = (sorted(t["tuned", name], key=lambda r: r["rank"]) for t in (spectra, twin_spectra))
+        np.testing.assert_allclose([r["sigma"] for r in ours], [r["sigma"] for r in theirs], rtol=1e-5)
+        np.testing.assert_allclose([r["max_cos"] for r in ours[:10]], [r["max_cos"] for r in theirs[:10]], atol=1e-3)
+
+
+def test_per_expert_split_follows_transformers_conversion_mapping():
+    """Every model type lorascale splits: transformers' own key renaming turns the per-expert names lorascale
+    expects (expert 3, each part) into the fused parameter, from the converter's source patterns in lorascale's
+    part order, stacked by MergeModulelist(dim=0) and concatenated along the out dim (Concatenate(dim=1))."""
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+    from lorascale.moe_layouts import saved_expert_parts
+
+    for model_type, layout in SAVED_EXPERT_LAYOUTS.items():
+        transforms = get_checkpoint_conversion_mapping(model_type)
+        assert transforms, f"transformers has no conversion mapping for {model_type}"
+        renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+        converters = [t for t in transforms if isinstance(t, WeightConverter)]
+        block = "feed_forward" if model_type in ("jamba", "lfm2_moe") else "mlp"
+        for fused, parts in layout.parts.items():
+            parameter = f"model.layers.0.{block}.experts.{fused}"
+            options = saved_expert_parts(model_type, parameter, 3)
+            assert options and options[-1] == tuple(f"model.layers.0.{block}.experts.3.{p}.weight" for p in parts)
+            for names in options:
+                for index, name in enumerate(names):
+                    renamed, source = rename_source_key(name, renamings, converters)
+                    assert renamed == parameter, (model_type, name)
+                    (converter,) = [c for c in converters if source in c.source_patterns]
+                    assert converter.source_patterns.index(source) == index, (model_type, name)
+                    assert len(converter.source_patterns) == len(parts)
+                    ops = [(type(op).__name__, op.dim) for op in converter.operations]
+                    assert ops == [("MergeModulelist", 0)] + ([("Concatenate", 1)] if len(parts) > 1 else [])
+
+
+def test_fused_adapter_on_per_expert_base_of_unknown_model_type_is_a_clear_error(tmp_path):
+    """A per-expert base whose model type's split lorascale does not know: refused naming the parameter, exit 4,
+    nothing written; nothing is guessed."""
     base_model = mixtral()
     base = checkpoints.save_full(base_model, tmp_path / "base", max_shard_size=None)
+    config = json.loads((base / "config.json").read_text())
+    config["model_type"] = "my_moe"
+    (base / "config.json").write_text(json.dumps(config))
     expert_adapter(base_model, tmp_path / "lora")
-    with pytest.raises(MismatchError, match="mlp.experts.(gate_up|down)_proj"):
+    with pytest.raises(UnsupportedAdapterError, match=r"fused expert parameter 'model\.layers\.\d\.mlp\.experts\."
+                                                      r"(gate_up|down)_proj'.*'my_moe'") as caught:
         compare(str(base), [str(tmp_path / "lora")], tmp_path / "out", use_cache=False, device="cpu")
+    assert caught.value.exit_code == 4
+    assert not (tmp_path / "out").exists()
+
+
+def test_fused_adapter_against_the_wrong_per_expert_base_is_a_clear_error(tmp_path):
+    """The adapter's experts (3) and the base's (4 per layer) disagree: refused naming the factors."""
+    from transformers import MixtralForCausalLM
+
+    base_model = mixtral()
+    expert_adapter(base_model, tmp_path / "lora")
+    config = copy.deepcopy(base_model.config)
+    config.num_local_experts = 4
+    torch.manual_seed(0)
+    other = checkpoints.save_full(MixtralForCausalLM(config).eval(), tmp_path / "base", max_shard_size=None)
+    with pytest.raises(MismatchError, match="none fits"):
+        compare(str(other), [str(tmp_path / "lora")], tmp_path / "out", use_cache=False, device="cpu")
     assert not (tmp_path / "out").exists()

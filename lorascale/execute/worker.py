@@ -117,6 +117,8 @@ def _compare_source(source: TunedSource, w0: torch.Tensor, base: BaseSpectrum, d
         first = factors.expert * factors.rank
         a = a[first:first + factors.rank]  # (r*E, n) -> (r, n)
         b = b[:, factors.expert::factors.num_experts]  # (m, r*E) viewed as (m, r, E) -> (m, r)
+    if factors.out_rows is not None:  # one per-expert part (w1 / w3) of a fused gate_up_proj
+        b = b[factors.out_rows[0]:factors.out_rows[1]]  # (m_fused, r) -> (m, r)
     a = to_compute(a, factors.a, dtype=dtype, device=options.device)  # (r, n)
     b = to_compute(b, factors.b, dtype=dtype, device=options.device)  # (m, r)
     if factors.magnitude is not None:
