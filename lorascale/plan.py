@@ -21,7 +21,7 @@ from lorascale.errors import MismatchError, OptionError, UnsupportedAdapterError
 from lorascale.io.adapter import ParameterFactors, rank_for, scale_for
 from lorascale.io.checkpoint import Checkpoint
 from lorascale.io.safetensors_header import DTYPE_BITS, dtype_not_analysed
-from lorascale.moe_layouts import TRANSPOSED_EXPERT_MODEL_TYPES, saved_expert_parts
+from lorascale.io.moe_layouts import TRANSPOSED_EXPERT_MODEL_TYPES, saved_expert_parts
 from lorascale.records import LoraFactors, MatrixJob, Skipped, TensorEntry, TunedSource
 
 # Embeddings and output heads are tables of vectors, not linear maps between hidden states: the paper

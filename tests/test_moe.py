@@ -18,7 +18,7 @@ import torch
 
 import checkpoints
 from lorascale.errors import MismatchError, UnsupportedAdapterError
-from lorascale.moe_layouts import SAVED_EXPERT_LAYOUTS
+from lorascale.io.moe_layouts import SAVED_EXPERT_LAYOUTS
 from lorascale.pipeline import compare
 from lorascale.store.schema import MATRICES, SIMILARITY, SPECTRA
 from test_formats import Full, OracleMatrix, by_key, check_run, read_table, safe_epsilon
@@ -338,7 +338,7 @@ def test_per_expert_split_follows_transformers_conversion_mapping():
     from transformers.conversion_mapping import get_checkpoint_conversion_mapping
     from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
 
-    from lorascale.moe_layouts import saved_expert_parts
+    from lorascale.io.moe_layouts import saved_expert_parts
 
     for model_type, layout in SAVED_EXPERT_LAYOUTS.items():
         transforms = get_checkpoint_conversion_mapping(model_type)
