@@ -153,3 +153,5 @@ def _record_execution(manifest: Manifest, execution: dict) -> None:
     manifest.execution = execution
     manifest.device = execution.get("device", manifest.device)
     manifest.options.update({k: execution[k] for k in ("backend", "driver", "cache_dir") if k in execution})
+    if execution.get("routes") is not None:
+        manifest.routes = execution["routes"]
