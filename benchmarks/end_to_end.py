@@ -145,6 +145,20 @@ def _child_command(kind: str, args: argparse.Namespace, mode: str, cache: Path |
     return command + (["--cache", str(cache)] if cache is not None else [])
 
 
+def _routes_line(routes: dict) -> str:
+    """The manifest's routes in one line: backend per quantity, why, and the probe's seconds."""
+    if not routes:
+        return "not recorded"
+    line = ", ".join(f"{q}={routes.get(q)}" for q in ("base", "tuned", "values", "delta"))
+    line += f" ({routes.get('reason')})"
+    probe = routes.get("probe")
+    if probe:
+        line += (f"; probe {probe['size']}x{probe['size']}: LAPACK svd {probe['lapack_svd_s']:.3g} s vs Gram left "
+                 f"{probe['gram_left_s']:.3g} s, svdvals {probe['lapack_svdvals_s']:.3g} s vs Gram "
+                 f"{probe['gram_values_s']:.3g} s")
+    return line
+
+
 def run(args: argparse.Namespace) -> None:
     from make_synthetic_llama import build
 
@@ -201,14 +215,17 @@ def run(args: argparse.Namespace) -> None:
     shapes = f"hidden {config['hidden_size']}, intermediate {config['intermediate_size']}"
     if args.modules != list(MODULES):
         shapes += f"; modules {', '.join(args.modules)} only"
-    table = (f"1 base x {len(args.tuned)} fine-tunes ({', '.join(args.tuned)}), {config['num_hidden_layers']} layer(s) x "
+    table = (f"1 base x {len(args.tuned)} fine-tunes ({', '.join(args.tuned)}), "
+             f"{config['num_hidden_layers']} layer(s) x "
              f"{len(args.modules)} matrices "
              f"({shapes}), fp16 on disk, fp32 compute, k=10, epsilon=0.5.\n\n"
              + markdown_table(["method", "wall s", "CPU s", "speed-up (wall)", "speed-up (CPU)", "peak RSS MB",
                                "overhead vs bare numerics, CPU (wall)", "intruder-count mismatches",
                                "total intruders"], rows)
              + "\n\nTop-K guard fallbacks (exact SVD used): "
-             + ", ".join(f"{label}: {results[label]['topk_fallbacks']}" for label in args.modes))
+             + ", ".join(f"{label}: {results[label]['topk_fallbacks']}" for label in args.modes)
+             + "".join(f"\n\nRoutes of {label} (manifest.json): {_routes_line(results[label].get('routes') or {})}"
+                       for label in args.modes))
     payload = {"machine": machine(), "command": command_line(), "layers": config["num_hidden_layers"],
                "hidden": config["hidden_size"], "intermediate": config["intermediate_size"], "results": results}
     path = write_results(args.name or f"end_to_end-{config['num_hidden_layers']}L-h{config['hidden_size']}",
