@@ -75,7 +75,8 @@ def _new_manifest(base: Checkpoint, tuned: list[Checkpoint], plan: Plan, options
                  "top_k": options.top_k if options.mode == "topk" else None, "cache_dir": options.cache_dir},
         base=describe(base), tuned=[describe(c) for c in tuned], device=options.device,
         precision=options.precision, torch=torch.__version__, matrices_planned=len(plan.jobs),
-        skipped=[asdict(s) for s in plan.skipped])
+        skipped=[asdict(s) for s in plan.skipped],
+        routes=options.routes.describe() if options.routes is not None else {})
 
 
 def compare(base: str, tuned: Sequence[str], out: str | Path, *, k: int = 10, epsilon: float = 0.5,
@@ -149,9 +150,11 @@ def _open_checkpoints(references: list[str], include: Sequence[str], exclude: Se
 
 
 def _record_execution(manifest: Manifest, execution: dict) -> None:
-    """Device, backend, driver and cache as the executor (e.g. the Ray workers) actually resolved them."""
+    """Device, backend, driver, cache and routes as the executor (e.g. the Ray workers) actually resolved them."""
+    execution = dict(execution)
+    routes = execution.pop("routes", None)  # Ray: as the workers resolved them; in-process: set from the options
     manifest.execution = execution
     manifest.device = execution.get("device", manifest.device)
     manifest.options.update({k: execution[k] for k in ("backend", "driver", "cache_dir") if k in execution})
-    if execution.get("routes") is not None:
-        manifest.routes = execution["routes"]
+    if routes is not None:
+        manifest.routes = routes

@@ -16,7 +16,7 @@ import torch
 from lorascale.execute.executor import Executor
 from lorascale.execute.worker import TensorLoader, analyse_job, job_entries
 from lorascale.io.tensors import load_tensor
-from lorascale.numerics.backends import Routes, resolve
+from lorascale.numerics.backends import resolve
 from lorascale.records import AnalysisOptions, MatrixJob, MatrixResult, TensorEntry
 
 
@@ -89,7 +89,6 @@ class LocalExecutor(Executor):
 
     def __init__(self, *, prefetch: bool = True) -> None:
         self.prefetch = prefetch
-        self._routes: Routes | None = None
         self._active: Generator[MatrixResult, None, None] | None = None
 
     def prepare(self, options: AnalysisOptions) -> AnalysisOptions:
@@ -97,7 +96,6 @@ class LocalExecutor(Executor):
         (numerics/backends.resolve; on a CPU with "auto" that runs the route probe once per process)."""
         compute = resolve(options.device, options.backend, options.driver, precision=options.precision,
                           sides=options.sides)
-        self._routes = compute.routes
         return replace(options, device=compute.device, backend=compute.backend, driver=compute.driver,
                        routes=compute.routes)
 
@@ -108,11 +106,8 @@ class LocalExecutor(Executor):
         return self._active
 
     def describe(self) -> dict:
-        """{"executor": "in-process", "routes": ...}: the manifest's device and options say the rest."""
-        described: dict = {"executor": "in-process"}
-        if self._routes is not None:
-            described["routes"] = self._routes.describe()
-        return described
+        """{"executor": "in-process"}: the manifest's device, options and routes say the rest."""
+        return {"executor": "in-process"}
 
     def close(self) -> None:
         """Stop the current run: its prefetch thread ends now, not at garbage collection."""
