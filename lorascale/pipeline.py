@@ -95,7 +95,8 @@ def compare(base: str, tuned: Sequence[str], out: str | Path, *, k: int = 10, ep
     Runs in-process unless `ray_address` (or RAY_ADDRESS) is given or `workers` > 1: then on Ray actors
     (execute/ray_executor.py), `cpus_per_worker` / `gpus_per_worker` each; `executor` (an
     execute.executor.Executor) replaces that choice.
-    `backend` picks the SVD backend (auto, torch, cupy, or the opt-in gram; numerics/backends.py).
+    `backend` picks the SVD backend (auto, torch, cupy or gram; numerics/backends.py decides what "auto"
+    routes where, and manifest.routes records it).
     `mode="topk"` computes max_cos only for the top `top_k` tuned vectors (numerics/topk.py).  Base SVDs
     are cached in `cache_dir` (default settings.cache_dir()) unless `use_cache=False` (store/svd_cache.py).
 

@@ -15,7 +15,8 @@ eigenvectors of A A^T are U itself, so no product and no repair at all; a tall A
 Its singular vectors are at least as accurate as fp32 LAPACK's for every s_j above ~1e-9 s_1 (eigenvector
 error ~eps64 s_1^2 / ((s_i + s_j) gap) against ~eps32 s_1 / gap), which is why "auto" may route fp32 runs
 here on a CPU where numerics/backends.py's probe finds it faster; with fp64 output it is less accurate than
-LAPACK and is never chosen automatically.  benchmarks/svd_throughput.py measures the error against float64.
+LAPACK and is never chosen automatically (tests/numerics/test_routes.py checks both claims against the
+float64 oracle, ill-conditioned and rank-deficient inputs included).
 """
 
 from __future__ import annotations
