@@ -56,8 +56,9 @@ def test_gram_left_svd_meets_the_fp32_tolerances(shape, kind):
     # Orthonormal to fp32 rounding whatever the conditioning (the tall case repairs its poor columns), so
     # max_cos over ALL base vectors keeps its meaning: it is at most 1, and the columns span what U0 spans.
     assert np.abs(u.T @ u - np.eye(u.shape[1])).max() <= 1e-5
-    if kind != "deficient":
-        assert np.linalg.norm(u0.T @ u, ord=2) == pytest.approx(1.0, abs=1e-5)
+    if kind != "deficient":  # (a rank-deficient tall matrix's U0 completes its range arbitrarily)
+        principal_cosines = np.linalg.svd(u0.T @ u, compute_uv=False)
+        assert principal_cosines.min() >= 1 - 1e-5
 
 
 @pytest.mark.parametrize("kind", ["flat", "decaying", "deficient"])
