@@ -13,6 +13,7 @@ so the probe's ratios can be compared with the ratios at full size on the same B
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -40,11 +41,38 @@ def _timed(call):
     return time.perf_counter() - wall, cpu_seconds() - cpu, result
 
 
+def _table(payload: dict) -> str:
+    """Seconds and ratios per shape, CPU seconds first (robust on a shared machine), and the probe's row."""
+    rows = []
+    for record in payload["records"]:
+        svd, left = record["lapack_svd"], record["gram_left"]
+        values, gram_values = record["lapack_svdvals"], record["gram_svdvals"]
+        rows.append([record["shape"], f"{svd['cpu_s']:.3g} ({svd['wall_s']:.3g})",
+                     f"{left['cpu_s']:.3g} ({left['wall_s']:.3g})",
+                     f"{left['cpu_s'] / svd['cpu_s']:.2f} ({left['wall_s'] / svd['wall_s']:.2f})",
+                     f"{values['cpu_s']:.3g} ({values['wall_s']:.3g})",
+                     f"{gram_values['cpu_s']:.3g} ({gram_values['wall_s']:.3g})",
+                     f"{gram_values['cpu_s'] / values['cpu_s']:.2f} ({gram_values['wall_s'] / values['wall_s']:.2f})",
+                     record["gram_sigma_error"], record["gram_vector_error"]])
+    p = payload["probe"]
+    rows.append([f"probe {p['size']}x{p['size']} (1 thread)", p["lapack_svd_s"], p["gram_left_s"],
+                 f"{p['gram_left_s'] / p['lapack_svd_s']:.2f}", p["lapack_svdvals_s"], p["gram_values_s"],
+                 f"{p['gram_values_s'] / p['lapack_svdvals_s']:.2f}", p["gram_sigma_error"], p["gram_vector_error"]])
+    return (f"fp32 input, {payload['blas']}; CPU seconds (wall in brackets), one run each; ratio = Gram / LAPACK."
+            "\n\n" + markdown_table(["shape", "LAPACK svd", "Gram left_svd", "ratio", "LAPACK svdvals",
+                                      "Gram svdvals", "ratio", "Gram sigma error", "Gram top-10 vector error"], rows))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", default="4096x4096,11008x4096,4096x11008")
     parser.add_argument("--name", default="cpu_routes")
+    parser.add_argument("--render", action="store_true", help="rewrite results/<name>.md from its .json")
     args = parser.parse_args()
+    if args.render:
+        payload = json.loads((HERE / "results" / f"{args.name}.json").read_text())
+        print(write_results(args.name, payload, _table(payload)).read_text())
+        return
     import torch
 
     from lorascale.numerics import gram
@@ -52,7 +80,7 @@ def main() -> None:
     from lorascale.numerics.route_probe import sin_angles, probe
 
     probe_result = probe().as_dict()
-    records, rows = [], []
+    records = []
     for shape in args.shapes.split(","):
         m, n = (int(x) for x in shape.split("x"))
         a, u_true, s_true = _planted(m, n)
@@ -69,20 +97,9 @@ def main() -> None:
                 record["gram_sigma_error"] = float((result.double() - s_true).abs().max() / s_true[0])
             print(shape, label, f"{wall:.2f} s wall, {cpu:.2f} CPU-s", file=sys.stderr, flush=True)
         records.append(record)
-        rows.append([shape, record["lapack_svd"]["wall_s"], record["gram_left"]["wall_s"],
-                     record["gram_left"]["wall_s"] / record["lapack_svd"]["wall_s"],
-                     record["lapack_svdvals"]["wall_s"], record["gram_svdvals"]["wall_s"],
-                     record["gram_svdvals"]["wall_s"] / record["lapack_svdvals"]["wall_s"],
-                     record["gram_sigma_error"], record["gram_vector_error"]])
-    p = probe_result
-    rows.append([f"probe {p['size']}x{p['size']}", p["lapack_svd_s"], p["gram_left_s"],
-                 p["gram_left_s"] / p["lapack_svd_s"], p["lapack_svdvals_s"], p["gram_values_s"],
-                 p["gram_values_s"] / p["lapack_svdvals_s"], p["gram_sigma_error"], p["gram_vector_error"]])
-    table = (f"fp32 input, {blas_info()}; wall seconds, one run each.\n\n"
-             + markdown_table(["shape", "LAPACK svd s", "Gram left_svd s", "ratio", "LAPACK svdvals s",
-                               "Gram svdvals s", "ratio", "Gram sigma error", "Gram top-10 vector error"], rows))
-    path = write_results(args.name, {"machine": machine(), "command": command_line(), "blas": blas_info(),
-                                     "probe": probe_result, "records": records}, table)
+    payload = {"machine": machine(), "command": command_line(), "blas": blas_info(), "probe": probe_result,
+               "records": records}
+    path = write_results(args.name, payload, _table(payload))
     print(path.read_text())
 
 
