@@ -34,6 +34,8 @@ from make_synthetic_llama import MODULES  # noqa: E402
 TUNED = ("full-a", "full-b", "lora-r16", "lora-r64")
 MODES = {  # label -> (lorascale mode, cache: None | "cold" | "warm", backend)
     "exact": ("exact", None, "auto"),
+    # --backend torch: LAPACK for every quantity, what "auto" was on CPUs before the route probe (issue 10)
+    "exact-torch": ("exact", None, "torch"),
     "topk64": ("topk", "cold", "auto"),
     "topk64-warm": ("topk", "warm", "auto"),
     # The opt-in gram backend (float64 Gram eigensolver; accuracy in svd_throughput's table).
@@ -63,16 +65,17 @@ def child_lorascale(args: argparse.Namespace) -> dict:
     worker_log = logging.getLogger("lorascale.execute.worker")
     worker_log.setLevel(logging.INFO)
     worker_log.addHandler(counter)
-    tuned = [str(args.data / t) for t in TUNED]
+    tuned = [str(args.data / t) for t in args.tuned]
     started, cpu_started = time.perf_counter(), cpu_seconds()
-    compare(str(args.data / "base"), tuned, args.out, mode=args.mode, top_k=args.top_k, device="cpu",
+    run = compare(str(args.data / "base"), tuned, args.out, mode=args.mode, top_k=args.top_k, device="cpu",
             backend=args.backend,
             cache_dir=args.cache, use_cache=args.cache is not None, overwrite=True, include=_include(args))
     seconds, cpu = time.perf_counter() - started, cpu_seconds() - cpu_started
     rows = ds.dataset(args.out / "matrices", format="parquet").to_table(
         columns=["model", "matrix", "intruders"]).to_pylist()
     return {"counts": {f"{r['model']}|{r['matrix']}": r["intruders"] for r in rows}, "seconds": seconds,
-            "cpu_seconds": cpu, "peak_rss_mb": peak_rss_mb(), "topk_fallbacks": counter.count}
+            "cpu_seconds": cpu, "peak_rss_mb": peak_rss_mb(), "topk_fallbacks": counter.count,
+            "routes": run.manifest.routes}
 
 
 def _include(args: argparse.Namespace) -> list[str]:
@@ -94,10 +97,13 @@ def child_bare(args: argparse.Namespace) -> dict:
     from lorascale.records import AnalysisOptions
 
     base_ckpt = open_checkpoint(resolve(str(args.data / "base")))
-    tuned_ckpts = [open_checkpoint(resolve(str(args.data / t))) for t in TUNED]
+    from lorascale.numerics.backends import resolve as resolve_compute
+
+    tuned_ckpts = [open_checkpoint(resolve(str(args.data / t))) for t in args.tuned]
     jobs = plan_jobs(base_ckpt, tuned_ckpts, include=tuple(_include(args))).jobs
-    backend = "gram" if args.backend == "gram" else "torch"
-    options = AnalysisOptions(mode=args.mode, top_k=args.top_k, backend=backend,
+    compute = resolve_compute("cpu", args.backend)  # "auto": the same route probe lorascale runs (untimed)
+    backend, routes = compute.backend, compute.routes
+    options = AnalysisOptions(mode=args.mode, top_k=args.top_k, backend=backend, routes=routes,
                               cache_dir=str(args.cache) if args.cache else None)
     cache = BaseSpectrumCache(args.cache) if args.cache else None
     top_k = args.top_k if args.mode == "topk" else None
@@ -116,13 +122,13 @@ def child_bare(args: argparse.Namespace) -> dict:
                 tuned.append(("lora", w0 + f.scale * (b @ a), (a, b, f.scale)))
         started, cpu_started = time.perf_counter(), cpu_seconds()
         if base is None:
-            base = base_spectrum(w0, ("left",), backend=backend)
+            base = base_spectrum(w0, ("left",), backend=routes.base)
         for kind, w, factors in tuned:
             if kind == "full":
-                compare_to_base(base, w, w0=w0, top_k=top_k, backend=backend)
+                compare_to_base(base, w, w0=w0, top_k=top_k, backend=backend, routes=routes)
             else:
                 delta = lora_delta_singular_values(*factors)
-                compare_to_base(base, w, delta_singular_values=delta, top_k=top_k, backend=backend)
+                compare_to_base(base, w, delta_singular_values=delta, top_k=top_k, backend=backend, routes=routes)
         seconds += time.perf_counter() - started
         cpu += cpu_seconds() - cpu_started
         del tuned, w0, base
@@ -134,8 +140,23 @@ def _child_command(kind: str, args: argparse.Namespace, mode: str, cache: Path |
                    backend: str = "auto") -> list[str]:
     command = [sys.executable, str(Path(__file__).resolve()), "--child", kind, "--data", str(args.data),
                "--backend", backend,
-               "--mode", mode, "--top-k", str(args.top_k), "--out", str(out), "--modules", ",".join(args.modules)]
+               "--mode", mode, "--top-k", str(args.top_k), "--out", str(out), "--modules", ",".join(args.modules),
+               "--tuned", ",".join(args.tuned)]
     return command + (["--cache", str(cache)] if cache is not None else [])
+
+
+def _routes_line(routes: dict) -> str:
+    """The manifest's routes in one line: backend per quantity, why, and the probe's seconds."""
+    if not routes:
+        return "not recorded"
+    line = ", ".join(f"{q}={routes.get(q)}" for q in ("base", "tuned", "values", "delta"))
+    line += f" ({routes.get('reason')})"
+    probe = routes.get("probe")
+    if probe:
+        line += (f"; probe {probe['size']}x{probe['size']}: LAPACK svd {probe['lapack_svd_s']:.3g} s vs Gram left "
+                 f"{probe['gram_left_s']:.3g} s, svdvals {probe['lapack_svdvals_s']:.3g} s vs Gram "
+                 f"{probe['gram_values_s']:.3g} s")
+    return line
 
 
 def run(args: argparse.Namespace) -> None:
@@ -146,7 +167,7 @@ def run(args: argparse.Namespace) -> None:
         args.data = work / "data"
     if not (args.data / "base").exists():
         print(f"generating {args.layers} layer(s) at scale {args.scale} in {args.data}", file=sys.stderr)
-        build(args.data, layers=args.layers, scale=args.scale)
+        build(args.data, layers=args.layers, scale=args.scale, only=tuple(args.tuned))
     config = json.loads((args.data / "base" / "config.json").read_text())
     results: dict[str, dict] = {}
     reference_data = args.data
@@ -155,11 +176,11 @@ def run(args: argparse.Namespace) -> None:
 
         reference_data = work / "subset"
         _subset_links(args.data, reference_data, config["num_hidden_layers"],
-                      argparse.Namespace(tuned=list(TUNED), modules=args.modules))
+                      argparse.Namespace(tuned=list(args.tuned), modules=args.modules))
     print("reference ...", file=sys.stderr, flush=True)
     results["reference"] = run_measured([sys.executable, str(HERE / "reference.py"), "--base",
                                          str(reference_data / "base"),
-                                         *[a for t in TUNED for a in ("--tuned", str(reference_data / t))]])
+                                         *[a for t in args.tuned for a in ("--tuned", str(reference_data / t))]])
     results["reference"]["counts"] = {key.replace(str(reference_data), str(args.data), 1): count
                                       for key, count in results["reference"]["counts"].items()}
     for label in args.modes:
@@ -194,14 +215,17 @@ def run(args: argparse.Namespace) -> None:
     shapes = f"hidden {config['hidden_size']}, intermediate {config['intermediate_size']}"
     if args.modules != list(MODULES):
         shapes += f"; modules {', '.join(args.modules)} only"
-    table = (f"1 base x 4 fine-tunes (2 full, LoRA r=16, r=64), {config['num_hidden_layers']} layer(s) x "
+    table = (f"1 base x {len(args.tuned)} fine-tunes ({', '.join(args.tuned)}), "
+             f"{config['num_hidden_layers']} layer(s) x "
              f"{len(args.modules)} matrices "
              f"({shapes}), fp16 on disk, fp32 compute, k=10, epsilon=0.5.\n\n"
              + markdown_table(["method", "wall s", "CPU s", "speed-up (wall)", "speed-up (CPU)", "peak RSS MB",
                                "overhead vs bare numerics, CPU (wall)", "intruder-count mismatches",
                                "total intruders"], rows)
              + "\n\nTop-K guard fallbacks (exact SVD used): "
-             + ", ".join(f"{label}: {results[label]['topk_fallbacks']}" for label in args.modes))
+             + ", ".join(f"{label}: {results[label]['topk_fallbacks']}" for label in args.modes)
+             + "".join(f"\n\nRoutes of {label} (manifest.json): {_routes_line(results[label].get('routes') or {})}"
+                       for label in args.modes))
     payload = {"machine": machine(), "command": command_line(), "layers": config["num_hidden_layers"],
                "hidden": config["hidden_size"], "intermediate": config["intermediate_size"], "results": results}
     path = write_results(args.name or f"end_to_end-{config['num_hidden_layers']}L-h{config['hidden_size']}",
@@ -216,6 +240,8 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=None, help="an existing make_synthetic_llama.py output")
     parser.add_argument("--top-k", type=int, default=64)
     parser.add_argument("--modules", default=",".join(MODULES), help="comma-separated subset, e.g. self_attn.q_proj")
+    parser.add_argument("--tuned", default=",".join(TUNED),
+                        help="comma-separated fine-tunes of make_synthetic_llama.py, e.g. full-a,full-b,full-c,full-d")
     parser.add_argument("--modes", nargs="+", default=list(DEFAULT_MODES), choices=list(MODES))
     parser.add_argument("--bare", nargs="*", default=list(DEFAULT_MODES), choices=list(MODES),
                         help="modes whose bare numerics are timed too (for the overhead column)")
@@ -227,6 +253,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.modules = args.modules.split(",")
+    args.tuned = args.tuned.split(",")
     if args.child == "lorascale":
         print(json.dumps(child_lorascale(args)))
     elif args.child == "bare":

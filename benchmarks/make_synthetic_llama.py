@@ -35,7 +35,9 @@ MODULES = {  # name -> (rows, cols) as nn.Linear stores them, [out, in]
     "self_attn.o_proj": ("h", "h"), "mlp.gate_proj": ("i", "h"), "mlp.up_proj": ("i", "h"),
     "mlp.down_proj": ("h", "i"),
 }
-FULL_TUNES = {"full-a": 0.1, "full-b": 0.15}  # name -> strength of the rank-8 part, relative to sigma_1
+# name -> strength of the rank-8 part, relative to sigma_1; full-c, full-d for 1 base x 4 full fine-tunes
+FULL_TUNES = {"full-a": 0.1, "full-b": 0.15, "full-c": 0.12, "full-d": 0.2}
+DEFAULT_TUNES = ("full-a", "full-b", "lora-r16", "lora-r64")
 ADAPTERS = {"lora-r16": 16, "lora-r64": 64}
 SHARD_BYTES = 2 * 2**30
 
@@ -120,8 +122,9 @@ def build(out: Path, *, layers: int = 2, scale: float = 1.0, seed: int = 0,
           only: tuple[str, ...] | None = None) -> dict[str, Path]:
     """Write base, full-a, full-b, lora-r16, lora-r64 under `out` (or base and the fine-tunes named in
     `only`); return their paths.  A fine-tune's bytes do not depend on which others are written."""
-    tunes = {name: strength for name, strength in FULL_TUNES.items() if only is None or name in only}
-    adapter_ranks = {name: r for name, r in ADAPTERS.items() if only is None or name in only}
+    only = DEFAULT_TUNES if only is None else only
+    tunes = {name: strength for name, strength in FULL_TUNES.items() if name in only}
+    adapter_ranks = {name: r for name, r in ADAPTERS.items() if name in only}
     dims = {"h": round(HIDDEN * scale), "i": round(INTERMEDIATE * scale)}
     config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": dims["h"],
               "intermediate_size": dims["i"], "num_hidden_layers": layers, "num_attention_heads": 32,

@@ -298,8 +298,9 @@ def _print_summary(out: Path) -> None:
               help="Arithmetic of the SVDs; weights are read as stored.  fp64 for ill-conditioned matrices.")
 @click.option("--device", default="auto", show_default=True, help=f"{DEVICE_CHOICES}.")
 @click.option("--backend", type=click.Choice(BACKEND_CHOICES), default="auto", show_default=True,
-              help="SVD backend: torch (LAPACK; cuSOLVER gesvd on CUDA), cupy (CUDA), or gram (opt-in: float64 "
-                   "Gram-matrix eigensolver, see benchmarks/README.md).  auto = torch.")
+              help="SVD backend: torch (LAPACK; cuSOLVER gesvd on CUDA), cupy (CUDA), or gram (float64 "
+                   "Gram-matrix eigensolver, see benchmarks/README.md).  auto: torch on CUDA and at fp64; on a "
+                   "CPU at fp32 a probe picks torch or gram per quantity (manifest.json \"routes\").")
 @click.option("--mode", type=click.Choice(["exact", "topk"]), default="exact", show_default=True,
               help="exact: max_cos for every tuned vector.  topk: only for the top --top-k (all singular values "
                    "still computed), guarded against the exact result.")

@@ -94,7 +94,8 @@ def _new_manifest(base: Checkpoint, tuned: list[Checkpoint], names: list[NamedRe
         base=_described(base, names[0]), tuned=[_described(c, n) for c, n in zip(tuned, names[1:])],
         device=options.device,
         precision=options.precision, torch=torch.__version__, matrices_planned=len(plan.jobs),
-        skipped=[asdict(s) for s in plan.skipped])
+        skipped=[asdict(s) for s in plan.skipped],
+        routes=options.routes.describe() if options.routes is not None else {})
 
 
 def compare(base: str | Mapping[str, str], tuned: References, out: str | Path, *, k: int = 10,
@@ -118,7 +119,8 @@ def compare(base: str | Mapping[str, str], tuned: References, out: str | Path, *
     Runs in-process unless `ray_address` (or RAY_ADDRESS) is given or `workers` > 1: then on Ray actors
     (execute/ray_executor.py), `cpus_per_worker` / `gpus_per_worker` each; `executor` (an
     execute.executor.Executor) replaces that choice.
-    `backend` picks the SVD backend (auto, torch, cupy, or the opt-in gram; numerics/backends.py).
+    `backend` picks the SVD backend (auto, torch, cupy or gram; numerics/backends.py decides what "auto"
+    routes where, and manifest.routes records it).
     `rename` holds "FROM=TO" rules (a regex and its replacement) applied in order to every tuned tensor name
     (and adapter module path) before it is matched to the base's names; base names are never renamed.
     `mode="topk"` computes max_cos only for the top `top_k` tuned vectors (numerics/topk.py).  Base SVDs
@@ -382,7 +384,11 @@ def _scratch_directory(scratch_dir: str | Path) -> Path:
 
 
 def _record_execution(manifest: Manifest, execution: dict) -> None:
-    """Device, backend, driver and cache as the executor (e.g. the Ray workers) actually resolved them."""
+    """Device, backend, driver, cache and routes as the executor (e.g. the Ray workers) actually resolved them."""
+    execution = dict(execution)
+    routes = execution.pop("routes", None)  # Ray: as the workers resolved them; in-process: set from the options
     manifest.execution = execution
     manifest.device = execution.get("device", manifest.device)
     manifest.options.update({k: execution[k] for k in ("backend", "driver", "cache_dir") if k in execution})
+    if routes is not None:
+        manifest.routes = routes

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from lorascale.numerics.backends import Routes
 
 Kind = Literal["full", "lora"]
 # How a tuned W was obtained: read whole ("full"), W0 + s*B@A ("lora"), or DoRA's rescaled merge ("dora").
@@ -169,6 +172,8 @@ class AnalysisOptions:
     top_k: int = 64  # tuned vectors computed in topk mode
     topk_tolerance: float = 1e-3  # topk guard (numerics/topk.py); above it the exact SVD is used
     cache_dir: str | None = None  # on-disk cache of base SVDs (lorascale/store/svd_cache.py); None: no cache
+    # Backend of each quantity (numerics/backends.Routes), set by an executor's prepare(); None: all on `backend`
+    routes: Routes | None = None
 
 
 @dataclass(frozen=True)

@@ -101,9 +101,12 @@ class LocalExecutor(Executor):
         self._active: Generator[MatrixResult, None, None] | None = None
 
     def prepare(self, options: AnalysisOptions) -> AnalysisOptions:
-        """Settle device, backend and driver for this machine (numerics/backends.resolve)."""
-        compute = resolve(options.device, options.backend, options.driver)
-        return replace(options, device=compute.device, backend=compute.backend, driver=compute.driver)
+        """Settle device, backend, driver and the route of each quantity for this machine
+        (numerics/backends.resolve; on a CPU with "auto" that runs the route probe once per process)."""
+        compute = resolve(options.device, options.backend, options.driver, precision=options.precision,
+                          sides=options.sides)
+        return replace(options, device=compute.device, backend=compute.backend, driver=compute.driver,
+                       routes=compute.routes)
 
     def run(self, jobs: Sequence[MatrixJob], options: AnalysisOptions, *,
             files: StreamedFiles | None = None) -> Iterator[MatrixResult]:
@@ -114,7 +117,7 @@ class LocalExecutor(Executor):
         return self._active
 
     def describe(self) -> dict:
-        """{"executor": "in-process"}: the manifest's device and options say the rest."""
+        """{"executor": "in-process"}: the manifest's device, options and routes say the rest."""
         return {"executor": "in-process"}
 
     def close(self) -> None:

@@ -283,7 +283,8 @@ class _Session:
                                      fix="is lorascale installed on every node?") from exc
             return
         self.node_ips[worker.where["node_id"]] = worker.where["ip"]
-        self.info.update({k: worker.where[k] for k in ("device", "backend", "driver", "cache_dir")})
+        self.info.update({k: worker.where[k] for k in ("device", "backend", "driver", "cache_dir", "routes")
+                          if k in worker.where})
         self.ready.append(worker)
 
     def on_finished(self, ref: Any) -> MatrixResult | None:
@@ -355,7 +356,8 @@ class _MatrixWorker:
             raise self._error
         return {"node_id": ray.get_runtime_context().get_node_id(), "ip": ray.util.get_node_ip_address(),
                 "pid": os.getpid(), "device": self._options.device, "backend": self._options.backend,
-                "driver": self._options.driver, "cache_dir": self._options.cache_dir}
+                "driver": self._options.driver, "cache_dir": self._options.cache_dir,
+                "routes": self._options.routes.describe() if self._options.routes is not None else None}
 
     def analyse(self, job: MatrixJob) -> MatrixResult:
         """The job's result, from tensors found on this node."""

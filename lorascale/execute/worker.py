@@ -70,7 +70,8 @@ def analyse_job(job: MatrixJob, options: AnalysisOptions, *, load: TensorLoader 
     base = cache.load(key, options.device) if cache is not None and key is not None else None
     if base is None:
         try:
-            base = base_spectrum(w0, options.sides, driver=options.driver, backend=options.backend)
+            base = base_spectrum(w0, options.sides, driver=options.driver,
+                                 backend=options.routes.base if options.routes is not None else options.backend)
         except NumericalError as exc:
             if exc.path is not None:
                 raise
@@ -105,7 +106,7 @@ def _compare_source(source: TunedSource, w0: torch.Tensor, base: BaseSpectrum, d
                     options: AnalysisOptions, load: TensorLoader, *, matrix: str) -> TunedComparison:
     numerics = {"block": options.block, "driver": options.driver, "backend": options.backend,
                 "top_k": options.top_k if options.mode == "topk" else None,
-                "topk_tolerance": options.topk_tolerance, "separated": options.k}
+                "topk_tolerance": options.topk_tolerance, "separated": options.k, "routes": options.routes}
     if source.update == "full":
         assert source.full is not None
         w = to_compute(load(source.full), source.full, dtype=dtype, device=options.device)

@@ -7,11 +7,19 @@ and in its dtype.  `driver` is the cuSOLVER driver; backends that do not call cu
 - "torch" (numerics/torch_svd.py): torch.linalg; LAPACK on CPU, cuSOLVER `gesvd` on CUDA unless told.
 - "cupy" (numerics/cupy_backend.py): cupy.linalg.svd on CUDA (cuSOLVER gesvd), for installations that
   prefer cupy's build of cuSOLVER.  Optional package, never imported before it runs.
-- "gram" (numerics/gram.py): opt-in, never chosen automatically.  Eigendecomposition of the float64 Gram
-  matrix of the short side; its accuracy is measured against float64 in benchmarks/svd_throughput.py.
+- "gram" (numerics/gram.py): eigendecomposition of the float64 Gram matrix of the short side; its accuracy
+  is measured against float64 in benchmarks/svd_throughput.py.
 
-"auto" is "torch" on every device: cupy calls the same cuSOLVER routine, so it buys nothing by default
-(benchmarks/README.md has the measurements behind these choices).
+Every backend also has `left_svd(matrix, *, driver) -> (U, S)`: what a left-side-only run needs (the Gram
+route then skips V).  A run routes each quantity to a backend (`Routes`): the base SVD, the tuned SVD
+(exact mode), the tuned singular values (topk mode) and dW's singular values.  An explicit --backend
+routes everything there.  "auto":
+- CUDA: "torch" everywhere (cupy calls the same cuSOLVER routine; no GPU figures chose anything else yet).
+- CPU, fp32: decided at run time by `cpu_routes()`, once per process: numerics/route_probe.py times LAPACK
+  against the float64 Gram routes on this BLAS and checks the Gram routes against docs/METHOD.md's fp32
+  tolerances; a Gram route is taken for the vectors (base and tuned, left side only) or for the values
+  (tuned singular values, dW's) where it passed and was not slower.  MKL here: both (benchmarks/README.md).
+- CPU, fp64: "torch" everywhere: the Gram routes' errors (~eps64 (s_1/s_j)) exceed fp64's tolerance.
 
 `check()` validates names and combinations without looking at any hardware (a Ray driver runs it: the
 GPUs may be on other machines); `resolve()` also settles "auto" and checks that this machine can honour
@@ -21,6 +29,7 @@ imports torch or cupy at import time, so the CLI can take its choices from this 
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import re
@@ -37,6 +46,7 @@ if TYPE_CHECKING:
 
 SvdFunction = Callable[..., "Decomposition"]
 SvdvalsFunction = Callable[..., "torch.Tensor"]
+LeftSvdFunction = Callable[..., "tuple[torch.Tensor, torch.Tensor]"]
 
 
 @dataclass(frozen=True)
@@ -52,6 +62,10 @@ class Backend:
         """(svd, svdvals) of this backend, importing its module on first use."""
         module = importlib.import_module(self.module)
         return module.svd, module.svdvals
+
+    def left_function(self) -> LeftSvdFunction:
+        """left_svd of this backend: (U, S) without V."""
+        return importlib.import_module(self.module).left_svd
 
 
 BACKENDS: dict[str, Backend] = {
@@ -69,13 +83,41 @@ _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
 @dataclass(frozen=True)
+class Routes:
+    """Which backend (a name of BACKENDS) computes each quantity of a comparison, and why."""
+
+    base: str  # SVD of W0: its singular values and the vectors of the requested sides
+    tuned: str  # exact mode: SVD of each tuned W
+    values: str  # topk mode: all singular values of each tuned W
+    delta: str  # singular values of dW = W - W0 (full fine-tunes)
+    reason: str  # "--backend X", "auto: CUDA", "auto: fp64", "auto: probe", "auto: both sides"
+    blas: str = ""  # the BLAS/LAPACK torch was built with (CPU), as torch reports it
+    probe: dict | None = None  # route_probe.ProbeResult.as_dict() when a probe decided
+
+    @classmethod
+    def uniform(cls, backend: str, reason: str, *, blas: str = "") -> Routes:
+        return cls(base=backend, tuned=backend, values=backend, delta=backend, reason=reason, blas=blas)
+
+    def describe(self) -> dict:
+        """What the manifest records (manifest.json "routes")."""
+        record = {"base": self.base, "tuned": self.tuned, "values": self.values, "delta": self.delta,
+                  "reason": self.reason}
+        if self.blas:
+            record["blas"] = self.blas
+        if self.probe is not None:
+            record["probe"] = self.probe
+        return record
+
+
+@dataclass(frozen=True)
 class Compute:
     """Where and how a worker decomposes: a concrete device, a backend of BACKENDS, the cuSOLVER driver
-    (None off CUDA)."""
+    (None off CUDA), and the backend of each quantity."""
 
     device: str
     backend: str
     driver: str | None
+    routes: Routes | None = None
 
 
 def cupy_available() -> bool:
@@ -109,12 +151,14 @@ def check(device: str, backend: str, driver: str | None) -> None:
         raise OptionError(f"--backend {backend} needs a CUDA device", fix="use --device cuda, or --backend torch")
 
 
-def resolve(device: str, backend: str = AUTO, driver: str | None = None) -> Compute:
-    """The concrete Compute for a request on this machine: "auto" settled, the device and the backend's
-    package checked.  Takes the user's --device, --backend and driver; raises OptionError (exit 2).
+def resolve(device: str, backend: str = AUTO, driver: str | None = None, *, precision: str = "fp32",
+            sides: tuple[str, ...] = ("left",)) -> Compute:
+    """The concrete Compute for a request on this machine: "auto" settled (routes included, see the module
+    doc), the device and the backend's package checked.  Takes the user's --device, --backend, driver,
+    --precision and sides; raises OptionError (exit 2).
 
-    >>> resolve("cpu", "auto", "gesvdj")
-    Compute(device='cpu', backend='torch', driver=None)
+    >>> resolve("cpu", "torch", "gesvdj").backend
+    'torch'
     """
     check(device, backend, driver)
     device = _resolve_device(device)
@@ -126,7 +170,54 @@ def resolve(device: str, backend: str = AUTO, driver: str | None = None) -> Comp
     if spec.requires is not None and not _installed(spec.requires):
         raise OptionError(f"--backend {chosen} requested but {spec.requires} is not installed",
                           fix=f"pip install 'lorascale[{spec.requires}]', or use --backend torch")
-    return Compute(device=device, backend=chosen, driver=(driver or DEFAULT_CUDA_DRIVER) if _is_cuda(device) else None)
+    if backend != AUTO:
+        routes = Routes.uniform(chosen, f"--backend {chosen}")
+    elif _is_cuda(device):
+        routes = Routes.uniform(chosen, "auto: CUDA")
+    elif precision != "fp32":
+        routes = Routes.uniform(chosen, f"auto: {precision} (Gram routes are not accurate to its tolerance)",
+                                blas=blas_info())
+    else:
+        routes = cpu_routes(left_only=tuple(sides) == ("left",))
+    return Compute(device=device, backend=chosen, driver=(driver or DEFAULT_CUDA_DRIVER) if _is_cuda(device) else None,
+                   routes=routes)
+
+
+# A Gram route must be at least this fast relative to LAPACK on the probe (ratio of seconds) to be taken.
+# 1.0 and not lower: the probe's small matrix already favours LAPACK (see numerics/route_probe.py).
+GRAM_SPEED_RATIO = 1.0
+
+
+@functools.lru_cache(maxsize=2)
+def cpu_routes(*, left_only: bool = True) -> Routes:
+    """The CPU routes of "auto" at fp32 on this machine: one probe per process (numerics/route_probe.py).
+
+    Vectors (base and tuned SVDs) go to "gram" when its left_svd was accurate and not slower than LAPACK's
+    svd, and only for a left-side run (the right side would need V as well, not probed); values (tuned
+    singular values, dW's) go to "gram" when its svdvals was accurate and not slower than LAPACK's.
+    """
+    from lorascale.numerics.route_probe import SIGMA_TOLERANCE, VECTOR_TOLERANCE, probe
+
+    result = probe()
+    accurate = result.gram_sigma_error <= SIGMA_TOLERANCE
+    vectors = ("gram" if left_only and accurate and result.gram_vector_error <= VECTOR_TOLERANCE
+               and result.gram_left_s <= GRAM_SPEED_RATIO * result.lapack_svd_s else "torch")
+    values = "gram" if accurate and result.gram_values_s <= GRAM_SPEED_RATIO * result.lapack_svdvals_s else "torch"
+    return Routes(base=vectors, tuned=vectors, values=values, delta=values,
+                  reason="auto: probe" if left_only else "auto: probe (both sides: vectors on LAPACK)",
+                  blas=blas_info(), probe=result.as_dict())
+
+
+def blas_info() -> str:
+    """The BLAS and LAPACK torch was built with, e.g. "blas=mkl lapack=mkl (Intel(R) oneAPI Math Kernel ...)"."""
+    import torch
+
+    config = torch.__config__.show()
+    found = dict(re.findall(r"\b(BLAS_INFO|LAPACK_INFO)=([^,\s]+)", config))
+    library = next((line.strip(" -") for line in config.splitlines()
+                    if "Math Kernel Library" in line or "OpenBLAS" in line), "")
+    text = f"blas={found.get('BLAS_INFO', '?')} lapack={found.get('LAPACK_INFO', '?')}"
+    return f"{text} ({library})" if library else text
 
 
 def _resolve_device(device: str) -> str:
@@ -147,7 +238,16 @@ def _resolve_device(device: str) -> str:
 
 def backend_functions(backend: str) -> tuple[SvdFunction, SvdvalsFunction]:
     """(svd, svdvals) of a resolved backend name (see resolve()); OptionError for an unknown one."""
+    return _spec(backend).functions()
+
+
+def backend_left_function(backend: str) -> LeftSvdFunction:
+    """left_svd of a resolved backend name; OptionError for an unknown one."""
+    return _spec(backend).left_function()
+
+
+def _spec(backend: str) -> Backend:
     spec = BACKENDS.get(backend)
     if spec is None:
         raise OptionError(f"unknown backend {backend!r}", fix=f"use one of {', '.join(BACKENDS)}")
-    return spec.functions()
+    return spec

@@ -7,8 +7,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from lorascale.numerics.backends import Routes
 from lorascale.numerics.metrics import effective_rank, max_cos, null_max_cos, similarity_block
-from lorascale.numerics.svd import svd, svdvals
+from lorascale.numerics.svd import left_svd, svd, svdvals
 from lorascale.numerics.topk import DEFAULT_TOLERANCE, TopCheck, check_top, top_singular
 
 SIDES = ("left", "right")
@@ -46,14 +47,21 @@ def base_spectrum(w0: torch.Tensor, sides: tuple[str, ...], *, driver: str | Non
     """SVD of the base matrix W0 (m, n), keeping only the singular vectors the requested sides need.
 
     Always the full SVD: max_cos is a maximum over ALL base vectors (docs/METHOD.md), whatever the mode.
+    A left-side-only run asks the backend for U0 and S0 alone (left_svd: the Gram route then skips V0).
+    `backend` is the run's base route (numerics/backends.Routes.base).
     """
-    u0, s0, vh0 = svd(w0, driver=driver, backend=backend)
+    if tuple(sides) == ("left",):
+        u0, s0 = left_svd(w0, driver=driver, backend=backend)
+        vh0 = None
+    else:
+        u0, s0, vh0 = svd(w0, driver=driver, backend=backend)
     # Row-major copies: the layout a cached entry is loaded in, so that products with them (and results)
     # are bit-identical whether the base came from the cache or not.
     vectors = {}
     if "left" in sides:
         vectors["left"] = u0.contiguous()  # (m, p)
     if "right" in sides:
+        assert vh0 is not None
         vectors["right"] = vh0.T.contiguous()  # (n, p)
     del u0, vh0
     p = s0.shape[0]
@@ -67,7 +75,8 @@ def base_spectrum(w0: torch.Tensor, sides: tuple[str, ...], *, driver: str | Non
 def compare_to_base(base: BaseSpectrum, w: torch.Tensor, *, delta_singular_values: torch.Tensor | None = None,
                     w0: torch.Tensor | None = None, block: int = 10, driver: str | None = None,
                     backend: str = "torch", top_k: int | None = None,
-                    topk_tolerance: float = DEFAULT_TOLERANCE, separated: int = 10) -> TunedComparison:
+                    topk_tolerance: float = DEFAULT_TOLERANCE, separated: int = 10,
+                    routes: Routes | None = None) -> TunedComparison:
     """SVD of W and its similarity to the base spectrum; metrics of dW = W - W0.
 
     Pass `w0` for a full fine-tune (dW's singular values come from svdvals(W - W0)), or
@@ -77,20 +86,29 @@ def compare_to_base(base: BaseSpectrum, w: torch.Tensor, *, delta_singular_value
     all singular values from svdvals, and max_cos/argmax only for the top K vectors (NaN/-1 beyond),
     from top_singular() when its guard passes at `topk_tolerance` (the first `separated` vectors, those
     whose intruder status is counted, with a bound on their angle), else from the exact SVD.
+
+    `routes` (numerics/backends.Routes) sends the tuned SVD, the tuned singular values and dW's singular
+    values each to its backend; None: all to `backend`.  The top-K Krylov step always runs on `backend`.
     """
     p = min(w.shape)
     check = None
+    tuned_backend = routes.tuned if routes is not None else backend
+    left_only = tuple(base.vectors) == ("left",)
     if top_k is None:
-        u, s, vh = svd(w, driver=driver, backend=backend)
+        if left_only:  # no right vectors needed: the Gram route skips V
+            u, s = left_svd(w, driver=driver, backend=tuned_backend)
+            vh = None
+        else:
+            u, s, vh = svd(w, driver=driver, backend=tuned_backend)
     else:
-        s = svdvals(w, driver=driver, backend=backend)
+        s = svdvals(w, driver=driver, backend=routes.values if routes is not None else backend)
         top = top_singular(w, min(top_k, p), driver=driver, backend=backend)
         check = check_top(w, top, s, topk_tolerance, separated=separated)
         u, vh = top.u, top.vh
         if not check.passed:
-            u, _, vh = svd(w, driver=driver, backend=backend)
+            u, _, vh = svd(w, driver=driver, backend=tuned_backend)
             u, vh = u[:, :top_k], vh[:top_k]
-    tuned_vectors = {"left": u, "right": vh.T}
+    tuned_vectors = {"left": u, "right": vh.T if vh is not None else None}
     sides = {}
     for side, base_vectors in base.vectors.items():
         values, index = max_cos(tuned_vectors[side], base_vectors)
@@ -101,7 +119,8 @@ def compare_to_base(base: BaseSpectrum, w: torch.Tensor, *, delta_singular_value
     if delta_singular_values is None:
         if w0 is None:
             raise ValueError("pass w0 (full fine-tune) or delta_singular_values (adapter)")
-        delta_singular_values = svdvals(w - w0, driver=driver, backend=backend)
+        delta_singular_values = svdvals(w - w0, driver=driver,
+                                        backend=routes.delta if routes is not None else backend)
     delta_fro = float(torch.linalg.norm(delta_singular_values.double()))
     return TunedComparison(
         s=_np(s), sides=sides, delta_fro=delta_fro,

@@ -52,3 +52,9 @@ def svd(matrix: torch.Tensor, *, driver: str | None = None) -> Decomposition:
 def svdvals(matrix: torch.Tensor, *, driver: str | None = None) -> torch.Tensor:
     """Singular values (p,) of a CUDA tensor, descending; `driver` unused (see svd)."""
     return _run(matrix, compute_uv=False)
+
+
+def left_svd(matrix: torch.Tensor, *, driver: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """U (m, p) and S (p,) of a CUDA tensor: svd() without V (cuSOLVER computes it anyway)."""
+    u, s, _ = svd(matrix, driver=driver)
+    return u, s

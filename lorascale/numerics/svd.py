@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from lorascale.numerics.backends import backend_functions
+from lorascale.numerics.backends import backend_functions, backend_left_function
 from lorascale.numerics.decomposition import Decomposition, require_finite
 
 
@@ -18,6 +18,13 @@ def svd(matrix: torch.Tensor, *, driver: str | None = None, backend: str = "torc
     require_finite(matrix, "matrix to decompose")
     decompose, _ = backend_functions(backend)
     return decompose(matrix, driver=driver)
+
+
+def left_svd(matrix: torch.Tensor, *, driver: str | None = None,
+             backend: str = "torch") -> tuple[torch.Tensor, torch.Tensor]:
+    """U (m, p) and S (p,) of `matrix` (m, n) with `backend`, for callers that need no right vectors."""
+    require_finite(matrix, "matrix to decompose")
+    return backend_left_function(backend)(matrix, driver=driver)
 
 
 def svdvals(matrix: torch.Tensor, *, driver: str | None = None, backend: str = "torch") -> torch.Tensor:

@@ -32,3 +32,9 @@ def svdvals(matrix: torch.Tensor, *, driver: str | None = None) -> torch.Tensor:
         return torch.linalg.svdvals(matrix)
     except torch.linalg.LinAlgError as exc:
         raise NumericalError(f"SVD of a {tuple(matrix.shape)} matrix did not converge: {exc}") from exc
+
+
+def left_svd(matrix: torch.Tensor, *, driver: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """U (m, p) and S (p,) of `matrix` (m, n): LAPACK/cuSOLVER compute V anyway, so this is svd() without it."""
+    u, s, _ = svd(matrix, driver=driver)
+    return u, s

@@ -2,7 +2,7 @@
 
 At the run's own (k, epsilon) they are the matrices table's `intruders` / `intruders_right`.  At any other
 (k, epsilon) they are re-thresholded from the per-vector max_cos in spectra/ without recomputing anything:
-the count of a matrix is how many of its top-k tuned vectors have max_cos < epsilon (METHOD.md), exactly
+the count of a matrix is how many of its top-k tuned vectors have max_cos < epsilon (docs/METHOD.md), exactly
 what a fresh run with those options would store.
 """
 

@@ -39,6 +39,9 @@ class Manifest:
     finished: str | None = None
     resumed: bool = False
     execution: dict[str, Any] = field(default_factory=dict)
+    # Backend of each quantity (base, tuned, values, delta), why, the BLAS and the probe's figures
+    # (numerics/backends.Routes.describe); empty in manifests written before it existed.
+    routes: dict[str, Any] = field(default_factory=dict)
     sessions: list[dict[str, Any]] = field(default_factory=list)
     error: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -71,7 +74,7 @@ class Manifest:
         known = {f.name for f in fields(cls)} - {"extra"}
         values = {k: v for k, v in data.items() if k in known}
         checks = {"options": dict, "base": dict, "tuned": list, "skipped": list, "execution": dict,
-                  "sessions": list}
+                  "sessions": list, "routes": dict}
         for name, kind in checks.items():
             if name in values and not isinstance(values[name], kind):
                 raise OutputError(f"manifest.json field {name!r} is not a JSON {kind.__name__}", path=path,

@@ -59,7 +59,7 @@ class BaseSpectrumCache:
         """The cache key of base tensor `raw` (stored dtype, as read from `entry`) under `options`."""
         parts = {"format": FORMAT, "content": content_digest(raw), "dtype": entry.dtype,
                  "shape": list(raw.shape), "precision": options.precision, "sides": sorted(options.sides),
-                 "method": method_family(options.backend)}
+                 "method": method_family(options.routes.base if options.routes is not None else options.backend)}
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
     def path(self, key: str) -> Path:

@@ -10,7 +10,7 @@ import torch
 
 import oracle
 from lorascale.errors import OptionError
-from lorascale.numerics.backends import (BACKENDS, Compute, backend_functions, check, cupy_available,
+from lorascale.numerics.backends import (BACKENDS, Routes, backend_functions, check, cupy_available,
                                           resolve)
 from lorascale.numerics.svd import svd, svdvals
 
@@ -65,11 +65,14 @@ def test_gram_backend_orthonormal_on_rank_deficient_input():
 
 
 def test_backend_and_driver_resolution():
-    assert resolve("cpu", "auto", None) == Compute("cpu", "torch", None)
+    cpu = resolve("cpu", "auto", None)
+    assert (cpu.device, cpu.backend, cpu.driver) == ("cpu", "torch", None)  # routes: tests/numerics/test_routes.py
     assert resolve("cpu", "gram", None).backend == "gram"
     assert resolve("cpu", "auto", "gesvdj").driver is None  # CPU has no cuSOLVER
     if torch.cuda.is_available():
-        assert resolve("cuda", "auto", None) == Compute("cuda", "torch", "gesvd")  # not torch's gesvdj default
+        cuda = resolve("cuda", "auto", None)
+        assert (cuda.device, cuda.backend, cuda.driver) == ("cuda", "torch", "gesvd")  # not torch's gesvdj default
+        assert cuda.routes == Routes.uniform("torch", "auto: CUDA")  # GPU defaults unchanged
         assert resolve("cuda:0", "torch", "gesvdj").driver == "gesvdj"
 
 

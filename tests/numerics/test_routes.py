@@ -1,0 +1,174 @@
+"""The per-quantity routes of "auto" on a CPU (numerics/backends.Routes, cpu_routes) and the Gram routes they
+may choose, against the float64 oracle at docs/METHOD.md's fp32 tolerances, ill-conditioned inputs included."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import oracle
+from lorascale.numerics import gram, route_probe
+from lorascale.numerics.backends import Routes, cpu_routes, resolve
+from lorascale.numerics.compare import base_spectrum, compare_to_base
+from lorascale.numerics.route_probe import ProbeResult
+
+SIGMA_TOL = 1e-5  # docs/METHOD.md, fp32: of sigma_max
+VECTOR_TOL = 1e-4  # docs/METHOD.md, fp32: max_cos and top-10 vectors
+GRAM = Routes.uniform("gram", "test")
+TORCH = Routes.uniform("torch", "test")
+
+
+def _planted(rows: int, cols: int, s: np.ndarray, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    u, _ = np.linalg.qr(rng.standard_normal((rows, len(s))))
+    v, _ = np.linalg.qr(rng.standard_normal((cols, len(s))))
+    return (u * s) @ v.T
+
+
+def _spectrum(p: int, kind: str) -> np.ndarray:
+    """Separated top 12 (gaps of 10%) above a tail: `flat`, or decaying fast to 1e-9 (ill-conditioned),
+    or exactly rank-deficient (half the values 0)."""
+    top = 10.0 * 0.9 ** np.arange(12)
+    tail = {"flat": np.linspace(2.5, 1.0, p - 12), "decaying": np.logspace(0, -9, p - 12),
+            "deficient": np.r_[np.linspace(2.5, 1.0, p // 2 - 12), np.zeros(p - p // 2)]}[kind]
+    return np.r_[top, tail]
+
+
+def _sin(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """sin(angle) between matching unit columns, from the orthogonal part."""
+    a = a / np.linalg.norm(a, axis=0)
+    return np.linalg.norm(a - b * np.sum(a * b, axis=0), axis=0)
+
+
+@pytest.mark.parametrize("shape", [(96, 96), (64, 160), (160, 64)], ids=["square", "wide", "tall"])
+@pytest.mark.parametrize("kind", ["flat", "decaying", "deficient"])
+def test_gram_left_svd_meets_the_fp32_tolerances(shape, kind):
+    w = _planted(*shape, _spectrum(min(shape), kind), seed=sum(shape))
+    u, s = gram.left_svd(torch.from_numpy(w).float())
+    u0, s0, _ = oracle.svd(w.astype(np.float32))
+    assert u.dtype == s.dtype == torch.float32 and u.shape == (shape[0], min(shape))
+    u, s = u.double().numpy(), s.double().numpy()
+    assert np.abs(s - s0).max() <= SIGMA_TOL * s0[0]
+    assert _sin(u[:, :12], u0[:, :12]).max() <= VECTOR_TOL  # the separated top
+    # Orthonormal to fp32 rounding whatever the conditioning (the tall case repairs its poor columns), so
+    # max_cos over ALL base vectors keeps its meaning: it is at most 1, and the columns span what U0 spans.
+    assert np.abs(u.T @ u - np.eye(u.shape[1])).max() <= 1e-5
+    if kind != "deficient":  # (a rank-deficient tall matrix's U0 completes its range arbitrarily)
+        principal_cosines = np.linalg.svd(u0.T @ u, compute_uv=False)
+        assert principal_cosines.min() >= 1 - 1e-5
+
+
+@pytest.mark.parametrize("kind", ["flat", "decaying", "deficient"])
+def test_gram_values_keep_delta_metrics_within_tolerance(kind):
+    w0 = oracle.separated(120, 80, np.random.default_rng(1))
+    delta = _planted(120, 80, 0.1 * _spectrum(80, kind), seed=2)
+    w = w0 + delta
+    fro, rel, erank = oracle.delta_metrics(w0, w)
+    base = base_spectrum(torch.from_numpy(w0).float(), ("left",), backend="gram")
+    result = compare_to_base(base, torch.from_numpy(w).float(), w0=torch.from_numpy(w0).float(), routes=GRAM)
+    reference = compare_to_base(base, torch.from_numpy(w).float(), w0=torch.from_numpy(w0).float(), routes=TORCH)
+    assert result.delta_fro == pytest.approx(fro, rel=1e-5)
+    assert result.delta_rel == pytest.approx(rel, rel=1e-5)
+    assert result.delta_effective_rank == pytest.approx(erank, rel=1e-5)
+    assert reference.delta_effective_rank == pytest.approx(erank, rel=1e-5)  # the LAPACK route, same tolerance
+
+
+@pytest.mark.parametrize("shape", [(120, 80), (80, 120)], ids=["tall", "wide"])
+def test_gram_routes_reproduce_max_cos_and_intruders(shape):
+    rng = np.random.default_rng(3)
+    w0 = oracle.separated(*shape, rng)
+    # Three intruders: new directions orthogonal to the base's top, above its sigma_1.
+    x, _ = np.linalg.qr(rng.standard_normal((shape[0], 3)))
+    y, _ = np.linalg.qr(rng.standard_normal((shape[1], 3)))
+    w = w0 + (x * np.array([30.0, 25.0, 20.0])) @ y.T
+    s, mc, _, block = oracle.max_cos(w0, w)
+    base = base_spectrum(torch.from_numpy(w0).float(), ("left",), backend="gram")
+    result = compare_to_base(base, torch.from_numpy(w).float(), w0=torch.from_numpy(w0).float(), routes=GRAM)
+    side = result.sides["left"]
+    np.testing.assert_allclose(result.s, s, atol=SIGMA_TOL * s[0])
+    gaps = oracle.singular_value_gaps(s, complement=shape[0] > shape[1])
+    well_defined = gaps > 1e-2 * s[0]
+    np.testing.assert_allclose(side.max_cos[well_defined], mc[well_defined], atol=VECTOR_TOL)
+    np.testing.assert_allclose(side.block, block, atol=VECTOR_TOL)
+    assert int((side.max_cos[:10] < 0.5).sum()) == oracle.intruders(w0, w, 10, 0.5) == 3
+
+
+def test_probe_measures_this_blas_and_the_gram_routes_pass_it():
+    result = route_probe.probe(size=256)
+    assert result.size == 256 and result.threads >= 1
+    assert min(result.lapack_svd_s, result.lapack_svdvals_s, result.gram_left_s, result.gram_values_s) > 0
+    assert result.gram_sigma_error <= route_probe.SIGMA_TOLERANCE
+    assert result.gram_vector_error <= route_probe.VECTOR_TOLERANCE
+    json.dumps(result.as_dict())
+
+
+def _fake_probe(monkeypatch, **overrides) -> None:
+    figures = {"size": 8, "lapack_svd_s": 1.0, "lapack_svdvals_s": 1.0, "gram_left_s": 0.5, "gram_values_s": 0.5,
+               "gram_sigma_error": 1e-8, "gram_vector_error": 1e-8, "threads": 2, **overrides}
+    monkeypatch.setattr(route_probe, "probe", lambda size=route_probe.PROBE_SIZE: ProbeResult(**figures))
+    cpu_routes.cache_clear()
+
+
+@pytest.fixture
+def fresh_routes():
+    cpu_routes.cache_clear()
+    yield
+    cpu_routes.cache_clear()  # the next test probes for real
+
+
+@pytest.mark.parametrize(("overrides", "vectors", "values"), [
+    ({}, "gram", "gram"),  # faster and accurate
+    ({"gram_left_s": 1.5}, "torch", "gram"),  # vectors slower on this BLAS (OpenBLAS-like)
+    ({"gram_values_s": 1.2}, "gram", "torch"),
+    ({"gram_left_s": 2.0, "gram_values_s": 2.0}, "torch", "torch"),
+    ({"gram_sigma_error": 1e-3}, "torch", "torch"),  # inaccurate on this BLAS: never chosen, however fast
+    ({"gram_vector_error": 1e-2}, "torch", "gram"),
+])
+def test_auto_routes_follow_the_probe(monkeypatch, fresh_routes, overrides, vectors, values):
+    _fake_probe(monkeypatch, **overrides)
+    routes = resolve("cpu", "auto").routes
+    assert (routes.base, routes.tuned, routes.values, routes.delta) == (vectors, vectors, values, values)
+    assert routes.reason == "auto: probe" and routes.probe["gram_left_s"] == overrides.get("gram_left_s", 0.5)
+    assert routes.blas.startswith("blas=")
+
+
+def test_routes_that_are_not_probed(monkeypatch, fresh_routes):
+    _fake_probe(monkeypatch)
+    both = resolve("cpu", "auto", sides=("left", "right")).routes  # V needed too: vectors stay on LAPACK
+    assert (both.base, both.tuned, both.values) == ("torch", "torch", "gram")
+    fp64 = resolve("cpu", "auto", precision="fp64").routes  # Gram errors exceed fp64's tolerance
+    assert {fp64.base, fp64.tuned, fp64.values, fp64.delta} == {"torch"} and fp64.probe is None
+    for backend in ("torch", "gram"):  # an explicit backend keeps its meaning: every quantity there
+        routes = resolve("cpu", backend).routes
+        assert routes == Routes.uniform(backend, f"--backend {backend}")
+
+
+def test_the_manifest_records_the_routes(monkeypatch, fresh_routes, tmp_path):
+    from checkpoints import finetuned, save_full, tiny_llama
+
+    from lorascale.pipeline import compare
+    from lorascale.store.manifest import read_manifest
+
+    _fake_probe(monkeypatch, gram_left_s=3.0)
+    model = tiny_llama()
+    save_full(model, tmp_path / "base")
+    save_full(finetuned(model), tmp_path / "tuned")
+    auto = compare(str(tmp_path / "base"), [str(tmp_path / "tuned")], tmp_path / "auto", device="cpu", use_cache=False)
+    manual = compare(str(tmp_path / "base"), [str(tmp_path / "tuned")], tmp_path / "torch", device="cpu",
+                     backend="torch", use_cache=False)
+    recorded = json.loads((tmp_path / "auto" / "manifest.json").read_text())["routes"]
+    assert recorded == read_manifest(tmp_path / "auto").routes == auto.manifest.routes
+    assert (recorded["base"], recorded["tuned"], recorded["values"], recorded["delta"]) == ("torch", "torch",
+                                                                                            "gram", "gram")
+    assert recorded["reason"] == "auto: probe" and recorded["probe"]["gram_left_s"] == 3.0 and "blas" in recorded
+    assert manual.manifest.routes["reason"] == "--backend torch"
+    import pyarrow.dataset as ds
+
+    rows = {name: ds.dataset(tmp_path / name / "matrices").to_table().sort_by("matrix").to_pydict()
+            for name in ("auto", "torch")}
+    assert rows["auto"]["intruders"] == rows["torch"]["intruders"]
+    np.testing.assert_allclose(rows["auto"]["delta_effective_rank"], rows["torch"]["delta_effective_rank"], rtol=1e-5)
+
