@@ -7,7 +7,7 @@ import os
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -23,7 +23,8 @@ from lorascale.plan import Plan, Rename, parse_renames, plan_jobs
 from lorascale.io.identity import describe
 from lorascale.naming import References, name_references
 from lorascale.records import AnalysisOptions, HubFile, NamedReference, RemoteFile, Skipped, TensorEntry
-from lorascale.store.manifest import Manifest
+from lorascale.numerics.backends import Routes, pinned_routes
+from lorascale.store.manifest import Manifest, read_manifest
 from lorascale.store.run_directory import RunDirectory
 
 # Called as (jobs done, jobs total, matrix name) after each matrix.
@@ -139,7 +140,7 @@ def compare(base: str | Mapping[str, str], tuned: References, out: str | Path, *
         exclude=exclude, driver=driver, backend=backend, mode=mode, top_k=top_k, cache_dir=cache_dir,
         use_cache=use_cache, executor=executor, ray_address=ray_address, workers=workers,
         cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker, rename=rename, no_pickle=no_pickle,
-        scratch_dir=scratch_dir)
+        scratch_dir=scratch_dir, resuming=None if overwrite else Path(out))
     streamed = streamed_files([base_checkpoint, *tuned_checkpoints])
     scratch = _scratch_directory(scratch_dir) if scratch_dir is not None else None
 
@@ -178,11 +179,12 @@ def _prepare(base: str | Mapping[str, str], tuned: References, *, k: int, epsilo
              top_k: int, cache_dir: str | Path | None, use_cache: bool, executor: Executor | None,
              ray_address: str | None, workers: int | None, cpus_per_worker: float | None,
              gpus_per_worker: float | None, rename: Sequence[str] = (), no_pickle: bool = False,
-             scratch_dir: str | Path | None = None) -> tuple[Executor, AnalysisOptions, list[NamedReference], Checkpoint, list[Checkpoint],
-                                      Plan]:
+             scratch_dir: str | Path | None = None, resuming: Path | None = None,
+             ) -> tuple[Executor, AnalysisOptions, list[NamedReference], Checkpoint, list[Checkpoint], Plan]:
     """Options checked, references named (base first), checkpoints resolved and indexed, jobs planned: what
     compare() runs and plan_run() shows.  Everything that can be wrong with the input is found here, before
-    any output is touched."""
+    any output is touched.  `resuming`: the output directory a rerun may continue; the CPU routes its
+    manifest records are kept, so that one run's rows never mix two route decisions."""
     base_name, tuned_names = name_references(base, tuned)
     rules = parse_renames(rename)
     if executor is None:
@@ -191,9 +193,9 @@ def _prepare(base: str | Mapping[str, str], tuned: References, *, k: int, epsilo
                                  node_cache_dir=cache_dir is None, scratch_dir=scratch_dir is not None)
     if use_cache and cache_dir is None:
         cache_dir = settings.cache_dir()
-    options = executor.prepare(build_options(k=k, epsilon=epsilon, side=side, precision=precision, device=device,
-                                             driver=driver, backend=backend, mode=mode, top_k=top_k,
-                                             cache_dir=cache_dir if use_cache else None))
+    options = build_options(k=k, epsilon=epsilon, side=side, precision=precision, device=device, driver=driver,
+                            backend=backend, mode=mode, top_k=top_k, cache_dir=cache_dir if use_cache else None)
+    options = executor.prepare(replace(options, routes=_earlier_routes(resuming)))
     references = [base_name.reference, *(n.reference for n in tuned_names)]
     base_checkpoint, *tuned_checkpoints = _open_checkpoints(references, allow_pickle=not no_pickle)
     _warn_same_checkpoints(base_checkpoint, tuned_checkpoints)
@@ -201,6 +203,17 @@ def _prepare(base: str | Mapping[str, str], tuned: References, *, k: int, epsilo
     plan: Plan = plan_jobs(base_checkpoint, tuned_checkpoints, include=tuple(include), exclude=tuple(exclude),
                            rename=rules, labels={n.reference: n.label for n in tuned_names})
     return executor, options, [base_name, *tuned_names], base_checkpoint, tuned_checkpoints, plan
+
+
+def _earlier_routes(out: Path | None) -> Routes | None:
+    """The probed CPU routes an earlier run in `out` recorded (numerics/backends.pinned_routes), if any."""
+    if out is None:
+        return None
+    try:
+        manifest = read_manifest(out)
+    except LorascaleError:
+        return None  # RunDirectory.open refuses it with the full message
+    return pinned_routes(manifest.routes) if manifest is not None else None
 
 
 def _open_checkpoints(references: list[str], *, allow_pickle: bool = True) -> list[Checkpoint]:

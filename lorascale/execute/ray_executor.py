@@ -93,12 +93,17 @@ class RayExecutor(Executor):
 
     def prepare(self, options: AnalysisOptions) -> AnalysisOptions:
         """Check the request by name only: each worker resolves it for its own device (the driver may have
-        no GPU).  Returns `options` unchanged."""
-        from lorascale.numerics.backends import check
+        no GPU).  For "auto" on CPU workers the route probe runs here, once, and the workers use its routes
+        (numerics/backends.resolve's `pinned`)."""
+        from lorascale.numerics.backends import AUTO, check, cpu_routes
 
         check(options.device, options.backend, options.driver)
         if options.device == "cpu" and self.gpus_per_worker:
             raise OptionError("--device cpu contradicts --gpus-per-worker", fix="drop one")
+        if (options.routes is None and options.backend == AUTO and options.precision == "fp32"
+                and options.device in ("cpu", AUTO) and not self.gpus_per_worker):
+            # Workers on CPUs would each probe, and could decide differently: one run, one decision, here.
+            options = replace(options, routes=cpu_routes(left_only=tuple(options.sides) == ("left",)))
         return options
 
     def describe(self) -> dict:

@@ -15,7 +15,8 @@ route then skips V).  A run routes each quantity to a backend (`Routes`): the ba
 (exact mode), the tuned singular values (topk mode) and dW's singular values.  An explicit --backend
 routes everything there.  "auto":
 - CUDA: "torch" everywhere (cupy calls the same cuSOLVER routine; no GPU figures chose anything else yet).
-- CPU, fp32: decided at run time by `cpu_routes()`, once per process: numerics/route_probe.py times LAPACK
+- CPU, fp32: decided at run time by `cpu_routes()`, once per machine (the probe's figures are kept in
+  store/probe_cache.py, so runs, resumes and workers agree): numerics/route_probe.py times LAPACK
   against the float64 Gram routes on this BLAS and checks the Gram routes against docs/METHOD.md's fp32
   tolerances; a Gram route is taken for the vectors (base and tuned, left side only) or for the values
   (tuned singular values, dW's) where it passed and was not slower.  MKL here: both (benchmarks/README.md).
@@ -34,7 +35,7 @@ import importlib
 import importlib.util
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
 from lorascale.errors import OptionError
@@ -152,10 +153,14 @@ def check(device: str, backend: str, driver: str | None) -> None:
 
 
 def resolve(device: str, backend: str = AUTO, driver: str | None = None, *, precision: str = "fp32",
-            sides: tuple[str, ...] = ("left",)) -> Compute:
+            sides: tuple[str, ...] = ("left",), pinned: Routes | None = None) -> Compute:
     """The concrete Compute for a request on this machine: "auto" settled (routes included, see the module
     doc), the device and the backend's package checked.  Takes the user's --device, --backend, driver,
     --precision and sides; raises OptionError (exit 2).
+
+    `pinned`: CPU routes "auto" already settled for this run (by the Ray driver for all its workers, or by
+    the run being resumed, from its manifest), used instead of probing again, so that one run's numbers
+    never depend on which process, or which session, computed them.  Ignored off the CPU.
 
     >>> resolve("cpu", "torch", "gesvdj").backend
     'torch'
@@ -177,6 +182,8 @@ def resolve(device: str, backend: str = AUTO, driver: str | None = None, *, prec
     elif precision != "fp32":
         routes = Routes.uniform(chosen, f"auto: {precision} (Gram routes are not accurate to its tolerance)",
                                 blas=blas_info())
+    elif pinned is not None and pinned.reason.startswith(PROBE_REASON):
+        routes = pinned
     else:
         routes = cpu_routes(left_only=tuple(sides) == ("left",))
     return Compute(device=device, backend=chosen, driver=(driver or DEFAULT_CUDA_DRIVER) if _is_cuda(device) else None,
@@ -188,6 +195,22 @@ def resolve(device: str, backend: str = AUTO, driver: str | None = None, *, prec
 GRAM_SPEED_RATIO = 1.0
 
 
+PROBE_REASON = "auto: probe"
+
+
+def pinned_routes(record: object) -> Routes | None:
+    """The Routes of a manifest's "routes" record when the probe decided them (what a resumed run reuses);
+    None for anything else, including records from other versions that do not fit."""
+    if not isinstance(record, dict) or not str(record.get("reason", "")).startswith(PROBE_REASON):
+        return None
+    quantities = [record.get(name) for name in ("base", "tuned", "values", "delta")]
+    if not all(q in BACKENDS and not BACKENDS[q].cuda_only for q in quantities):
+        return None
+    probe = record.get("probe")
+    return Routes(*quantities, reason=str(record["reason"]), blas=str(record.get("blas", "")),
+                  probe=probe if isinstance(probe, dict) else None)
+
+
 @functools.lru_cache(maxsize=2)
 def cpu_routes(*, left_only: bool = True) -> Routes:
     """The CPU routes of "auto" at fp32 on this machine: one probe per process (numerics/route_probe.py).
@@ -196,15 +219,20 @@ def cpu_routes(*, left_only: bool = True) -> Routes:
     svd, and only for a left-side run (the right side would need V as well, not probed); values (tuned
     singular values, dW's) go to "gram" when its svdvals was accurate and not slower than LAPACK's.
     """
-    from lorascale.numerics.route_probe import SIGMA_TOLERANCE, VECTOR_TOLERANCE, probe
+    import torch
 
-    result = probe()
+    from lorascale.numerics.route_probe import PROBE_SIZE, SIGMA_TOLERANCE, VECTOR_TOLERANCE, ProbeResult, probe
+    from lorascale.store.probe_cache import cached_probe
+
+    # One decision per machine: every process reads the first probe's figures (store/probe_cache.py).
+    key = {"torch": torch.__version__, "blas": blas_info(), "size": PROBE_SIZE}
+    result = ProbeResult(**cached_probe(key, lambda: asdict(probe())))
     accurate = result.gram_sigma_error <= SIGMA_TOLERANCE
     vectors = ("gram" if left_only and accurate and result.gram_vector_error <= VECTOR_TOLERANCE
                and result.gram_left_s <= GRAM_SPEED_RATIO * result.lapack_svd_s else "torch")
     values = "gram" if accurate and result.gram_values_s <= GRAM_SPEED_RATIO * result.lapack_svdvals_s else "torch"
     return Routes(base=vectors, tuned=vectors, values=values, delta=values,
-                  reason="auto: probe" if left_only else "auto: probe (both sides: vectors on LAPACK)",
+                  reason=PROBE_REASON if left_only else f"{PROBE_REASON} (both sides: vectors on LAPACK)",
                   blas=blas_info(), probe=result.as_dict())
 
 

@@ -4,6 +4,7 @@ may choose, against the float64 oracle at docs/METHOD.md's fp32 tolerances, ill-
 from __future__ import annotations
 
 import json
+import tempfile
 
 import numpy as np
 import pytest
@@ -109,6 +110,8 @@ def _fake_probe(monkeypatch, **overrides) -> None:
     figures = {"size": 8, "lapack_svd_s": 1.0, "lapack_svdvals_s": 1.0, "gram_left_s": 0.5, "gram_values_s": 0.5,
                "gram_sigma_error": 1e-8, "gram_vector_error": 1e-8, "threads": 2, **overrides}
     monkeypatch.setattr(route_probe, "probe", lambda size=route_probe.PROBE_SIZE: ProbeResult(**figures))
+    # A machine of its own: the probe's figures are kept per machine (store/probe_cache.py).
+    monkeypatch.setenv("LORASCALE_CACHE_DIR", tempfile.mkdtemp(prefix="lorascale-probe-"))
     cpu_routes.cache_clear()
 
 
@@ -172,3 +175,64 @@ def test_the_manifest_records_the_routes(monkeypatch, fresh_routes, tmp_path):
     assert rows["auto"]["intruders"] == rows["torch"]["intruders"]
     np.testing.assert_allclose(rows["auto"]["delta_effective_rank"], rows["torch"]["delta_effective_rank"], rtol=1e-5)
 
+
+
+def test_one_run_one_route_decision_for_every_ray_worker(monkeypatch, fresh_routes):
+    """The Ray driver probes once and every CPU worker uses its routes, whatever its own probe would say:
+    otherwise rows of one run would mix two decisions (different fp32 rounding)."""
+    from lorascale.execute.local import LocalExecutor
+    from lorascale.execute.ray_executor import RayExecutor
+    from lorascale.records import AnalysisOptions
+
+    _fake_probe(monkeypatch, gram_left_s=3.0)  # the driver's probe: vectors on LAPACK, values on Gram
+    prepared = RayExecutor(workers=2).prepare(AnalysisOptions(device="cpu", backend="auto"))
+    assert (prepared.routes.base, prepared.routes.values) == ("torch", "gram")
+    _fake_probe(monkeypatch, gram_values_s=3.0)  # a worker's own probe would decide the opposite
+    worker = LocalExecutor().prepare(prepared)  # what each _MatrixWorker does with the driver's options
+    assert worker.routes == prepared.routes
+    # Off the CPU the pinned CPU routes do not apply; GPU workers never make the driver probe.
+    assert RayExecutor(workers=2, gpus_per_worker=1).prepare(AnalysisOptions(device="auto")).routes is None
+    for precision, backend in (("fp64", "auto"), ("fp32", "torch")):
+        assert RayExecutor(workers=2).prepare(AnalysisOptions(precision=precision, backend=backend)).routes is None
+
+
+def test_a_resumed_run_keeps_the_routes_it_started_with(monkeypatch, fresh_routes, tmp_path):
+    from checkpoints import finetuned, save_full, tiny_llama
+
+    from lorascale.pipeline import compare
+
+    model = tiny_llama()
+    save_full(model, tmp_path / "base")
+    save_full(finetuned(model), tmp_path / "tuned")
+    args = (str(tmp_path / "base"), [str(tmp_path / "tuned")], tmp_path / "out")
+    _fake_probe(monkeypatch, gram_left_s=3.0)
+    first = compare(*args, device="cpu", use_cache=False, include=["*layers.0.*"])
+    assert first.manifest.routes["base"] == "torch"
+    _fake_probe(monkeypatch, gram_values_s=3.0)  # this session's probe would decide otherwise
+    again = compare(*args, device="cpu", use_cache=False, include=["*layers.0.*"])
+    assert again.manifest.resumed and again.manifest.routes == first.manifest.routes
+    fresh = compare(*args, device="cpu", use_cache=False, include=["*layers.0.*"], overwrite=True)
+    assert (fresh.manifest.routes["base"], fresh.manifest.routes["values"]) == ("gram", "torch")
+
+
+def test_the_probe_runs_once_per_machine(monkeypatch, fresh_routes):
+    """A second process (here: the in-process cache cleared) reads the first probe's figures from the
+    cache directory instead of timing again, so two runs on one machine never decide differently."""
+    calls = []
+    _fake_probe(monkeypatch, gram_left_s=3.0)
+    first_probe = route_probe.probe
+    monkeypatch.setattr(route_probe, "probe", lambda size=route_probe.PROBE_SIZE: calls.append(1) or first_probe())
+    first = resolve("cpu", "auto").routes
+    cpu_routes.cache_clear()
+    monkeypatch.setattr(route_probe, "probe", lambda size=route_probe.PROBE_SIZE: calls.append(2) or ProbeResult(
+        size=8, lapack_svd_s=1.0, lapack_svdvals_s=1.0, gram_left_s=0.1, gram_values_s=9.0, gram_sigma_error=1e-8,
+        gram_vector_error=1e-8, threads=1))
+    again = resolve("cpu", "auto").routes
+    assert calls == [1] and again == first and (again.base, again.values) == ("torch", "gram")
+    from lorascale.store.probe_cache import probe_file
+
+    cached = list(probe_file({}).parent.glob("*.json"))
+    assert len(cached) == 1
+    cached[0].write_text("{not json")  # a damaged record is probed again, never an error
+    cpu_routes.cache_clear()
+    assert resolve("cpu", "auto").routes.base == "gram" and calls == [1, 2]
