@@ -19,7 +19,8 @@ routes everything there.  "auto":
   store/probe_cache.py, so runs, resumes and workers agree): numerics/route_probe.py times LAPACK
   against the float64 Gram routes on this BLAS and checks the Gram routes against docs/METHOD.md's fp32
   tolerances; a Gram route is taken for the vectors (base and tuned, left side only) or for the values
-  (tuned singular values, dW's) where it passed and was not slower.  MKL here: both (benchmarks/README.md).
+  (tuned singular values, dW's; rectangular matrices only, Routes.for_shape) where it passed and was not
+  slower.  MKL here: both (benchmarks/README.md).
 - CPU, fp64: "torch" everywhere: the Gram routes' errors (~eps64 (s_1/s_j)) exceed fp64's tolerance.
 
 `check()` validates names and combinations without looking at any hardware (a Ray driver runs it: the
@@ -35,7 +36,7 @@ import importlib
 import importlib.util
 import re
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING
 
 from lorascale.errors import OptionError
@@ -99,10 +100,24 @@ class Routes:
     def uniform(cls, backend: str, reason: str, *, blas: str = "") -> Routes:
         return cls(base=backend, tuned=backend, values=backend, delta=backend, reason=reason, blas=blas)
 
+    def for_shape(self, rows: int, cols: int) -> Routes:
+        """The routes for one (rows, cols) matrix.  The probe's Gram values route applies to rectangular
+        matrices only (aspect ratio >= SQUARE_VALUES_RATIO): LAPACK's values-only SVD of a square matrix
+        skips the QR step that makes it slow on rectangular ones, and measured faster than the Gram route
+        at 4096 x 4096 (1.5x) while slower at 11008 x 4096 and 4096 x 11008 (0.82-0.84; MKL, idle machine,
+        benchmarks/results/cpu_routes-llama-quiet.md).  Everything else is the same for every shape."""
+        square = max(rows, cols) < SQUARE_VALUES_RATIO * min(rows, cols)
+        if not square or not self.reason.startswith(PROBE_REASON) or "gram" not in (self.values, self.delta):
+            return self
+        return replace(self, values=AUTO_BACKEND, delta=AUTO_BACKEND)
+
     def describe(self) -> dict:
         """What the manifest records (manifest.json "routes")."""
         record = {"base": self.base, "tuned": self.tuned, "values": self.values, "delta": self.delta,
                   "reason": self.reason}
+        if self.reason.startswith(PROBE_REASON) and "gram" in (self.values, self.delta):
+            record["values_rule"] = (f"values and delta on {self.values}/{self.delta} for matrices with aspect "
+                                     f"ratio >= {SQUARE_VALUES_RATIO:g}, else {AUTO_BACKEND}")
         if self.blas:
             record["blas"] = self.blas
         if self.probe is not None:
@@ -196,6 +211,8 @@ GRAM_SPEED_RATIO = 1.0
 
 
 PROBE_REASON = "auto: probe"
+# Aspect ratio from which the probe's Gram values route is used (Routes.for_shape).
+SQUARE_VALUES_RATIO = 2.0
 
 
 def pinned_routes(record: object) -> Routes | None:

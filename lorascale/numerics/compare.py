@@ -92,6 +92,7 @@ def compare_to_base(base: BaseSpectrum, w: torch.Tensor, *, delta_singular_value
     """
     p = min(w.shape)
     check = None
+    routes = routes.for_shape(*w.shape) if routes is not None else None
     tuned_backend = routes.tuned if routes is not None else backend
     left_only = tuple(base.vectors) == ("left",)
     if top_k is None:

@@ -236,3 +236,38 @@ def test_the_probe_runs_once_per_machine(monkeypatch, fresh_routes):
     cached[0].write_text("{not json")  # a damaged record is probed again, never an error
     cpu_routes.cache_clear()
     assert resolve("cpu", "auto").routes.base == "gram" and calls == [1, 2]
+
+
+def test_gram_values_only_for_rectangular_matrices(monkeypatch, fresh_routes):
+    """LAPACK's values-only SVD beats the Gram route on square matrices (benchmarks: 4096 x 4096), the Gram
+    route wins on rectangular ones: auto's values route follows the shape; vectors and explicit backends
+    do not."""
+    _fake_probe(monkeypatch)
+    routes = resolve("cpu", "auto").routes
+    assert (routes.values, routes.delta) == ("gram", "gram") and "values_rule" in routes.describe()
+    square, tall, wide = routes.for_shape(64, 64), routes.for_shape(176, 64), routes.for_shape(64, 176)
+    assert (square.values, square.delta, square.base, square.tuned) == ("torch", "torch", "gram", "gram")
+    assert tall == wide == routes
+    assert routes.for_shape(100, 64).values == "torch"  # aspect below 2 counts as square
+    assert Routes.uniform("gram", "--backend gram").for_shape(64, 64).values == "gram"
+
+
+def test_square_matrices_get_lapack_values_through_compare(monkeypatch, fresh_routes):
+    from lorascale.numerics import compare as compare_module
+
+    _fake_probe(monkeypatch)
+    routes = resolve("cpu", "auto").routes
+    used = []
+    real = compare_module.svdvals
+
+    def spy(matrix, *, driver=None, backend="torch"):
+        used.append((tuple(matrix.shape), backend))
+        return real(matrix, driver=driver, backend=backend)
+
+    monkeypatch.setattr(compare_module, "svdvals", spy)
+    generator = torch.Generator().manual_seed(0)
+    for shape in ((48, 48), (120, 48)):
+        w0 = torch.randn(*shape, generator=generator)
+        base = base_spectrum(w0, ("left",), backend=routes.base)
+        compare_to_base(base, w0 + 0.01 * torch.randn(*shape, generator=generator), w0=w0, routes=routes)
+    assert used == [((48, 48), "torch"), ((120, 48), "gram")]
