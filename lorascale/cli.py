@@ -284,7 +284,7 @@ def _print_summary(out: Path) -> None:
 
 @main.command()
 @click.option("--base", required=True, metavar="REF",
-              help="Base checkpoint: directory, .safetensors file, or org/name[@rev]; NAME=REF labels it.")
+              help="Base checkpoint: directory, .safetensors or .bin file, or org/name[@rev]; NAME=REF labels it.")
 @click.option("--tuned", "tuned", multiple=True, required=True, metavar="REF",
               help="A fine-tune of --base, full or LoRA adapter, as for --base; repeatable.  NAME=REF labels it in "
                    "tables, legends and the summary: NAME is letters, digits, _ . + -, and the text is split on "
@@ -346,7 +346,7 @@ def run(base: str, tuned: tuple[str, ...], out: Path, k: int, epsilon: float, si
         dry_run: bool, series: bool | None, scratch_dir: Path | None) -> None:
     """Compare the --base checkpoint with each --tuned checkpoint and write Parquet tables to --out.
 
-    A checkpoint is a directory, a .safetensors file or a Hugging Face repo org/name[@revision].
+    A checkpoint is a directory, a .safetensors or .bin file, or a Hugging Face repo org/name[@revision].
     """
     from lorascale.execute.executor import public_command
     from lorascale.pipeline import compare, format_plan, plan_run
@@ -406,7 +406,7 @@ def run(base: str, tuned: tuple[str, ...], out: Path, k: int, epsilon: float, si
 def inspect(reference: str, as_json: bool, list_all: bool, no_pickle: bool) -> None:
     """Describe checkpoint REF from its headers: kind, format, files, dtypes, matrices, adapter settings.
 
-    REF is a directory, a .safetensors file or org/name[@rev]; a hub repo's weights are not downloaded.
+    REF is a directory, a .safetensors or .bin file, or org/name[@rev]; a hub repo's weights are not downloaded.
     """
     from lorascale.inspect import describe_checkpoint, format_description, format_tensors, list_tensors
 
