@@ -19,7 +19,7 @@ from lorascale.execute.streaming import StreamedFiles, stream_order
 from lorascale.io.downloads import StatusCallback
 from lorascale.io.checkpoint import Checkpoint, open_checkpoint
 from lorascale.io.resolve import resolve
-from lorascale.plan import Plan, Rename, parse_renames, plan_jobs
+from lorascale.plan import Plan, parse_renames, plan_jobs
 from lorascale.io.identity import describe
 from lorascale.naming import References, name_references
 from lorascale.records import AnalysisOptions, HubFile, NamedReference, RemoteFile, Skipped, TensorEntry

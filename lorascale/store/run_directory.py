@@ -25,7 +25,7 @@ from pathlib import Path
 
 from lorascale.errors import OutputError
 from lorascale.io.identity import changed_since
-from lorascale.records import MatrixJob, MatrixResult
+from lorascale.records import MatrixJob
 from lorascale.store.atomic import TMP_PREFIX, write_failure
 from lorascale.store.lock import LOCK_NAME, PID_NAME, OutputLock, held_by, is_locked
 from lorascale.store.manifest import Manifest, Status, read_manifest, write_manifest
