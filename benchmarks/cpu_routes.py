@@ -1,4 +1,4 @@
-"""The CPU routes of issue 10, timed alone: LAPACK against the float64 Gram routes at Llama shapes.
+"""The CPU routes of "auto", timed alone: LAPACK against the float64 Gram routes at Llama shapes.
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/cpu_routes.py [--shapes 4096x4096,11008x4096,4096x11008]
 
@@ -6,8 +6,8 @@ Per shape, fp32 input with a planted spectrum (route_probe.planted's decay, 1 to
 CPU) of `torch.linalg.svd` (what the base and tuned SVDs cost on LAPACK) against `gram.left_svd` (U and S
 only, what a left-side run needs), and of `torch.linalg.svdvals` against `gram.svdvals` (tuned values in
 topk mode, dW's spectrum); the Gram routes' sigma error (of sigma_1) and top-10 vector error (sin of the
-angle) against the planted truth.  Plus the run-time probe lorascale's "auto" makes (route_probe.probe),
-so the probe's ratios can be compared with the ratios at full size on the same BLAS.
+angle) against the planted truth.  Plus a small one-thread probe (route_probe.py, what lorascale's "auto"
+timed at run time before its routes became a fixed table), to compare its ratios with those at full size.
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def main() -> None:
 
     from lorascale.numerics import gram
     from lorascale.numerics.backends import blas_info
-    from lorascale.numerics.route_probe import sin_angles, probe
+    from route_probe import sin_angles, probe
 
     probe_result = probe().as_dict()
     records = []

@@ -206,7 +206,7 @@ def _prepare(base: str | Mapping[str, str], tuned: References, *, k: int, epsilo
 
 
 def _earlier_routes(out: Path | None) -> Routes | None:
-    """The probed CPU routes an earlier run in `out` recorded (numerics/backends.pinned_routes), if any."""
+    """The CPU routes of "auto" an earlier run in `out` recorded (numerics/backends.pinned_routes), if any."""
     if out is None:
         return None
     try:

@@ -102,8 +102,8 @@ class LocalExecutor(Executor):
 
     def prepare(self, options: AnalysisOptions) -> AnalysisOptions:
         """Settle device, backend, driver and the route of each quantity for this machine
-        (numerics/backends.resolve; on a CPU with "auto" that reads or runs the per-machine route probe, unless
-        `options.routes` already holds the run's probed routes: a Ray driver's, or a resumed run's)."""
+        (numerics/backends.resolve; on a CPU with "auto" its fixed table, unless `options.routes` already holds
+        the run's CPU routes: a Ray driver's, or a resumed run's)."""
         compute = resolve(options.device, options.backend, options.driver, precision=options.precision,
                           sides=options.sides, pinned=options.routes)
         return replace(options, device=compute.device, backend=compute.backend, driver=compute.driver,

@@ -93,8 +93,8 @@ class RayExecutor(Executor):
 
     def prepare(self, options: AnalysisOptions) -> AnalysisOptions:
         """Check the request by name only: each worker resolves it for its own device (the driver may have
-        no GPU).  For "auto" on CPU workers the route probe runs here, once, and the workers use its routes
-        (numerics/backends.resolve's `pinned`)."""
+        no GPU).  For "auto" on CPU workers the CPU routes are settled here, once, by this machine's table, and
+        the workers use them (numerics/backends.resolve's `pinned`) whatever BLAS their own torch has."""
         from lorascale.numerics.backends import AUTO, check, cpu_routes
 
         check(options.device, options.backend, options.driver)
@@ -102,7 +102,7 @@ class RayExecutor(Executor):
             raise OptionError("--device cpu contradicts --gpus-per-worker", fix="drop one")
         if (options.routes is None and options.backend == AUTO and options.precision == "fp32"
                 and options.device in ("cpu", AUTO) and not self.gpus_per_worker):
-            # Workers on CPUs would each probe, and could decide differently: one run, one decision, here.
+            # Workers with another BLAS would decide differently: one run, one decision, here.
             options = replace(options, routes=cpu_routes(left_only=tuple(options.sides) == ("left",)))
         return options
 

@@ -15,12 +15,11 @@ route then skips V).  A run routes each quantity to a backend (`Routes`): the ba
 (exact mode), the tuned singular values (topk mode) and dW's singular values.  An explicit --backend
 routes everything there.  "auto":
 - CUDA: "torch" everywhere (cupy calls the same cuSOLVER routine; no GPU figures chose anything else yet).
-- CPU, fp32: decided at run time by `cpu_routes()`, once per machine (the probe's figures are kept in
-  store/probe_cache.py, so runs, resumes and workers agree): numerics/route_probe.py times LAPACK
-  against the float64 Gram routes on this BLAS and checks the Gram routes against docs/METHOD.md's fp32
-  tolerances; a Gram route is taken for the vectors (base and tuned, left side only) or for the values
-  (tuned singular values, dW's; rectangular matrices only, Routes.for_shape) where it passed and was not
-  slower.  MKL here: both (benchmarks/README.md).
+- CPU, fp32: `cpu_routes()`, a fixed table keyed by the BLAS torch was built with, so that two runs of one
+  comparison on one machine always decide alike (no timing at run time): with MKL the float64 Gram routes
+  for the vectors (base and tuned, left side only) and for the values (tuned singular values, dW's;
+  rectangular matrices only, Routes.for_shape); with any other BLAS, LAPACK everywhere.  The figures
+  behind the table are in benchmarks/README.md (benchmarks/cpu_routes.py).
 - CPU, fp64: "torch" everywhere: the Gram routes' errors (~eps64 (s_1/s_j)) exceed fp64's tolerance.
 
 `check()` validates names and combinations without looking at any hardware (a Ray driver runs it: the
@@ -36,7 +35,7 @@ import importlib
 import importlib.util
 import re
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from lorascale.errors import OptionError
@@ -92,22 +91,22 @@ class Routes:
     tuned: str  # exact mode: SVD of each tuned W
     values: str  # topk mode: all singular values of each tuned W
     delta: str  # singular values of dW = W - W0 (full fine-tunes)
-    reason: str  # "--backend X", "auto: CUDA", "auto: fp64", "auto: probe", "auto: both sides"
+    reason: str  # "--backend X", "auto: CUDA", "auto: fp64 ...", "auto: CPU table (mkl)", ...
     blas: str = ""  # the BLAS/LAPACK torch was built with (CPU), as torch reports it
-    probe: dict | None = None  # route_probe.ProbeResult.as_dict() when a probe decided
+    probe: dict | None = None  # the run-time probe's figures, in routes pinned from a run of an earlier version
 
     @classmethod
     def uniform(cls, backend: str, reason: str, *, blas: str = "") -> Routes:
         return cls(base=backend, tuned=backend, values=backend, delta=backend, reason=reason, blas=blas)
 
     def for_shape(self, rows: int, cols: int) -> Routes:
-        """The routes for one (rows, cols) matrix.  The probe's Gram values route applies to rectangular
+        """The routes for one (rows, cols) matrix.  auto's CPU Gram values route applies to rectangular
         matrices only (aspect ratio >= SQUARE_VALUES_RATIO): LAPACK's values-only SVD of a square matrix
         skips the QR step that makes it slow on rectangular ones, and measured faster than the Gram route
         at 4096 x 4096 (1.5x) while slower at 11008 x 4096 and 4096 x 11008 (0.82-0.84; MKL, idle machine,
         benchmarks/results/cpu_routes-llama-quiet.md).  Everything else is the same for every shape."""
         square = max(rows, cols) < SQUARE_VALUES_RATIO * min(rows, cols)
-        if not square or not self.reason.startswith(PROBE_REASON) or "gram" not in (self.values, self.delta):
+        if not square or not is_cpu_auto(self.reason) or "gram" not in (self.values, self.delta):
             return self
         return replace(self, values=AUTO_BACKEND, delta=AUTO_BACKEND)
 
@@ -115,7 +114,7 @@ class Routes:
         """What the manifest records (manifest.json "routes")."""
         record = {"base": self.base, "tuned": self.tuned, "values": self.values, "delta": self.delta,
                   "reason": self.reason}
-        if self.reason.startswith(PROBE_REASON) and "gram" in (self.values, self.delta):
+        if is_cpu_auto(self.reason) and "gram" in (self.values, self.delta):
             record["values_rule"] = (f"values and delta on {self.values}/{self.delta} for matrices with aspect "
                                      f"ratio >= {SQUARE_VALUES_RATIO:g}, else {AUTO_BACKEND}")
         if self.blas:
@@ -197,7 +196,7 @@ def resolve(device: str, backend: str = AUTO, driver: str | None = None, *, prec
     elif precision != "fp32":
         routes = Routes.uniform(chosen, f"auto: {precision} (Gram routes are not accurate to its tolerance)",
                                 blas=blas_info())
-    elif pinned is not None and pinned.reason.startswith(PROBE_REASON):
+    elif pinned is not None and is_cpu_auto(pinned.reason):
         routes = pinned
     else:
         routes = cpu_routes(left_only=tuple(sides) == ("left",))
@@ -205,20 +204,22 @@ def resolve(device: str, backend: str = AUTO, driver: str | None = None, *, prec
                    routes=routes)
 
 
-# A Gram route must be at least this fast relative to LAPACK on the probe (ratio of seconds) to be taken.
-# 1.0 and not lower: the probe's small matrix already favours LAPACK (see numerics/route_probe.py).
-GRAM_SPEED_RATIO = 1.0
-
-
-PROBE_REASON = "auto: probe"
-# Aspect ratio from which the probe's Gram values route is used (Routes.for_shape).
+PROBE_REASON = "auto: probe"  # routes timed by a run-time probe (runs written before the CPU table)
+TABLE_REASON = "auto: CPU table"
+# Aspect ratio from which the Gram values route is used (Routes.for_shape).
 SQUARE_VALUES_RATIO = 2.0
 
 
+def is_cpu_auto(reason: str) -> bool:
+    """Whether routes with this reason were settled by "auto" for a CPU at fp32 (this table, or the probe of
+    earlier versions): the routes a Ray driver pins for its workers and a resumed run keeps."""
+    return reason.startswith((TABLE_REASON, PROBE_REASON))
+
+
 def pinned_routes(record: object) -> Routes | None:
-    """The Routes of a manifest's "routes" record when the probe decided them (what a resumed run reuses);
-    None for anything else, including records from other versions that do not fit."""
-    if not isinstance(record, dict) or not str(record.get("reason", "")).startswith(PROBE_REASON):
+    """The Routes of a manifest's "routes" record when "auto" settled them for a CPU (what a resumed run
+    reuses); None for anything else, including records from other versions that do not fit."""
+    if not isinstance(record, dict) or not is_cpu_auto(str(record.get("reason", ""))):
         return None
     quantities = [record.get(name) for name in ("base", "tuned", "values", "delta")]
     if not all(q in BACKENDS and not BACKENDS[q].cuda_only for q in quantities):
@@ -228,31 +229,38 @@ def pinned_routes(record: object) -> Routes | None:
                   probe=probe if isinstance(probe, dict) else None)
 
 
-@functools.lru_cache(maxsize=2)
-def cpu_routes(*, left_only: bool = True) -> Routes:
-    """The CPU routes of "auto" at fp32 on this machine: one probe per process (numerics/route_probe.py).
+def blas_family(blas: str) -> str:
+    """"mkl", "openblas" or "other", from blas_info()'s text."""
+    text = blas.lower()
+    if "blas=mkl" in text or "math kernel library" in text:
+        return "mkl"
+    if "openblas" in text:
+        return "openblas"
+    return "other"
 
-    Vectors (base and tuned SVDs) go to "gram" when its left_svd was accurate and not slower than LAPACK's
-    svd, and only for a left-side run (the right side would need V as well, not probed); values (tuned
-    singular values, dW's) go to "gram" when its svdvals was accurate and not slower than LAPACK's.
+
+def cpu_routes(*, left_only: bool = True, blas: str | None = None) -> Routes:
+    """The CPU routes of "auto" at fp32: a fixed table keyed by the BLAS torch was built with.
+
+    The same software on the same machine always gets the same routes, whatever ran before, whatever the
+    working directory, environment or cache: the two routes round differently in fp32, so a decision that
+    depended on a timing (as a run-time probe's does on a loaded machine) could make two runs of one
+    comparison disagree.  The table comes from measurements at Llama shapes (benchmarks/cpu_routes.py,
+    benchmarks/README.md):
+    - MKL: the Gram route for the vectors of a left-side run (0.28-0.92 of LAPACK's time) and for the
+      singular values of rectangular matrices (Routes.for_shape; LAPACK's values-only SVD is faster on
+      square ones); LAPACK for right-side vectors (the Gram route would need V as well).
+    - any other BLAS (OpenBLAS, ...): LAPACK everywhere, never slower than LAPACK by construction.
     """
-    import torch
-
-    from lorascale.numerics.route_probe import PROBE_SIZE, SIGMA_TOLERANCE, VECTOR_TOLERANCE, ProbeResult, probe
-    from lorascale.store.probe_cache import cached_probe
-
-    # One decision per machine: every process reads the first probe's figures (store/probe_cache.py).
-    key = {"torch": torch.__version__, "blas": blas_info(), "size": PROBE_SIZE}
-    result = ProbeResult(**cached_probe(key, lambda: asdict(probe())))
-    accurate = result.gram_sigma_error <= SIGMA_TOLERANCE
-    vectors = ("gram" if left_only and accurate and result.gram_vector_error <= VECTOR_TOLERANCE
-               and result.gram_left_s <= GRAM_SPEED_RATIO * result.lapack_svd_s else "torch")
-    values = "gram" if accurate and result.gram_values_s <= GRAM_SPEED_RATIO * result.lapack_svdvals_s else "torch"
-    return Routes(base=vectors, tuned=vectors, values=values, delta=values,
-                  reason=PROBE_REASON if left_only else f"{PROBE_REASON} (both sides: vectors on LAPACK)",
-                  blas=blas_info(), probe=result.as_dict())
+    blas = blas_info() if blas is None else blas
+    family = blas_family(blas)
+    vectors = "gram" if family == "mkl" and left_only else "torch"
+    values = "gram" if family == "mkl" else "torch"
+    reason = f"{TABLE_REASON} ({family}{'' if left_only else '; both sides: vectors on LAPACK'})"
+    return Routes(base=vectors, tuned=vectors, values=values, delta=values, reason=reason, blas=blas)
 
 
+@functools.lru_cache(maxsize=1)
 def blas_info() -> str:
     """The BLAS and LAPACK torch was built with, e.g. "blas=mkl lapack=mkl (Intel(R) oneAPI Math Kernel ...)"."""
     import torch

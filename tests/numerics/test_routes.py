@@ -1,20 +1,18 @@
-"""The per-quantity routes of "auto" on a CPU (numerics/backends.Routes, cpu_routes) and the Gram routes they
+"""The per-quantity routes of "auto" on a CPU (numerics/backends.Routes, cpu_routes: a table, no timing) and the Gram routes they
 may choose, against the float64 oracle at docs/METHOD.md's fp32 tolerances, ill-conditioned inputs included."""
 
 from __future__ import annotations
 
 import json
-import tempfile
 
 import numpy as np
 import pytest
 import torch
 
 import oracle
-from lorascale.numerics import gram, route_probe
+from lorascale.numerics import gram
 from lorascale.numerics.backends import Routes, cpu_routes, resolve
 from lorascale.numerics.compare import base_spectrum, compare_to_base
-from lorascale.numerics.route_probe import ProbeResult
 
 SIGMA_TOL = 1e-5  # docs/METHOD.md, fp32: of sigma_max
 VECTOR_TOL = 1e-4  # docs/METHOD.md, fp32: max_cos and top-10 vectors
@@ -97,65 +95,48 @@ def test_gram_routes_reproduce_max_cos_and_intruders(shape):
     assert int((side.max_cos[:10] < 0.5).sum()) == oracle.intruders(w0, w, 10, 0.5) == 3
 
 
-def test_probe_measures_this_blas_and_the_gram_routes_pass_it():
-    result = route_probe.probe(size=256)
-    assert result.size == 256 and result.threads >= 1
-    assert min(result.lapack_svd_s, result.lapack_svdvals_s, result.gram_left_s, result.gram_values_s) > 0
-    assert result.gram_sigma_error <= route_probe.SIGMA_TOLERANCE
-    assert result.gram_vector_error <= route_probe.VECTOR_TOLERANCE
-    json.dumps(result.as_dict())
+MKL = "blas=mkl lapack=mkl (Intel(R) oneAPI Math Kernel Library Version 2024.2)"
+OPENBLAS = "blas=open lapack=open (OpenBLAS 0.3.27)"
 
 
-def _fake_probe(monkeypatch, **overrides) -> None:
-    figures = {"size": 8, "lapack_svd_s": 1.0, "lapack_svdvals_s": 1.0, "gram_left_s": 0.5, "gram_values_s": 0.5,
-               "gram_sigma_error": 1e-8, "gram_vector_error": 1e-8, "threads": 2, **overrides}
-    monkeypatch.setattr(route_probe, "probe", lambda size=route_probe.PROBE_SIZE: ProbeResult(**figures))
-    # A machine of its own: the probe's figures are kept per machine (store/probe_cache.py).
-    monkeypatch.setenv("LORASCALE_CACHE_DIR", tempfile.mkdtemp(prefix="lorascale-probe-"))
-    cpu_routes.cache_clear()
+def _blas(monkeypatch, text: str) -> None:
+    """Make this process's torch report `text` as its BLAS (what the CPU table is keyed by)."""
+    from lorascale.numerics import backends
+
+    monkeypatch.setattr(backends, "blas_info", lambda: text)
 
 
-@pytest.fixture
-def fresh_routes():
-    cpu_routes.cache_clear()
-    yield
-    cpu_routes.cache_clear()  # the next test probes for real
-
-
-@pytest.mark.parametrize(("overrides", "vectors", "values"), [
-    ({}, "gram", "gram"),  # faster and accurate
-    ({"gram_left_s": 1.5}, "torch", "gram"),  # vectors slower on this BLAS (OpenBLAS-like)
-    ({"gram_values_s": 1.2}, "gram", "torch"),
-    ({"gram_left_s": 2.0, "gram_values_s": 2.0}, "torch", "torch"),
-    ({"gram_sigma_error": 1e-3}, "torch", "torch"),  # inaccurate on this BLAS: never chosen, however fast
-    ({"gram_vector_error": 1e-2}, "torch", "gram"),
+@pytest.mark.parametrize(("blas", "family", "vectors", "values"), [
+    (MKL, "mkl", "gram", "gram"),
+    (OPENBLAS, "openblas", "torch", "torch"),  # the Gram route measured slower there: LAPACK
+    ("blas=generic lapack=generic", "other", "torch", "torch"),  # unknown: never slower than LAPACK
 ])
-def test_auto_routes_follow_the_probe(monkeypatch, fresh_routes, overrides, vectors, values):
-    _fake_probe(monkeypatch, **overrides)
+def test_auto_cpu_routes_follow_the_blas_table(monkeypatch, blas, family, vectors, values):
+    _blas(monkeypatch, blas)
     routes = resolve("cpu", "auto").routes
     assert (routes.base, routes.tuned, routes.values, routes.delta) == (vectors, vectors, values, values)
-    assert routes.reason == "auto: probe" and routes.probe["gram_left_s"] == overrides.get("gram_left_s", 0.5)
-    assert routes.blas.startswith("blas=")
+    assert routes.reason == f"auto: CPU table ({family})" and routes.blas == blas and routes.probe is None
+    assert cpu_routes(blas=blas) == routes  # a pure function of the BLAS: nothing timed, nothing cached
 
 
-def test_routes_that_are_not_probed(monkeypatch, fresh_routes):
-    _fake_probe(monkeypatch)
+def test_routes_outside_the_table(monkeypatch):
+    _blas(monkeypatch, MKL)
     both = resolve("cpu", "auto", sides=("left", "right")).routes  # V needed too: vectors stay on LAPACK
     assert (both.base, both.tuned, both.values) == ("torch", "torch", "gram")
     fp64 = resolve("cpu", "auto", precision="fp64").routes  # Gram errors exceed fp64's tolerance
-    assert {fp64.base, fp64.tuned, fp64.values, fp64.delta} == {"torch"} and fp64.probe is None
+    assert {fp64.base, fp64.tuned, fp64.values, fp64.delta} == {"torch"}
     for backend in ("torch", "gram"):  # an explicit backend keeps its meaning: every quantity there
         routes = resolve("cpu", backend).routes
         assert routes == Routes.uniform(backend, f"--backend {backend}")
 
 
-def test_the_manifest_records_the_routes(monkeypatch, fresh_routes, tmp_path):
+def test_the_manifest_records_the_routes(monkeypatch, tmp_path):
     from checkpoints import finetuned, save_full, tiny_llama
 
     from lorascale.pipeline import compare
     from lorascale.store.manifest import read_manifest
 
-    _fake_probe(monkeypatch, gram_left_s=3.0)
+    _blas(monkeypatch, MKL)
     model = tiny_llama()
     save_full(model, tmp_path / "base")
     save_full(finetuned(model), tmp_path / "tuned")
@@ -164,9 +145,9 @@ def test_the_manifest_records_the_routes(monkeypatch, fresh_routes, tmp_path):
                      backend="torch", use_cache=False)
     recorded = json.loads((tmp_path / "auto" / "manifest.json").read_text())["routes"]
     assert recorded == read_manifest(tmp_path / "auto").routes == auto.manifest.routes
-    assert (recorded["base"], recorded["tuned"], recorded["values"], recorded["delta"]) == ("torch", "torch",
+    assert (recorded["base"], recorded["tuned"], recorded["values"], recorded["delta"]) == ("gram", "gram",
                                                                                             "gram", "gram")
-    assert recorded["reason"] == "auto: probe" and recorded["probe"]["gram_left_s"] == 3.0 and "blas" in recorded
+    assert recorded["reason"] == "auto: CPU table (mkl)" and recorded["blas"] == MKL and "values_rule" in recorded
     assert manual.manifest.routes["reason"] == "--backend torch"
     import pyarrow.dataset as ds
 
@@ -176,27 +157,27 @@ def test_the_manifest_records_the_routes(monkeypatch, fresh_routes, tmp_path):
     np.testing.assert_allclose(rows["auto"]["delta_effective_rank"], rows["torch"]["delta_effective_rank"], rtol=1e-5)
 
 
-
-def test_one_run_one_route_decision_for_every_ray_worker(monkeypatch, fresh_routes):
-    """The Ray driver probes once and every CPU worker uses its routes, whatever its own probe would say:
-    otherwise rows of one run would mix two decisions (different fp32 rounding)."""
+def test_one_run_one_route_decision_for_every_ray_worker(monkeypatch):
+    """The Ray driver decides once and every CPU worker uses its routes, whatever BLAS the worker's torch
+    has: otherwise rows of one run would mix two decisions (different fp32 rounding)."""
     from lorascale.execute.local import LocalExecutor
     from lorascale.execute.ray_executor import RayExecutor
     from lorascale.records import AnalysisOptions
 
-    _fake_probe(monkeypatch, gram_left_s=3.0)  # the driver's probe: vectors on LAPACK, values on Gram
+    _blas(monkeypatch, OPENBLAS)  # the driver: LAPACK everywhere
     prepared = RayExecutor(workers=2).prepare(AnalysisOptions(device="cpu", backend="auto"))
-    assert (prepared.routes.base, prepared.routes.values) == ("torch", "gram")
-    _fake_probe(monkeypatch, gram_values_s=3.0)  # a worker's own probe would decide the opposite
+    assert (prepared.routes.base, prepared.routes.values) == ("torch", "torch")
+    _blas(monkeypatch, MKL)  # a worker's own table would say Gram
     worker = LocalExecutor().prepare(prepared)  # what each _MatrixWorker does with the driver's options
     assert worker.routes == prepared.routes
-    # Off the CPU the pinned CPU routes do not apply; GPU workers never make the driver probe.
+    # Off the CPU the pinned CPU routes do not apply; GPU workers never make the driver decide CPU routes.
     assert RayExecutor(workers=2, gpus_per_worker=1).prepare(AnalysisOptions(device="auto")).routes is None
     for precision, backend in (("fp64", "auto"), ("fp32", "torch")):
         assert RayExecutor(workers=2).prepare(AnalysisOptions(precision=precision, backend=backend)).routes is None
 
 
-def test_a_resumed_run_keeps_the_routes_it_started_with(monkeypatch, fresh_routes, tmp_path):
+def test_a_resumed_run_keeps_the_routes_it_started_with(monkeypatch, tmp_path):
+    """A run resumed by another torch (another BLAS: a new venv, another node) keeps its manifest's routes."""
     from checkpoints import finetuned, save_full, tiny_llama
 
     from lorascale.pipeline import compare
@@ -205,44 +186,71 @@ def test_a_resumed_run_keeps_the_routes_it_started_with(monkeypatch, fresh_route
     save_full(model, tmp_path / "base")
     save_full(finetuned(model), tmp_path / "tuned")
     args = (str(tmp_path / "base"), [str(tmp_path / "tuned")], tmp_path / "out")
-    _fake_probe(monkeypatch, gram_left_s=3.0)
+    _blas(monkeypatch, OPENBLAS)
     first = compare(*args, device="cpu", use_cache=False, include=["*layers.0.*"])
     assert first.manifest.routes["base"] == "torch"
-    _fake_probe(monkeypatch, gram_values_s=3.0)  # this session's probe would decide otherwise
+    _blas(monkeypatch, MKL)  # this process's table would decide otherwise
     again = compare(*args, device="cpu", use_cache=False, include=["*layers.0.*"])
     assert again.manifest.resumed and again.manifest.routes == first.manifest.routes
     fresh = compare(*args, device="cpu", use_cache=False, include=["*layers.0.*"], overwrite=True)
-    assert (fresh.manifest.routes["base"], fresh.manifest.routes["values"]) == ("gram", "torch")
+    assert (fresh.manifest.routes["base"], fresh.manifest.routes["values"]) == ("gram", "gram")
 
 
-def test_the_probe_runs_once_per_machine(monkeypatch, fresh_routes):
-    """A second process (here: the in-process cache cleared) reads the first probe's figures from the
-    cache directory instead of timing again, so two runs on one machine never decide differently."""
-    calls = []
-    _fake_probe(monkeypatch, gram_left_s=3.0)
-    first_probe = route_probe.probe
-    monkeypatch.setattr(route_probe, "probe", lambda size=route_probe.PROBE_SIZE: calls.append(1) or first_probe())
-    first = resolve("cpu", "auto").routes
-    cpu_routes.cache_clear()
-    monkeypatch.setattr(route_probe, "probe", lambda size=route_probe.PROBE_SIZE: calls.append(2) or ProbeResult(
-        size=8, lapack_svd_s=1.0, lapack_svdvals_s=1.0, gram_left_s=0.1, gram_values_s=9.0, gram_sigma_error=1e-8,
-        gram_vector_error=1e-8, threads=1))
-    again = resolve("cpu", "auto").routes
-    assert calls == [1] and again == first and (again.base, again.values) == ("torch", "gram")
-    from lorascale.store.probe_cache import probe_file
+def test_routes_pinned_by_a_run_of_an_earlier_version_are_kept():
+    """Runs written while a run-time probe decided ("auto: probe") resume with the probe's routes."""
+    from lorascale.numerics.backends import pinned_routes
 
-    cached = list(probe_file({}).parent.glob("*.json"))
-    assert len(cached) == 1
-    cached[0].write_text("{not json")  # a damaged record is probed again, never an error
-    cpu_routes.cache_clear()
-    assert resolve("cpu", "auto").routes.base == "gram" and calls == [1, 2]
+    record = {"base": "gram", "tuned": "gram", "values": "torch", "delta": "torch", "reason": "auto: probe",
+              "blas": MKL, "probe": {"size": 1024}}
+    pinned = pinned_routes(record)
+    assert pinned is not None and (pinned.base, pinned.values, pinned.probe) == ("gram", "torch", {"size": 1024})
+    assert resolve("cpu", "auto", pinned=pinned).routes == pinned
+    assert pinned_routes({**record, "reason": "--backend gram"}) is None  # explicit choices are not pinned
 
 
-def test_gram_values_only_for_rectangular_matrices(monkeypatch, fresh_routes):
+_ROUTES_SCRIPT = """
+import json, sys
+from lorascale.numerics.backends import resolve
+print(json.dumps(resolve("cpu", "auto").routes.describe()))
+"""
+
+
+def _routes_in_a_fresh_process(tmp_path, name: str, **env: str):
+    import os
+    import subprocess
+    import sys
+
+    home = tmp_path / name / "home"
+    cwd = tmp_path / name / "cwd"
+    home.mkdir(parents=True)
+    cwd.mkdir()
+    environ = {k: v for k, v in os.environ.items()
+               if not k.startswith(("LORASCALE_", "XDG_", "HF_"))} | {"HOME": str(home), **env}
+    return subprocess.Popen([sys.executable, "-c", _ROUTES_SCRIPT], cwd=cwd, env=environ, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def test_two_fresh_processes_started_at_once_decide_alike_whatever_their_environment(tmp_path):
+    """From empty caches, in other working directories and environments, at the same time: one decision,
+    the one this process makes, and nothing written anywhere to make it."""
+    processes = [_routes_in_a_fresh_process(tmp_path, "a"),
+                 _routes_in_a_fresh_process(tmp_path, "b", XDG_CACHE_HOME=str(tmp_path / "xdg"),
+                                            LORASCALE_CACHE_DIR=str(tmp_path / "elsewhere"), OMP_NUM_THREADS="1")]
+    decided = []
+    for process in processes:
+        out, err = process.communicate(timeout=120)
+        assert process.returncode == 0, err
+        decided.append(json.loads(out))
+    assert decided[0] == decided[1] == resolve("cpu", "auto").routes.describe()
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert written == [], written
+
+
+def test_gram_values_only_for_rectangular_matrices(monkeypatch):
     """LAPACK's values-only SVD beats the Gram route on square matrices (benchmarks: 4096 x 4096), the Gram
     route wins on rectangular ones: auto's values route follows the shape; vectors and explicit backends
     do not."""
-    _fake_probe(monkeypatch)
+    _blas(monkeypatch, MKL)
     routes = resolve("cpu", "auto").routes
     assert (routes.values, routes.delta) == ("gram", "gram") and "values_rule" in routes.describe()
     square, tall, wide = routes.for_shape(64, 64), routes.for_shape(176, 64), routes.for_shape(64, 176)
@@ -252,10 +260,10 @@ def test_gram_values_only_for_rectangular_matrices(monkeypatch, fresh_routes):
     assert Routes.uniform("gram", "--backend gram").for_shape(64, 64).values == "gram"
 
 
-def test_square_matrices_get_lapack_values_through_compare(monkeypatch, fresh_routes):
+def test_square_matrices_get_lapack_values_through_compare(monkeypatch):
     from lorascale.numerics import compare as compare_module
 
-    _fake_probe(monkeypatch)
+    _blas(monkeypatch, MKL)
     routes = resolve("cpu", "auto").routes
     used = []
     real = compare_module.svdvals
