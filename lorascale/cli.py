@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 import traceback
+import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -67,8 +68,7 @@ class _Group(click.Group):
         except LorascaleError as exc:
             if settings.debug():
                 raise
-            click.echo(f"lorascale: error: {exc}", err=True)
-            ctx.exit(exc.exit_code)
+            _last_line(ctx, f"lorascale: error: {exc}", exc.exit_code)
         except KeyboardInterrupt as exc:
             # 128 + signal number, as shells report a process ended by that signal.
             code, how = (143, "terminated") if isinstance(exc, Terminated) else (130, "interrupted")
@@ -81,9 +81,28 @@ class _Group(click.Group):
             if settings.debug():
                 raise
             where = traceback.extract_tb(exc.__traceback__)[-1]
-            click.echo(f"lorascale: internal error: {type(exc).__name__}: {exc} (at {Path(where.filename).name}:"
-                       f"{where.lineno}; set LORASCALE_DEBUG=1 for the traceback and please report it)", err=True)
-            ctx.exit(70)
+            _last_line(ctx, f"lorascale: internal error: {type(exc).__name__}: {exc} (at {Path(where.filename).name}:"
+                            f"{where.lineno}; set LORASCALE_DEBUG=1 for the traceback and please report it)", 70)
+
+
+def _last_line(ctx: click.Context, message: str, code: int) -> None:
+    """End the command with `message` as the last line on stderr, and a single line, then exit with `code`.
+
+    Progress and stage lines (from this thread or a download thread) are silenced first, newlines inside the
+    message (from a library's exception text) become spaces, and once it is written stderr is pointed at
+    /dev/null, so that nothing after it (a thread still draining, a warning at interpreter exit) makes the
+    error anything but the last line."""
+    _Progress.silence_all()
+    click.echo(" ".join(message.split()), err=True)
+    try:
+        sys.stderr.flush()
+        if sys.stderr is sys.__stderr__:  # the process's own stderr (a test runner's capture is left alone)
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stderr.fileno())
+            os.close(devnull)
+    except (OSError, ValueError, AttributeError):
+        pass
+    ctx.exit(code)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -115,9 +134,19 @@ class _Progress:
     elsewhere.
     """
 
+    _live: weakref.WeakSet[_Progress] = weakref.WeakSet()
+
+    @classmethod
+    def silence_all(cls) -> None:
+        """No line from any progress of this process any more: the command's error line comes last."""
+        for progress in list(cls._live):
+            progress.silenced = True
+
     def __init__(self, enabled: bool, *, stream=None, interactive: bool | None = None,
                  every_seconds: float | None = None, every_percent: float = 5.0) -> None:
         self.enabled = enabled
+        self.silenced = False  # set by silence_all()
+        _Progress._live.add(self)
         self.stream = stream if stream is not None else sys.stderr
         self.interactive = _isatty(self.stream) if interactive is None else interactive
         self.every_seconds = settings.progress_seconds() if every_seconds is None else every_seconds
@@ -235,6 +264,8 @@ class _Progress:
                 self.timer = None
 
     def _write(self, text: str, end: str = "\n") -> None:
+        if self.silenced:  # the command has failed: its error line is the last one (_last_line)
+            return
         try:
             self.stream.write(text + end)
             self.stream.flush()
@@ -274,6 +305,37 @@ def _clock(seconds: float) -> str:
     minutes, secs = divmod(int(round(seconds)), 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+def recorded_command(ctx: click.Context) -> str:
+    """The command as a manifest records it, in one normalised form whatever way the program was started
+    (a venv's script path, `python -m`, a test runner's argv, an option spelled `--k=5` or given its default):
+    `lorascale <command>`, then every option whose value differs from its default, in the order the command
+    declares them, spelled with its long flag; URLs without credentials (execute/executor.public_command).
+
+    E.g. `/venv/bin/lorascale run --out=r --tuned t --base b --k 10` is `lorascale run --base b --tuned t --out r`.
+    """
+    from lorascale.execute.executor import public_command
+
+    words = ["lorascale", str(ctx.command.name)]
+    for param in ctx.command.params:
+        if not isinstance(param, click.Option) or param.name not in ctx.params:
+            continue
+        value = ctx.params[param.name]
+        if value is None or value == param.default or (param.multiple and not value):
+            continue
+        flag = next(o for o in param.opts if o.startswith("--"))
+        if param.is_flag:
+            if param.secondary_opts:  # --series/--no-series
+                words.append(flag if value else param.secondary_opts[0])
+            elif value:
+                words.append(flag)
+        elif param.multiple:
+            for item in value:
+                words += [flag, str(item)]
+        else:
+            words += [flag, str(value)]
+    return shlex.join(public_command(words))
 
 
 def _print_summary(out: Path) -> None:
@@ -348,7 +410,6 @@ def run(base: str, tuned: tuple[str, ...], out: Path, k: int, epsilon: float, si
 
     A checkpoint is a directory, a .safetensors or .bin file, or a Hugging Face repo org/name[@revision].
     """
-    from lorascale.execute.executor import public_command
     from lorascale.pipeline import compare, format_plan, plan_run
 
     if series is not None and not make_report:
@@ -370,7 +431,6 @@ def run(base: str, tuned: tuple[str, ...], out: Path, k: int, epsilon: float, si
             progress.close()
         click.echo(format_plan(planned))
         return
-    argv = public_command(sys.argv[1:])  # the manifest records the command: never credentials an address carries
     try:
         result = compare(base, list(tuned), out, k=k, epsilon=epsilon, side=side, precision=precision,
                          device=device, include=include, exclude=exclude, rename=rename, overwrite=overwrite,
@@ -378,7 +438,7 @@ def run(base: str, tuned: tuple[str, ...], out: Path, k: int, epsilon: float, si
                          gpus_per_worker=gpus_per_worker, backend=backend, mode=mode, top_k=top_k,
                          cache_dir=cache_dir, use_cache=not no_cache, no_pickle=no_pickle, progress=progress,
                          scratch_dir=scratch_dir, download_progress=progress.downloads,
-                         command=shlex.join(["lorascale", *argv]))
+                         command=recorded_command(click.get_current_context()))
     finally:
         progress.close()
     note = f" (resumed: {result.computed} of {result.planned} computed now)" if result.manifest.resumed else ""
@@ -431,7 +491,7 @@ def demo(out: Path, quiet: bool) -> None:
     progress = _Progress(enabled=not quiet)
     try:
         compare(str(paths["base"]), [str(paths["full"]), str(paths["lora"])], out / "results", overwrite=True,
-                progress=progress, command=shlex.join(["lorascale", *sys.argv[1:]]))
+                progress=progress, command=recorded_command(click.get_current_context()))
     finally:
         progress.close()
     click.echo(f"wrote {out / 'results'}", err=True)

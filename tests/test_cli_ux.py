@@ -193,6 +193,45 @@ def test_progress_lines_when_stderr_is_not_a_terminal(llama, tmp_path):
     assert quiet.returncode == 0 and quiet_err.splitlines() == [f"wrote {out} (resumed: 0 of 14 computed now)"]
 
 
+def test_a_run_failing_after_progress_lines_ends_with_one_error_line(llama, tmp_path):
+    """Progress and stage lines on a non-terminal stderr, then a matrix whose tensor holds a NaN, half-way:
+    stderr ends with exactly one `lorascale: error:` line, and it is the last line."""
+    import checkpoints
+
+    tuned = checkpoints.copy_checkpoint(llama.tuned["fp32"], tmp_path / "tuned")
+    name = "model.layers.1.self_attn.o_proj.weight"
+    index = json.loads((tuned / "model.safetensors.index.json").read_text())["weight_map"]
+
+    def poisoned(t):
+        t = t.clone()
+        t[3, 5] = float("nan")
+        return t
+
+    checkpoints.rewrite_tensor(tuned / index[name], name, poisoned)
+    child = _lorascale("run", "--base", llama.base["fp32"], "--tuned", tuned, "--out", tmp_path / "out",
+                       "--device", "cpu", "--no-cache", LORASCALE_PROGRESS_SECONDS="0")
+    _, stderr = child.communicate(timeout=600)
+    assert child.returncode == 7, stderr
+    lines = stderr.splitlines()
+    assert any(line.startswith("matrices ") for line in lines), lines  # progress was shown before the error
+    errors = [line for line in lines if "lorascale: error:" in line]
+    assert len(errors) == 1 and lines[-1] == errors[0] and name in errors[0], lines
+    assert "Traceback" not in stderr
+
+
+def test_an_error_message_with_newlines_is_written_as_one_line(monkeypatch):
+    from lorascale import pipeline
+    from lorascale.errors import ExecutionError
+
+    def fail(*args, **kwargs):
+        raise ExecutionError("a library said:\nline two\n  line three", fix="do this")
+
+    monkeypatch.setattr(pipeline, "compare", fail)
+    result = invoke("run", "--base", "b", "--tuned", "t", "--out", "o", "--quiet")
+    assert result.exit_code == 8
+    assert result.stderr.splitlines() == ["lorascale: error: a library said: line two line three (do this)"]
+
+
 def test_progress_lines_every_few_seconds_and_percent():
     stream = io.StringIO()
     progress = _Progress(True, stream=stream, interactive=False, every_seconds=3600, every_percent=25)

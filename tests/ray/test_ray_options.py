@@ -99,7 +99,6 @@ def test_cli_passes_ray_options_and_keeps_credentials_out_of_the_command(monkeyp
     args = ["run", "--base", "b", "--tuned", "t", "--out", "o", "--workers", "3", "--cpus-per-worker", "2",
             "--gpus-per-worker", "0.5", "--ray-address", "ray://me:s3cret@head:10001"]
     monkeypatch.setattr("lorascale.pipeline.compare", fake_compare)
-    monkeypatch.setattr(sys, "argv", ["lorascale", *args])  # what the manifest's command is made of
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 2, result.output
     assert (seen["workers"], seen["cpus_per_worker"], seen["gpus_per_worker"]) == (3, 2.0, 0.5)
