@@ -7,7 +7,7 @@ from pathlib import Path
 
 from lorascale.io.checkpoint import open_checkpoint
 from lorascale.io.resolve import resolve
-from lorascale.plan import layer_and_module, matrix_problem, selected
+from lorascale.plan import layer_and_module, takes_part, tensor_use
 
 
 def describe_checkpoint(reference: str, *, allow_pickle: bool = True) -> dict:
@@ -43,11 +43,14 @@ def describe_checkpoint(reference: str, *, allow_pickle: bool = True) -> dict:
         }
         shapes = Counter(f"{f.b.shape[0]}x{f.a.shape[1]} r={f.rank}" for f in checkpoint.lora.factors.values())
     else:
-        matrices = [n for n, e in tensors.items() if len(e.shape) == 2]
-        analysed = [n for n in matrices if selected(n, (), ()) and matrix_problem(tensors[n]) is None]
+        uses = {n: tensor_use(n, e) for n, e in tensors.items() if takes_part(n, e)}
+        analysed = [n for n, use in uses.items() if use == "analysed"]
         labels = layer_and_module(analysed) if analysed else {}
-        info["matrices"] = len(matrices)
+        info["matrices"] = sum(len(tensors[n].shape) == 2 for n in uses)
         info["analysed_by_default"] = len(analysed)
+        # Why the rest is not analysed (dtype, empty), as a run's manifest lists it: "excluded by default" is
+        # the --include/--exclude business, and is in --tensors.
+        info["not_analysed"] = dict(Counter(use for use in uses.values() if use not in ("analysed", "excluded by default")))
         info["layers"] = len({layer for layer, _ in labels.values() if layer is not None})
         info["modules"] = sorted({module for _, module in labels.values()})
         shapes = Counter("x".join(map(str, tensors[n].shape)) for n in analysed)
@@ -71,12 +74,8 @@ def list_tensors(reference: str, *, allow_pickle: bool = True) -> list[dict]:
     for name, entry in checkpoint.tensors.items():
         if checkpoint.lora is not None:
             use = lora_modules.get(name) or checkpoint.lora.other.get(name, "not analysed")
-        elif len(entry.shape) != 2:
-            use = "not a matrix"
-        elif not selected(name, (), ()):
-            use = "excluded by default"
         else:
-            use = matrix_problem(entry) or "analysed"
+            use = tensor_use(name, entry)
         rows.append({"name": name, "shape": list(entry.shape), "dtype": entry.dtype, "file": entry.file.name,
                      "analysed": use})
     return rows

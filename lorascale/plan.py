@@ -189,6 +189,22 @@ def matrix_problem(entry: TensorEntry) -> str | None:
     return why
 
 
+def takes_part(name: str, entry: TensorEntry) -> bool:
+    """Whether a tensor takes part in matching and planning: a matrix, a fused expert stack, or a tensor of a
+    dtype lorascale does not know, whatever its shape (packed quantized storage has shapes of its own, so
+    whether it holds a matrix cannot be told; it is listed as skipped for its dtype, never left out silently)."""
+    return len(entry.shape) == 2 or is_fused_experts(name, entry) or entry.dtype not in DTYPE_BITS
+
+
+def tensor_use(name: str, entry: TensorEntry) -> str:
+    """What a default run does with one tensor of a full checkpoint: "analysed", or why not (`inspect`)."""
+    if not takes_part(name, entry):
+        return "not a matrix"
+    if not selected(name, (), ()):
+        return "excluded by default"
+    return matrix_problem(entry) or "analysed"
+
+
 def is_fused_experts(name: str, entry: TensorEntry) -> bool:
     """A 3-D tensor of an `experts` module: [num_experts, d1, d2], analysed expert by expert."""
     return len(entry.shape) == 3 and _EXPERTS.search(name) is not None
@@ -271,7 +287,7 @@ def plan_jobs(base: Checkpoint, tuned: list[Checkpoint], *, include: tuple[str, 
     if base.kind != "full":
         raise MismatchError("the base must be a full checkpoint, not an adapter", path=base.reference,
                             fix="pass the model the adapter was trained on as --base")
-    base_2d = {n: e for n, e in base.tensors.items() if len(e.shape) == 2 or is_fused_experts(n, e)}
+    base_2d = {n: e for n, e in base.tensors.items() if takes_part(n, e)}
     # Every 2-D name takes part in matching, so a tuned tensor whose base version is skipped is not
     # mistaken for one that exists only in the tuned checkpoint.
     matcher = NameMatcher(list(base_2d))
@@ -280,7 +296,8 @@ def plan_jobs(base: Checkpoint, tuned: list[Checkpoint], *, include: tuple[str, 
     for name, entry in base_2d.items():
         problem = matrix_problem(entry)
         if not selected(name, include, exclude):
-            skipped.append(Skipped(name, "not selected (default exclusions or --include/--exclude)"))
+            reason = "not selected (default exclusions or --include/--exclude)"
+            skipped.append(Skipped(name, f"{reason}; {problem}" if problem else reason))
         elif problem is not None:
             skipped.append(Skipped(name, problem))
         else:
@@ -306,9 +323,11 @@ def plan_jobs(base: Checkpoint, tuned: list[Checkpoint], *, include: tuple[str, 
         example = f", e.g. {telling[0].matrix}: {telling[0].reason}" if telling else ""
         raise MismatchError(f"no matrix left to analyse{example}", path=base.reference,
                             fix="widen --include or narrow --exclude; only F64/F32/F16/BF16 matrices are analysed")
+    recorded = {s.matrix for s in skipped if s.model is not None}
     for name in base_matrices:
         if name not in changed:
-            skipped.append(Skipped(name, "not changed by any tuned model (adapter does not target it)"))
+            skipped.append(Skipped(name, "no tuned model's version of it is analysed (see each model's entry)"
+                                   if name in recorded else "not changed by any tuned model (adapter does not target it)"))
     labels = layer_and_module(names)
     jobs = []
     for name in names:
@@ -354,31 +373,31 @@ def _match_full(model: Checkpoint, selection: _Selection,
     found: dict[Unit, TunedSource] = {}
     accounted: set[str] = set()  # base names this model has a record for (a source or a skip)
     matched = 0
-    stored = _renamed_names(model, (n for n, e in model.tensors.items()
-                                    if len(e.shape) == 2 or is_fused_experts(n, e)), selection.rename)
+    stored = _renamed_names(model, (n for n, e in model.tensors.items() if takes_part(n, e)), selection.rename)
     targets = selection.matcher.match_all(stored, where=model.reference)
     for new_name, name in stored.items():
         entry = model.tensors[name]
         target = targets.get(new_name)
+        problem = dtype_not_analysed(entry.dtype)
         if target is None:
-            skipped.append(Skipped(name, "only in the tuned checkpoint", model.reference))
+            reason = "only in the tuned checkpoint"
+            skipped.append(Skipped(name, f"{problem}; {reason}" if problem else reason, model.reference))
             continue
         matched += 1
         accounted.add(target)
         base_entry = selection.base_2d[target]
         if target not in selection.analysed:  # not selected, or not analysable: the base's record says why
-            if entry.shape != base_entry.shape:
+            if problem is None and entry.shape != base_entry.shape:
                 skipped.append(Skipped(target, f"shape {list(entry.shape)} differs from the base's "
                                                f"{list(base_entry.shape)} (resized vocabulary?)", model.reference))
             continue
-        problem = dtype_not_analysed(entry.dtype)
         if problem is not None:
             skipped.append(Skipped(target, f"{problem} (in this checkpoint)", model.reference))
             continue
         if entry.shape != base_entry.shape:
             raise MismatchError(
                 f"shape {list(entry.shape)} differs from the base's {list(base_entry.shape)}",
-                path=entry.file, tensor=name, fix="the checkpoints are different architectures, or exclude it",
+                path=entry.location, tensor=name, fix="the checkpoints are different architectures, or exclude it",
             )
         for expert, unit in _units(target, entry):
             key = (target, expert if len(entry.shape) == 3 else None)
@@ -411,7 +430,7 @@ def _match_adapter(model: Checkpoint, selection: _Selection,
         if base_shape != expected:
             raise MismatchError(
                 f"adapter factors give a {list(expected)} update but the base matrix {target} is "
-                f"{list(base_shape)}", path=factors.a.file, tensor=factors.a.name,
+                f"{list(base_shape)}", path=factors.a.location, tensor=factors.a.name,
                 fix="the adapter was trained on a different base model" + (
                     "" if factors.fan_in_fan_out else ", or it needs fan_in_fan_out") + ", or exclude it",
             )
@@ -574,7 +593,7 @@ def _per_expert_base(parameter: str, first: list[str], selection: _Selection) ->
             raise MismatchError(
                 f"the base stores {parameter} per expert, but its parts {list(names)} have shapes "
                 f"{[list(s) for s in found]}, which do not stack into one [E, out, in] parameter like expert 0's "
-                f"{[list(s) for s in shapes]}", path=selection.base_2d[names[0]].file, tensor=names[0],
+                f"{[list(s) for s in shapes]}", path=selection.base_2d[names[0]].location, tensor=names[0],
                 fix="the base checkpoint is not the model the adapter was trained on, or it is damaged")
     return _PerExpertBase(parts=tuple(experts), rows=tuple(rows for rows, _ in shapes), cols=shapes[0][1])
 

@@ -180,6 +180,55 @@ def test_hostile_json_beside_the_weights(llama, tmp_path, build):
 # --- Odd but valid input runs, skipping what it cannot analyse ----------------------------------------------------
 
 
+def _set_dtype(shard: Path, name: str, dtype: str, *, packed: bool = False) -> None:
+    """Give `name` an unknown dtype code in its header, keeping its bytes; `packed`: as 1-D storage, as packed
+    quantized formats lay it out (element size unknown, so the shape says nothing about a matrix)."""
+    def edit(raw: bytes) -> bytes:
+        header = json.loads(raw)
+        entry = header[name]
+        begin, end = entry["data_offsets"]
+        header[name] = {**entry, "dtype": dtype, **({"shape": [end - begin]} if packed else {})}
+        return json.dumps(header).encode()
+
+    _rewrite_header(shard, edit)
+
+
+K_PROJ = "model.layers.0.self_attn.k_proj.weight"
+NORM = "model.layers.0.input_layernorm.weight"
+
+
+def test_unknown_dtypes_are_listed_with_their_reason_whatever_their_shape(llama, tmp_path):
+    """Unknown dtype strings (not a safetensors code): a base matrix, a base 1-D tensor, and a tuned matrix
+    stored packed (1-D).  Each is in the manifest's `skipped` saying "dtype ... unknown", the tuned one under
+    the base matrix it stands for (not "only in the base"), and `inspect` says so too."""
+    base = checkpoints.copy_checkpoint(llama.base["fp32"], tmp_path / "base")
+    tuned = checkpoints.copy_checkpoint(llama.tuned["fp32"], tmp_path / "tuned")
+    _set_dtype(shard_of(base, K_PROJ), K_PROJ, "F32X")
+    _set_dtype(shard_of(base, NORM), NORM, "BLOCK_Q4")
+    _set_dtype(shard_of(tuned, Q_PROJ), Q_PROJ, "NVFP4_FUTURE", packed=True)
+    done = run(run_args(base, [tuned], tmp_path / "out", "--include", "*layers.0.*",
+                        "--exclude", "*layers.0.mlp.*"), tmp_path)
+    assert done.returncode == 0, done.stderr
+    manifest = json.loads((tmp_path / "out" / MANIFEST).read_text())
+    assert manifest["status"] == "complete"
+    reasons = {(s["matrix"], s["model"]): s["reason"] for s in manifest["skipped"]}
+    assert "dtype 'F32X' is unknown" in reasons[K_PROJ, None]
+    assert "dtype 'BLOCK_Q4' is unknown" in reasons[NORM, None]
+    assert "dtype 'NVFP4_FUTURE' is unknown" in reasons[Q_PROJ, str(tuned)]
+    assert not any("only in the" in r for (m, _), r in reasons.items() if m in (Q_PROJ, K_PROJ, NORM)), reasons
+    analysed = {row["matrix"] for row in __import__("duckdb").sql(
+        f"SELECT DISTINCT matrix FROM read_parquet('{tmp_path / 'out' / 'matrices'}/*.parquet')").pl().to_dicts()}
+    assert analysed == {"model.layers.0.self_attn.v_proj.weight", "model.layers.0.self_attn.o_proj.weight"}
+
+    info = json.loads(run(["inspect", str(base), "--json"], tmp_path).stdout)
+    unknown = {reason: n for reason, n in info["not_analysed"].items() if "unknown" in reason}
+    assert sum(unknown.values()) == 2 and any("'F32X'" in r for r in unknown) and any("'BLOCK_Q4'" in r for r in unknown)
+    listed = run(["inspect", str(tuned), "--tensors"], tmp_path).stdout
+    line = next(line for line in listed.splitlines() if line.startswith(Q_PROJ))
+    assert "NVFP4_FUTURE" in line and "unknown" in line and "not a matrix" not in line
+
+
+
 def test_quantized_tensor_excluded_mismatch_and_empty_xdg_cache_home(llama, tmp_path):
     """One run over a tuned checkpoint with an I8 q_proj (skipped with its true reason) and a resized up_proj
     that --exclude gets out of the way; XDG_CACHE_HOME="" must not put the cache under ./lorascale."""

@@ -225,12 +225,12 @@ def index_adapter(path: Path, settings: AdapterSettings, tensors: dict[str, Tens
                 continue
             parameters.append(ParameterFactors(module=owner, a=a, b=b, candidates=candidates))
             continue
-        if len(a.shape) != 2 or len(b.shape) != 2:
-            other[a.name] = f"LoRA factors of shape {list(a.shape)}/{list(b.shape)} (convolution?) are not analysed"
-            continue
         problem = next((p for p in map(dtype_not_analysed, (a.dtype, b.dtype)) if p is not None), None)
         if problem is not None:  # e.g. a quantized adapter: B @ A cannot be formed from the stored codes
-            other[a.name] = f"LoRA factors not analysed: {problem}"
+            other[a.name] = f"LoRA factors not analysed: {problem}"  # before the shape: packed data has its own
+            continue
+        if len(a.shape) != 2 or len(b.shape) != 2:
+            other[a.name] = f"LoRA factors of shape {list(a.shape)}/{list(b.shape)} (convolution?) are not analysed"
             continue
         rank = a.shape[0]
         if b.shape[1] != rank:
