@@ -14,6 +14,7 @@ class LorascaleError(Exception):
 
     def __init__(self, message: str, *, path: object | None = None, tensor: str | None = None,
                  fix: str | None = None) -> None:
+        self.message = message
         self.path = path
         self.tensor = tensor
         self.fix = fix
@@ -28,6 +29,14 @@ class LorascaleError(Exception):
             # "message (fix)"; a fix that has parentheses of its own would nest them, so it follows a ";".
             text = f"{text}; {fix}" if "(" in fix or ")" in fix else f"{text} ({fix})"
         super().__init__(text)
+
+    def relocated(self, path: object) -> LorascaleError:
+        """The same error (class, exit code, tensor, fix) about `path` instead: e.g. a Hub file named by its
+        repo id rather than its place in the local cache."""
+        clone = self.__class__.__new__(self.__class__)
+        clone.__dict__.update(self.__dict__)
+        LorascaleError.__init__(clone, self.message, path=path, tensor=self.tensor, fix=self.fix)
+        return clone
 
 
 class CheckpointReferenceError(LorascaleError):

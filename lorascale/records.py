@@ -79,6 +79,17 @@ class TensorEntry:
     # None: contiguous row-major, as every safetensors tensor is.
     strides: tuple[int, ...] | None = None
 
+    @property
+    def location(self) -> Path | str:
+        """How messages name this tensor's file: its path, or for a Hub file the repo id the user asked for and
+        the file's path in the repo, then the local copy (a cache path alone does not say which model it is)."""
+        return self.file if self.hub is None else hub_location(self.hub.repo_id, self.hub.filename, self.file)
+
+
+def hub_location(repo: str, filename: str, local: Path) -> str:
+    """`org/name: path/in/repo (local copy)`: how a message names a file of a Hub checkpoint."""
+    return f"{repo}: {filename} ({local})"
+
 
 @dataclass(frozen=True)
 class AdapterSettings:

@@ -75,7 +75,7 @@ def analyse_job(job: MatrixJob, options: AnalysisOptions, *, load: TensorLoader 
         except NumericalError as exc:
             if exc.path is not None:
                 raise
-            raise NumericalError(str(exc), path=job.base.file, tensor=job.base.name, fix=_OVERFLOW_FIX) from exc
+            raise NumericalError(str(exc), path=job.base.location, tensor=job.base.name, fix=_OVERFLOW_FIX) from exc
         if cache is not None and key is not None:
             cache.store(key, base)
     base_seconds = time.perf_counter() - started
@@ -132,7 +132,7 @@ def _compare_source(source: TunedSource, w0: torch.Tensor, base: BaseSpectrum, d
         raise NumericalError(
             f"merging the adapter overflowed: W0 + s*B@A (s = {factors.scale:g}) has Inf/NaN values in "
             f"{str(dtype).removeprefix('torch.')} although W0 and the LoRA factors are finite; the adapter's "
-            f"scale or factors are the cause", path=factors.a.file, tensor=matrix, fix=_OVERFLOW_FIX)
+            f"scale or factors are the cause", path=factors.a.location, tensor=matrix, fix=_OVERFLOW_FIX)
     delta = lora_delta_singular_values(a, b, factors.scale)
     return compare_to_base(base, w, delta_singular_values=delta, **numerics)
 
@@ -148,7 +148,7 @@ def _compare_dora(factors: LoraFactors, a: torch.Tensor, b: torch.Tensor, w0: to
         w = dora_merge(w0, a, b, factors.scale, magnitude, fan_in_fan_out=factors.fan_in_fan_out)
     except NumericalError as exc:
         # W0, A, B and m were checked finite on load: the merge itself is the cause.
-        raise NumericalError(f"{exc}, although W0 and the adapter's tensors are finite", path=factors.magnitude.file,
+        raise NumericalError(f"{exc}, although W0 and the adapter's tensors are finite", path=factors.magnitude.location,
                              tensor=matrix, fix="check that the adapter was trained on this base; --precision fp64 "
                              "helps an overflow, --exclude leaves the matrix out") from exc
     return compare_to_base(base, w, w0=w0, **numerics)

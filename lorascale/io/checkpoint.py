@@ -6,13 +6,14 @@ import hashlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from lorascale.errors import CheckpointFormatError
+from lorascale.errors import CheckpointFormatError, LorascaleError
 from lorascale.io.adapter import AdapterIndex, index_adapter, read_adapter_settings
 from lorascale.io.jsonfiles import read_json_file, read_weight_map
 from lorascale.io.resolve import remote_header
 from lorascale.io.safetensors_header import index_files, parse_header, read_header
 from lorascale.io.torch_bin import read_bin_index
-from lorascale.records import AdapterSettings, HubFile, Kind, RemoteFile, ResolvedCheckpoint, TensorEntry, Update
+from lorascale.records import (AdapterSettings, HubFile, Kind, RemoteFile, ResolvedCheckpoint, TensorEntry, Update,
+                               hub_location)
 
 
 @dataclass(frozen=True)
@@ -46,8 +47,20 @@ class Checkpoint:
 def open_checkpoint(resolved: ResolvedCheckpoint) -> Checkpoint:
     """Index every tensor of `resolved` (headers only) and check the shard index agrees with the shards.
 
-    A headers-only Hub checkpoint (resolve(..., headers_only=True)) has its headers read over HTTP.
+    A headers-only Hub checkpoint (resolve(..., headers_only=True)) has its headers read over HTTP.  An error
+    about one of a Hub checkpoint's files names the repo as the user gave it and the file's path in the repo
+    (then the cached copy), not only a path inside the hub cache.
     """
+    try:
+        return _open(resolved)
+    except LorascaleError as exc:
+        if resolved.source != "hub" or not isinstance(exc.path, Path) or not exc.path.is_relative_to(resolved.root):
+            raise
+        raise exc.relocated(hub_location(resolved.reference, exc.path.relative_to(resolved.root).as_posix(),
+                                         exc.path)) from None
+
+
+def _open(resolved: ResolvedCheckpoint) -> Checkpoint:
     remote: dict[str, RemoteFile] = {}
     if resolved.headers_only:
         def read(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:

@@ -23,7 +23,7 @@ def load_tensor(entry: TensorEntry) -> torch.Tensor:
     dtype = TORCH_DTYPES.get(entry.dtype)
     if dtype is None:
         raise CheckpointFormatError(f"dtype {entry.dtype} is not a floating type lorascale can analyse",
-                                    path=entry.file, tensor=entry.name)
+                                    path=entry.location, tensor=entry.name)
     nbytes = entry.data_end - entry.data_start
     raw = torch.empty(nbytes, dtype=torch.uint8)
     try:
@@ -32,10 +32,10 @@ def load_tensor(entry: TensorEntry) -> torch.Tensor:
             got = handle.readinto(memoryview(raw.numpy()))
     except OSError as exc:
         raise CheckpointFormatError(f"cannot read tensor data: {exc.strerror or exc}",
-                                    path=entry.file, tensor=entry.name) from exc
+                                    path=entry.location, tensor=entry.name) from exc
     if got != nbytes:
         raise CheckpointFormatError(f"file ended after {got} of {nbytes} bytes of this tensor",
-                                    path=entry.file, tensor=entry.name,
+                                    path=entry.location, tensor=entry.name,
                                     fix="the file is truncated; re-download or re-save it")
     # safetensors data is little-endian, and torch_bin refuses big-endian .bin files; so is every platform
     # torch ships for.
@@ -50,6 +50,6 @@ def to_compute(tensor: torch.Tensor, entry: TensorEntry, *, dtype: torch.dtype,
     """Move a stored tensor to the device first, then upcast there (16-bit on the wire), checking finiteness."""
     out = tensor.to(device=device, non_blocking=True).to(dtype)
     if not bool(torch.isfinite(out).all()):
-        raise NumericalError("tensor holds NaN or Inf values", path=entry.file, tensor=entry.name,
+        raise NumericalError("tensor holds NaN or Inf values", path=entry.location, tensor=entry.name,
                              fix="the checkpoint is corrupt or diverged; exclude this matrix with --exclude")
     return out

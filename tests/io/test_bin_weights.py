@@ -206,6 +206,40 @@ def test_a_malicious_pickle_runs_nothing(llama, tmp_path, layout):
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("layout", ["legacy", "raw-pickle"])
+def test_a_hub_repo_with_only_a_legacy_pickle_is_named_by_its_repo_id(llama, offline_hub, tmp_path, layout):
+    """The message names the repo the user typed (and the file in it), not only a snapshot path of the cache."""
+    from hubcache import make_hub_cache
+
+    local = tmp_path / "weights.bin"
+    payload = {"model.layers.0.self_attn.q_proj.weight": torch.zeros(64, 64)}
+    if layout == "legacy":
+        torch.save(payload, local, _use_new_zipfile_serialization=False)
+    else:
+        local.write_bytes(pickle.dumps(payload))
+    make_hub_cache(offline_hub, "org/old-model", {"pytorch_model.bin": local, "config.json": b"{}"})
+    for command in (["run", "--base", str(llama.base["fp32"]), "--tuned", "org/old-model", "--out",
+                     str(tmp_path / "out"), "--device", "cpu", "--quiet", "--no-cache"], ["inspect", "org/old-model"]):
+        result = CliRunner().invoke(main, command)
+        line = _one_line(result, 3, "org/old-model: pytorch_model.bin", "not a zip-format torch.save file")
+        assert line.startswith("lorascale: error: org/old-model: pytorch_model.bin ("), line
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_hub_tensor_that_cannot_be_read_is_named_by_its_repo_id(tmp_path):
+    """While streaming, a Hub file's tensor names its repo too (TensorEntry.location)."""
+    from lorascale.records import HubFile, TensorEntry
+
+    cached = tmp_path / "snapshots" / "abc" / "model.safetensors"
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"\0" * 64)  # shorter than the byte range the header promised
+    entry = TensorEntry(name="w", file=cached, dtype="F32", shape=(8, 8), data_start=32, data_end=288,
+                        hub=HubFile("org/model", "abc", "model.safetensors"))
+    with pytest.raises(CheckpointFormatError) as caught:
+        load_tensor(entry)
+    assert str(caught.value).startswith(f"org/model: model.safetensors ({cached}): tensor 'w': file ended")
+
+
 def test_truncated_and_corrupt_bin_exit_3(llama, bin_llama, tmp_path):
     source = bin_llama[("tuned", "fp32")] / "pytorch_model.bin"
     data = source.read_bytes()
