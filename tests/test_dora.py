@@ -269,3 +269,7 @@ def test_index_sets_aside_magnitudes_it_cannot_use():
     assert "not analysed" in index.other[f"{_MODULE}.lora_magnitude_vector"]
     assert "LoRA factors are not analysed" in index.other[f"{conv}.lora_magnitude_vector"]
     assert "embedding" in index.other["base_model.model.model.embed_tokens.lora_magnitude_vector"]
+    # An unknown dtype, stored packed (a shape that is not [out]): its dtype is the reason, not a corrupt file.
+    tensors[f"{_MODULE}.lora_magnitude_vector"] = _entry(f"{_MODULE}.lora_magnitude_vector", (3,), "Q4_PACKED")
+    index = index_adapter(Path("a"), DORA, tensors)
+    assert not index.factors and "'Q4_PACKED' is unknown" in index.other[f"{_MODULE}.lora_magnitude_vector"]

@@ -275,16 +275,16 @@ def _attach_magnitudes(path: Path, settings: AdapterSettings, tensors: dict[str,
                                             path=path, tensor=entry.name,
                                             fix="the adapter file is incomplete; re-save it")
             continue
+        problem = dtype_not_analysed(entry.dtype)
+        if problem is not None:  # before the shape: packed data has a shape of its own
+            del factors[module]
+            other[entry.name] = f"DoRA magnitude not analysed: {problem}"
+            continue
         out_dim = lora.b.shape[0]
         if entry.shape != (out_dim,):
             raise CheckpointFormatError(
                 f"DoRA magnitude vector is {list(entry.shape)} but lora_B gives {out_dim} outputs",
                 path=path, tensor=entry.name, fix="the adapter file is corrupt; re-save it")
-        problem = dtype_not_analysed(entry.dtype)
-        if problem is not None:
-            del factors[module]
-            other[entry.name] = f"DoRA magnitude not analysed: {problem}"
-            continue
         factors[module] = replace(lora, magnitude=entry)
     missing = sorted(set(factors) - set(magnitudes))
     if missing:
