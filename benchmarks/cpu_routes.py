@@ -76,7 +76,7 @@ def main() -> None:
     import torch
 
     from lorascale.numerics import gram
-    from lorascale.numerics.backends import blas_info
+    from lorascale.execute.routes import blas_info
     from route_probe import sin_angles, probe
 
     probe_result = probe().as_dict()

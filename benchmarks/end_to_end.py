@@ -59,7 +59,7 @@ class _FallbackCounter(logging.Handler):
 def child_lorascale(args: argparse.Namespace) -> dict:
     import pyarrow.dataset as ds
 
-    from lorascale.pipeline import compare
+    from lorascale.api import compare  # the keyword API (request.build_request), as a notebook calls it
 
     counter = _FallbackCounter()
     worker_log = logging.getLogger("lorascale.execute.worker")
@@ -91,27 +91,27 @@ def child_bare(args: argparse.Namespace) -> dict:
     from lorascale.io.checkpoint import open_checkpoint
     from lorascale.io.resolve import resolve
     from lorascale.io.tensors import load_tensor
-    from lorascale.numerics.compare import base_spectrum, compare_to_base
+    from lorascale.execute.routes import for_shape, resolve as resolve_compute
+    from lorascale.numerics.compare import ComparisonSettings, base_spectrum, compare_to_base
     from lorascale.numerics.metrics import lora_delta_singular_values
     from lorascale.plan import plan_jobs
-    from lorascale.records import AnalysisOptions
+    from lorascale.request import Analysis, JobOptions
 
     base_ckpt = open_checkpoint(resolve(str(args.data / "base")))
-    from lorascale.numerics.backends import resolve as resolve_compute
-
     tuned_ckpts = [open_checkpoint(resolve(str(args.data / t))) for t in args.tuned]
     jobs = plan_jobs(base_ckpt, tuned_ckpts, include=tuple(_include(args))).jobs
-    compute = resolve_compute("cpu", args.backend)  # "auto": the same route probe lorascale runs (untimed)
-    backend, routes = compute.backend, compute.routes
-    options = AnalysisOptions(mode=args.mode, top_k=args.top_k, backend=backend, routes=routes,
-                              cache_dir=str(args.cache) if args.cache else None)
+    analysis = Analysis(mode=args.mode, top_k=args.top_k)
+    # "auto": the routes lorascale decides (execute/routes.py), untimed
+    options = resolve_compute(JobOptions(analysis=analysis, device="cpu", backend=args.backend))
     cache = BaseSpectrumCache(args.cache) if args.cache else None
     top_k = args.top_k if args.mode == "topk" else None
     seconds = cpu = 0.0
     for job in jobs:
         raw = load_tensor(job.base)
         w0 = raw.float()
-        base = cache.load(cache.key(raw, job.base, options), "cpu") if cache is not None else None
+        routes = for_shape(options.routes, job.rows, job.cols)
+        settings = ComparisonSettings(routes=routes, top_k=top_k, separated=analysis.k)
+        base = cache.load(cache.key(raw, job.base, analysis, routes.base), "cpu") if cache is not None else None
         tuned = []
         for source in job.tuned:
             if source.full is not None:
@@ -125,10 +125,10 @@ def child_bare(args: argparse.Namespace) -> dict:
             base = base_spectrum(w0, ("left",), backend=routes.base)
         for kind, w, factors in tuned:
             if kind == "full":
-                compare_to_base(base, w, w0=w0, top_k=top_k, backend=backend, routes=routes)
+                compare_to_base(base, w, settings, w0=w0)
             else:
                 delta = lora_delta_singular_values(*factors)
-                compare_to_base(base, w, delta_singular_values=delta, top_k=top_k, backend=backend, routes=routes)
+                compare_to_base(base, w, settings, delta_singular_values=delta)
         seconds += time.perf_counter() - started
         cpu += cpu_seconds() - cpu_started
         del tuned, w0, base

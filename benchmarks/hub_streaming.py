@@ -43,7 +43,7 @@ def main() -> None:
     from huggingface_hub import snapshot_download
     from hubserver import HubServer
 
-    from lorascale.pipeline import compare
+    from lorascale.api import compare  # the keyword API (request.build_request), as a notebook calls it
 
     with tempfile.TemporaryDirectory(prefix="lorascale-hub-bench-") as tmp:
         root = Path(tmp)

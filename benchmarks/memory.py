@@ -28,7 +28,7 @@ from make_synthetic_llama import MODULES, build  # noqa: E402
 
 
 def child(args: argparse.Namespace) -> dict:
-    from lorascale.pipeline import compare
+    from lorascale.api import compare  # the keyword API (request.build_request), as a notebook calls it
 
     include = [f"model.layers.{i}.{module}.weight" for i in range(args.run_layers) for module in args.modules]
     started = time.perf_counter()

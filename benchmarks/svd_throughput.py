@@ -102,7 +102,7 @@ def main() -> None:
     backends = (args.backends.split(",") if args.backends
                 else ["torch", "gram"] + (["cupy"] if cuda and cupy_available() else []))
     drivers = args.drivers.split(",") if cuda else [None]
-    svd(torch.randn(64, 64, device=args.device))  # load the libraries before timing
+    svd(torch.randn(64, 64, device=args.device), backend="torch")  # load the libraries before timing
     rows, records = [], []
     for m, n in shapes:
         a = base_weight(m, n, torch.Generator().manual_seed(m * 7 + n)).to(torch.float16)

@@ -1,20 +1,19 @@
 """The Python API: `lorascale.compare()` and `lorascale.load()`, for notebooks and scripts.
 
-`compare()` is the engine of pipeline.compare() (which the CLI calls) with what a Python caller expects:
-`tuned` may be one reference or a list, errors name the keyword argument rather than a CLI flag, a
-notebook progress bar on request, the report on request, and a result object carrying the summary.
+`compare()` builds a request from its keywords (request.build_request, the keyword API) and runs it with
+pipeline.compare(), as the CLI does from its flags, with what a Python caller expects: `tuned` may be one
+reference or a list, a notebook progress bar on request, the report on request, and a result object
+carrying the summary.  Errors name keywords (errors.option), never CLI flags.
 """
 
 from __future__ import annotations
 
-import inspect
-import re
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lorascale.errors import LorascaleError, OptionError
 from lorascale import results as _results
 from lorascale.results import Results
 
@@ -55,59 +54,44 @@ def _cell(value: Any) -> str:
     return "" if value is None else str(value)
 
 
-def compare(base: str | Mapping[str, str], tuned: str | Sequence[str] | Mapping[str, str], out: str | Path, *, report: bool = False,
-            progress: bool = False, **options: Any) -> CompareResult:
+def compare(base: str | os.PathLike | Mapping[str, str], tuned: str | os.PathLike | Sequence[str] | Mapping[str, str],
+            out: str | os.PathLike, *, progress: bool = False, executor: Any = None,
+            download_progress: Any = None, **options: Any) -> CompareResult:
     """Compare `base` with `tuned` (one reference or a list) and write the tables to `out`.
 
     References are local directories, .safetensors or .bin files, or hub repo ids `org/name[@revision]`;
     `"NAME=REF"` or a dict `{"NAME": "REF"}` labels a model in the tables and figures.
-    `report=True` also writes out/report/ (figures and index.html); `progress=True` shows a progress
-    bar (tqdm: a widget in Jupyter, a text bar in a terminal).  Every other keyword is an option of the
-    run (k, epsilon, side, precision, device, backend, mode, include, exclude, overwrite, resume, ...);
-    see `lorascale run --help` for their meaning.  Errors are lorascale.errors.LorascaleError subclasses
-    whose message names the keyword argument.
+    Every other keyword is an option of the run, a field of request.RunRequest (k, epsilon, side, precision,
+    mode, top_k, include, exclude, rename, device, backend, driver, cache_dir, use_cache, workers,
+    ray_address, no_pickle, scratch_dir, overwrite, resume, report, series, ...); see `lorascale run --help`
+    for their meaning.  `report=True` also writes out/report/ (figures and index.html).  `progress=True`
+    shows a progress bar (tqdm: a widget in Jupyter, a text bar in a terminal); `executor` (an
+    execute.Executor) replaces the one the options ask for; `download_progress` gets a DownloadStatus while
+    hub files stream.  Errors are lorascale.errors.LorascaleError subclasses whose message names the keyword.
 
     >>> result = lorascale.compare("meta-llama/Llama-2-7b-hf",  # doctest: +SKIP
     ...                            "LoRA-TMLR-2024/magicoder-lora-rank-16-alpha-32", "results/")
     >>> result.summary[0]["intruders"]  # doctest: +SKIP
     """
     from lorascale import pipeline
+    from lorascale.request import build_request
 
-    if isinstance(tuned, (str, Path)):
-        tuned = [str(tuned)]
-    elif isinstance(tuned, Mapping):  # {"NAME": "REF"}: labels (naming.py checks them)
-        tuned = {name: str(ref) if isinstance(ref, Path) else ref for name, ref in tuned.items()}
-    elif not isinstance(tuned, Sequence) or not all(isinstance(t, (str, Path)) for t in tuned):
-        raise OptionError("tuned must be a reference string, a list of them, or a dict of labels to references",
-                          fix="e.g. tuned='org/adapter', tuned=['./full', 'lora=./lora'] or tuned={'lora': './lora'}")
-    else:
-        tuned = [str(t) for t in tuned]
-    engine = inspect.signature(pipeline.compare).parameters
-    unknown = sorted(set(options) - set(_public(engine)))
-    if unknown:
-        raise OptionError(f"compare() got an unexpected keyword argument {unknown[0]!r}",
-                          fix=f"keywords: report, progress, {', '.join(_public(engine))}")
+    request = build_request(base, tuned, out, **options)
+    assert request.output is not None
     bar = _ProgressBar() if progress else None
     try:
-        result = pipeline.compare(str(base) if isinstance(base, Path) else base, tuned, out, progress=bar, **options)
+        result = pipeline.compare(request, executor=executor, progress=bar, download_progress=download_progress)
         summary = _results.load(result.out).summary()
         index = None
-        if report:
+        if request.output.report:
             from lorascale.report import build_report
 
-            index = build_report(result.out)
-    except LorascaleError as exc:
-        raise _in_keywords(exc) from None
+            index = build_report(result.out, series=request.output.series)
     finally:
         if bar is not None:
             bar.close()
     return CompareResult(out=result.out, manifest=result.manifest, summary=summary, computed=result.computed,
                          planned=result.planned, report=index)
-
-
-def _public(parameters: Any) -> list[str]:
-    hidden = {"base", "tuned", "out", "progress"}
-    return [name for name in parameters if name not in hidden]
 
 
 class _ProgressBar:
@@ -132,48 +116,6 @@ class _ProgressBar:
             self.bar.close()
 
 
-# CLI flags as the engine's messages spell them -> compare()/load() keywords.  Boolean flags read as `=True`.
-_BOOLEAN_FLAGS = {"overwrite", "resume", "partial", "no-cache", "no-pickle", "report", "dry-run"}
-_FLAG = re.compile(r"--([a-z][a-z0-9-]*)(?: (-?[0-9][0-9.e+-]*|auto|cpu|cuda(?::\d+)?|torch|cupy|gram|left|right"
-                   r"|both|fp32|fp64|exact|topk|gesvdj?|gesvda)\b)?")
-
-
-def keyword_message(text: str) -> str:
-    """Rewrite CLI flags in an engine message into compare() keywords: `--top-k 8` -> `top_k=8`,
-    `--overwrite` -> `overwrite=True`, `--no-cache` -> `use_cache=False`, `--tuned` -> `tuned`.
-
-    >>> keyword_message("--top-k 8 is below --k 10 (use --top-k 10 or more, or --overwrite)")
-    'top_k=8 is below k=10 (use top_k=10 or more, or overwrite=True)'
-    """
-
-    def spell(match: re.Match) -> str:
-        flag, value = match.group(1), match.group(2)
-        if flag == "no-cache":
-            return "use_cache=False"
-        keyword = flag.replace("-", "_")
-        if flag in _BOOLEAN_FLAGS and value is None:
-            return f"{keyword}=True"
-        if value is None:
-            return keyword
-        quoted = value if re.fullmatch(r"-?[0-9][0-9.e+-]*", value) else repr(value)
-        return f"{keyword}={quoted}"
-
-    return _FLAG.sub(spell, text)
-
-
-def _in_keywords(exc: LorascaleError) -> LorascaleError:
-    """The same error (same class, exit code, path, tensor), its message and fix in keyword terms."""
-    message = str(exc)
-    renamed = keyword_message(message)
-    if renamed == message:
-        return exc
-    clone = exc.__class__.__new__(exc.__class__)
-    clone.__dict__.update(exc.__dict__)
-    clone.fix = keyword_message(exc.fix) if exc.fix else exc.fix
-    clone.args = (renamed,)
-    return clone
-
-
 def load(out: str | Path, *, partial: bool = False) -> Results:
     """Open the results directory `out`: its tables as pyarrow Tables and its typed manifest.
 
@@ -183,7 +125,4 @@ def load(out: str | Path, *, partial: bool = False) -> Results:
     >>> results = lorascale.load("results/")  # doctest: +SKIP
     >>> results.to_polars("matrices")          # doctest: +SKIP
     """
-    try:
-        return _results.load(out, partial=partial)
-    except LorascaleError as exc:
-        raise _in_keywords(exc) from None
+    return _results.load(out, partial=partial)

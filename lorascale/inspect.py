@@ -81,54 +81,6 @@ def list_tensors(reference: str, *, allow_pickle: bool = True) -> list[dict]:
     return rows
 
 
-def format_tensors(rows: list[dict]) -> str:
-    """list_tensors() as aligned text: name, shape, dtype, and what a default run does with each."""
-    table = [("tensor", "shape", "dtype", "default run")] + [
-        (r["name"], "x".join(map(str, r["shape"])) or "scalar", r["dtype"], r["analysed"]) for r in rows]
-    widths = [max(len(row[i]) for row in table) for i in range(3)]
-    return "\n".join(f"{a:<{widths[0]}}  {b:>{widths[1]}}  {c:<{widths[2]}}  {d}" for a, b, c, d in table)
-
-
-def format_description(info: dict) -> str:
-    """describe_checkpoint() as readable text: one `key: value` line each, lists and mappings written out
-    (`q_proj, k_proj`; `BF16: 21`), files one per line with their size, no Python reprs."""
-    lines = []
-    for key, value in info.items():
-        if key == "files":
-            lines.append(f"files: {len(value)}")
-            width = max((len(f["name"]) for f in value), default=0)
-            lines += [f"  {f['name']:<{width}}  {_bytes(f['bytes'])}" for f in value]
-        elif isinstance(value, dict) and key == "adapter":
-            lines.append("adapter:")
-            lines += [f"  {sub_key}: {_text(sub_value)}" for sub_key, sub_value in value.items()]
-        else:
-            lines.append(f"{key}: {_text(value)}")
-    return "\n".join(lines)
-
-
-def _text(value: object) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, int):
-        return f"{value:,}"
-    if isinstance(value, float):
-        return f"{value:g}"
-    if isinstance(value, dict):
-        return ", ".join(f"{k}: {_text(v)}" for k, v in value.items()) or "none"
-    if isinstance(value, (list, tuple, set, frozenset)):
-        return ", ".join(_text(v) for v in value) or "none"
-    return str(value)
-
-
-def _bytes(n: int) -> str:
-    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= size:
-            return f"{n / size:.1f} {unit}"
-    return f"{n} B"
-
-
 def _numel(shape: tuple[int, ...]) -> int:
     total = 1
     for dim in shape:

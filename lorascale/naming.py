@@ -86,7 +86,8 @@ def name_references(base: str | Mapping[str, str], tuned: References) -> tuple[N
         twice = next(r for r in references if references.count(r) > 1)
         raise OptionError(f"the tuned reference {twice!r} is given twice")
     defaults = short_labels(references)
-    named = [NamedReference(reference, label or defaults[reference]) for label, reference in tuned_entries]
+    named = [NamedReference(reference, label or defaults[reference], explicit=label is not None)
+             for label, reference in tuned_entries]
     labels = [n.label for n in named]
     for label in labels:
         if labels.count(label) > 1:
@@ -97,4 +98,5 @@ def name_references(base: str | Mapping[str, str], tuned: References) -> tuple[N
     if base_label is not None and base_label in labels:
         raise OptionError(f"the base and a tuned model have the same label {base_label!r}",
                           fix="give the base another NAME")
-    return NamedReference(base_reference, base_label or short_labels([base_reference])[base_reference]), named
+    return NamedReference(base_reference, base_label or short_labels([base_reference])[base_reference],
+                          explicit=base_label is not None), named

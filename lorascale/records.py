@@ -8,10 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
-
-if TYPE_CHECKING:
-    from lorascale.numerics.backends import Routes
+from typing import Literal
 
 Kind = Literal["full", "lora"]
 # How a tuned W was obtained: read whole ("full"), W0 + s*B@A ("lora"), or DoRA's rescaled merge ("dora").
@@ -168,26 +165,6 @@ class Skipped:
 
 
 @dataclass(frozen=True)
-class AnalysisOptions:
-    """What to compute for each matrix; the same for every matrix of a run."""
-
-    k: int = 10
-    epsilon: float = 0.5
-    sides: tuple[Side, ...] = ("left",)
-    precision: Literal["fp32", "fp64"] = "fp32"
-    device: str = "cpu"  # device, backend, driver: as asked for until an executor's prepare() settles them
-    block: int = 10  # size of the similarity block (top-b x top-b)
-    driver: str | None = None  # cuSOLVER driver on CUDA (numerics/backends.CUDA_DRIVERS); None on CPU
-    backend: str = "torch"  # SVD backend, a name of numerics/backends.BACKENDS (or "auto" until prepared)
-    mode: Literal["exact", "topk"] = "exact"  # topk: max_cos only for the top_k tuned vectors
-    top_k: int = 64  # tuned vectors computed in topk mode
-    topk_tolerance: float = 1e-3  # topk guard (numerics/topk.py); above it the exact SVD is used
-    cache_dir: str | None = None  # on-disk cache of base SVDs (lorascale/store/svd_cache.py); None: no cache
-    # Backend of each quantity (numerics/backends.Routes), set by an executor's prepare(); None: all on `backend`
-    routes: Routes | None = None
-
-
-@dataclass(frozen=True)
 class MatrixResult:
     """Everything the tables need about one matrix, for the base and every tuned model.
 
@@ -207,3 +184,4 @@ class NamedReference:
 
     reference: str  # exactly as the user gave it, without any `NAME=` prefix
     label: str
+    explicit: bool = False  # the label was given (NAME=REF, or a dict key), not the default short name

@@ -1,4 +1,5 @@
-"""`lorascale.load(out)`: a results directory as pyarrow tables and a typed manifest, for notebooks.
+"""`lorascale.load(out)`: a results directory as pyarrow tables and a typed manifest, for notebooks, and the one
+reader of a results directory that `lorascale summary` and `lorascale report` open too (report/tables.py).
 
 The tables are the output contract of store/schema.py, read with that schema (plain types, every part
 file alike).  `matrices` is small and read on first access; `spectra` and `similarity` hold one row per
@@ -16,13 +17,15 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 
 from lorascale.errors import OptionError, OutputError
-from lorascale.store.manifest import Manifest, read_manifest
+from lorascale.store.manifest import RUN_FIX, Manifest, read_manifest
 from lorascale.store.run_directory import check_complete, effective_status
 from lorascale.store.schema import MATRICES, SCHEMAS, SIMILARITY, SPECTRA
 from lorascale.store.writer import part_files
 
 TABLES = (MATRICES, SPECTRA, SIMILARITY)
-_RUN_FIX = "pass the out directory of lorascale.compare or `lorascale run`, the one holding manifest.json"
+# Columns that repeat a handful of values millions of times: reading them dictionary-encoded keeps a
+# 7B run's spectra table in memory at a fraction of the plain-string size (report queries ask for it).
+DICTIONARY_COLUMNS = ("model", "role", "matrix", "side", "module", "update")
 
 
 @dataclass
@@ -44,21 +47,32 @@ class Results:
         """The tuned references, in the order they were given."""
         return self.manifest.references
 
-    def dataset(self, name: str) -> ds.Dataset:
-        """A lazy pyarrow dataset of table `name`: scan big tables with `columns=` and `filter=`."""
+    def has(self, name: str) -> bool:
+        """Whether the run has written any part of table `name` yet."""
         _check_name(name)
-        parts = part_files(self.root / name)
-        return ds.dataset([str(p) for p in parts], format="parquet", schema=SCHEMAS[name])
+        return bool(part_files(self.root / name))
+
+    def dataset(self, name: str, *, dictionary: bool = False) -> ds.Dataset:
+        """A lazy pyarrow dataset of table `name`: scan big tables with `columns=` and `filter=`.  Only the
+        table's own part files, read with the contract's schema; `dictionary`: the repetitive string
+        columns dictionary-encoded (DICTIONARY_COLUMNS)."""
+        _check_name(name)
+        parts = [str(p) for p in part_files(self.root / name)]  # a user's file beside them is not a table
+        if not dictionary:
+            return ds.dataset(parts, format="parquet", schema=SCHEMAS[name])
+        encoded = [c for c in DICTIONARY_COLUMNS if c in SCHEMAS[name].names]
+        schema = pa.schema([pa.field(f.name, pa.dictionary(pa.int32(), f.type), f.nullable) if f.name in encoded
+                            else f for f in SCHEMAS[name]])
+        return ds.dataset(parts, format=ds.ParquetFileFormat(read_options={"dictionary_columns": encoded}),
+                          schema=schema)
 
     def table(self, name: str) -> pa.Table:
         """The whole of table `name` (matrices, spectra or similarity), read once and kept."""
-        _check_name(name)
         if name not in self._tables:
             try:
                 self._tables[name] = self.dataset(name).to_table()
             except (pa.ArrowException, OSError) as exc:
-                raise OutputError(f"table cannot be read: {exc}", path=self.root / name,
-                                  fix="a part file may be truncated by a crash; resume or re-run the run") from exc
+                raise unreadable(self.root / name, exc) from exc
         return self._tables[name]
 
     @property
@@ -94,9 +108,15 @@ class Results:
     def summary(self) -> list[dict[str, Any]]:
         """One row per tuned model: what `lorascale summary` prints (report/summary.py)."""
         from lorascale.report.summary import rows_for_run
-        from lorascale.report.tables import open_run
+        from lorascale.report.tables import run_view
 
-        return rows_for_run(open_run(self.root, allow_partial=self.status != "complete"))
+        return rows_for_run(run_view(self))
+
+
+def unreadable(path: Path, exc: BaseException) -> OutputError:
+    """The error for a Parquet table that exists but cannot be read (truncated part, foreign file)."""
+    return OutputError(f"table cannot be read: {exc}", path=path,
+                       fix="a part file may be truncated by a crash; resume or re-run the run")
 
 
 def _check_name(name: str) -> None:
@@ -107,20 +127,20 @@ def _check_name(name: str) -> None:
 def load(out: str | Path, *, partial: bool = False) -> Results:
     """Open the results directory `out` written by `lorascale.compare()` or `lorascale run`.
 
-    A run that is not complete (running, failed, interrupted) holds partial tables: it is refused
-    (OutputError) unless `partial=True`.
+    A path that is not a results directory (missing, a file, no manifest.json) is an OptionError (exit 2: a
+    usage error); a run that is not complete (running, failed, interrupted) holds partial tables and is
+    refused (OutputError, exit 6) unless `partial=True`.
 
     >>> results = lorascale.load("results/")  # doctest: +SKIP
     >>> results.matrices.to_pandas()           # doctest: +SKIP
     """
     root = Path(out)
-    if not root.is_dir():  # not a results directory at all: a usage error, as for `lorascale summary`
+    if not root.is_dir():
         raise OptionError("results directory does not exist" if not root.exists() else
-                          "results path is not a directory", path=root, fix=_RUN_FIX)
+                          "results path is not a directory", path=root, fix=RUN_FIX)
     manifest = read_manifest(root)
     if manifest is None:
-        raise OptionError("not a lorascale results directory: there is no manifest.json", path=root,
-                          fix=_RUN_FIX)
+        raise OptionError("not a lorascale results directory: there is no manifest.json", path=root, fix=RUN_FIX)
     if not partial:
         check_complete(root, manifest)
     return Results(root=root, manifest=manifest)

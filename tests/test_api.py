@@ -116,10 +116,17 @@ def test_progress_true_draws_a_tqdm_bar(llama, tmp_path, capsys):
     assert "lorascale" in err and "4/4" in err
 
 
-def test_keyword_message_rewrites_flags_only():
-    from lorascale.api import keyword_message
+def test_one_error_two_spellings():
+    """Library errors name fields (errors.option): str() spells them as keywords, the CLI as its flags, from
+    the one table in cli/flags.py.  Text that merely looks like an option is never rewritten."""
+    from lorascale.cli.flags import message
+    from lorascale.errors import option
 
-    assert keyword_message("--device cuda:1 requested") == "device='cuda:1' requested"
-    assert keyword_message("use --no-cache or --cache-dir") == "use use_cache=False or cache_dir"
-    assert keyword_message("a-b --x") == "a-b x"
-    assert keyword_message("nothing to rewrite (here)") == "nothing to rewrite (here)"
+    exc = OptionError(f"{option('device', 'cuda:1')} requested",
+                      fix=f"use {option('use_cache', False)} or {option('cache_dir')}, or {option('overwrite', True)}")
+    assert str(exc) == "device='cuda:1' requested (use use_cache=False or cache_dir, or overwrite=True)"
+    assert message(exc) == "--device cuda:1 requested (use --no-cache or --cache-dir, or --overwrite)"
+    plain = OptionError("a-b --x k=3 {k} (here)")
+    assert str(plain) == message(plain) == "a-b --x k=3 {k} (here)"
+    driver = OptionError(f"unknown cuSOLVER {option('driver', 'gesdd')}")  # no CLI flag: keyword in both
+    assert message(driver) == str(driver) == "unknown cuSOLVER driver='gesdd'"

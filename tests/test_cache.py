@@ -16,8 +16,9 @@ import oracle
 from lorascale.store.svd_cache import BaseSpectrumCache
 from lorascale.execute import worker
 from lorascale.numerics.compare import base_spectrum
-from lorascale.pipeline import compare
-from lorascale.records import AnalysisOptions, TensorEntry
+from runs import compare
+from lorascale.records import TensorEntry
+from lorascale.request import Analysis
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -78,21 +79,22 @@ def test_key_follows_content_precision_sides_and_method(tmp_path):
     cache = BaseSpectrumCache(tmp_path)
     raw = torch.from_numpy(oracle.separated(40, 30, np.random.default_rng(0))).to(torch.float16)
     entry = _entry(raw)
-    key = cache.key(raw, entry, AnalysisOptions())
-    assert key == cache.key(raw.clone(), entry, AnalysisOptions(device="cuda", driver="gesvdj", backend="cupy"))
+    key = cache.key(raw, entry, Analysis(), "torch")
+    # cupy computes the same SVD family as torch (the device and driver are not in the key either)
+    assert key == cache.key(raw.clone(), entry, Analysis(mode="topk", k=5), "cupy")
     changed = raw.clone()
     changed[3, 4] += 1
-    others = [cache.key(changed, entry, AnalysisOptions()),
-              cache.key(raw, entry, AnalysisOptions(precision="fp64")),
-              cache.key(raw, entry, AnalysisOptions(sides=("left", "right"))),
-              cache.key(raw, entry, AnalysisOptions(backend="gram"))]
+    others = [cache.key(changed, entry, Analysis(), "torch"),
+              cache.key(raw, entry, Analysis(precision="fp64"), "torch"),
+              cache.key(raw, entry, Analysis(side="both"), "torch"),
+              cache.key(raw, entry, Analysis(), "gram")]
     assert len({key, *others}) == 5
 
 
 def test_entry_round_trips_as_safetensors_without_pickle(tmp_path):
     cache = BaseSpectrumCache(tmp_path)
     w0 = torch.from_numpy(oracle.separated(50, 30, np.random.default_rng(1))).float()
-    base = base_spectrum(w0, ("left", "right"))
+    base = base_spectrum(w0, ("left", "right"), backend="torch")
     cache.store("ab" * 32, base)
     path = cache.path("ab" * 32)
     with safe_open(path, framework="pt") as handle:  # a plain safetensors file
@@ -115,7 +117,7 @@ def test_unreadable_entry_is_a_miss(tmp_path, caplog):
         assert cache.load("ef" * 32, "cpu") is None
     assert "unreadable" in caplog.text
     # A valid file stored under another key is not taken for this one.
-    base = base_spectrum(torch.eye(4), ("left",))
+    base = base_spectrum(torch.eye(4), ("left",), backend="torch")
     cache.store("01" * 32, base)
     os.replace(cache.path("01" * 32), path)
     assert cache.load("ef" * 32, "cpu") is None
@@ -125,7 +127,7 @@ def test_unwritable_cache_warns_once_and_never_fails(tmp_path, caplog):
     blocker = tmp_path / "file"
     blocker.write_text("a file where the cache directory should be")
     cache = BaseSpectrumCache(blocker)
-    base = base_spectrum(torch.eye(4), ("left",))
+    base = base_spectrum(torch.eye(4), ("left",), backend="torch")
     with caplog.at_level(logging.WARNING, logger="lorascale.store.svd_cache"):
         cache.store("23" * 32, base)
         cache.store("45" * 32, base)
@@ -154,7 +156,7 @@ def _with_metadata(path: Path, metadata_json: bytes) -> None:
 def test_entry_with_damaged_metadata_is_a_miss(tmp_path, caplog, metadata):
     """Metadata goes through the one header reader; anything it or the entry format refuses is a miss."""
     cache, key = BaseSpectrumCache(tmp_path), "ab" * 32
-    cache.store(key, base_spectrum(torch.eye(4), ("left",)))
+    cache.store(key, base_spectrum(torch.eye(4), ("left",), backend="torch"))
     _with_metadata(cache.path(key), metadata.replace(b"KEY", key.encode()))
     with caplog.at_level(logging.WARNING, logger="lorascale.store.svd_cache"):
         assert cache.load(key, "cpu") is None

@@ -166,11 +166,14 @@ def test_the_recorded_command_does_not_depend_on_how_the_program_was_started(arg
     result = invoke("run", "--out=" + str(out), "--k=10", "--tuned", lora, "--quiet", "--base", base, "--epsilon", "0.4")
     assert result.exit_code == 0, result.stderr
     command = json.loads((out / MANIFEST).read_text())["command"]
-    assert command == f"lorascale run --base {base} --tuned {lora} --out {out} --epsilon 0.4 --quiet"
+    assert command == f"lorascale run --base {base} --tuned {lora} --out {out} --epsilon 0.4"  # --quiet: not the run
     demo = invoke("demo", "--out", tmp_path / "demo", "--quiet")
     assert demo.exit_code == 0, demo.stderr
     recorded = json.loads((tmp_path / "demo" / "results" / MANIFEST).read_text())["command"]
-    assert recorded == f"lorascale demo --out {tmp_path / 'demo'} --quiet"
+    demo_dir = tmp_path / "demo"  # the demo records the run it made, as a `lorascale run` reproduces it
+    assert recorded == (f"lorascale run --base {demo_dir / 'checkpoints' / 'base'} --tuned "
+                        f"{demo_dir / 'checkpoints' / 'full'} --tuned {demo_dir / 'checkpoints' / 'lora'} "
+                        f"--out {demo_dir / 'results'} --overwrite")
 
 
 def test_console_script(llama, tmp_path):

@@ -18,7 +18,8 @@ import pytest
 from click.testing import CliRunner
 from safetensors import safe_open
 
-from lorascale.cli import _Progress, main
+from lorascale.cli import main
+from lorascale.cli.progress import Progress
 from lorascale.errors import LorascaleError
 from lorascale.store.schema import MANIFEST
 
@@ -127,7 +128,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing(llama, tmp_path):
     analysed = {r["matrix"] for r in matrices}
     expected = sum(nbytes(stored_base[m]) + nbytes(stored_full[m]) for m in analysed)
     expected += sum(nbytes(e) for n, e in stored_lora.items() if "lora_" in n)
-    from lorascale.pipeline import plan_run
+    from runs import plan_run
 
     assert plan_run(str(base), [str(full), str(lora)], device="cpu").bytes_to_read == expected
     # What is not analysed, and why, as the manifest's skipped list says.
@@ -143,7 +144,7 @@ def test_tuned_equal_to_base_warns(llama, tmp_path):
                     "--out", tmp_path / "out", "--dry-run", "--quiet")
     assert result.exit_code == 0, result.stderr
     warnings = [line for line in result.stderr.splitlines() if line.startswith("lorascale: warning: ")]
-    assert len(warnings) == 1 and "same checkpoint as the --base" in warnings[0]
+    assert len(warnings) == 1 and "same checkpoint as the base" in warnings[0]
 
 
 def test_every_unusable_reference_is_reported_at_once(llama, tmp_path):
@@ -234,7 +235,7 @@ def test_an_error_message_with_newlines_is_written_as_one_line(monkeypatch):
 
 def test_progress_lines_every_few_seconds_and_percent():
     stream = io.StringIO()
-    progress = _Progress(True, stream=stream, interactive=False, every_seconds=3600, every_percent=25)
+    progress = Progress(True, stream=stream, interactive=False, every_seconds=3600, every_percent=25)
     try:
         for done in range(1, 101):
             progress(done, 100, f"m{done}")
@@ -243,7 +244,7 @@ def test_progress_lines_every_few_seconds_and_percent():
     shown = [int(line.split()[1].split("/")[0]) for line in stream.getvalue().splitlines()]
     assert shown == [1, 26, 51, 76, 100]
     stream = io.StringIO()
-    progress = _Progress(True, stream=stream, interactive=False, every_seconds=0, every_percent=100)
+    progress = Progress(True, stream=stream, interactive=False, every_seconds=0, every_percent=100)
     try:
         for done in range(1, 4):
             progress(done, 1000, "m")
@@ -254,7 +255,7 @@ def test_progress_lines_every_few_seconds_and_percent():
 
 def test_quick_stages_stay_silent_slow_ones_show():
     stream = io.StringIO()
-    progress = _Progress(True, stream=stream, interactive=False, every_seconds=3600)
+    progress = Progress(True, stream=stream, interactive=False, every_seconds=3600)
     try:
         progress.stage("lorascale: resolving quick")
         progress.stage("lorascale: reading headers of quick")
@@ -262,7 +263,7 @@ def test_quick_stages_stay_silent_slow_ones_show():
         progress.close()
     assert stream.getvalue() == ""  # bad input after quick stages: the error stays the only line
     stream = io.StringIO()
-    progress = _Progress(True, stream=stream, interactive=False, every_seconds=0.01)
+    progress = Progress(True, stream=stream, interactive=False, every_seconds=0.01)
     try:
         progress.stage("lorascale: starting a local Ray")
         for _ in range(1000):  # waits for the timer thread; not a timing assertion
@@ -276,7 +277,7 @@ def test_quick_stages_stay_silent_slow_ones_show():
 
 def test_progress_bar_in_a_terminal():
     stream = io.StringIO()
-    progress = _Progress(True, stream=stream, interactive=True)
+    progress = Progress(True, stream=stream, interactive=True)
     try:
         for done in range(1, 5):
             progress(done, 4, "model.layers.0.q_proj.weight")
@@ -291,7 +292,7 @@ def test_progress_bar_in_a_terminal():
 
 def test_quiet_progress_prints_nothing():
     stream = io.StringIO()
-    progress = _Progress(False, stream=stream, interactive=False, every_seconds=0)
+    progress = Progress(False, stream=stream, interactive=False, every_seconds=0)
     try:
         progress(1, 2, "m")
         import logging

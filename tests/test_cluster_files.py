@@ -221,7 +221,7 @@ def test_working_dir_package_excludes(tmp_path: Path) -> None:
     from ray._private.runtime_env.packaging import create_package
 
     repo = tmp_path / "repo"
-    files = ["lorascale/__init__.py", "lorascale/cli.py", "pyproject.toml", ".git/HEAD",
+    files = ["lorascale/__init__.py", "lorascale/cli/__init__.py", "pyproject.toml", ".git/HEAD",
              "results/matrices/part-0.parquet", "benchmarks/out/x.json", "tests/test_x.py",
              "local/model.safetensors", "lorascale/__pycache__/cli.cpython-311.pyc"]
     for name in files:
@@ -231,7 +231,7 @@ def test_working_dir_package_excludes(tmp_path: Path) -> None:
     package = tmp_path / "pkg.zip"
     create_package(str(repo), package, include_gitignore=True, excludes=_submitted_runtime_env()["excludes"])
     names = set(zipfile.ZipFile(package).namelist())
-    assert {"lorascale/__init__.py", "lorascale/cli.py", "pyproject.toml"} <= names
+    assert {"lorascale/__init__.py", "lorascale/cli/__init__.py", "pyproject.toml"} <= names
     leaked = [n for n in names if n.startswith((".git/", "results/", "benchmarks/out/", "tests/"))
               or n.endswith((".safetensors", ".pyc"))]
     assert not leaked, leaked
@@ -243,7 +243,7 @@ def test_this_checkout_uploads_under_ray_limit(tmp_path: Path) -> None:
     package = tmp_path / "pkg.zip"
     create_package(str(ROOT), package, include_gitignore=True, excludes=_submitted_runtime_env()["excludes"])
     assert package.stat().st_size < GCS_STORAGE_MAX_SIZE // 10, "working_dir upload is unexpectedly large"
-    assert "lorascale/cli.py" in zipfile.ZipFile(package).namelist()
+    assert "lorascale/cli/__init__.py" in zipfile.ZipFile(package).namelist()
 
 
 # --- the KubeRay RayJob ------------------------------------------------------------------------------------

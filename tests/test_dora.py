@@ -24,7 +24,7 @@ import checkpoints
 from lorascale.errors import CheckpointFormatError, NumericalError
 from lorascale.io.adapter import index_adapter
 from lorascale.numerics.merge import dora_merge
-from lorascale.pipeline import compare
+from runs import compare
 from lorascale.records import AdapterSettings, TensorEntry
 from lorascale.store.schema import MANIFEST, MATRICES, SPECTRA
 from test_formats import C, K, UNIT, Full, OracleMatrix, by_key, check_run, intruder_bounds, read_table, safe_epsilon

@@ -27,7 +27,7 @@ import pytest
 import checkpoints
 import oracle
 from lorascale import __version__
-from lorascale.pipeline import compare
+from runs import compare
 from lorascale.store.schema import MANIFEST, MATRICES, SCHEMAS, SIMILARITY, SPECTRA, TABLES
 
 UNIT = {"fp32": 2.0 ** -24, "fp64": 2.0 ** -53}

@@ -25,7 +25,7 @@ def test_caches_point_into_the_session_tmp_dir(isolated_caches: Path):
 
 def test_a_fresh_compare_caches_its_base_svds_in_the_session_dir(llama, isolated_caches: Path, tmp_path: Path):
     """The default (cache on, no cache_dir) as a fixture such as the MiniLM one calls it."""
-    from lorascale.pipeline import compare
+    from runs import compare
 
     compare(str(llama.base["fp32"]), [str(llama.lora.path)], tmp_path / "out", device="cpu")
     cache = settings.cache_dir()

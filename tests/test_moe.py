@@ -19,7 +19,7 @@ import torch
 import checkpoints
 from lorascale.errors import MismatchError, UnsupportedAdapterError
 from lorascale.io.moe_layouts import SAVED_EXPERT_LAYOUTS
-from lorascale.pipeline import compare
+from runs import compare
 from lorascale.store.schema import MATRICES, SIMILARITY, SPECTRA
 from test_formats import Full, OracleMatrix, by_key, check_run, read_table, safe_epsilon
 

@@ -19,11 +19,12 @@ import torch
 from safetensors.torch import save_file
 
 import oracle
+from runs import settings
 from lorascale.errors import OptionError
 from lorascale.numerics.compare import base_spectrum, compare_to_base
-from lorascale.numerics.metrics import intruder_count
+from lorascale.numerics.intruders import intruder_count
 from lorascale.numerics.topk import DEFAULT_ITERATIONS, DEFAULT_OVERSAMPLE, check_top, top_singular
-from lorascale.pipeline import compare
+from runs import compare
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -70,23 +71,23 @@ def test_top_singular_matches_oracle_on_a_clear_spectrum():
     u_ref, s_ref, _ = oracle.svd(w)
     # Three iterations: a 224-column basis in a 300-dimensional space, so the result is the method's own.
     assert _basis_columns(24, iterations=3) < min(w.shape)
-    top = top_singular(_t(w), 24, iterations=3)
+    top = top_singular(_t(w), 24, iterations=3, backend="torch")
     assert top.u.shape == (500, 24) and top.s.shape == (24,) and top.vh.shape == (24, 300)
     np.testing.assert_allclose(top.s.numpy(), s_ref[:24], rtol=1e-5)
     assert np.abs(np.sum(top.u.numpy() * u_ref[:, :24], axis=0)).min() > 1 - 1e-4
     check = check_top(_t(w), top, _t(s_ref), separated=10)
     assert check.passed and check.sigma_error < 1e-5 and check.residual < 1e-3
     # Deterministic: the sketch has a fixed seed.
-    again = top_singular(_t(w), 24, iterations=3)
+    again = top_singular(_t(w), 24, iterations=3, backend="torch")
     assert torch.equal(again.u, top.u)
 
 
 def test_topk_gives_the_exact_intruder_counts_on_a_clear_spectrum():
     w0, w = _clear_with_intruders(*SHAPE)
     assert _basis_columns(TOP_K) < min(SHAPE)
-    base = base_spectrum(_t(w0), ("left", "right"))
-    exact = compare_to_base(base, _t(w), w0=_t(w0))
-    top = compare_to_base(base, _t(w), w0=_t(w0), top_k=TOP_K)
+    base = base_spectrum(_t(w0), ("left", "right"), backend="torch")
+    exact = compare_to_base(base, _t(w), settings(), w0=_t(w0))
+    top = compare_to_base(base, _t(w), settings(top_k=TOP_K), w0=_t(w0))
     # The guard passed, and the output shows it: the Krylov vectors agree with the exact SVD's to rounding,
     # not bit for bit as they would after a fallback.
     assert top.top_check is not None and top.top_check.passed, top.top_check
@@ -112,13 +113,13 @@ def test_guard_falls_back_to_exact_on_a_flat_spectrum():
     w = _flat(*SHAPE)
     assert _basis_columns(TOP_K) < min(SHAPE)
     w0 = oracle.separated(*SHAPE, RNG)
-    base = base_spectrum(_t(w0), ("left",))
-    top = compare_to_base(base, _t(w), w0=_t(w0), top_k=TOP_K)
+    base = base_spectrum(_t(w0), ("left",), backend="torch")
+    top = compare_to_base(base, _t(w), settings(top_k=TOP_K), w0=_t(w0))
     # Rejected for the angle bound: neighbouring singular values are closer than the residual allows.
     assert top.top_check is not None and not top.top_check.passed
     assert top.top_check.angle_bound > math.sqrt(1e-3)
     # The fallback is the exact SVD, bit for bit.
-    exact = compare_to_base(base, _t(w), w0=_t(w0))
+    exact = compare_to_base(base, _t(w), settings(), w0=_t(w0))
     np.testing.assert_array_equal(top.sides["left"].max_cos[:TOP_K], exact.sides["left"].max_cos[:TOP_K])
     assert np.isnan(top.sides["left"].max_cos[TOP_K:]).all()
 
@@ -127,7 +128,7 @@ def test_guard_tolerance_is_a_knob():
     w = oracle.separated(300, 200, RNG, gap=0.97)
     s = torch.linalg.svdvals(_t(w))
     assert _basis_columns(10, iterations=0) < min(w.shape)
-    top = top_singular(_t(w), 10, iterations=0)  # one sketch, no iteration: rough
+    top = top_singular(_t(w), 10, iterations=0, backend="torch")  # one sketch, no iteration: rough
     rough = check_top(_t(w), top, s, tolerance=1e-9)
     assert not rough.passed
     assert check_top(_t(w), top, s, tolerance=max(rough.sigma_error, rough.residual ** 2) * 1.01).passed
@@ -182,7 +183,7 @@ def test_pipeline_topk_matches_exact_counts_and_nulls_beyond_k(clear_and_flat, t
 
 
 def test_top_k_below_k_is_refused(llama, tmp_path):
-    with pytest.raises(OptionError, match="top-k"):
+    with pytest.raises(OptionError, match=r"top_k=5 is below k=10"):
         compare(str(llama.base["fp32"]), [str(llama.lora.path)], tmp_path / "out", mode="topk", top_k=5,
                 use_cache=False)
 

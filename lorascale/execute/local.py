@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Generator, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import replace
 
 import torch
 
@@ -17,8 +16,9 @@ from lorascale.execute.executor import Executor
 from lorascale.execute.streaming import StreamedFiles
 from lorascale.execute.worker import TensorLoader, analyse_job, job_entries
 from lorascale.io.tensors import load_tensor
-from lorascale.numerics.backends import resolve
-from lorascale.records import AnalysisOptions, MatrixJob, MatrixResult, TensorEntry
+from lorascale.execute.routes import resolve
+from lorascale.records import MatrixJob, MatrixResult, TensorEntry
+from lorascale.request import JobOptions
 
 
 class TensorPrefetcher:
@@ -69,7 +69,7 @@ class TensorPrefetcher:
         self.close()
 
 
-def run_local(jobs: Iterable[MatrixJob], options: AnalysisOptions, *, prefetch: bool = True,
+def run_local(jobs: Iterable[MatrixJob], options: JobOptions, *, prefetch: bool = True,
               files: StreamedFiles | None = None) -> Iterator[MatrixResult]:
     """Yield each job's result as soon as it is computed, on this machine; `options` resolved (see
     LocalExecutor.prepare).  `prefetch`: read the next tensor while the current one is decomposed.
@@ -100,16 +100,13 @@ class LocalExecutor(Executor):
         self.prefetch = prefetch
         self._active: Generator[MatrixResult, None, None] | None = None
 
-    def prepare(self, options: AnalysisOptions) -> AnalysisOptions:
-        """Settle device, backend, driver and the route of each quantity for this machine
-        (numerics/backends.resolve; on a CPU with "auto" its fixed table, unless `options.routes` already holds
-        the run's CPU routes: a Ray driver's, or a resumed run's)."""
-        compute = resolve(options.device, options.backend, options.driver, precision=options.precision,
-                          sides=options.sides, pinned=options.routes)
-        return replace(options, device=compute.device, backend=compute.backend, driver=compute.driver,
-                       routes=compute.routes)
+    def prepare(self, options: JobOptions) -> JobOptions:
+        """Settle device, backend, driver and the route of each quantity for this machine (execute/routes.py;
+        on a CPU with "auto" its fixed table, unless `options.routes` already holds the run's CPU routes: a
+        Ray driver's, or a resumed run's)."""
+        return resolve(options)
 
-    def run(self, jobs: Sequence[MatrixJob], options: AnalysisOptions, *,
+    def run(self, jobs: Sequence[MatrixJob], options: JobOptions, *,
             files: StreamedFiles | None = None) -> Iterator[MatrixResult]:
         """Each job's result, in job order, computed as the iterator is advanced (ends an earlier run);
         `files`: streamed hub files, downloaded here while earlier jobs compute."""

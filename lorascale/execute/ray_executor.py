@@ -6,7 +6,7 @@ All of lorascale's Ray code is here, and `ray` is imported only when a run asks 
   cache) and runs the in-process code (`run_local`), so rows are identical; the base SVD never leaves it,
   only the small MatrixResult returns.  Actors rather than tasks keep torch, its threads and a CUDA
   context alive across jobs.  Each resolves device, backend and driver for its own device
-  (numerics/backends.resolve): the driver may have no GPU.
+  (execute/routes.resolve): the driver may have no GPU.
 - Each actor holds two jobs: while one computes, the next one's bytes are read into the page cache.
   Jobs arrive largest first and are handed out in that order, so long ones start early (_Session.dispatch).
 - Faults are handled here, not by Ray's actor restarts (_Session.on_started, _Session.on_finished): a job
@@ -30,9 +30,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from lorascale.errors import CheckpointReferenceError, ExecutionError, LorascaleError, OptionError
-from lorascale.execute.executor import Executor, public_address
-from lorascale.records import AnalysisOptions, HubFile, MatrixJob, MatrixResult, TensorEntry, TunedSource
+from lorascale.errors import CheckpointReferenceError, ExecutionError, LorascaleError, OptionError, option
+from lorascale.execute.executor import Executor
+from lorascale.execute.routes import cluster_routes, describe as describe_routes, is_cuda
+from lorascale.records import HubFile, MatrixJob, MatrixResult, TensorEntry, TunedSource
+from lorascale.request import Execution, JobOptions, public_address
 
 log = logging.getLogger("lorascale")  # stages for the CLI's stderr (pipeline.log)
 
@@ -75,10 +77,9 @@ class RayExecutor(Executor):
     def __init__(self, *, address: str | None = None, workers: int | None = None,
                  cpus_per_worker: float | None = None, gpus_per_worker: float | None = None,
                  node_cache_dir: bool = False) -> None:
-        for name, value, low in (("workers", workers, 1), ("cpus-per-worker", cpus_per_worker, 1e-9),
-                                 ("gpus-per-worker", gpus_per_worker, 0)):
-            if value is not None and value < low:
-                raise OptionError(f"--{name} must be at least {low:g}, got {value}")
+        # The values are checked as a request checks them (request.Execution), and nowhere else.
+        Execution(ray_address=address, workers=workers, cpus_per_worker=cpus_per_worker,
+                  gpus_per_worker=gpus_per_worker)
         self.address, self.workers = address, workers
         self.cpus_per_worker, self.gpus_per_worker = cpus_per_worker, gpus_per_worker
         self.node_cache_dir = node_cache_dir
@@ -91,20 +92,11 @@ class RayExecutor(Executor):
         """node_id, ip, pid and device of each live worker, for monitoring."""
         return [dict(w.where) for w in self._session.ready] if self._session is not None else []
 
-    def prepare(self, options: AnalysisOptions) -> AnalysisOptions:
-        """Check the request by name only: each worker resolves it for its own device (the driver may have
-        no GPU).  For "auto" on CPU workers the CPU routes are settled here, once, by this machine's table, and
-        the workers use them (numerics/backends.resolve's `pinned`) whatever BLAS their own torch has."""
-        from lorascale.numerics.backends import AUTO, check, cpu_routes
-
-        check(options.device, options.backend, options.driver)
-        if options.device == "cpu" and self.gpus_per_worker:
-            raise OptionError("--device cpu contradicts --gpus-per-worker", fix="drop one")
-        if (options.routes is None and options.backend == AUTO and options.precision == "fp32"
-                and options.device in ("cpu", AUTO) and not self.gpus_per_worker):
-            # Workers with another BLAS would decide differently: one run, one decision, here.
-            options = replace(options, routes=cpu_routes(left_only=tuple(options.sides) == ("left",)))
-        return options
+    def prepare(self, options: JobOptions) -> JobOptions:
+        """The options as the workers get them: each worker settles device, backend and driver for its own
+        device (the driver may have no GPU); for "auto" on CPU workers the routes are decided here, once
+        (execute/routes.cluster_routes), and every worker uses them whatever BLAS its own torch has."""
+        return replace(options, routes=cluster_routes(options, gpu_workers=bool(self.gpus_per_worker)))
 
     def describe(self) -> dict:
         """What the manifest records about this execution; never credentials."""
@@ -115,7 +107,7 @@ class RayExecutor(Executor):
                 "cpus_per_worker": self.cpus_per_worker, "gpus_per_worker": self.gpus_per_worker,
                 **self._info, "nodes": nodes}
 
-    def run(self, jobs: Sequence[MatrixJob], options: AnalysisOptions, *,
+    def run(self, jobs: Sequence[MatrixJob], options: JobOptions, *,
             files: Any = None) -> Iterator[MatrixResult]:
         """Each job's result as a worker finishes it (ends an earlier run).  Connects to Ray, or starts a
         local one, on the first result asked for; raises ExecutionError when Ray fails the run.  `files`
@@ -130,7 +122,7 @@ class RayExecutor(Executor):
             self._active.close()
             self._active = None
 
-    def _results(self, jobs: list[MatrixJob], options: AnalysisOptions) -> Generator[MatrixResult, None, None]:
+    def _results(self, jobs: list[MatrixJob], options: JobOptions) -> Generator[MatrixResult, None, None]:
         if not jobs:  # a resumed run with nothing left needs no cluster
             return
         try:
@@ -181,22 +173,24 @@ class RayExecutor(Executor):
             shown = public_address(self.address) or "local"
             raise ExecutionError(f"cannot start or reach Ray at {shown}: "
                                  f"{_first_line(exc).replace(self.address or shown, shown)}",
-                                 fix="check --ray-address / RAY_ADDRESS") from None
+                                 fix=f"check {option('ray_address')} / RAY_ADDRESS") from None
         return True
 
     def _shape(self, ray: Any, device: str) -> _Shape:
         """One worker per GPU if the cluster has GPUs (or `device` asks for CUDA), else CPU workers."""
         nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
         node_cpus, total_gpus = [r.get("CPU", 0.0) for r in nodes], sum(r.get("GPU", 0.0) for r in nodes)
-        if device.startswith("cuda") or self.gpus_per_worker or (
+        if is_cuda(device) or self.gpus_per_worker or (
                 device == "auto" and total_gpus > 0 and self.gpus_per_worker is None):
             if total_gpus == 0:
-                raise OptionError("GPU workers asked for on a Ray cluster without GPUs", fix="use --device cpu")
+                raise OptionError("GPU workers asked for on a Ray cluster without GPUs",
+                                  fix=f"use {option('device', 'cpu')}")
             gpus = self.gpus_per_worker or 1.0
             return _Shape(self.workers or max(1, int(total_gpus // gpus)), self.cpus_per_worker or 1.0, gpus, "cuda")
         biggest = max(node_cpus, default=0.0)
         if self.cpus_per_worker and self.cpus_per_worker > biggest:
-            raise OptionError(f"--cpus-per-worker {self.cpus_per_worker:g}, but no Ray node has more than {biggest:g}")
+            raise OptionError(f"{option('cpus_per_worker', self.cpus_per_worker)}, but no Ray node has more than "
+                              f"{biggest:g}")
         cpus = self.cpus_per_worker or float(max(1, min(biggest, sum(node_cpus) // self.workers) if self.workers
                                                  else min(DEFAULT_CPUS_PER_WORKER, biggest)))
         return _Shape(self.workers or max(1, int(sum(c // cpus for c in node_cpus))), cpus, 0.0, "cpu")
@@ -209,7 +203,7 @@ class _Session:
     on_finished (a job whose worker died is retried; an analysis error ends the run).
     """
 
-    def __init__(self, ray: Any, shape: _Shape, options: AnalysisOptions, node_cache_dir: bool,
+    def __init__(self, ray: Any, shape: _Shape, options: JobOptions, node_cache_dir: bool,
                  info: dict[str, Any]) -> None:
         self.ray, self.shape, self.info = ray, shape, info
         self.actor = ray.remote(_MatrixWorker).options(
@@ -269,7 +263,7 @@ class _Session:
         if not done:
             raise ExecutionError(f"no Ray worker started within {START_TIMEOUT_S:.0f} s (each needs {self.shape.cpus} "
                                  f"CPU, {self.shape.gpus} GPU; the cluster has {self.ray.cluster_resources()})",
-                                 fix="lower --cpus-per-worker / --gpus-per-worker, or add nodes")
+                                 fix=f"lower {option('cpus_per_worker')} / {option('gpus_per_worker')}, or add nodes")
         return done[0]
 
     # --- fault policy -----------------------------------------------------------------------------------------
@@ -314,7 +308,7 @@ class _Session:
         self.attempts[job.matrix] += 1
         if self.attempts[job.matrix] >= MAX_ATTEMPTS:
             raise ExecutionError(f"its Ray worker died {MAX_ATTEMPTS} times ({_first_line(exc)})", tensor=job.matrix,
-                                 fix="give workers more memory, or --exclude this matrix") from exc
+                                 fix=f"give workers more memory, or leave this matrix out with {option('exclude')}") from exc
         self.pending.appendleft(job)
         self.info["matrices_retried"] += 1
         if worker in self.ready:  # the first news of this death: replace the worker once
@@ -339,7 +333,7 @@ class _MatrixWorker:
     threads; `node_cache_dir`: cache base SVDs in this node's settings.cache_dir().
     """
 
-    def __init__(self, options: AnalysisOptions, threads: int, *, node_cache_dir: bool = False) -> None:
+    def __init__(self, options: JobOptions, threads: int, *, node_cache_dir: bool = False) -> None:
         from lorascale import settings
         from lorascale.execute.local import LocalExecutor
 
@@ -362,7 +356,7 @@ class _MatrixWorker:
         return {"node_id": ray.get_runtime_context().get_node_id(), "ip": ray.util.get_node_ip_address(),
                 "pid": os.getpid(), "device": self._options.device, "backend": self._options.backend,
                 "driver": self._options.driver, "cache_dir": self._options.cache_dir,
-                "routes": self._options.routes.describe() if self._options.routes is not None else None}
+                "routes": describe_routes(self._options.routes) if self._options.routes is not None else None}
 
     def analyse(self, job: MatrixJob) -> MatrixResult:
         """The job's result, from tensors found on this node."""
@@ -441,6 +435,6 @@ def _auto_address() -> str:
 
 
 def _no_cluster() -> ExecutionError:
-    return ExecutionError("--ray-address auto found no running Ray cluster on this machine",
-                          fix="start one with `ray start --head`, or drop --ray-address and RAY_ADDRESS "
+    return ExecutionError(f"{option('ray_address', 'auto')} found no running Ray cluster on this machine",
+                          fix=f"start one with `ray start --head`, or drop {option('ray_address')} and RAY_ADDRESS "
                               "to run in-process")

@@ -15,13 +15,17 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import torch
 
-from lorascale.store.svd_cache import BaseSpectrumCache
-from lorascale.errors import NumericalError
+from lorascale.errors import NumericalError, option
+from lorascale.execute.routes import for_shape
 from lorascale.io.tensors import load_tensor, to_compute
-from lorascale.numerics.compare import BaseSpectrum, TunedComparison, base_spectrum, compare_to_base
-from lorascale.numerics.merge import dora_merge
-from lorascale.numerics.metrics import intruder_count, lora_delta_singular_values
-from lorascale.records import AnalysisOptions, LoraFactors, MatrixJob, MatrixResult, TensorEntry, TunedSource
+from lorascale.numerics.compare import (BaseSpectrum, ComparisonSettings, TunedComparison, base_spectrum,
+                                        compare_to_base)
+from lorascale.numerics.merge import dora_merge, lora_merge
+from lorascale.numerics.intruders import intruder_count
+from lorascale.numerics.metrics import lora_delta_singular_values
+from lorascale.records import LoraFactors, MatrixJob, MatrixResult, TensorEntry, TunedSource
+from lorascale.request import Analysis, JobOptions
+from lorascale.store.svd_cache import BaseSpectrumCache
 from lorascale.store.schema import (MATRICES, METHOD_EXACT, METHOD_TOPK, METHOD_TOPK_FALLBACK, SCHEMAS, SIMILARITY,
                                     SPECTRA)
 
@@ -29,7 +33,7 @@ COMPUTE_DTYPES = {"fp32": torch.float32, "fp64": torch.float64}
 # Reads one tensor in its stored dtype (io/tensors.load_tensor, or the local executor's prefetcher).
 TensorLoader = Callable[[TensorEntry], torch.Tensor]
 _LOG = logging.getLogger(__name__)
-_OVERFLOW_FIX = "try --precision fp64, or leave this matrix out with --exclude"
+_OVERFLOW_FIX = f"try {option('precision', 'fp64')}, or leave this matrix out with {option('exclude')}"
 
 
 @functools.lru_cache(maxsize=4)
@@ -51,107 +55,122 @@ def job_entries(job: MatrixJob) -> Iterator[TensorEntry]:
                 yield source.lora.magnitude
 
 
-def analyse_job(job: MatrixJob, options: AnalysisOptions, *, load: TensorLoader = load_tensor) -> MatrixResult:
+def analyse_job(job: MatrixJob, options: JobOptions, *, load: TensorLoader = load_tensor) -> MatrixResult:
     """Run one job end to end on `options.device` and return its rows of the three tables (small arrays).
 
-    `options` must be resolved (numerics/backends.resolve: a concrete device and backend); `load` reads a
-    tensor in its stored dtype.
+    `options` must be resolved (execute/routes.resolve: a concrete device, backend, driver and routes);
+    `load` reads a tensor in its stored dtype.
 
     Tensors are read in their stored dtype and upcast on the device (to_compute).  The base SVD comes
     from the cache in `options.cache_dir` when present there, and is written to it otherwise.
     """
-    dtype = COMPUTE_DTYPES[options.precision]
+    assert options.routes is not None, "analyse_job takes resolved options (execute/routes.resolve)"
     started = time.perf_counter()
-    raw = load(job.base)
-    cache = _cache(options.cache_dir) if options.cache_dir else None
-    key = cache.key(raw, job.base, options) if cache is not None else None
-    w0 = to_compute(raw, job.base, dtype=dtype, device=options.device)
-    del raw
-    base = cache.load(key, options.device) if cache is not None and key is not None else None
-    if base is None:
-        try:
-            base = base_spectrum(w0, options.sides, driver=options.driver,
-                                 backend=options.routes.base if options.routes is not None else options.backend)
-        except NumericalError as exc:
-            if exc.path is not None:
-                raise
-            raise NumericalError(str(exc), path=job.base.location, tensor=job.base.name, fix=_OVERFLOW_FIX) from exc
-        if cache is not None and key is not None:
-            cache.store(key, base)
+    matrix = _Matrix(job, options, load)
     base_seconds = time.perf_counter() - started
-    builder = _RowBuilder(job, options)
-    builder.add_base(base)
+    builder = _RowBuilder(job, options.analysis)
+    builder.add_base(matrix.base)
     for source in job.tuned:
         t0 = time.perf_counter()
         try:
-            comparison = _compare_source(source, w0, base, dtype, options, load, matrix=job.matrix)
+            comparison = matrix.compare(source)
         except NumericalError as exc:
             if exc.path is not None:  # already says which tensor or merge
                 raise
             # Inputs were finite (checked on load), so arithmetic overflowed: W - W0, or the LoRA core.
-            raise NumericalError(f"{exc} while comparing {source.model}", path=source.model, tensor=job.matrix,
+            raise NumericalError(f"{exc.text} while comparing {source.model}", path=source.model, tensor=job.matrix,
                                  fix=_OVERFLOW_FIX) from exc
         if comparison.top_check is not None and not comparison.top_check.passed:
             check = comparison.top_check
             _LOG.info("%s / %s: top-%d guard failed (sigma error %.1e, residual %.1e, angle bound %.1e); "
-                      "used the exact SVD (matrices.method = %s)", source.model, job.matrix, options.top_k,
-                      check.sigma_error, check.residual, check.angle_bound, METHOD_TOPK_FALLBACK)
+                      "used the exact SVD (matrices.method = %s)", source.model, job.matrix,
+                      options.analysis.top_k, check.sigma_error, check.residual, check.angle_bound,
+                      METHOD_TOPK_FALLBACK)
         # The base SVD is shared; charge each model an equal part of it.
         seconds = time.perf_counter() - t0 + base_seconds / len(job.tuned)
-        builder.add_tuned(source, comparison, base, seconds)
+        builder.add_tuned(source, comparison, matrix.base, seconds)
     return builder.result()
 
 
-def _compare_source(source: TunedSource, w0: torch.Tensor, base: BaseSpectrum, dtype: torch.dtype,
-                    options: AnalysisOptions, load: TensorLoader, *, matrix: str) -> TunedComparison:
-    numerics = {"block": options.block, "driver": options.driver, "backend": options.backend,
-                "top_k": options.top_k if options.mode == "topk" else None,
-                "topk_tolerance": options.topk_tolerance, "separated": options.k, "routes": options.routes}
-    if source.update == "full":
-        assert source.full is not None
-        w = to_compute(load(source.full), source.full, dtype=dtype, device=options.device)
-        return compare_to_base(base, w, w0=w0, **numerics)
-    factors = source.lora
-    assert factors is not None
-    a, b = load(factors.a), load(factors.b)
-    if factors.expert is not None:  # peft ParamWrapper: one expert's factors out of the stacked ones
-        first = factors.expert * factors.rank
-        a = a[first:first + factors.rank]  # (r*E, n) -> (r, n)
-        b = b[:, factors.expert::factors.num_experts]  # (m, r*E) viewed as (m, r, E) -> (m, r)
-    if factors.out_rows is not None:  # one per-expert part (w1 / w3) of a fused gate_up_proj
-        b = b[factors.out_rows[0]:factors.out_rows[1]]  # (m_fused, r) -> (m, r)
-    a = to_compute(a, factors.a, dtype=dtype, device=options.device)  # (r, n)
-    b = to_compute(b, factors.b, dtype=dtype, device=options.device)  # (m, r)
-    if factors.magnitude is not None:
-        return _compare_dora(factors, a, b, w0, base, dtype, options, load, numerics, matrix=matrix)
-    update = factors.scale * (b @ a)  # (m, r) @ (r, n) -> (m, n)
-    w = w0 + (update.T if factors.fan_in_fan_out else update)  # Conv1D stores W0 as [in, out]
-    del update
-    if not bool(torch.isfinite(w).all()):
-        # W0, A and B were checked finite on load: the adapter's merge itself overflowed.
-        raise NumericalError(
-            f"merging the adapter overflowed: W0 + s*B@A (s = {factors.scale:g}) has Inf/NaN values in "
-            f"{str(dtype).removeprefix('torch.')} although W0 and the LoRA factors are finite; the adapter's "
-            f"scale or factors are the cause", path=factors.a.location, tensor=matrix, fix=_OVERFLOW_FIX)
-    delta = lora_delta_singular_values(a, b, factors.scale)
-    return compare_to_base(base, w, delta_singular_values=delta, **numerics)
+class _Matrix:
+    """One base matrix on the compute device, its spectrum (from the cache or computed), and the comparison
+    of each tuned model's version of it."""
 
+    def __init__(self, job: MatrixJob, options: JobOptions, load: TensorLoader) -> None:
+        assert options.routes is not None
+        self.job, self.options, self.load = job, options, load
+        self.dtype = COMPUTE_DTYPES[options.analysis.precision]
+        routes = for_shape(options.routes, job.rows, job.cols)
+        analysis = options.analysis
+        self.settings = ComparisonSettings(routes=routes, driver=options.driver, separated=analysis.k,
+                                           top_k=analysis.top_k if analysis.mode == "topk" else None)
+        raw = load(job.base)
+        cache = _cache(options.cache_dir) if options.cache_dir else None
+        key = cache.key(raw, job.base, analysis, routes.base) if cache is not None else None
+        self.w0 = self._to_compute(raw, job.base)
+        del raw
+        base = cache.load(key, options.device) if cache is not None and key is not None else None
+        if base is None:
+            try:
+                base = base_spectrum(self.w0, analysis.sides, driver=options.driver, backend=routes.base)
+            except NumericalError as exc:
+                if exc.path is not None:
+                    raise
+                raise NumericalError(exc.text, path=job.base.location, tensor=job.base.name,
+                                     fix=_OVERFLOW_FIX) from exc
+            if cache is not None and key is not None:
+                cache.store(key, base)
+        self.base: BaseSpectrum = base
 
-def _compare_dora(factors: LoraFactors, a: torch.Tensor, b: torch.Tensor, w0: torch.Tensor, base: BaseSpectrum,
-                  dtype: torch.dtype, options: AnalysisOptions, load: TensorLoader, numerics: dict, *,
-                  matrix: str) -> TunedComparison:
-    """DoRA: W' = m * (W0 + s*B@A) / row norms (numerics/merge.py); dW = W' - W0 has full rank, so its
-    singular values come from svdvals(W' - W0), as for a full fine-tune."""
-    assert factors.magnitude is not None
-    magnitude = to_compute(load(factors.magnitude), factors.magnitude, dtype=dtype, device=options.device)  # (m,)
-    try:
-        w = dora_merge(w0, a, b, factors.scale, magnitude, fan_in_fan_out=factors.fan_in_fan_out)
-    except NumericalError as exc:
-        # W0, A, B and m were checked finite on load: the merge itself is the cause.
-        raise NumericalError(f"{exc}, although W0 and the adapter's tensors are finite", path=factors.magnitude.location,
-                             tensor=matrix, fix="check that the adapter was trained on this base; --precision fp64 "
-                             "helps an overflow, --exclude leaves the matrix out") from exc
-    return compare_to_base(base, w, w0=w0, **numerics)
+    def _to_compute(self, tensor: torch.Tensor, entry: TensorEntry) -> torch.Tensor:
+        return to_compute(tensor, entry, dtype=self.dtype, device=self.options.device)
+
+    def compare(self, source: TunedSource) -> TunedComparison:
+        """The comparison of one tuned model's version of this matrix with the base."""
+        if source.update == "full":
+            assert source.full is not None
+            w = self._to_compute(self.load(source.full), source.full)
+            return compare_to_base(self.base, w, self.settings, w0=self.w0)
+        factors = source.lora
+        assert factors is not None
+        a, b = self._factors(factors)
+        if factors.magnitude is not None:
+            return self._compare_dora(factors, a, b)
+        try:
+            w = lora_merge(self.w0, a, b, factors.scale, fan_in_fan_out=factors.fan_in_fan_out)
+        except NumericalError as exc:
+            # W0, A and B were checked finite on load: the adapter's merge itself overflowed.
+            raise NumericalError(f"{exc.text} although W0 and the LoRA factors are finite; the adapter's scale or "
+                                 "factors are the cause", path=factors.a.location, tensor=self.job.matrix,
+                                 fix=_OVERFLOW_FIX) from exc
+        delta = lora_delta_singular_values(a, b, factors.scale)
+        return compare_to_base(self.base, w, self.settings, delta_singular_values=delta)
+
+    def _factors(self, factors: LoraFactors) -> tuple[torch.Tensor, torch.Tensor]:
+        """A (r, n) and B (m, r) of this matrix on the device: one expert's, one part's rows of B."""
+        a, b = self.load(factors.a), self.load(factors.b)
+        if factors.expert is not None:  # peft ParamWrapper: one expert's factors out of the stacked ones
+            first = factors.expert * factors.rank
+            a = a[first:first + factors.rank]  # (r*E, n) -> (r, n)
+            b = b[:, factors.expert::factors.num_experts]  # (m, r*E) viewed as (m, r, E) -> (m, r)
+        if factors.out_rows is not None:  # one per-expert part (w1 / w3) of a fused gate_up_proj
+            b = b[factors.out_rows[0]:factors.out_rows[1]]  # (m_fused, r) -> (m, r)
+        return self._to_compute(a, factors.a), self._to_compute(b, factors.b)
+
+    def _compare_dora(self, factors: LoraFactors, a: torch.Tensor, b: torch.Tensor) -> TunedComparison:
+        """DoRA: W' = m * (W0 + s*B@A) / row norms (numerics/merge.py); dW = W' - W0 has full rank, so its
+        singular values come from svdvals(W' - W0), as for a full fine-tune."""
+        assert factors.magnitude is not None
+        magnitude = self._to_compute(self.load(factors.magnitude), factors.magnitude)  # (m,)
+        try:
+            w = dora_merge(self.w0, a, b, factors.scale, magnitude, fan_in_fan_out=factors.fan_in_fan_out)
+        except NumericalError as exc:
+            # W0, A, B and m were checked finite on load: the merge itself is the cause.
+            raise NumericalError(f"{exc.text}, although W0 and the adapter's tensors are finite",
+                                 path=factors.magnitude.location, tensor=self.job.matrix,
+                                 fix=f"check that the adapter was trained on this base; {option('precision', 'fp64')} "
+                                     f"helps an overflow, {option('exclude')} leaves the matrix out") from exc
+        return compare_to_base(self.base, w, self.settings, w0=self.w0)
 
 
 def _method(comparison: TunedComparison) -> str:
@@ -184,8 +203,8 @@ class _Columns:
 class _RowBuilder:
     """Accumulates the rows of the three tables for one matrix."""
 
-    def __init__(self, job: MatrixJob, options: AnalysisOptions) -> None:
-        self.job, self.options = job, options
+    def __init__(self, job: MatrixJob, analysis: Analysis) -> None:
+        self.job, self.analysis = job, analysis
         self.matrices, self.spectra, self.similarity = _Columns(MATRICES), _Columns(SPECTRA), _Columns(SIMILARITY)
 
     def _spectrum(self, model: str, role: str, side: str, sigma: np.ndarray,
@@ -202,7 +221,7 @@ class _RowBuilder:
     def add_base(self, base: BaseSpectrum) -> None:
         """The base's spectrum rows, one block per side, labelled with the job's base_model."""
         sigma = base.s.detach().to("cpu", torch.float64).numpy()
-        for side in self.options.sides:
+        for side in self.analysis.sides:
             self._spectrum(self.job.base_model, "base", side, sigma, None, None)
 
     def add_tuned(self, source: TunedSource, comparison: TunedComparison, base: BaseSpectrum,
@@ -210,9 +229,9 @@ class _RowBuilder:
         """One tuned model's matrices row, its spectrum rows and its similarity block, per side."""
         # store/schema.py: `intruders` on the first side (left, the paper's, unless --side right), and
         # `intruders_right` whenever the right side was computed.
-        counts = {side: intruder_count(result.max_cos, self.options.k, self.options.epsilon)
+        counts = {side: intruder_count(result.max_cos, self.analysis.k, self.analysis.epsilon)
                   for side, result in comparison.sides.items()}
-        first_side = self.options.sides[0]
+        first_side = self.analysis.sides[0]
         self.matrices.add(
             model=source.model, matrix=self.job.matrix, layer=self.job.layer, module=self.job.module,
             rows=self.job.rows, cols=self.job.cols, update=source.update,

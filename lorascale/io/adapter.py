@@ -201,7 +201,16 @@ def index_adapter(path: Path, settings: AdapterSettings, tensors: dict[str, Tens
             continue
         module = match["module"].removeprefix(PEFT_PREFIX)
         halves.setdefault(module, {})[match["which"]] = entry
+    factors, parameters = _pair_factors(path, settings, halves, other)
+    if magnitudes or settings.use_dora:
+        _attach_magnitudes(path, settings, tensors, factors, magnitudes, halves, other)
+    return AdapterIndex(factors=factors, other=other, parameters=tuple(parameters))
 
+
+def _pair_factors(path: Path, settings: AdapterSettings, halves: dict[str, dict[str, TensorEntry]],
+                  other: dict[str, str]) -> tuple[dict[str, LoraFactors], list[ParameterFactors]]:
+    """Each module's lora_A / lora_B as the factors of an nn.Linear (with its rank and scale) or of raw
+    parameters (target_parameters); what cannot be analysed goes to `other` with why."""
     factors: dict[str, LoraFactors] = {}
     parameters: list[ParameterFactors] = []
     for module, pair in halves.items():
@@ -244,9 +253,7 @@ def index_adapter(path: Path, settings: AdapterSettings, tensors: dict[str, Tens
                 path=path, tensor=a.name, fix="adapter_config.json does not belong to these weights")
         factors[module] = LoraFactors(a=a, b=b, rank=rank, scale=scale_for(settings, module, rank),
                                       fan_in_fan_out=settings.fan_in_fan_out)
-    if magnitudes or settings.use_dora:
-        _attach_magnitudes(path, settings, tensors, factors, magnitudes, halves, other)
-    return AdapterIndex(factors=factors, other=other, parameters=tuple(parameters))
+    return factors, parameters
 
 
 def _attach_magnitudes(path: Path, settings: AdapterSettings, tensors: dict[str, TensorEntry],

@@ -31,7 +31,7 @@ except ImportError:  # 0.23-0.24: the HTTP ones only live in `utils` (which stil
                                        HFValidationError, HfHubHTTPError, LocalEntryNotFoundError,
                                        OfflineModeIsEnabled, RepositoryNotFoundError, RevisionNotFoundError)
 
-from lorascale.errors import CheckpointFormatError, CheckpointReferenceError
+from lorascale.errors import CheckpointFormatError, CheckpointReferenceError, option
 from lorascale.io.jsonfiles import read_weight_map
 from lorascale.io.safetensors_header import MAX_HEADER_BYTES
 from lorascale.records import HubFile, ResolvedCheckpoint
@@ -61,7 +61,7 @@ _REF_FORBIDDEN_RE = re.compile(r"[\x00-\x20\x7f~^:?*\[\\]|\.\.|@\{|//")
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 _CONVERT = ("convert it to safetensors, e.g. load with transformers/peft and "
             "save_pretrained with safe_serialization=True")
-_NO_PICKLE_FIX = "drop --no-pickle to read them with torch's restricted loader, or " + _CONVERT
+_NO_PICKLE_FIX = f"drop {option('no_pickle', True)} to read them with torch's restricted loader, or " + _CONVERT
 
 
 def _pickles(names: Iterable[str]) -> list[str]:
@@ -73,7 +73,7 @@ def _pickled(reference: str, files: list[str], *, allow_pickle: bool) -> list[st
     """`files` (pickled weights, the only ones there are) if pickles are allowed, else the --no-pickle refusal."""
     if not allow_pickle:
         raise CheckpointReferenceError(f"only pickled weights ({', '.join(files[:3])}"
-                                       f"{', ...' if len(files) > 3 else ''}), and --no-pickle refuses them",
+                                       f"{', ...' if len(files) > 3 else ''}), and {option('no_pickle', True)} refuses them",
                                        path=reference, fix=_NO_PICKLE_FIX)
     return files
 
@@ -434,7 +434,7 @@ def _hub_error(exc: Exception, reference: str, revision: str | None, settings: H
         if not (isinstance(exc, HfHubHTTPError) and status in (401, 403)) and not settings.offline:
             if isinstance(exc, OSError) and not isinstance(exc, HfHubHTTPError) and exc.filename:
                 return err(f"cannot write {download} at {exc.filename} ({exc.strerror or type(exc).__name__})",
-                           "check disk space and permissions of the hub cache or --scratch-dir")
+                           f"check disk space and permissions of the hub cache or {option('scratch_dir')}")
             what = f"HTTP {status}" if status else type(exc).__name__
             return err(f"download of {download} failed ({what})",
                        "check the network connection and HF_ENDPOINT, then rerun the same command: finished "

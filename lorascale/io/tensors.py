@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from lorascale.errors import CheckpointFormatError, NumericalError
+from lorascale.errors import CheckpointFormatError, NumericalError, option
 from lorascale.records import TensorEntry
 
 TORCH_DTYPES: dict[str, torch.dtype] = {
@@ -51,5 +51,5 @@ def to_compute(tensor: torch.Tensor, entry: TensorEntry, *, dtype: torch.dtype,
     out = tensor.to(device=device, non_blocking=True).to(dtype)
     if not bool(torch.isfinite(out).all()):
         raise NumericalError("tensor holds NaN or Inf values", path=entry.location, tensor=entry.name,
-                             fix="the checkpoint is corrupt or diverged; exclude this matrix with --exclude")
+                             fix=f"the checkpoint is corrupt or diverged; leave this matrix out with {option('exclude')}")
     return out

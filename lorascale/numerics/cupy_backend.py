@@ -1,6 +1,6 @@
 """The "cupy" backend: cupy.linalg.svd (cuSOLVER gesvd) on CUDA tensors, shared through DLPack (no copy).
 
-cupy is optional and imported only when this backend is used; backends.resolve checks that it is
+cupy is optional and imported only when this backend is used; execute/routes.resolve checks that it is
 installed (importlib, without importing it) before a run starts.  cupy runs on torch's current stream, so
 no extra synchronisation is needed between the two libraries.
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from lorascale.errors import NumericalError, OptionError
+from lorascale.errors import NumericalError, OptionError, option
 from lorascale.numerics.decomposition import Decomposition
 
 
@@ -18,14 +18,15 @@ def _cupy():
         import cupy
         import cupyx
     except ImportError as exc:
-        raise OptionError("--backend cupy requested but cupy cannot be imported",
-                          fix="pip install 'lorascale[cupy]', or use --backend torch") from exc
+        raise OptionError(f"{option('backend', 'cupy')} requested but cupy cannot be imported",
+                          fix=f"pip install 'lorascale[cupy]', or use {option('backend', 'torch')}") from exc
     return cupy, cupyx
 
 
 def _run(matrix: torch.Tensor, compute_uv: bool):
     if not matrix.is_cuda:
-        raise OptionError("the cupy backend needs a CUDA tensor", fix="use --device cuda, or --backend torch")
+        raise OptionError("the cupy backend needs a CUDA tensor",
+                          fix=f"use {option('device', 'cuda')}, or {option('backend', 'torch')}")
     cupy, cupyx = _cupy()
     import numpy as np
 

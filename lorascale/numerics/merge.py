@@ -1,10 +1,28 @@
-"""Rebuild a tuned matrix from an adapter, as peft's merge does.  Pure: tensors in, tensor out."""
+"""Rebuild a tuned matrix from an adapter (LoRA, DoRA), as peft's merge does.  Pure: tensors in, tensor out."""
 
 from __future__ import annotations
 
 import torch
 
 from lorascale.errors import NumericalError
+
+
+def lora_merge(w0: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float, *,
+               fan_in_fan_out: bool = False) -> torch.Tensor:
+    """W = W0 + s * B @ A, as peft's merge_and_unload does it; (B @ A)^T added to a W0 stored [in, out]
+    (`fan_in_fan_out`, GPT-2 Conv1D).  Computed in the inputs' dtype (the run's precision).
+
+    Shapes: w0 (out, in) or (in, out), a (r, in), b (out, r).  Raises NumericalError (no file context; the
+    caller adds it) when the merge overflows although its inputs are finite.
+    """
+    update = scale * (b @ a)  # (out, r) @ (r, in) -> (out, in)
+    w = w0 + (update.T if fan_in_fan_out else update)
+    del update
+    if not bool(torch.isfinite(w).all()):
+        raise NumericalError(
+            f"merging the adapter overflowed: W0 + s*B@A (s = {scale:g}) has Inf/NaN values in "
+            f"{str(w.dtype).removeprefix('torch.')}")
+    return w
 
 
 def dora_merge(w0: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float, magnitude: torch.Tensor, *,

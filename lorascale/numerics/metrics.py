@@ -1,4 +1,4 @@
-"""Metrics of the paper (docs/METHOD.md): max |cos|, intruder counts, effective rank, null level."""
+"""Metrics of the paper (docs/METHOD.md): max |cos|, effective rank, null level (intruders: intruders.py)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,12 @@ import math
 import numpy as np
 import torch
 
+from lorascale.numerics.intruders import is_intruder
 from lorascale.numerics.svd import svdvals
 
 # Rows of the similarity product computed at once: bounds the (chunk, p0) temporary.
 _CHUNK = 1024
+SIMILARITY_BLOCK = 10  # the `similarity` table's top-b x top-b block: the paper's heatmaps (Fig. 1, 3)
 
 
 def max_cos(vectors: torch.Tensor, base_vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -29,15 +31,9 @@ def max_cos(vectors: torch.Tensor, base_vectors: torch.Tensor) -> tuple[torch.Te
     return torch.cat(values), torch.cat(indices)
 
 
-def similarity_block(vectors: torch.Tensor, base_vectors: torch.Tensor, size: int = 10) -> torch.Tensor:
+def similarity_block(vectors: torch.Tensor, base_vectors: torch.Tensor, size: int = SIMILARITY_BLOCK) -> torch.Tensor:
     """The top-`size` x top-`size` block of |vectors^T base_vectors| (tuned rank x base rank)."""
     return (vectors[:, :size].T @ base_vectors[:, :size]).abs()  # (size, d) @ (d, size) -> (size, size)
-
-
-def intruder_count(max_cos_values: torch.Tensor | np.ndarray, k: int, epsilon: float) -> int:
-    """Definition 1 of the paper: how many of the top-k tuned vectors have max_cos < epsilon."""
-    top = max_cos_values[:k]
-    return int((top < epsilon).sum())
 
 
 def effective_rank(singular_values: torch.Tensor | np.ndarray) -> float | None:
@@ -64,7 +60,8 @@ def lora_delta_singular_values(a: torch.Tensor, b: torch.Tensor, scale: float) -
     _, r_b = torch.linalg.qr(b)  # (m, r) -> (r, r)
     _, r_a = torch.linalg.qr(a.T)  # (n, r) -> (r, r)
     core = scale * (r_b @ r_a.T)  # (r, r)
-    return svdvals(core)  # checks finiteness (s can overflow the product) and maps LinAlgError
+    # LAPACK for an r x r core whatever the run's routes: not a quantity a route is chosen for.
+    return svdvals(core, backend="torch")  # checks finiteness (s can overflow the product), maps LinAlgError
 
 
 @functools.lru_cache(maxsize=32)
@@ -111,7 +108,7 @@ def null_intruder_probability(dim: int, n_vectors: int, epsilon: float, samples:
     Same fixed-seed Monte Carlo draws as `null_max_cos` (resolution 1 / samples).
     """
     values = _random_max_cos(dim, n_vectors, samples, seed)
-    return float(np.count_nonzero(values < epsilon) / values.size)
+    return float(np.count_nonzero(is_intruder(values, epsilon)) / values.size)
 
 
 def null_max_cos_approx(dim: int, n_vectors: int) -> float:

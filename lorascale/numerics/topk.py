@@ -62,9 +62,8 @@ def _orthonormal(columns: torch.Tensor) -> torch.Tensor:
     return columns
 
 
-def top_singular(matrix: torch.Tensor, rank: int, *, oversample: int = DEFAULT_OVERSAMPLE,
-                 iterations: int = DEFAULT_ITERATIONS, seed: int = 0, driver: str | None = None,
-                 backend: str = "torch") -> Decomposition:
+def top_singular(matrix: torch.Tensor, rank: int, *, backend: str, oversample: int = DEFAULT_OVERSAMPLE,
+                 iterations: int = DEFAULT_ITERATIONS, seed: int = 0, driver: str | None = None) -> Decomposition:
     """The top `rank` singular triplets of `matrix` (m, n): U (m, rank), S (rank,), Vh (rank, n).
 
     The small SVD of the projected matrix runs on `backend` with `driver` (numerics/backends.py), like every

@@ -13,7 +13,19 @@ Example:
 
 from __future__ import annotations
 
-from lorascale.report.build import build_report
-from lorascale.report.summary import format_summary, summary_rows
+from typing import Any
 
 __all__ = ["build_report", "summary_rows", "format_summary"]
+
+
+def __getattr__(name: str) -> Any:
+    # Lazily, so that importing one module of the package (report/labels.py, for naming.py) imports nothing else.
+    if name == "build_report":
+        from lorascale.report.build import build_report
+
+        return build_report
+    if name in ("summary_rows", "format_summary"):
+        from lorascale.report import summary
+
+        return getattr(summary, name)
+    raise AttributeError(f"module 'lorascale.report' has no attribute {name!r}")

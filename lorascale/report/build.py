@@ -14,13 +14,14 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from lorascale.errors import OptionError, OutputError
+from lorascale.errors import OptionError, OutputError, option
 from lorascale.report import queries
 from lorascale.report.labels import slug
 from lorascale.report.series import Series, detect_series
 from lorascale.report.page import FigureEntry, PageContent, render_page
 from lorascale.report.summary import rows_for_run
-from lorascale.report.tables import Order, Run, open_run, unreadable
+from lorascale.report.tables import Order, Run, open_run
+from lorascale.results import unreadable
 from lorascale.store.schema import is_report_directory
 
 INDEX = "index.html"
@@ -32,7 +33,7 @@ def _check_out(out: Path) -> None:
         return
     if not out.is_dir():
         raise OutputError("report output exists and is not a directory", path=out,
-                          fix="choose another --out for the report")
+                          fix=f"choose another {option('out')} for the report")
     if any(out.iterdir()) and not is_report_directory(out):
         raise OutputError("report output directory is not empty and holds no earlier lorascale report",
                           path=out, fix="choose an empty or new directory for the report")

@@ -2,7 +2,7 @@
 
 At the run's own (k, epsilon) they are the matrices table's `intruders` / `intruders_right`.  At any other
 (k, epsilon) they are re-thresholded from the per-vector max_cos in spectra/ without recomputing anything:
-the count of a matrix is how many of its top-k tuned vectors have max_cos < epsilon (docs/METHOD.md), exactly
+the count of a matrix is numerics/intruders.py's (its top-k tuned vectors with max_cos < epsilon), exactly
 what a fresh run with those options would store.
 """
 
@@ -11,15 +11,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
-from lorascale.errors import OptionError, OutputError
+from lorascale.errors import OptionError, OutputError, option
+from lorascale.numerics.intruders import is_intruder
 from lorascale.report.queries import _plain
 from lorascale.report.tables import Run
+from lorascale.request import SIDES, check_epsilon, check_k, check_side
 from lorascale.store.schema import SPECTRA
 
-SIDES = {"left": ("left",), "right": ("right",), "both": ("left", "right")}
 
 
 @dataclass(frozen=True)
@@ -36,20 +38,20 @@ class IntruderCounts:
 
     @property
     def side(self) -> str:
-        """The sides as the --side option names them: left, right or both."""
+        """The sides as the side option names them: left, right or both."""
         return "both" if len(self.sides) == 2 else self.sides[0]
 
 
 def _sides(run: Run, side: str | None) -> tuple[str, ...]:
     if side is None:
         return run.sides
-    if side not in SIDES:
-        raise OptionError(f"side must be left, right or both, got {side!r}")
+    check_side(side)
     missing = [s for s in SIDES[side] if s not in run.sides]
     if missing:
         raise OptionError(f"the run compared the {' and '.join(run.sides)} singular vectors only, so it has "
                           f"no {missing[0]}-side max_cos to count", path=run.root,
-                          fix=f"summarise --side {'/'.join(run.sides)}, or rerun the comparison with --side both")
+                          fix=f"summarise {option('side', '/'.join(run.sides))}, or rerun the comparison with "
+                              f"{option('side', 'both')}")
     return SIDES[side]
 
 
@@ -74,10 +76,10 @@ def intruder_counts(run: Run, *, k: int | None = None, epsilon: float | None = N
     run has no spectra table to re-threshold.
     """
     sides = _sides(run, side)
-    if k is not None and (isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1):
-        raise OptionError(f"k must be an integer of at least 1, got {k!r}")
-    if epsilon is not None and not 0.0 < float(epsilon) <= 1.0:
-        raise OptionError(f"epsilon must be in (0, 1], got {epsilon}")
+    if k is not None:
+        k = check_k(int(k) if isinstance(k, np.integer) else k)
+    if epsilon is not None:
+        epsilon = check_epsilon(epsilon)
     if k is None and epsilon is None:
         stored = {s: _stored(run, s) for s in sides}
         if all(v is not None for v in stored.values()):
@@ -99,10 +101,11 @@ def _from_spectra(run: Run, k: int, epsilon: float, sides: tuple[str, ...]) -> I
         # A --mode topk run stores max_cos for its top --top-k vectors only: beyond them a count is unknown.
         stored = int(pc.min(unknown.column("rank")).as_py())
         matrix = unknown.column("matrix")[0].as_py()
-        raise OptionError(f"k = {k} reaches tuned vectors whose max_cos the run did not store: {matrix} has it "
-                          f"for its top {stored} only, as a --mode topk run keeps", path=run.root,
-                          fix=f"use k {stored} or less, or rerun the comparison with --top-k {k} or --mode exact")
-    hits = top.filter(pc.less(top.column("max_cos"), epsilon))
+        raise OptionError(f"{option('k', k)} reaches tuned vectors whose max_cos the run did not store: {matrix} "
+                          f"has it for its top {stored} only, as a {option('mode', 'topk')} run keeps", path=run.root,
+                          fix=f"use {option('k', stored)} or less, or rerun the comparison with {option('top_k', k)} "
+                              f"or {option('mode', 'exact')}")
+    hits = top.filter(pa.array(is_intruder(top.column("max_cos").to_numpy(zero_copy_only=False), epsilon)))
     grouped = hits.group_by(["model", "matrix", "side"]).aggregate([("rank", "count")])
     row_of = {key: i for i, key in enumerate(zip(run.matrices.column("model").to_pylist(),
                                                   run.matrices.column("matrix").to_pylist()))}

@@ -196,7 +196,9 @@ def effective_rank(run: Run, styles: Styles, out: Path) -> FigureEntry | None:
 def checkpoints(run: Run, out: Path, chosen: series.Series, *, matrix: str | None = None) -> FigureEntry | None:
     """Paper Fig. 7 for the checkpoint series `chosen`: whole-model intruder count per checkpoint, and
     max_cos and sigma of the tracked top ranks of one matrix (default: the one with most intruders in the
-    last checkpoint). Steps on the x axis when the series has them, else the models in their order."""
+    last checkpoint). Steps on the x axis when the series has them, else the models in their order.
+
+    Long because it draws one figure step by step (axes, data, annotations, legend), which reads best in order."""
     models = list(chosen.models)
     if len(models) < 2:
         return None

@@ -45,7 +45,9 @@ def _panel_title(run: Run, model: str, labels: dict[str, str], width: int) -> st
 @styled
 def heatmap(run: Run, chosen: queries.ChosenMatrix, out: Path, stem: str) -> FigureEntry | None:
     """Paper Fig. 1/3: the stored top-10 x top-10 |cos| block of one matrix, a panel per model and side,
-    with ▼ over the tuned vectors that are intruders."""
+    with ▼ over the tuned vectors that are intruders.
+
+    Long because it draws one figure step by step (axes, data, annotations, legend), which reads best in order."""
     blocks = queries.similarity_blocks(run, chosen.name)
     if not blocks:
         return None

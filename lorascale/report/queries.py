@@ -13,7 +13,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
+from lorascale.numerics.intruders import is_intruder
 from lorascale.report.tables import Run, natural_key
+from lorascale.request import Analysis
 from lorascale.store.schema import SIMILARITY, SPECTRA
 
 # Usual projection order in transformer blocks, so grids read attention-then-MLP like the model.
@@ -106,11 +108,12 @@ def intruders_vs_epsilon(run: Run, epsilons: np.ndarray, *, k: int = 10) -> dict
     if tuned is None:
         return {}
     sorted_cos = _group_sorted(tuned, "max_cos")
-    # searchsorted(..., "left") counts values strictly below each epsilon in one pass.
+    # searchsorted(..., "left") counts values strictly below each epsilon in one pass: numerics/intruders.py's
+    # rule (max_cos < epsilon) at every epsilon at once.
     return {(m, s): np.searchsorted(v, epsilons, side="left") for (m, s), v in sorted_cos.items()}
 
 
-def intruders_vs_k_fraction(run: Run, fractions: np.ndarray, *, epsilon: float = 0.5
+def intruders_vs_k_fraction(run: Run, fractions: np.ndarray, *, epsilon: float = Analysis.epsilon
                             ) -> tuple[dict[Key, np.ndarray], float]:
     """Total intruder count per (model, side) when examining the top fraction f of every matrix's vectors.
 
@@ -140,7 +143,8 @@ def intruders_vs_k_fraction(run: Run, fractions: np.ndarray, *, epsilon: float =
         top = table.group_by(["model", "matrix", "side"]).aggregate([("rank", "max")])
         for key in zip(*(top.column(c).to_pylist() for c in ("model", "matrix", "side", "rank_max"))):
             kept[key[:3]] = max(kept.get(key[:3], -1), key[3])
-        intruders = table.filter(pc.less(table.column("max_cos"), epsilon)).join(sizes, ["model", "matrix"])
+        mask = is_intruder(table.column("max_cos").to_numpy(zero_copy_only=False), epsilon)
+        intruders = table.filter(pa.array(mask)).join(sizes, ["model", "matrix"])
         if intruders.num_rows == 0:
             continue
         position = (intruders.column("rank").to_numpy().astype(float)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from lorascale.report.queries import matrix_spectrum
+from lorascale.numerics.intruders import is_intruder
 from lorascale.report.tables import Run
 
 
@@ -168,7 +169,7 @@ def series_tracks(run: Run, matrix: str, models: Sequence[str], *, max_tracks: i
         cos[i, :len(model_cos)] = model_cos
     with np.errstate(all="ignore"):
         lowest = np.nanmin(np.where(np.isnan(cos), np.inf, cos), axis=0) if len(models) else np.array([])
-    intruder_ranks = [int(j) for j in np.argsort(lowest, kind="stable") if lowest[j] < run.epsilon]
+    intruder_ranks = [int(j) for j in np.argsort(lowest, kind="stable") if is_intruder(lowest[j], run.epsilon)]
     ranks = sorted(intruder_ranks[:max_tracks]) or list(range(min(3, k)))
     return SeriesTracks(matrix=matrix, side=side, models=models, ranks=ranks,
                         max_cos=cos[:, ranks], sigma=sigma[:, ranks],

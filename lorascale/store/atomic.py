@@ -21,12 +21,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
-from lorascale.errors import OutputError
+from lorascale.errors import OutputError, option
 
 TMP_PREFIX = ".tmp-"
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _BINARY = getattr(os, "O_BINARY", 0)
-_WRITE_FIX = "free space or choose a writable --out; rerun the same command to resume"
+_WRITE_FIX = f"free space or choose a writable {option('out')}; rerun the same command to resume"
 
 
 def write_failure(path: Path, exc: OSError) -> OutputError:
@@ -91,8 +91,8 @@ def ensure_directory(path: Path) -> Path:
     except OSError as exc:
         raise write_failure(path, exc) from exc
     if path.is_symlink():
-        raise OutputError("is a symbolic link; lorascale never writes through links inside --out", path=path,
-                          fix="remove the link, or choose another --out")
+        raise OutputError(f"is a symbolic link; lorascale never writes through links inside {option('out')}", path=path,
+                          fix=f"remove the link, or choose another {option('out')}")
     if not path.is_dir():
-        raise OutputError("exists and is not a directory", path=path, fix="remove it, or choose another --out")
+        raise OutputError("exists and is not a directory", path=path, fix=f"remove it, or choose another {option('out')}")
     return path

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import filelock
 
-from lorascale.errors import OutputError
+from lorascale.errors import OutputError, option
 from lorascale.store.atomic import write_atomic, write_failure
 
 LOCK_NAME = ".lorascale.lock"
 PID_NAME = ".lorascale.pid"
-_LINK_FIX = "remove the link; lorascale never writes through links inside --out"
+_LINK_FIX = f"remove the link; lorascale never writes through links inside {option('out')}"
 
 
 class OutputLock:
@@ -38,7 +38,7 @@ class OutputLock:
             self._lock.acquire()
         except filelock.Timeout:
             raise OutputError(f"another lorascale run ({held_by(self.out)}) is writing to this directory",
-                              path=self.out, fix="wait for it to finish or choose another --out") from None
+                              path=self.out, fix=f"wait for it to finish or choose another {option('out')}") from None
         except OSError as exc:
             if exc.errno == errno.ELOOP:  # filelock opens with O_NOFOLLOW: a link planted after our check
                 raise OutputError("is a symbolic link", path=self.path, fix=_LINK_FIX) from None

@@ -11,13 +11,14 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
-from lorascale.errors import OutputError
+from lorascale.errors import OutputError, option
 from lorascale.store.atomic import write_atomic
 from lorascale.store.schema import MANIFEST
 
 Status = Literal["running", "complete", "failed", "interrupted"]
 STATUSES = ("running", "complete", "failed", "interrupted")
-_RUN_FIX = "pass the --out directory of a `lorascale run`, the one holding manifest.json and matrices/"
+# The fix for a path that is not a results directory (every reader of one says it the same way).
+RUN_FIX = f"pass the {option('out')} directory of a lorascale run, the one holding manifest.json and matrices/"
 
 
 @dataclass
@@ -70,7 +71,7 @@ class Manifest:
     def from_dict(cls, data: dict[str, Any], *, path: Path) -> Manifest:
         """Build the record from parsed JSON; raise OutputError for anything that is not a lorascale manifest."""
         if not isinstance(data, dict) or "lorascale_version" not in data:
-            raise OutputError("manifest.json is not a lorascale manifest", path=path, fix=_RUN_FIX)
+            raise OutputError("manifest.json is not a lorascale manifest", path=path, fix=RUN_FIX)
         known = {f.name for f in fields(cls)} - {"extra"}
         values = {k: v for k, v in data.items() if k in known}
         checks = {"options": dict, "base": dict, "tuned": list, "skipped": list, "execution": dict,
@@ -78,10 +79,10 @@ class Manifest:
         for name, kind in checks.items():
             if name in values and not isinstance(values[name], kind):
                 raise OutputError(f"manifest.json field {name!r} is not a JSON {kind.__name__}", path=path,
-                                  fix="the manifest was edited or corrupted; re-run with --overwrite")
+                                  fix=f"the manifest was edited or corrupted; re-run with {option('overwrite', True)}")
         if values.get("status") not in STATUSES:
             raise OutputError(f"manifest.json has an unknown status {values.get('status')!r}", path=path,
-                              fix="the manifest was edited or corrupted; re-run with --overwrite")
+                              fix=f"the manifest was edited or corrupted; re-run with {option('overwrite', True)}")
         defaults = {"lorascale_version": "", "command": "", "options": {}, "base": {}, "tuned": [], "device": "",
                     "precision": "", "torch": "", "matrices_planned": 0}
         manifest = cls(**{**defaults, **values})
@@ -94,15 +95,15 @@ def read_manifest(out: Path) -> Manifest | None:
     """The manifest in `out`, None when there is none; OutputError when one is there but unreadable."""
     path = out / MANIFEST
     if path.is_symlink():
-        raise OutputError("manifest.json is a symbolic link; lorascale never follows links inside --out",
-                          path=path, fix="remove the link, or choose another --out")
+        raise OutputError(f"manifest.json is a symbolic link; lorascale never follows links inside {option('out')}",
+                          path=path, fix=f"remove the link, or choose another {option('out')}")
     if not path.is_file():
         return None
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise OutputError(f"manifest.json cannot be read ({type(exc).__name__})", path=path,
-                          fix="the run may have died while writing it; re-run with --overwrite") from None
+                          fix=f"the run may have died while writing it; re-run with {option('overwrite', True)}") from None
     return Manifest.from_dict(data, path=path)
 
 

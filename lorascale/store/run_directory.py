@@ -23,7 +23,7 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-from lorascale.errors import OutputError
+from lorascale.errors import OutputError, option
 from lorascale.io.identity import changed_since
 from lorascale.records import MatrixJob
 from lorascale.store.atomic import TMP_PREFIX, write_failure
@@ -121,7 +121,7 @@ class RunDirectory:
 
 def _create(out: Path) -> bool:
     if out.exists() and not out.is_dir():
-        raise OutputError("exists and is not a directory", path=out, fix="choose a directory for --out")
+        raise OutputError("exists and is not a directory", path=out, fix=f"choose a directory for {option('out')}")
     if out.is_dir():
         return False
     try:
@@ -160,33 +160,33 @@ def _prepare(out: Path, manifest: Manifest, *, overwrite: bool, resume: bool) ->
     """Return the earlier manifest when this run continues it; refuse to mix unrelated or stale runs."""
     for name in (*TABLES, REPORT_DIR):
         if (out / name).is_symlink():
-            raise OutputError("is a symbolic link; lorascale never writes through links inside --out",
-                              path=out / name, fix="remove the link, or choose another --out")
+            raise OutputError(f"is a symbolic link; lorascale never writes through links inside {option('out')}",
+                              path=out / name, fix=f"remove the link, or choose another {option('out')}")
     entries = _contents(out)
     previous = read_manifest(out) if MANIFEST in entries else None
     if previous is None and entries:
         # A run writes its manifest before any table, so nothing here can be a run's leftovers.
         raise OutputError(f"directory is not empty and holds no lorascale run (e.g. {entries[0]})", path=out,
-                          fix="choose an empty --out; --overwrite removes only lorascale's own files")
+                          fix=f"choose an empty {option('out')}; {option('overwrite', True)} removes only lorascale's own files")
     if previous is None:
         if resume:
-            raise OutputError("nothing to resume: no earlier run here", path=out, fix="drop --resume")
+            raise OutputError("nothing to resume: no earlier run here", path=out, fix=f"drop {option('resume', True)}")
         return None
     if overwrite:
         _remove_ours(out)
         return None
     if _run_identity(previous) != _run_identity(manifest):
         raise OutputError("directory holds a different run (other checkpoints or options)", path=out,
-                          fix="choose another --out, or pass --overwrite to replace it")
+                          fix=f"choose another {option('out')}, or pass {option('overwrite', True)} to replace it")
     earlier, labels = _labels(previous), _labels(manifest)
     # Rows carry their model's label; a run written before labels existed has none to disagree with.
     if any(label is not None for label in earlier) and earlier != labels:
         raise OutputError(f"directory holds this run under other labels: {', '.join(map(str, earlier))}",
-                          path=out, fix="use the same NAME=REF labels, or pass --overwrite to recompute")
+                          path=out, fix=f"use the same NAME=REF labels, or pass {option('overwrite', True)} to recompute")
     for before, now_ in zip((previous.base, *previous.tuned), (manifest.base, *manifest.tuned)):
         if reason := changed_since(before, now_):
             raise OutputError(f"the earlier run's rows are stale: {now_.get('reference')}: {reason}", path=out,
-                              fix="pass --overwrite to recompute, or choose another --out")
+                              fix=f"pass {option('overwrite', True)} to recompute, or choose another {option('out')}")
     return previous
 
 
@@ -263,5 +263,5 @@ def check_complete(out: Path, manifest: Manifest) -> None:
                           fix="wait for it to finish")
     error = f": {manifest.error}" if status == "failed" and manifest.error else ""
     raise OutputError(f"the run is {status}{error}; its tables are partial and are not results", path=out,
-                      fix="rerun the same lorascale run command to finish it, or --overwrite after fixing the "
+                      fix=f"rerun the same lorascale run command to finish it, or {option('overwrite', True)} after fixing the "
                           "input")

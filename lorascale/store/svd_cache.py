@@ -30,7 +30,8 @@ from lorascale.errors import CheckpointFormatError, OutputError
 from lorascale.io.safetensors_header import read_header
 from lorascale.numerics.backends import BACKENDS
 from lorascale.numerics.compare import BaseSpectrum
-from lorascale.records import AnalysisOptions, TensorEntry
+from lorascale.records import TensorEntry
+from lorascale.request import Analysis
 from lorascale.store.atomic import write_atomic
 
 FORMAT = "lorascale-base-svd/1"
@@ -55,11 +56,12 @@ class BaseSpectrumCache:
         self.directory = Path(directory).expanduser()
         self._write_failed = False
 
-    def key(self, raw: torch.Tensor, entry: TensorEntry, options: AnalysisOptions) -> str:
-        """The cache key of base tensor `raw` (stored dtype, as read from `entry`) under `options`."""
+    def key(self, raw: torch.Tensor, entry: TensorEntry, analysis: Analysis, backend: str) -> str:
+        """The cache key of base tensor `raw` (stored dtype, as read from `entry`) under `analysis` (precision,
+        sides) with the base SVD on `backend` (its method family)."""
         parts = {"format": FORMAT, "content": content_digest(raw), "dtype": entry.dtype,
-                 "shape": list(raw.shape), "precision": options.precision, "sides": sorted(options.sides),
-                 "method": method_family(options.routes.base if options.routes is not None else options.backend)}
+                 "shape": list(raw.shape), "precision": analysis.precision, "sides": sorted(analysis.sides),
+                 "method": method_family(backend)}
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
     def path(self, key: str) -> Path:

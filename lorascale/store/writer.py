@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from lorascale.errors import OutputError
+from lorascale.errors import OutputError, option
 from lorascale.records import MatrixResult
 from lorascale.store.atomic import TMP_PREFIX, ensure_directory, write_atomic
 from lorascale.store.schema import MATRICES, SCHEMAS, SIMILARITY, SPECTRA, TABLES
@@ -64,7 +64,7 @@ def completed_pairs(out: Path) -> set[tuple[str, str]]:
         table = ds.dataset([str(p) for p in parts], format="parquet").to_table(columns=["model", "matrix"])
     except (pa.ArrowException, OSError) as exc:
         raise OutputError(f"the earlier run's table cannot be read ({type(exc).__name__})", path=out / MATRICES,
-                          fix="a part file was damaged outside lorascale; re-run with --overwrite") from None
+                          fix=f"a part file was damaged outside lorascale; re-run with {option('overwrite', True)}") from None
     return set(zip(table.column("model").to_pylist(), table.column("matrix").to_pylist()))
 
 

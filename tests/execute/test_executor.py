@@ -13,11 +13,15 @@ from safetensors.torch import save_file
 
 from lorascale.cli import main
 from lorascale.errors import OptionError
-from lorascale.execute.executor import Executor, make_executor, public_command
+from runs import compare
+
+from lorascale.cli.flags import command_line
+from lorascale.execute import make_executor
+from lorascale.execute.executor import Executor
 from lorascale.execute.local import LocalExecutor
 from lorascale.execute.ray_executor import RayExecutor, _MatrixWorker
-from lorascale.pipeline import compare
-from lorascale.records import AnalysisOptions, MatrixJob, MatrixResult
+from lorascale.records import MatrixJob, MatrixResult
+from lorascale.request import Execution, JobOptions, build_request, job_options
 
 NO_CUDA = not torch.cuda.is_available()
 
@@ -44,20 +48,23 @@ def test_both_executors_satisfy_the_protocol():
     assert isinstance(RayExecutor(workers=2), Executor)
 
 
-def test_make_executor_owns_the_ray_choice():
-    assert isinstance(make_executor(), LocalExecutor)
-    assert isinstance(make_executor(workers=1), LocalExecutor)
-    assert isinstance(make_executor(workers=2), RayExecutor)
-    assert isinstance(make_executor(address="auto"), RayExecutor)
+def test_make_executor_owns_the_ray_choice(monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert isinstance(make_executor(Execution()), LocalExecutor)
+    assert isinstance(make_executor(Execution(workers=1)), LocalExecutor)
+    assert isinstance(make_executor(Execution(workers=2)), RayExecutor)
+    assert isinstance(make_executor(Execution(ray_address="auto")), RayExecutor)
+    monkeypatch.setenv("RAY_ADDRESS", "auto")
+    assert isinstance(make_executor(Execution()), RayExecutor)
+    monkeypatch.delenv("RAY_ADDRESS")
     with pytest.raises(OptionError, match="in-process") as raised:
-        make_executor(cpus_per_worker=2)
+        build_request("b", "t", "o", cpus_per_worker=2)  # worker resources without Ray: refused by the request
     assert raised.value.exit_code == 2
 
 
-def test_public_command_drops_credentials_from_any_url():
-    assert public_command(["run", "--ray-address", "ray://me:s3cret@head:10001/?t=x", "--out", "o"]) == [
-        "run", "--ray-address", "ray://head:10001/", "--out", "o"]
-    assert public_command(["--ray-address=http://u:p@h:8265"]) == ["--ray-address=http://h:8265"]
+def test_the_recorded_command_drops_credentials_from_the_ray_address():
+    request = build_request("b", "t", "o", ray_address="ray://me:s3cret@head:10001/?t=x")
+    assert command_line(request) == "lorascale run --base b --tuned t --out o --ray-address ray://head:10001/"
 
 
 @pytest.mark.parametrize("device, backend, driver", BAD)
@@ -87,11 +94,11 @@ def test_cli_backend_choices_come_from_the_table(tmp_path: Path):
 
 @pytest.mark.parametrize("device, backend, driver", BAD)
 def test_bad_request_is_refused_on_the_ray_path(device, backend, driver):
-    """By name on the driver (RayExecutor.prepare), or by the worker for its own device: an OptionError either
-    way (the worker's reaches the driver intact through where())."""
-    options = AnalysisOptions(device=device, backend=backend, driver=driver)
+    """By name when the request is built, before any Ray (request.Execution), or by the worker for its own
+    device: an OptionError either way (the worker's reaches the driver intact through where())."""
     with pytest.raises(OptionError) as raised:
-        prepared = RayExecutor(workers=2).prepare(options)
+        request = build_request("b", "t", "o", workers=2, device=device, backend=backend, driver=driver)
+        prepared = RayExecutor(workers=2).prepare(job_options(request))
         # Ray gives GPU workers device "cuda"; "auto" on a cluster without GPUs becomes "cpu".
         worker_device = "cuda" if device.startswith("cuda") else "cpu"
         _MatrixWorker(replace(prepared, device=worker_device), threads=1).where()
@@ -99,7 +106,7 @@ def test_bad_request_is_refused_on_the_ray_path(device, backend, driver):
 
 
 def test_local_executor_resolves_on_this_machine():
-    prepared = LocalExecutor().prepare(AnalysisOptions(device="cpu", backend="auto", driver="gesvdj"))
+    prepared = LocalExecutor().prepare(JobOptions(device="cpu", backend="auto", driver="gesvdj"))
     assert (prepared.device, prepared.backend, prepared.driver) == ("cpu", "torch", None)
 
 
@@ -108,13 +115,13 @@ class _FailingExecutor(Executor):
 
     def __init__(self) -> None:
         self.closed = 0
-        self.prepared: AnalysisOptions | None = None
+        self.prepared: JobOptions | None = None
 
-    def prepare(self, options: AnalysisOptions) -> AnalysisOptions:
+    def prepare(self, options: JobOptions) -> JobOptions:
         self.prepared = replace(options, device="cpu", backend="torch", driver=None)
         return self.prepared
 
-    def run(self, jobs: Sequence[MatrixJob], options: AnalysisOptions) -> Iterator[MatrixResult]:
+    def run(self, jobs: Sequence[MatrixJob], options: JobOptions) -> Iterator[MatrixResult]:
         assert options == self.prepared and jobs and jobs[0].base_model.endswith("base")
         raise RuntimeError("boom")
 
@@ -148,7 +155,7 @@ def test_closing_the_local_executor_stops_its_run(tmp_path: Path):
     plan = plan_jobs(open_checkpoint(resolve(str(tmp_path / "base"))),
                      [open_checkpoint(resolve(str(tmp_path / "tuned")))])
     with LocalExecutor() as executor:
-        options = executor.prepare(AnalysisOptions())
+        options = executor.prepare(JobOptions())
         results = executor.run(plan.jobs, options)
         first = next(iter(results))
         assert first.spectra["model"][0] == str(tmp_path / "base")  # base rows carry the base reference

@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 import oracle
 from lorascale.execute.worker import _Columns
-from lorascale.pipeline import compare
+from runs import compare
 from lorascale.report import format_summary, summary_rows
 from lorascale.report.tables import open_run
 from lorascale.store.schema import MATRICES, METHOD_EXACT, METHOD_TOPK, METHOD_TOPK_FALLBACK, SCHEMAS
@@ -162,7 +162,7 @@ def test_rethresholding_beyond_the_stored_top_k_is_refused(clear_and_flat, tmp_p
     assert summary_rows(out, k=12)[0]["k"] == 12
     with pytest.raises(OptionError, match="top 12 only") as error:
         summary_rows(out, k=13)
-    assert "--top-k 13" in str(error.value) and error.value.exit_code == 2
+    assert "top_k=13" in str(error.value) and error.value.exit_code == 2
 
 
 def test_labels_reach_the_rows_and_the_manifest(clear_and_flat, tmp_path: Path):

@@ -34,7 +34,7 @@ from lorascale.io.resolve import resolve
 from lorascale.io.safetensors_header import dtype_not_analysed
 from lorascale.io.tensors import load_tensor
 from lorascale.io.torch_bin import read_bin_index, record_table_sha256, require_safe_torch
-from lorascale.pipeline import compare
+from runs import compare
 from lorascale.store.schema import MANIFEST, TABLES
 
 INCLUDE = ("*layers.0.*",)  # one layer: 7 matrices, enough to cover every module kind
@@ -291,7 +291,7 @@ def test_no_pickle_refuses_bin_and_keeps_safetensors(llama, bin_llama, tmp_path)
                   str(tmp_path / "out"), "--no-pickle")
     _one_line(result, 2, str(bin_llama["lora"]), "adapter_model.bin", "--no-pickle")
     assert not (tmp_path / "out").exists()
-    with pytest.raises(CheckpointReferenceError, match="--no-pickle"):
+    with pytest.raises(CheckpointReferenceError, match="no_pickle=True refuses"):
         compare(str(bin_llama[("base", "fp32")]), [str(llama.tuned["fp32"])], tmp_path / "out", no_pickle=True)
     # Both formats in one directory: safetensors is read, --no-pickle or not.
     both = checkpoints.copy_checkpoint(llama.tuned["fp32"], tmp_path / "both")
@@ -372,5 +372,5 @@ def test_hub_adapter_with_only_a_bin(bin_llama, llama, offline_hub, hub_server, 
     assert remote["adapter"] == on_disk["adapter"] and remote["adapter"]["adapted_modules"] == 14
     heads = [r[1] for r in hub_server.requests if r[0] == "HEAD"]
     assert any("adapter_model.safetensors" in h for h in heads) and any("adapter_model.bin" in h for h in heads)
-    with pytest.raises(CheckpointReferenceError, match="--no-pickle"):
+    with pytest.raises(CheckpointReferenceError, match="no_pickle=True refuses"):
         describe_checkpoint("org/model", allow_pickle=False)

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from hubserver import HubServer, hub, serving  # noqa: F401  (hub: the fixture)
 
 from lorascale.cli import main
-from lorascale.pipeline import compare
+from runs import compare
 
 TOKEN = "hf_SeCrEt_t0ken_never_printed_0123456789"
 
@@ -179,7 +179,7 @@ def test_stream_order_takes_jobs_as_their_shards_arrive():
 
 def test_scratch_dir_is_for_in_process_runs():
     from lorascale.errors import OptionError
-    from lorascale.execute.executor import make_executor
+    from lorascale.request import build_request
 
-    with pytest.raises(OptionError, match="scratch-dir"):
-        make_executor(workers=2, scratch_dir=True)
+    with pytest.raises(OptionError, match="scratch_dir applies to in-process runs"):
+        build_request("org/base", "org/tuned", "out", workers=2, scratch_dir="scratch")

@@ -139,7 +139,7 @@ def test_local_adapter_with_only_bin(tmp_path):
     root = write_dir(tmp_path / "adapter", {"adapter_config.json": b"{}", "adapter_model.bin": b"pickle"})
     got = resolve(str(root))
     assert (got.kind, got.weight_files, got.weight_format) == ("lora", (root / "adapter_model.bin",), "pytorch")
-    with pytest.raises(CheckpointReferenceError, match="--no-pickle refuses") as info:
+    with pytest.raises(CheckpointReferenceError, match="no_pickle=True refuses") as info:
         resolve(str(root), allow_pickle=False)
     assert "adapter_model.bin" in str(info.value) and "safe_serialization=True" in str(info.value)
 
@@ -148,7 +148,7 @@ def test_local_dir_with_only_pickles(tmp_path):
     root = write_dir(tmp_path / "m", {"pytorch_model.bin": b"pickle", "config.json": b"{}"})
     got = resolve(str(root))
     assert (got.weight_files, got.index_file, got.weight_format) == ((root / "pytorch_model.bin",), None, "pytorch")
-    with pytest.raises(CheckpointReferenceError, match="pytorch_model.bin.*--no-pickle.*convert it to safetensors"):
+    with pytest.raises(CheckpointReferenceError, match="pytorch_model.bin.*no_pickle=True.*convert it to safetensors"):
         resolve(str(root), allow_pickle=False)
 
 
@@ -190,7 +190,7 @@ def test_local_single_bin_file(tmp_path):
                                       "pytorch_model.bin": b"pickle"})
     assert resolve(str(root / "adapter_model.bin")).kind == "lora"
     assert resolve(str(root / "pytorch_model.bin")).kind == "full"
-    with pytest.raises(CheckpointReferenceError, match="--no-pickle"):
+    with pytest.raises(CheckpointReferenceError, match="no_pickle=True"):
         resolve(str(root / "pytorch_model.bin"), allow_pickle=False)
 
 
@@ -342,7 +342,7 @@ def test_hub_only_pickles_cached(offline_hub):
     make_hub_cache(offline_hub, "org/old", {"config.json": b"{}", "pytorch_model.bin": b"pickle"})
     got = resolve("org/old")
     assert [p.name for p in got.weight_files] == ["pytorch_model.bin"] and got.weight_format == "pytorch"
-    with pytest.raises(CheckpointReferenceError, match="only pickled weights .pytorch_model.bin., and --no-pickle"):
+    with pytest.raises(CheckpointReferenceError, match="only pickled weights .pytorch_model.bin., and no_pickle=True"):
         resolve("org/old", allow_pickle=False)
 
 
@@ -500,7 +500,7 @@ def test_online_only_pickled_weights(fake_online_hub):
     hub.calls.clear()
     with pytest.raises(CheckpointReferenceError, match="only pickled weights .pytorch_model.bin.") as info:
         resolve("org/model", allow_pickle=False)
-    assert "org/model" in str(info.value) and "--no-pickle" in str(info.value)
+    assert "org/model" in str(info.value) and "no_pickle=True" in str(info.value)
     patterns = [p for call in hub.calls for p in call.get("allow_patterns", ())]
     assert patterns and not any(fnmatch.fnmatchcase("pytorch_model.bin", p) for p in patterns)
 
@@ -528,7 +528,7 @@ def test_online_both_formats_never_asks_for_bin(fake_online_hub):
 def test_online_only_pickled_adapter(fake_online_hub):
     fake_online_hub({"adapter_config.json": b"{}", "adapter_model.bin": b"pickle"})
     assert [p.name for p in resolve("org/model").weight_files] == ["adapter_model.bin"]
-    with pytest.raises(CheckpointReferenceError, match="adapter_model.bin.*--no-pickle.*safe_serialization"):
+    with pytest.raises(CheckpointReferenceError, match="adapter_model.bin.*no_pickle=True.*safe_serialization"):
         resolve("org/model", allow_pickle=False)
 
 

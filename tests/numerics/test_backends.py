@@ -10,8 +10,9 @@ import torch
 
 import oracle
 from lorascale.errors import OptionError
-from lorascale.numerics.backends import (BACKENDS, Routes, backend_functions, check, cupy_available,
-                                          resolve)
+from lorascale.numerics.backends import BACKENDS, Routes, backend_functions, cupy_available
+from lorascale.request import Execution
+from runs import resolved as resolve
 from lorascale.numerics.svd import svd, svdvals
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -94,15 +95,15 @@ else:
 @pytest.mark.parametrize("request_, message", BAD_REQUESTS)
 def test_every_bad_request_is_an_option_error(request_, message):
     with pytest.raises(OptionError, match=message) as raised:
-        resolve(*request_)
+        resolve(*request_)  # by name (request.Execution), then on this machine (execute/routes.resolve)
     assert raised.value.exit_code == 2
 
 
-def test_check_needs_no_hardware():
-    """What a Ray driver without GPUs runs: names and contradictions only."""
-    check("cuda:3", "cupy", "gesvdj")  # may be fine on the workers
+def test_names_are_checked_without_hardware():
+    """What a request checks (and so a Ray driver without GPUs): names and contradictions only."""
+    Execution(device="cuda:3", backend="cupy", driver="gesvdj")  # may be fine on the workers
     with pytest.raises(OptionError, match="needs a CUDA device"):
-        check("cpu", "cupy", None)
+        Execution(device="cpu", backend="cupy")
 
 
 def test_backend_table_has_one_signature():
@@ -134,7 +135,8 @@ def test_core_imports_without_cupy():
     import sys
 
     code = ("import sys, lorascale.pipeline, lorascale.execute.worker, lorascale.numerics.backends as b; "
-            "b.resolve('cpu', 'auto', None); b.cupy_available(); assert 'cupy' not in sys.modules")
+            "from lorascale.execute.routes import resolve; from lorascale.request import JobOptions; "
+            "resolve(JobOptions(device='cpu', backend='auto')); b.cupy_available(); assert 'cupy' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -142,7 +144,8 @@ def test_cli_reads_the_backend_table_without_torch():
     import subprocess
     import sys
 
-    code = ("import sys, lorascale.cli, lorascale.numerics.backends; assert 'torch' not in sys.modules, 'torch'")
+    code = ("import sys, lorascale.cli, lorascale.numerics.backends, lorascale.request, lorascale.cli.flags; "
+            "assert 'torch' not in sys.modules, 'torch'")
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

@@ -19,6 +19,7 @@ import torch
 
 import checkpoints
 import oracle
+from runs import settings
 from lorascale.numerics.backends import cupy_available
 from lorascale.numerics.compare import base_spectrum, compare_to_base
 from lorascale.numerics.metrics import lora_delta_singular_values
@@ -112,7 +113,7 @@ def test_compare_on_cuda_agrees_with_oracle(update, backend, driver, precision):
     base = base_spectrum(cuda(w0), ("left", "right"), driver=driver, backend=backend)
     if update == "full":
         w = w0 + _full_update(w0, rng)
-        got = compare_to_base(base, cuda(w), w0=cuda(w0), driver=driver, backend=backend)
+        got = compare_to_base(base, cuda(w), settings(backend, driver=driver), w0=cuda(w0))
         delta_s = np.linalg.svd(w - w0, compute_uv=False)
     else:
         a, b, scale = _adapter(w0.shape, 4, rng)
@@ -121,7 +122,7 @@ def test_compare_on_cuda_agrees_with_oracle(update, backend, driver, precision):
         assert delta.is_cuda
         delta_s = np.linalg.svd(scale * b @ a, compute_uv=False)[:4]
         np.testing.assert_allclose(_np(delta), delta_s, rtol=0, atol=SIGMA_TOL[precision] * delta_s[0])
-        got = compare_to_base(base, cuda(w), delta_singular_values=delta, driver=driver, backend=backend)
+        got = compare_to_base(base, cuda(w), settings(backend, driver=driver), delta_singular_values=delta)
     s_ref = np.linalg.svd(w, compute_uv=False)
     np.testing.assert_allclose(got.s, s_ref, rtol=0, atol=SIGMA_TOL[precision] * s_ref[0])
     assert got.delta_fro == pytest.approx(float(np.linalg.norm(delta_s)), rel=SIGMA_TOL[precision])
@@ -148,7 +149,7 @@ def test_topk_mode_on_cuda_agrees_with_oracle(backend, driver):
     cuda = lambda x: torch.from_numpy(np.ascontiguousarray(x)).to("cuda", torch.float32)  # noqa: E731
     base = base_spectrum(cuda(w0), ("left",), driver=driver, backend=backend)
     delta = lora_delta_singular_values(cuda(a), cuda(b), scale)
-    got = compare_to_base(base, cuda(w), delta_singular_values=delta, top_k=16, driver=driver, backend=backend)
+    got = compare_to_base(base, cuda(w), settings(backend, driver=driver, top_k=16), delta_singular_values=delta)
     assert got.top_check is not None and got.top_check.passed
     _, max_cos, _, _ = oracle.max_cos(w0, w, "left")
     tol = _vector_tol(w0, w, "fp32")
@@ -213,7 +214,7 @@ PIPELINE_SETTINGS = [
 
 @pytest.mark.parametrize("settings", PIPELINE_SETTINGS)
 def test_pipeline_on_cuda_agrees_with_oracle(llama, tmp_path, settings):
-    from lorascale.pipeline import compare
+    from runs import compare
 
     base, full, lora = llama.base["fp16"], llama.tuned["fp16"], llama.lora
     tuned = {str(full): full, str(lora.path): lora}

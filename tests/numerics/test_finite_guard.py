@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from runs import settings
 from lorascale.errors import NumericalError
 from lorascale.numerics.compare import base_spectrum, compare_to_base
 from lorascale.numerics.gram import svd as gram_svd, svdvals as gram_svdvals
@@ -24,8 +25,8 @@ def _poisoned(value: float, dtype: torch.dtype = torch.float32) -> torch.Tensor:
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
 @pytest.mark.parametrize("decompose", [
-    lambda m: svd(m), lambda m: svdvals(m), lambda m: svd(m, backend="gram"), lambda m: svdvals(m, backend="gram"),
-    gram_svd, gram_svdvals, lambda m: base_spectrum(m, ("left", "right")),
+    lambda m: svd(m, backend="torch"), lambda m: svdvals(m, backend="torch"), lambda m: svd(m, backend="gram"), lambda m: svdvals(m, backend="gram"),
+    gram_svd, gram_svdvals, lambda m: base_spectrum(m, ("left", "right"), backend="torch"),
 ])
 def test_every_decomposition_refuses_non_finite_input(capfd, value, decompose):
     with pytest.raises(NumericalError, match="NaN or Inf"):
@@ -43,7 +44,7 @@ def test_full_difference_that_overflows():
     w0 = torch.eye(8) * -3e38
     w = torch.eye(8) * 3e38
     with pytest.raises(NumericalError, match="NaN or Inf"):
-        compare_to_base(base_spectrum(w0, ("left",)), w, w0=w0)
+        compare_to_base(base_spectrum(w0, ("left",), backend="torch"), w, settings(), w0=w0)
 
 
 def test_lora_core_that_overflows():

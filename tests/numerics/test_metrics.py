@@ -9,9 +9,12 @@ import pytest
 import torch
 
 import oracle
+from runs import settings
+
 from lorascale.numerics.compare import base_spectrum, compare_to_base
+from lorascale.numerics.intruders import intruder_count
 from lorascale.numerics.metrics import (
-    effective_rank, intruder_count, lora_delta_singular_values, max_cos, null_max_cos, null_max_cos_approx,
+    effective_rank, lora_delta_singular_values, max_cos, null_max_cos, null_max_cos_approx,
 )
 
 RNG = np.random.default_rng(1234)
@@ -29,8 +32,8 @@ def test_large_rank_one_update_creates_an_intruder():
     v = RNG.standard_normal(64); v /= np.linalg.norm(v)
     lam = 3.0 * np.linalg.svd(w0, compute_uv=False)[0]
     w = w0 + lam * np.outer(u, v)
-    base = base_spectrum(_t(w0), ("left",))
-    result = compare_to_base(base, _t(w), w0=_t(w0))
+    base = base_spectrum(_t(w0), ("left",), backend="torch")
+    result = compare_to_base(base, _t(w), settings(), w0=_t(w0))
     assert result.sides["left"].max_cos[0] < 0.5  # the new top direction is an intruder
     assert intruder_count(result.sides["left"].max_cos, 10, 0.5) >= 1
     assert intruder_count(result.sides["left"].max_cos, 10, 0.5) == oracle.intruders(w0, w, 10, 0.5)
@@ -40,8 +43,8 @@ def test_large_rank_one_update_creates_an_intruder():
 def test_small_dense_perturbation_creates_no_intruder():
     w0 = oracle.separated(96, 64, RNG)
     w = w0 + 1e-3 * RNG.standard_normal(w0.shape)
-    base = base_spectrum(_t(w0), ("left", "right"))
-    result = compare_to_base(base, _t(w), w0=_t(w0))
+    base = base_spectrum(_t(w0), ("left", "right"), backend="torch")
+    result = compare_to_base(base, _t(w), settings(), w0=_t(w0))
     for side in ("left", "right"):
         assert intruder_count(result.sides[side].max_cos, 10, 0.9) == 0
         assert np.all(result.sides[side].argmax[:10] == np.arange(10))
@@ -105,8 +108,8 @@ def test_compare_agrees_with_float64_oracle(shape, side):
     # A moderate update along new directions: some top vectors rotate, some stay.
     w = w0 + 0.8 * np.outer(RNG.standard_normal(shape[0]), RNG.standard_normal(shape[1])) / math.sqrt(shape[1])
     s_ref, mc_ref, arg_ref, block_ref = oracle.max_cos(w0, w, side)
-    base = base_spectrum(_t(w0), (side,))
-    result = compare_to_base(base, _t(w), w0=_t(w0))
+    base = base_spectrum(_t(w0), (side,), backend="torch")
+    result = compare_to_base(base, _t(w), settings(), w0=_t(w0))
     # fp32 singular values to 1e-5 of sigma_max.
     np.testing.assert_allclose(result.s, s_ref, atol=1e-5 * s_ref[0])
     np.testing.assert_allclose(base.s.numpy(), np.linalg.svd(w0, compute_uv=False), atol=1e-5 * s_ref[0])

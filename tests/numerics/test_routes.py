@@ -10,14 +10,15 @@ import pytest
 import torch
 
 import oracle
+from runs import settings
 from lorascale.numerics import gram
-from lorascale.numerics.backends import Routes, cpu_routes, resolve
+from lorascale.execute.routes import cpu_routes, describe, for_shape
+from lorascale.numerics.backends import Routes
+from runs import resolved
 from lorascale.numerics.compare import base_spectrum, compare_to_base
 
 SIGMA_TOL = 1e-5  # docs/METHOD.md, fp32: of sigma_max
 VECTOR_TOL = 1e-4  # docs/METHOD.md, fp32: max_cos and top-10 vectors
-GRAM = Routes.uniform("gram", "test")
-TORCH = Routes.uniform("torch", "test")
 
 
 def _planted(rows: int, cols: int, s: np.ndarray, seed: int) -> np.ndarray:
@@ -67,8 +68,8 @@ def test_gram_values_keep_delta_metrics_within_tolerance(kind):
     w = w0 + delta
     fro, rel, erank = oracle.delta_metrics(w0, w)
     base = base_spectrum(torch.from_numpy(w0).float(), ("left",), backend="gram")
-    result = compare_to_base(base, torch.from_numpy(w).float(), w0=torch.from_numpy(w0).float(), routes=GRAM)
-    reference = compare_to_base(base, torch.from_numpy(w).float(), w0=torch.from_numpy(w0).float(), routes=TORCH)
+    result = compare_to_base(base, torch.from_numpy(w).float(), settings("gram"), w0=torch.from_numpy(w0).float())
+    reference = compare_to_base(base, torch.from_numpy(w).float(), settings("torch"), w0=torch.from_numpy(w0).float())
     assert result.delta_fro == pytest.approx(fro, rel=1e-5)
     assert result.delta_rel == pytest.approx(rel, rel=1e-5)
     assert result.delta_effective_rank == pytest.approx(erank, rel=1e-5)
@@ -85,7 +86,7 @@ def test_gram_routes_reproduce_max_cos_and_intruders(shape):
     w = w0 + (x * np.array([30.0, 25.0, 20.0])) @ y.T
     s, mc, _, block = oracle.max_cos(w0, w)
     base = base_spectrum(torch.from_numpy(w0).float(), ("left",), backend="gram")
-    result = compare_to_base(base, torch.from_numpy(w).float(), w0=torch.from_numpy(w0).float(), routes=GRAM)
+    result = compare_to_base(base, torch.from_numpy(w).float(), settings("gram"), w0=torch.from_numpy(w0).float())
     side = result.sides["left"]
     np.testing.assert_allclose(result.s, s, atol=SIGMA_TOL * s[0])
     gaps = oracle.singular_value_gaps(s, complement=shape[0] > shape[1])
@@ -101,9 +102,14 @@ OPENBLAS = "blas=open lapack=open (OpenBLAS 0.3.27)"
 
 def _blas(monkeypatch, text: str) -> None:
     """Make this process's torch report `text` as its BLAS (what the CPU table is keyed by)."""
-    from lorascale.numerics import backends
+    from lorascale.execute import routes
 
-    monkeypatch.setattr(backends, "blas_info", lambda: text)
+    monkeypatch.setattr(routes, "blas_info", lambda: text)
+
+
+def resolve(device: str, backend: str = "auto", *, precision: str = "fp32", side: str = "left",
+            pinned: Routes | None = None):
+    return resolved(device, backend, precision=precision, side=side, routes=pinned)
 
 
 @pytest.mark.parametrize(("blas", "family", "vectors", "values"), [
@@ -121,7 +127,7 @@ def test_auto_cpu_routes_follow_the_blas_table(monkeypatch, blas, family, vector
 
 def test_routes_outside_the_table(monkeypatch):
     _blas(monkeypatch, MKL)
-    both = resolve("cpu", "auto", sides=("left", "right")).routes  # V needed too: vectors stay on LAPACK
+    both = resolve("cpu", "auto", side="both").routes  # V needed too: vectors stay on LAPACK
     assert (both.base, both.tuned, both.values) == ("torch", "torch", "gram")
     fp64 = resolve("cpu", "auto", precision="fp64").routes  # Gram errors exceed fp64's tolerance
     assert {fp64.base, fp64.tuned, fp64.values, fp64.delta} == {"torch"}
@@ -133,7 +139,7 @@ def test_routes_outside_the_table(monkeypatch):
 def test_the_manifest_records_the_routes(monkeypatch, tmp_path):
     from checkpoints import finetuned, save_full, tiny_llama
 
-    from lorascale.pipeline import compare
+    from runs import compare
     from lorascale.store.manifest import read_manifest
 
     _blas(monkeypatch, MKL)
@@ -162,25 +168,26 @@ def test_one_run_one_route_decision_for_every_ray_worker(monkeypatch):
     has: otherwise rows of one run would mix two decisions (different fp32 rounding)."""
     from lorascale.execute.local import LocalExecutor
     from lorascale.execute.ray_executor import RayExecutor
-    from lorascale.records import AnalysisOptions
+    from lorascale.request import Analysis, JobOptions
 
     _blas(monkeypatch, OPENBLAS)  # the driver: LAPACK everywhere
-    prepared = RayExecutor(workers=2).prepare(AnalysisOptions(device="cpu", backend="auto"))
+    prepared = RayExecutor(workers=2).prepare(JobOptions(device="cpu", backend="auto"))
     assert (prepared.routes.base, prepared.routes.values) == ("torch", "torch")
     _blas(monkeypatch, MKL)  # a worker's own table would say Gram
     worker = LocalExecutor().prepare(prepared)  # what each _MatrixWorker does with the driver's options
     assert worker.routes == prepared.routes
     # Off the CPU the pinned CPU routes do not apply; GPU workers never make the driver decide CPU routes.
-    assert RayExecutor(workers=2, gpus_per_worker=1).prepare(AnalysisOptions(device="auto")).routes is None
+    assert RayExecutor(workers=2, gpus_per_worker=1).prepare(JobOptions(device="auto", backend="auto")).routes is None
     for precision, backend in (("fp64", "auto"), ("fp32", "torch")):
-        assert RayExecutor(workers=2).prepare(AnalysisOptions(precision=precision, backend=backend)).routes is None
+        options = JobOptions(analysis=Analysis(precision=precision), backend=backend)
+        assert RayExecutor(workers=2).prepare(options).routes is None
 
 
 def test_a_resumed_run_keeps_the_routes_it_started_with(monkeypatch, tmp_path):
     """A run resumed by another torch (another BLAS: a new venv, another node) keeps its manifest's routes."""
     from checkpoints import finetuned, save_full, tiny_llama
 
-    from lorascale.pipeline import compare
+    from runs import compare
 
     model = tiny_llama()
     save_full(model, tmp_path / "base")
@@ -198,7 +205,7 @@ def test_a_resumed_run_keeps_the_routes_it_started_with(monkeypatch, tmp_path):
 
 def test_routes_pinned_by_a_run_of_an_earlier_version_are_kept():
     """Runs written while a run-time probe decided ("auto: probe") resume with the probe's routes."""
-    from lorascale.numerics.backends import pinned_routes
+    from lorascale.execute.routes import pinned_routes
 
     record = {"base": "gram", "tuned": "gram", "values": "torch", "delta": "torch", "reason": "auto: probe",
               "blas": MKL, "probe": {"size": 1024}}
@@ -209,9 +216,10 @@ def test_routes_pinned_by_a_run_of_an_earlier_version_are_kept():
 
 
 _ROUTES_SCRIPT = """
-import json, sys
-from lorascale.numerics.backends import resolve
-print(json.dumps(resolve("cpu", "auto").routes.describe()))
+import json
+from lorascale.execute.routes import describe, resolve
+from lorascale.request import JobOptions
+print(json.dumps(describe(resolve(JobOptions(device="cpu", backend="auto")).routes)))
 """
 
 
@@ -241,7 +249,7 @@ def test_two_fresh_processes_started_at_once_decide_alike_whatever_their_environ
         out, err = process.communicate(timeout=120)
         assert process.returncode == 0, err
         decided.append(json.loads(out))
-    assert decided[0] == decided[1] == resolve("cpu", "auto").routes.describe()
+    assert decided[0] == decided[1] == describe(resolve("cpu", "auto").routes)
     written = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert written == [], written
 
@@ -252,30 +260,34 @@ def test_gram_values_only_for_rectangular_matrices(monkeypatch):
     do not."""
     _blas(monkeypatch, MKL)
     routes = resolve("cpu", "auto").routes
-    assert (routes.values, routes.delta) == ("gram", "gram") and "values_rule" in routes.describe()
-    square, tall, wide = routes.for_shape(64, 64), routes.for_shape(176, 64), routes.for_shape(64, 176)
+    assert (routes.values, routes.delta) == ("gram", "gram") and "values_rule" in describe(routes)
+    square, tall, wide = for_shape(routes, 64, 64), for_shape(routes, 176, 64), for_shape(routes, 64, 176)
     assert (square.values, square.delta, square.base, square.tuned) == ("torch", "torch", "gram", "gram")
     assert tall == wide == routes
-    assert routes.for_shape(100, 64).values == "torch"  # aspect below 2 counts as square
-    assert Routes.uniform("gram", "--backend gram").for_shape(64, 64).values == "gram"
+    assert for_shape(routes, 100, 64).values == "torch"  # aspect below 2 counts as square
+    assert for_shape(Routes.uniform("gram", "--backend gram"), 64, 64).values == "gram"
 
 
-def test_square_matrices_get_lapack_values_through_compare(monkeypatch):
+def test_square_matrices_get_lapack_values_in_a_run(monkeypatch, tmp_path):
+    """The worker hands numerics each matrix's own routes (execute/routes.for_shape): dW's singular values
+    of a square matrix on LAPACK, of a rectangular one on the Gram route."""
+    from checkpoints import finetuned, save_full, tiny_llama
+    from runs import compare
+
     from lorascale.numerics import compare as compare_module
 
     _blas(monkeypatch, MKL)
-    routes = resolve("cpu", "auto").routes
-    used = []
+    used = set()
     real = compare_module.svdvals
 
-    def spy(matrix, *, driver=None, backend="torch"):
-        used.append((tuple(matrix.shape), backend))
+    def spy(matrix, *, driver=None, backend):
+        used.add((tuple(matrix.shape), backend))
         return real(matrix, driver=driver, backend=backend)
 
     monkeypatch.setattr(compare_module, "svdvals", spy)
-    generator = torch.Generator().manual_seed(0)
-    for shape in ((48, 48), (120, 48)):
-        w0 = torch.randn(*shape, generator=generator)
-        base = base_spectrum(w0, ("left",), backend=routes.base)
-        compare_to_base(base, w0 + 0.01 * torch.randn(*shape, generator=generator), w0=w0, routes=routes)
-    assert used == [((48, 48), "torch"), ((120, 48), "gram")]
+    model = tiny_llama()
+    save_full(model, tmp_path / "base")
+    save_full(finetuned(model), tmp_path / "tuned")
+    compare(str(tmp_path / "base"), [str(tmp_path / "tuned")], tmp_path / "out", device="cpu", use_cache=False,
+            include=["*layers.0.self_attn.q_proj*", "*layers.0.mlp.up_proj*"])
+    assert used == {((64, 64), "torch"), ((128, 64), "gram")}

@@ -71,7 +71,7 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def reference_run(demo: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The demo compared in-process: what every Ray run must reproduce."""
     from lorascale.execute.local import LocalExecutor
-    from lorascale.pipeline import compare
+    from runs import compare
 
     out = tmp_path_factory.mktemp("reference") / "out"
     with one_torch_thread():  # and no SVD cache: every number computed here

@@ -22,8 +22,8 @@ def main() -> None:
 
     real_compare = pipeline.compare
 
-    def compare(base, tuned, out, *args, progress=None, **kwargs):  # noqa: ANN001, ANN202 - compare's own
-        parts = Path(out) / "matrices"
+    def compare(request, *args, progress=None, **kwargs):  # noqa: ANN001, ANN202 - compare's own
+        parts = Path(request.output.out) / "matrices"
         before = len(list(parts.glob("part-*.parquet")))
 
         def pausing_progress(done: int, total: int, matrix: str) -> None:
@@ -34,7 +34,7 @@ def main() -> None:
                 while True:  # until the test's signal ends the run
                     time.sleep(0.1)
 
-        return real_compare(base, tuned, out, *args, progress=pausing_progress, **kwargs)
+        return real_compare(request, *args, progress=pausing_progress, **kwargs)
 
     pipeline.compare = compare
     sys.argv[0] = "lorascale"

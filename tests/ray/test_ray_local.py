@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 from lorascale.errors import NumericalError
 from lorascale.execute.ray_executor import RayExecutor
-from lorascale.pipeline import compare
+from runs import compare
 
 pytestmark = pytest.mark.ray
 

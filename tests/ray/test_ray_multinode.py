@@ -18,7 +18,7 @@ import pytest
 from rayhelpers import assert_complete_and_unique, assert_same_tables, demo_args, wait_until
 
 from lorascale.execute.ray_executor import IN_FLIGHT_PER_WORKER, RayExecutor
-from lorascale.pipeline import compare
+from runs import compare
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

@@ -16,9 +16,10 @@ from rayhelpers import demo_args, free_port
 
 from lorascale.cli import main
 from lorascale.errors import CheckpointReferenceError, ExecutionError, OptionError
-from lorascale.execute.executor import public_address, wants_ray
+from lorascale.request import public_address
 from lorascale.execute.ray_executor import RayExecutor, _MatrixWorker
-from lorascale.records import AnalysisOptions, HubFile, TensorEntry
+from lorascale.records import HubFile, TensorEntry
+from lorascale.request import Execution, JobOptions, build_request
 
 
 def test_public_address_drops_credentials_and_query():
@@ -29,12 +30,15 @@ def test_public_address_drops_credentials_and_query():
     assert public_address(None) is None
 
 
-def test_ray_is_used_only_when_asked():
-    assert not wants_ray(None, None)
-    assert not wants_ray(None, 1)
-    assert wants_ray(None, 2)
-    assert wants_ray("auto", None)
-    assert wants_ray("local", 1)
+def test_ray_is_used_only_when_asked(monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert not Execution().wants_ray
+    assert not Execution(workers=1).wants_ray
+    assert Execution(workers=2).wants_ray
+    assert Execution(ray_address="auto").wants_ray
+    assert Execution(ray_address="local", workers=1).wants_ray
+    monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")  # as Ray users expect
+    assert Execution().wants_ray and Execution().address == "ray://head:10001"
 
 
 @pytest.mark.parametrize("kwargs", [{"workers": 0}, {"cpus_per_worker": 0}, {"gpus_per_worker": -1}])
@@ -48,7 +52,7 @@ def test_bad_options_are_refused_before_ray_starts(kwargs):
                                              ({}, {"device": "cpu", "backend": "cupy"})])
 def test_bad_analysis_options_are_refused_before_ray_starts(kwargs, options):
     with pytest.raises(OptionError):
-        RayExecutor(**kwargs).prepare(AnalysisOptions(**options))
+        build_request("b", "t", "o", workers=2, **kwargs, **options)
 
 
 class FakeRay:
@@ -92,8 +96,10 @@ def test_impossible_worker_shape_is_an_option_error(ray, kwargs):
 def test_cli_passes_ray_options_and_keeps_credentials_out_of_the_command(monkeypatch):
     seen = {}
 
-    def fake_compare(*args, **kwargs):
-        seen.update(kwargs)
+    def fake_compare(request, **kwargs):
+        execution = request.execution
+        seen.update(kwargs, workers=execution.workers, cpus_per_worker=execution.cpus_per_worker,
+                    gpus_per_worker=execution.gpus_per_worker, ray_address=execution.ray_address)
         raise OptionError("stop here")
 
     args = ["run", "--base", "b", "--tuned", "t", "--out", "o", "--workers", "3", "--cpus-per-worker", "2",
@@ -121,7 +127,7 @@ def test_worker_resolves_hub_files_in_its_own_cache(offline_hub: Path, tmp_path:
     commit = make_hub_cache(offline_hub, "org/tiny", {"model.safetensors": b"x" * 64})
     # The driver's cache was elsewhere; this node's cache (HF_HUB_CACHE) holds the same commit.
     driver_path = tmp_path / "driver-cache" / "models--org--tiny" / "snapshots" / commit / "model.safetensors"
-    worker = _MatrixWorker(AnalysisOptions(), threads=1)
+    worker = _MatrixWorker(JobOptions(), threads=1)
     local = worker._local(_entry(driver_path, HubFile("org/tiny", commit, "model.safetensors")))
     assert local.file == offline_hub / "models--org--tiny" / "snapshots" / commit / "model.safetensors"
     assert local.file.is_file() and local.data_end == 16
@@ -148,7 +154,7 @@ def test_worker_finds_every_tensor_of_a_dora_job_in_its_own_cache(offline_hub: P
                           magnitude=entry("m", adapter))
     job = MatrixJob(matrix="w", layer=None, module="w", rows=2, cols=2, base=entry("w", "model.safetensors"),
                     tuned=(TunedSource(model="org/dora", update="dora", lora=factors),), base_model="org/tiny")
-    local = _MatrixWorker(AnalysisOptions(), threads=1)._localized(job)
+    local = _MatrixWorker(JobOptions(), threads=1)._localized(job)
     entries = list(job_entries(local))
     assert [e.name for e in entries] == ["w", "a", "b", "m"]
     assert all(e.file.parent == offline_hub / "models--org--tiny" / "snapshots" / commit for e in entries)
@@ -159,19 +165,19 @@ def test_worker_resolves_device_options_for_its_own_device(monkeypatch, tmp_path
     monkeypatch.setenv("LORASCALE_CACHE_DIR", str(tmp_path / "node-cache"))
     monkeypatch.setattr("torch.cuda.is_available", lambda: True)  # as on a GPU worker
     monkeypatch.setattr("torch.cuda.device_count", lambda: 1)
-    on_gpu = _MatrixWorker(AnalysisOptions(device="cuda", cache_dir="/driver/cache", backend="auto", driver="gesvdj"),
+    on_gpu = _MatrixWorker(JobOptions(device="cuda", cache_dir="/driver/cache", backend="auto", driver="gesvdj"),
                            1, node_cache_dir=True)
     assert (on_gpu._options.backend, on_gpu._options.driver) == ("torch", "gesvdj")
     assert on_gpu._options.cache_dir == str(tmp_path / "node-cache")
-    on_cpu = _MatrixWorker(AnalysisOptions(device="cpu", cache_dir="/shared/cache", driver="gesvdj"), 1)
+    on_cpu = _MatrixWorker(JobOptions(device="cpu", cache_dir="/shared/cache", driver="gesvdj"), 1)
     assert (on_cpu._options.driver, on_cpu._options.cache_dir) == (None, "/shared/cache")  # explicit: kept
-    cupy_on_cpu = _MatrixWorker(AnalysisOptions(device="cpu", backend="cupy"), 1)
+    cupy_on_cpu = _MatrixWorker(JobOptions(device="cpu", backend="cupy"), 1)
     with pytest.raises(OptionError, match="cupy"):
         cupy_on_cpu.where()  # how the driver learns it, with the error intact
 
 
 def test_worker_names_a_local_file_missing_on_its_node(tmp_path: Path):
-    worker = _MatrixWorker(AnalysisOptions(), threads=1)
+    worker = _MatrixWorker(JobOptions(), threads=1)
     with pytest.raises(CheckpointReferenceError, match="not found on this Ray node"):
         worker._local(_entry(tmp_path / "nowhere" / "model.safetensors"))
 
@@ -183,7 +189,7 @@ def test_lorascale_imports_and_runs_without_ray(tmp_path: Path):
         sys.modules["ray"] = None  # any `import ray` now raises ImportError
         import lorascale.cli, lorascale.pipeline
         from lorascale.errors import ExecutionError
-        from lorascale.pipeline import compare
+        from lorascale import compare
         from rayhelpers import build_wide_checkpoints
         paths = build_wide_checkpoints(__import__("pathlib").Path({str(tmp_path)!r}), matrices=2, size=32)
         result = compare(str(paths["base"]), [str(paths["full"])], {str(tmp_path / "out")!r})
@@ -205,7 +211,7 @@ def test_lorascale_imports_and_runs_without_ray(tmp_path: Path):
 
 
 def test_worker_resources_without_ray_are_refused(tmp_path: Path):
-    from lorascale.pipeline import compare
+    from runs import compare
 
     with pytest.raises(OptionError, match="in-process"):
         compare("base", ["tuned"], tmp_path / "out", cpus_per_worker=2)
@@ -213,7 +219,7 @@ def test_worker_resources_without_ray_are_refused(tmp_path: Path):
 
 def test_unreachable_address_fails_fast_without_credentials(demo, no_ray_connection, tmp_path: Path):
     """ray.init would retry an address that does not answer for ever; lorascale probes it and says so."""
-    from lorascale.pipeline import compare
+    from runs import compare
 
     port = free_port()  # nothing listens there
     with pytest.raises(ExecutionError, match="cannot start or reach Ray") as raised:

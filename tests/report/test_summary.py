@@ -150,7 +150,7 @@ def test_one_side_says_which(both_sides: Path, make_run) -> None:
     assert row["intruders"] == _per_model(_brute_counts(right_only, 10, 0.5), "right")["/data/lora-r4"][0]
     with pytest.raises(OptionError, match="no left-side max_cos"):
         summary_rows(right_only, side="left")
-    with pytest.raises(OptionError, match="rerun the comparison with --side both"):
+    with pytest.raises(OptionError, match="rerun the comparison with side=.both."):
         summary_rows(make_run([Tuned("/data/lora-r4", "lora")]), side="both")
 
 

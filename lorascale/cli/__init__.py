@@ -1,28 +1,27 @@
-"""The `lorascale` command: each subcommand parses options and calls one library function."""
+"""The `lorascale` command: each subcommand parses options, builds a request or a query, and calls one library
+function.  Errors become one line on stderr, their options spelled as flags (cli/flags.py)."""
 
 from __future__ import annotations
 
 import json
-import logging
 import os
-import shlex
 import signal
 import sys
 import threading
-import time
 import traceback
-import weakref
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 import click
 
 from lorascale import __version__, settings
+from lorascale.cli.flags import command_line, message
+from lorascale.cli.progress import Progress
 from lorascale.errors import LorascaleError
 from lorascale.numerics.backends import BACKEND_CHOICES, DEVICE_CHOICES
+from lorascale.request import MODES, PRECISIONS, SIDES, Analysis
 
-if TYPE_CHECKING:
-    from lorascale.io.downloads import DownloadStatus
+_ANALYSIS = Analysis()  # the defaults, written once (request.py)
 
 
 class Terminated(KeyboardInterrupt):
@@ -68,7 +67,7 @@ class _Group(click.Group):
         except LorascaleError as exc:
             if settings.debug():
                 raise
-            _last_line(ctx, f"lorascale: error: {exc}", exc.exit_code)
+            _last_line(ctx, f"lorascale: error: {message(exc)}", exc.exit_code)
         except KeyboardInterrupt as exc:
             # 128 + signal number, as shells report a process ended by that signal.
             code, how = (143, "terminated") if isinstance(exc, Terminated) else (130, "interrupted")
@@ -92,7 +91,7 @@ def _last_line(ctx: click.Context, message: str, code: int) -> None:
     message (from a library's exception text) become spaces, and once it is written stderr is pointed at
     /dev/null, so that nothing after it (a thread still draining, a warning at interpreter exit) makes the
     error anything but the last line."""
-    _Progress.silence_all()
+    Progress.silence_all()
     click.echo(" ".join(message.split()), err=True)
     try:
         sys.stderr.flush()
@@ -119,223 +118,6 @@ def main() -> None:
     """
 
 
-STAGE_DELAY = 2.0  # seconds a stage lasts before it is shown
-
-
-class _Progress:
-    """Progress of the matrices on stderr, and the stages before them (logger "lorascale", see pipeline.log).
-
-    In a terminal: one bar redrawn in place, `matrices 3/14 21% | elapsed 0:12 | 0.25 matrices/s | ETA 0:44 |
-    <matrix>`.  Elsewhere (CI, Slurm, `ray job logs`): the same text as a plain line whenever another
-    `every_percent` of the matrices is done or `every_seconds` have passed (LORASCALE_PROGRESS_SECONDS,
-    default 30), and at the end.  Rates count only the matrices this process computed (a resume skips some).
-    Disabled (--quiet): nothing, not even the stages; warnings still show.  Hub streaming reports its
-    downloads from its own threads (downloads()): beside the bar in a terminal, one line per finished file
-    elsewhere.
-    """
-
-    _live: weakref.WeakSet[_Progress] = weakref.WeakSet()
-
-    @classmethod
-    def silence_all(cls) -> None:
-        """No line from any progress of this process any more: the command's error line comes last."""
-        for progress in list(cls._live):
-            progress.silenced = True
-
-    def __init__(self, enabled: bool, *, stream=None, interactive: bool | None = None,
-                 every_seconds: float | None = None, every_percent: float = 5.0) -> None:
-        self.enabled = enabled
-        self.silenced = False  # set by silence_all()
-        _Progress._live.add(self)
-        self.stream = stream if stream is not None else sys.stderr
-        self.interactive = _isatty(self.stream) if interactive is None else interactive
-        self.every_seconds = settings.progress_seconds() if every_seconds is None else every_seconds
-        self.every_percent = every_percent
-        self.started = time.monotonic()
-        self.first: int | None = None  # matrices already done when this process started computing
-        self.last_line, self.last_percent, self.width = self.started, float("-inf"), 0  # the first one shows
-        self.lock = threading.RLock()
-        self.timer: threading.Timer | None = None  # the stage not yet shown
-        self.download: str | None = None  # "downloaded 2/5 files, 120/300 MB" while hub files stream
-        self.current: tuple[int, int, str] | None = None  # the last (done, total, matrix) drawn
-        self.handler = _StageHandler(self)
-        stages = logging.getLogger("lorascale")
-        stages.addHandler(self.handler)
-        stages.setLevel(logging.INFO if enabled else logging.WARNING)
-        self.handler.setLevel(logging.INFO if enabled else logging.WARNING)
-
-    def __call__(self, done: int, total: int, matrix: str) -> None:
-        self._end_stage()
-        if not self.enabled:
-            return
-        with self.lock:  # hub downloads draw from their own threads
-            self._draw(done, total, matrix)
-
-    def _draw(self, done: int, total: int, matrix: str) -> None:
-        now = time.monotonic()
-        if self.first is None:
-            self.first = done - 1
-        percent = 100.0 * done / total if total else 100.0
-        self.current = (done, total, matrix)
-        text = self.text(done, total, matrix, now)
-        if self.interactive:
-            self._write("\r" + text.ljust(self.width), end="")
-            self.width = len(text)
-            if done >= total:
-                self._write("")
-                self.width = 0
-        elif (done >= total or now - self.last_line >= self.every_seconds
-              or percent >= self.last_percent + self.every_percent):
-            self._write(text)
-            self.last_line, self.last_percent = now, percent
-
-    def text(self, done: int, total: int, matrix: str, now: float) -> str:
-        elapsed = now - self.started
-        computed = done - (self.first if self.first is not None else 0)
-        rate = computed / elapsed if elapsed > 0 else 0.0
-        if rate <= 0:
-            speed, eta = "rate -", "ETA -"
-        else:
-            speed = f"{rate:.2f} matrices/s" if rate >= 1 else f"{1 / rate:.1f} s/matrix"
-            eta = f"ETA {_clock((total - done) / rate)}"
-        percent = 100 * done // total if total else 100
-        bar = ""
-        if self.interactive:
-            filled = 20 * done // total if total else 20
-            bar = "[" + "#" * filled + "-" * (20 - filled) + "] "
-        download = f" | {self.download}" if self.download and self.interactive else ""
-        return (f"{bar}matrices {done}/{total} {percent}% | elapsed {_clock(elapsed)} | {speed} | {eta} | "
-                f"{matrix}{download}")
-
-    def downloads(self, status: DownloadStatus) -> None:
-        """A DownloadStatus from the hub streaming threads."""
-        if not self.enabled:
-            return
-        mb = 1024 * 1024
-        text = (f"downloaded {status.files_done}/{status.files_total} files, "
-                f"{status.bytes_done / mb:.0f}/{status.bytes_total / mb:.0f} MB")
-        with self.lock:
-            self.download = text
-            if not self.interactive:  # a log: one line per finished file
-                if status.finished is not None:
-                    self._write(f"lorascale: {text}, {status.finished}")
-                return
-            if self.current is not None:
-                done, total, matrix = self.current
-                line = self.text(done, total, matrix, time.monotonic())
-                self._write("\r" + line.ljust(self.width), end="")
-                self.width = len(line)
-            else:
-                self._write("\r" + text.ljust(self.width), end="")
-                self.width = len(text)
-
-    def stage(self, message: str, *, now: bool = False) -> None:
-        """A line saying what happens now (resolve, headers, Ray start-up, report writing), written once the
-        stage has lasted STAGE_DELAY seconds (or every_seconds, if shorter), or at once with `now`.  Quick
-        stages stay silent, so that bad input still ends with one line on stderr: the error."""
-        with self.lock:
-            if self.timer is not None:
-                self.timer.cancel()
-                self.timer = None
-            delay = min(STAGE_DELAY, self.every_seconds)
-            if now or delay <= 0:
-                self._show(message)
-                return
-            self.timer = threading.Timer(delay, self._show_if_current, args=(message,))
-            self.timer.daemon = True
-            self.timer.start()
-
-    def _show_if_current(self, message: str) -> None:
-        with self.lock:
-            if self.timer is not None and self.timer.args == (message,):
-                self.timer = None
-                self._show(message)
-
-    def _show(self, message: str) -> None:
-        if self.width:  # a bar is drawn: keep it, start the message on a line of its own
-            self._write("")
-            self.width = 0
-        self._write(message)
-
-    def _end_stage(self) -> None:
-        with self.lock:
-            if self.timer is not None:
-                self.timer.cancel()
-                self.timer = None
-
-    def _write(self, text: str, end: str = "\n") -> None:
-        if self.silenced:  # the command has failed: its error line is the last one (_last_line)
-            return
-        try:
-            self.stream.write(text + end)
-            self.stream.flush()
-        except (OSError, ValueError):  # stderr closed or gone (`2>&1 | head`): progress is not worth a failure
-            self.enabled = False
-
-    def close(self) -> None:
-        self._end_stage()
-        if self.width:
-            self._write("")
-            self.width = 0
-        logging.getLogger("lorascale").removeHandler(self.handler)
-
-
-class _StageHandler(logging.Handler):
-    """Stages and warnings from the library (logger "lorascale") as `lorascale: ...` lines on stderr."""
-
-    def __init__(self, progress: _Progress) -> None:
-        super().__init__()
-        self.progress = progress
-
-    def emit(self, record: logging.LogRecord) -> None:
-        warning = record.levelno >= logging.WARNING
-        prefix = "lorascale: warning: " if warning else "lorascale: "
-        self.progress.stage(prefix + record.getMessage(), now=warning)
-
-
-def _isatty(stream) -> bool:
-    try:
-        return bool(stream.isatty())
-    except (AttributeError, ValueError):
-        return False
-
-
-def _clock(seconds: float) -> str:
-    """0:07, 12:34, 1:02:03."""
-    minutes, secs = divmod(int(round(seconds)), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
-
-
-def recorded_command(ctx: click.Context) -> str:
-    """The command as a manifest records it, in one normalised form whatever way the program was started
-    (a venv's script path, `python -m`, a test runner's argv, an option spelled `--k=5` or given its default):
-    `lorascale <command>`, then every option whose value differs from its default, in the order the command
-    declares them, spelled with its long flag; URLs without credentials (execute/executor.public_command).
-
-    E.g. `/venv/bin/lorascale run --out=r --tuned t --base b --k 10` is `lorascale run --base b --tuned t --out r`.
-    """
-    from lorascale.execute.executor import public_command
-
-    words = ["lorascale", str(ctx.command.name)]
-    for param in ctx.command.params:
-        if not isinstance(param, click.Option) or param.name not in ctx.params:
-            continue
-        value = ctx.params[param.name]
-        if value is None or value == param.default or (param.multiple and not value):
-            continue
-        flag = next(o for o in param.opts if o.startswith("--"))
-        if param.is_flag:
-            if param.secondary_opts:  # --series/--no-series
-                words.append(flag if value else param.secondary_opts[0])
-            elif value:
-                words.append(flag)
-        elif param.multiple:
-            for item in value:
-                words += [flag, str(item)]
-        else:
-            words += [flag, str(value)]
-    return shlex.join(public_command(words))
 
 
 def _print_summary(out: Path) -> None:
@@ -352,25 +134,27 @@ def _print_summary(out: Path) -> None:
                    "tables, legends and the summary: NAME is letters, digits, _ . + -, and the text is split on "
                    "its first '=' only when it is not an existing path.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, metavar="DIR", help="Results directory.")
-@click.option("--k", default=10, show_default=True, help="Top tuned singular vectors checked for intruders.")
-@click.option("--epsilon", default=0.5, show_default=True, help="Intruder threshold on max |cos|.")
-@click.option("--side", type=click.Choice(["left", "right", "both"]), default="left", show_default=True,
+@click.option("--k", default=_ANALYSIS.k, show_default=True, help="Top tuned singular vectors checked for intruders.")
+@click.option("--epsilon", default=_ANALYSIS.epsilon, show_default=True, help="Intruder threshold on max |cos|.")
+@click.option("--side", type=click.Choice(list(SIDES)), default=_ANALYSIS.side, show_default=True,
               help="Singular vectors compared: left (output space, as in the paper), right, or both.")
-@click.option("--precision", type=click.Choice(["fp32", "fp64"]), default="fp32", show_default=True,
+@click.option("--precision", type=click.Choice(PRECISIONS), default=_ANALYSIS.precision, show_default=True,
               help="Arithmetic of the SVDs; weights are read as stored.  fp64 for ill-conditioned matrices.")
 @click.option("--device", default="auto", show_default=True, help=f"{DEVICE_CHOICES}.")
 @click.option("--backend", type=click.Choice(BACKEND_CHOICES), default="auto", show_default=True,
               help="SVD backend: torch (LAPACK; cuSOLVER gesvd on CUDA), cupy (CUDA), or gram (float64 "
                    "Gram-matrix eigensolver, see benchmarks/README.md).  auto: torch on CUDA and at fp64; on a "
-                   "CPU at fp32 a probe picks torch or gram per quantity (manifest.json \"routes\").")
-@click.option("--mode", type=click.Choice(["exact", "topk"]), default="exact", show_default=True,
+                   "CPU at fp32 a table keyed by the BLAS picks torch or gram per quantity (manifest.json "
+                   "\"routes\").")
+@click.option("--mode", type=click.Choice(MODES), default=_ANALYSIS.mode, show_default=True,
               help="exact: max_cos for every tuned vector.  topk: only for the top --top-k (all singular values "
                    "still computed), guarded against the exact result.")
-@click.option("--top-k", "top_k", type=click.IntRange(min=1), default=64, show_default=True,
+@click.option("--top-k", "top_k", type=click.IntRange(min=1), default=_ANALYSIS.top_k, show_default=True,
               help="Tuned singular vectors computed in --mode topk (at least --k).")
 @click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
               help="Cache of base SVDs, reused across runs (default: $LORASCALE_CACHE_DIR or ~/.cache/lorascale).")
-@click.option("--no-cache", is_flag=True, help="Neither read nor write the base-SVD cache.")
+@click.option("--no-cache", "use_cache", flag_value=False, default=True,
+              help="Neither read nor write the base-SVD cache.")
 @click.option("--no-pickle", is_flag=True,
               help="Refuse pickled .bin weights (read otherwise, only when a checkpoint has no safetensors, "
                    "with torch's restricted weights_only loader).")
@@ -383,7 +167,7 @@ def _print_summary(out: Path) -> None:
               help="Regex rewrite of tuned tensor names before matching them to the base's (repeatable, in order).")
 @click.option("--overwrite", is_flag=True, help="Replace a different earlier run in --out.")
 @click.option("--resume", is_flag=True, help="Require an earlier run in --out and continue it.")
-@click.option("--report", "make_report", is_flag=True, help="Also write RESULTS/report/ (figures + index.html).")
+@click.option("--report", is_flag=True, help="Also write RESULTS/report/ (figures + index.html).")
 @click.option("--series/--no-series", "series", default=None,
               help="Draw the tuned models as a checkpoint series in the --report (default: only when their names "
                    "are checkpoints of one run, e.g. run/checkpoint-200 or org/name@step1000).")
@@ -400,57 +184,45 @@ def _print_summary(out: Path) -> None:
               help="CPUs (and torch threads) per Ray worker.")
 @click.option("--gpus-per-worker", type=click.FloatRange(min=0), default=None,
               help="GPUs per Ray worker (default 1 when the cluster has GPUs; 0.5 shares a GPU by two).")
-def run(base: str, tuned: tuple[str, ...], out: Path, k: int, epsilon: float, side: str, precision: str,
-        device: str, include: tuple[str, ...], exclude: tuple[str, ...], overwrite: bool, resume: bool,
-        quiet: bool, ray_address: str | None, workers: int | None, cpus_per_worker: float | None,
-        gpus_per_worker: float | None, backend: str, mode: str, top_k: int, cache_dir: Path | None,
-        no_cache: bool, no_pickle: bool, make_report: bool, rename: tuple[str, ...],
-        dry_run: bool, series: bool | None, scratch_dir: Path | None) -> None:
+def run(quiet: bool, dry_run: bool, **options: Any) -> None:
     """Compare the --base checkpoint with each --tuned checkpoint and write Parquet tables to --out.
 
     A checkpoint is a directory, a .safetensors or .bin file, or a Hugging Face repo org/name[@revision].
     """
-    from lorascale.pipeline import compare, format_plan, plan_run
+    from lorascale.cli.format import format_plan
+    from lorascale.pipeline import compare, plan_run
+    from lorascale.request import build_request
 
-    if series is not None and not make_report:
-        raise click.UsageError("--series/--no-series only shape the report: add --report, or pass it to "
-                               "`lorascale report` later")
+    request = build_request(options.pop("base"), list(options.pop("tuned")), options.pop("out"), **options)
     if not settings.debug():  # huggingface_hub's retry warnings would break the one-line error (progress shows it)
         from huggingface_hub.utils import logging as hub_logging
 
         hub_logging.set_verbosity_error()
-    progress = _Progress(enabled=not quiet)
+    progress = Progress(enabled=not quiet)
     if dry_run:
         try:
-            planned = plan_run(base, list(tuned), k=k, epsilon=epsilon, side=side, precision=precision,
-                               device=device, include=include, exclude=exclude, backend=backend, mode=mode,
-                               top_k=top_k, ray_address=ray_address, workers=workers,
-                               cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker, rename=rename,
-                               no_pickle=no_pickle)
+            planned = plan_run(request)
         finally:
             progress.close()
         click.echo(format_plan(planned))
         return
     try:
-        result = compare(base, list(tuned), out, k=k, epsilon=epsilon, side=side, precision=precision,
-                         device=device, include=include, exclude=exclude, rename=rename, overwrite=overwrite,
-                         resume=resume, ray_address=ray_address, workers=workers, cpus_per_worker=cpus_per_worker,
-                         gpus_per_worker=gpus_per_worker, backend=backend, mode=mode, top_k=top_k,
-                         cache_dir=cache_dir, use_cache=not no_cache, no_pickle=no_pickle, progress=progress,
-                         scratch_dir=scratch_dir, download_progress=progress.downloads,
-                         command=recorded_command(click.get_current_context()))
+        result = compare(request, progress=progress, download_progress=progress.downloads,
+                         command=command_line(request))
     finally:
         progress.close()
+    out = result.out
     note = f" (resumed: {result.computed} of {result.planned} computed now)" if result.manifest.resumed else ""
     click.echo(f"wrote {out}{note}", err=True)
     _print_summary(out)
-    if make_report:
+    assert request.output is not None
+    if request.output.report:
         from lorascale.report import build_report
 
         if not quiet:
             progress.stage(f"lorascale: writing the report (figures, index.html) to {out / 'report'}")
         try:
-            index = build_report(out, series=series)
+            index = build_report(out, series=request.output.series)
         finally:
             progress.close()
         click.echo(f"report: {index}", err=True)
@@ -468,7 +240,8 @@ def inspect(reference: str, as_json: bool, list_all: bool, no_pickle: bool) -> N
 
     REF is a directory, a .safetensors or .bin file, or org/name[@rev]; a hub repo's weights are not downloaded.
     """
-    from lorascale.inspect import describe_checkpoint, format_description, format_tensors, list_tensors
+    from lorascale.cli.format import format_description, format_tensors
+    from lorascale.inspect import describe_checkpoint, list_tensors
 
     if list_all:
         rows = list_tensors(reference, allow_pickle=not no_pickle)
@@ -486,12 +259,13 @@ def demo(out: Path, quiet: bool) -> None:
     """Offline: build a small base, a full fine-tune and a LoRA adapter, and compare them."""
     from lorascale.demo import build_checkpoints
     from lorascale.pipeline import compare
+    from lorascale.request import build_request
 
     paths = build_checkpoints(out / "checkpoints")
-    progress = _Progress(enabled=not quiet)
+    request = build_request(paths["base"], [paths["full"], paths["lora"]], out / "results", overwrite=True)
+    progress = Progress(enabled=not quiet)
     try:
-        compare(str(paths["base"]), [str(paths["full"]), str(paths["lora"])], out / "results", overwrite=True,
-                progress=progress, command=recorded_command(click.get_current_context()))
+        compare(request, progress=progress, command=command_line(request))
     finally:
         progress.close()
     click.echo(f"wrote {out / 'results'}", err=True)

@@ -1,0 +1,97 @@
+"""The shape of the package, checked so that it stays: short functions (or a stated reason), Ray in one module,
+a numerical core without IO, and a library that speaks in option names, never in CLI flags."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import lorascale
+
+PACKAGE = Path(lorascale.__file__).parent
+MAX_LINES, MAX_PARAMETERS = 60, 8
+# A docstring may give the reason a function is longer or takes more: "Long because ..." / "Many parameters
+# because ...".
+REASON = re.compile(r"\b(long|many parameters) because\b", re.IGNORECASE)
+
+
+def _modules() -> list[tuple[Path, ast.Module]]:
+    return [(path, ast.parse(path.read_text(encoding="utf-8"))) for path in sorted(PACKAGE.rglob("*.py"))]
+
+
+def _parameters(node: ast.FunctionDef | ast.AsyncFunctionDef) -> int:
+    args = node.args
+    names = [a.arg for a in (*args.posonlyargs, *args.args, *args.kwonlyargs)]
+    count = len(names) - (1 if names and names[0] in ("self", "cls") else 0)
+    return count + bool(args.vararg)  # **kwargs forwards options: not a parameter list of its own
+
+
+def test_functions_are_short_or_say_why():
+    offenders = []
+    for path, tree in _modules():
+        for node in ast.walk(tree):
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            lines = node.end_lineno - node.lineno + 1  # type: ignore[operator]
+            if (lines > MAX_LINES or _parameters(node) > MAX_PARAMETERS) and not REASON.search(
+                    ast.get_docstring(node) or ""):
+                offenders.append(f"{path.relative_to(PACKAGE)}:{node.lineno} {node.name} "
+                                 f"({lines} lines, {_parameters(node)} parameters)")
+    assert not offenders, "\n".join(offenders)
+
+
+def _imports(tree: ast.Module) -> set[str]:
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+    return found
+
+
+def test_ray_is_imported_in_one_module():
+    users = [str(path.relative_to(PACKAGE)) for path, tree in _modules()
+             if any(name == "ray" or name.startswith("ray.") for name in _imports(tree))]
+    assert users == ["execute/ray_executor.py"]
+
+
+def test_the_numerical_core_does_no_io():
+    """numerics/ is handed tensors and a resolved Routes: it imports nothing that reads files, the
+    environment, the store, the executors or the CLI."""
+    forbidden = ("lorascale.io", "lorascale.store", "lorascale.settings", "lorascale.execute", "lorascale.cli",
+                 "lorascale.pipeline", "lorascale.request", "os", "pathlib", "shutil", "tempfile", "ray", "click")
+    for path, tree in _modules():
+        if path.parent.name != "numerics":
+            continue
+        bad = {name for name in _imports(tree) if any(name == f or name.startswith(f"{f}.") for f in forbidden)}
+        assert not bad, (path.name, bad)
+
+
+_FLAG = re.compile(r"(?<![\w-])--[a-z][a-z-]+")
+
+
+def _message_texts(node: ast.AST) -> list[str]:
+    """The literal text of every string (and f-string part) inside `node`."""
+    return [n.value for n in ast.walk(node) if isinstance(n, ast.Constant) and isinstance(n.value, str)]
+
+
+def test_library_errors_name_options_not_flags():
+    """Outside cli/, a raised error names an option with errors.option() (spelled as a keyword or a flag by
+    whoever shows it), never as a literal `--flag`."""
+    offenders = []
+    for path, tree in _modules():
+        if path.parent.name == "cli":
+            continue
+        fixes = {node.targets[0].id: node.value for node in ast.walk(tree) if isinstance(node, ast.Assign)
+                 and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)
+                 and node.targets[0].id.endswith("_FIX")}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Raise) and node.exc is not None:
+                texts = _message_texts(node.exc)
+                texts += [t for name in {n.id for n in ast.walk(node.exc) if isinstance(n, ast.Name)} & fixes.keys()
+                          for t in _message_texts(fixes[name])]
+                offenders += [f"{path.relative_to(PACKAGE)}:{node.lineno}: {t!r}" for t in texts if _FLAG.search(t)
+                              and "ray start" not in t]
+    assert not offenders, "\n".join(offenders)
