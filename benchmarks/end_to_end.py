@@ -91,7 +91,7 @@ def child_bare(args: argparse.Namespace) -> dict:
     from lorascale.io.checkpoint import open_checkpoint
     from lorascale.io.resolve import resolve
     from lorascale.io.tensors import load_tensor
-    from lorascale.execute.routes import for_shape, resolve as resolve_compute
+    from lorascale.execute.routes import resolve as resolve_compute
     from lorascale.numerics.compare import ComparisonSettings, base_spectrum, compare_to_base
     from lorascale.numerics.metrics import lora_delta_singular_values
     from lorascale.plan import plan_jobs
@@ -109,7 +109,7 @@ def child_bare(args: argparse.Namespace) -> dict:
     for job in jobs:
         raw = load_tensor(job.base)
         w0 = raw.float()
-        routes = for_shape(options.routes, job.rows, job.cols)
+        routes = options.routes
         settings = ComparisonSettings(routes=routes, top_k=top_k, separated=analysis.k)
         base = cache.load(cache.key(raw, job.base, analysis, routes.base), "cpu") if cache is not None else None
         tuned = []

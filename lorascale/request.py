@@ -35,7 +35,9 @@ from lorascale.records import NamedReference
 Side = Literal["left", "right", "both"]
 SIDES: dict[str, tuple[str, ...]] = {"left": ("left",), "right": ("right",), "both": ("left", "right")}
 PRECISIONS = ("fp32", "fp64")
-MODES = ("exact", "topk")
+MODES = ("topk", "exact")
+RANK_MODES = ("r+intruders", "r", "auto")  # how mitigation writes dW' back (numerics/mitigate.py)
+DEFAULT_TOP_K = 64  # tuned triplets a topk run computes unless told (or k, when larger): re-thresholding up to it
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
@@ -128,8 +130,8 @@ class Analysis:
     epsilon: float = 0.5  # intruder threshold on max |cos|
     side: Side = "left"  # singular vectors compared: left (output space, the paper's), right, or both
     precision: Literal["fp32", "fp64"] = "fp32"  # arithmetic of the decompositions; weights are read as stored
-    mode: Literal["exact", "topk"] = "exact"  # topk: max_cos for the top `top_k` tuned vectors only
-    top_k: int = 64  # tuned vectors computed in topk mode
+    mode: Literal["exact", "topk"] = "topk"  # topk: the top `top_k` tuned triplets, guarded; exact: all of them
+    top_k: int | None = None  # tuned triplets a topk run computes; None: DEFAULT_TOP_K, or k when larger
 
     def __post_init__(self) -> None:
         check_k(self.k)
@@ -137,10 +139,16 @@ class Analysis:
         check_side(self.side)
         _choice("precision", self.precision, PRECISIONS)
         _choice("mode", self.mode, MODES)
-        check_k(self.top_k, "top_k")
-        if self.mode == "topk" and self.top_k < self.k:
+        if self.top_k is not None:
+            check_k(self.top_k, "top_k")
+        if self.mode == "topk" and self.top_k is not None and self.top_k < self.k:
             raise OptionError(f"{option('top_k', self.top_k)} is below {option('k', self.k)}: intruders are "
                               "counted among the top k vectors", fix=f"use {option('top_k', self.k)} or more")
+
+    @property
+    def top_vectors(self) -> int:
+        """The tuned triplets a topk run computes (and stores): top_k, else DEFAULT_TOP_K or k if larger."""
+        return self.top_k if self.top_k is not None else max(DEFAULT_TOP_K, self.k)
 
     @property
     def sides(self) -> tuple[str, ...]:
@@ -224,6 +232,22 @@ class Output:
 
 
 @dataclass(frozen=True)
+class Mitigation:
+    """How `lorascale mitigate` rewrites an adapter (docs/METHOD.md section 10): W' = W + (lambda - 1) times
+    W's intruder components, written back as LoRA factors."""
+
+    mitigation_lambda: float = 0.75  # what is kept of each intruder component: 0 removes it, 1 keeps it
+    rank: str = "r+intruders"  # r+intruders: dW' exactly; r: truncated to the adapter's rank (peft); auto
+
+    def __post_init__(self) -> None:
+        value = self.mitigation_lambda
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise OptionError(f"{option('mitigation_lambda')} must be a finite number of at least 0, got {value!r}")
+        object.__setattr__(self, "mitigation_lambda", float(value))
+        _choice("rank", self.rank, RANK_MODES)
+
+
+@dataclass(frozen=True)
 class RunRequest:
     """One comparison, as asked for (see the module docstring).  `output` is None for a dry run (plan_run)."""
 
@@ -232,8 +256,11 @@ class RunRequest:
     analysis: Analysis = field(default_factory=Analysis)
     execution: Execution = field(default_factory=Execution)
     output: Output | None = None
+    mitigation: Mitigation | None = None  # set: `lorascale mitigate` (one adapter, rewritten)
 
     def __post_init__(self) -> None:
+        if self.mitigation is not None:
+            self._check_mitigation()
         if self.references.scratch_dir is not None and self.execution.wants_ray:
             raise OptionError(f"{option('scratch_dir')} applies to in-process runs: Ray workers fetch hub files "
                               "into their own node's hub cache", fix=f"drop {option('scratch_dir')}, or run in-process")
@@ -242,6 +269,17 @@ class RunRequest:
             raise OptionError(f"{option('cpus_per_worker')} / {option('gpus_per_worker')} apply to Ray workers, "
                               "and this run is in-process",
                               fix=f"add {option('workers')} N with N > 1, or {option('ray_address')}")
+
+    def _check_mitigation(self) -> None:
+        if len(self.references.tuned) != 1:
+            raise OptionError(f"mitigation rewrites one adapter, got {len(self.references.tuned)}",
+                              fix="run lorascale mitigate once per adapter")
+        if self.analysis.side != "left":
+            raise OptionError(f"mitigation finds intruders on the left side (the paper's, peft's), not "
+                              f"{option('side', self.analysis.side)}", fix=f"drop {option('side')}")
+        if self.references.scratch_dir is not None:
+            raise OptionError(f"{option('scratch_dir')} deletes the downloaded adapter, which mitigation copies into "
+                              "the output", fix=f"drop {option('scratch_dir')}")
 
     def manifest_options(self) -> dict[str, Any]:
         """The manifest's `options`: the request as a run records it (and a rerun must match, for the keys
@@ -254,10 +292,12 @@ class RunRequest:
         if selection.rename:
             options["rename"] = list(selection.rename)
         options.update({"driver": execution.driver, "backend": execution.backend, "mode": analysis.mode,
-                        "top_k": analysis.top_k if analysis.mode == "topk" else None,
+                        "top_k": analysis.top_vectors if analysis.mode == "topk" else None,
                         "cache_dir": str(self.cache_dir) if self.cache_dir is not None else None})
         if self.references.scratch_dir is not None:
             options["scratch_dir"] = str(self.references.scratch_dir)  # where files went; not the run's identity
+        if self.mitigation is not None:
+            options.update(mitigation_lambda=self.mitigation.mitigation_lambda, rank=self.mitigation.rank)
         return options
 
     @property
@@ -278,7 +318,8 @@ class RunRequest:
                                  "tuned": [_labelled(t) for t in self.references.tuned]}
         if self.output is not None:
             given["out"] = str(self.output.out)
-        for record in (self.analysis, self.selection, self.execution, self.references, self.output):
+        for record in (self.mitigation, self.analysis, self.selection, self.execution, self.references,
+                       self.output):
             if record is None:
                 continue
             for f in fields(record):
@@ -327,6 +368,7 @@ class JobOptions:
     driver: str | None = None
     routes: Routes | None = None
     cache_dir: str | None = None
+    mitigation: Mitigation | None = None  # set: each job also rewrites its adapter's factors
 
 
 def job_options(request: RunRequest, *, routes: Routes | None = None) -> JobOptions:
@@ -334,7 +376,8 @@ def job_options(request: RunRequest, *, routes: Routes | None = None) -> JobOpti
     execution = request.execution
     cache = request.cache_dir
     return JobOptions(analysis=request.analysis, device=execution.device, backend=execution.backend,
-                      driver=execution.driver, routes=routes, cache_dir=str(cache) if cache is not None else None)
+                      driver=execution.driver, routes=routes, cache_dir=str(cache) if cache is not None else None,
+                      mitigation=request.mitigation)
 
 
 def _labelled(reference: NamedReference) -> str:
@@ -347,23 +390,24 @@ def _flag(name: str, value: object) -> None:
 
 
 _RECORDS = {"references": References, "selection": Selection, "analysis": Analysis, "execution": Execution,
-            "output": Output}
+            "output": Output, "mitigation": Mitigation}
 KEYWORDS: dict[str, str] = {f.name: record for record, cls in _RECORDS.items() for f in fields(cls)
                             if f.name not in ("base", "tuned", "out")}
 
 
 def build_request(base: str | Mapping[str, str], tuned: str | Sequence[str] | Mapping[str, str],
-                  out: str | os.PathLike | None = None, **options: Any) -> RunRequest:
-    """The RunRequest for `lorascale.compare(base, tuned, out, **options)`: every keyword is a field of one
-    sub-record; an unknown one is an OptionError listing the known ones.  `out=None`: a dry run's request.
+                  out: str | os.PathLike | None = None, *, mitigate: bool = False, **options: Any) -> RunRequest:
+    """The RunRequest for `lorascale.compare(base, tuned, out, **options)` (or, with `mitigate=True`,
+    `lorascale.mitigate(base, adapter, out, **options)`): every keyword is a field of one sub-record; an
+    unknown one is an OptionError listing the known ones.  `out=None`: a dry run's request.
 
     >>> build_request("org/base", "lora=org/adapter", "results", k=20).analysis.k
     20
     """
-    unknown = sorted(set(options) - set(KEYWORDS))
+    known = [name for name, record in KEYWORDS.items() if mitigate or record != "mitigation"]
+    unknown = sorted(set(options) - set(known))
     if unknown:
-        raise OptionError(f"unexpected keyword argument {unknown[0]!r}",
-                          fix=f"keywords: {', '.join(KEYWORDS)}")
+        raise OptionError(f"unexpected keyword argument {unknown[0]!r}", fix=f"keywords: {', '.join(known)}")
     grouped: dict[str, dict[str, Any]] = {record: {} for record in _RECORDS}
     for name, value in options.items():
         grouped[KEYWORDS[name]][name] = value
@@ -375,7 +419,7 @@ def build_request(base: str | Mapping[str, str], tuned: str | Sequence[str] | Ma
                           fix=f"pass {option('out')}")
     return RunRequest(references=references, selection=Selection(**grouped["selection"]),
                       analysis=Analysis(**grouped["analysis"]), execution=Execution(**grouped["execution"]),
-                      output=output)
+                      output=output, mitigation=Mitigation(**grouped["mitigation"]) if mitigate else None)
 
 
 def _reference(given: Any, role: str) -> Any:

@@ -198,3 +198,24 @@ def test_update_effective_rank(results):
     assert max(lora_ranks) < 1.2
     assert sum(full_ranks) / len(full_ranks) > 50
     assert min(full_ranks) > 10
+
+
+def test_topk_default_counts_equal_exact_mode_on_the_real_model(finetuned, results, tmp_path):
+    """The default (topk) run against an exact one on the same real weights: every matrix's count at every
+    epsilon of the sweep, both models, and the methods the topk run used."""
+    import lorascale
+
+    full, lora = finetuned
+    exact = tmp_path / "exact"
+    lorascale.compare(base=str(base_model_dir()), tuned=[str(full.out_dir), str(lora.out_dir)], out=str(exact),
+                      k=K, mode="exact", include=("encoder.layer.*",))
+    exact_spectra = pa_dataset.dataset(exact / "spectra", format="parquet").to_table().to_pylist()
+    names = {row["matrix"] for row in results["matrices"]}
+    for model in (results["full"], results["lora"]):
+        for epsilon in EPSILONS:
+            for name in names:
+                assert (_intruders(results["spectra"], model, epsilon, {name})
+                        == _intruders(exact_spectra, model, epsilon, {name})), (model, name, epsilon)
+    methods = {row["method"] for row in results["matrices"]}
+    assert methods <= {"topk", "topk->exact"} and "topk" in methods
+

@@ -1,10 +1,8 @@
-"""--mode topk: same intruder counts as exact where the spectrum is clear, exact fallback where it is flat.
+"""--mode topk (the default): the top K triplets by block Krylov iteration, the a-posteriori angle bound that
+guards them, the adapter operator that never forms W, and intruder counts equal to exact mode's.
 
-Every matrix here is larger than the Krylov basis top_singular() builds ((iterations + 1) * (K + oversample)
-columns at most): on a smaller one the basis spans the whole space, Rayleigh-Ritz returns the exact SVD,
-and the guard would pass whatever the method's quality.  Which way the guard went is read from the output:
-TunedComparison.top_check, the log record of a fallback, and whether the vectors equal the exact SVD's
-bit for bit (fallback) or only to rounding (Krylov).
+Every matrix where the Krylov path itself is tested is larger than the start block (K + oversample
+columns): on a smaller one the basis spans the whole space at once and Rayleigh-Ritz is the exact SVD.
 """
 
 from __future__ import annotations
@@ -19,24 +17,19 @@ import torch
 from safetensors.torch import save_file
 
 import oracle
-from runs import settings
+from runs import compare, settings
+
 from lorascale.errors import OptionError
 from lorascale.numerics.compare import base_spectrum, compare_to_base
 from lorascale.numerics.intruders import intruder_count
-from lorascale.numerics.topk import DEFAULT_ITERATIONS, DEFAULT_OVERSAMPLE, check_top, top_singular
-from runs import compare
+from lorascale.numerics.operators import Dense, LowRankUpdate
+from lorascale.numerics.topk import ANGLE_TOLERANCE, DEFAULT_OVERSAMPLE, top_singular
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 RNG = np.random.default_rng(2024)
-# compare_to_base runs top_singular with its defaults: K = 16 needs min(m, n) > 11 * 48 = 528.
 SHAPE = (640, 576)
 TOP_K = 16
-
-
-def _basis_columns(rank: int, iterations: int = DEFAULT_ITERATIONS, oversample: int = DEFAULT_OVERSAMPLE) -> int:
-    """The most columns top_singular's Krylov basis can have (its docstring)."""
-    return (iterations + 1) * (rank + oversample)
 
 
 def _t(array: np.ndarray, dtype=torch.float32) -> torch.Tensor:
@@ -66,73 +59,106 @@ def _clear_with_intruders(rows: int, cols: int) -> tuple[np.ndarray, np.ndarray]
     return w0, _lora_like(w0, 4, sigma_max * np.array([2.5, 1.8, 1.3, 0.9]))
 
 
-def test_top_singular_matches_oracle_on_a_clear_spectrum():
+def _sin(u: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """sin(angle) between matching unit columns."""
+    u = u / np.linalg.norm(u, axis=0)
+    return np.linalg.norm(u - reference * np.sum(u * reference, axis=0), axis=0)
+
+
+def test_top_singular_matches_the_oracle_and_its_bound_holds():
     w = oracle.separated(500, 300, RNG, gap=0.97)
-    u_ref, s_ref, _ = oracle.svd(w)
-    # Three iterations: a 224-column basis in a 300-dimensional space, so the result is the method's own.
-    assert _basis_columns(24, iterations=3) < min(w.shape)
-    top = top_singular(_t(w), 24, iterations=3, backend="torch")
+    u_ref, s_ref, vt_ref = oracle.svd(w)
+    top = top_singular(Dense(_t(w)), 24, counted=10)
     assert top.u.shape == (500, 24) and top.s.shape == (24,) and top.vh.shape == (24, 300)
+    assert top.check.passed and top.check.basis < 300  # the method's own result, not a complete basis
     np.testing.assert_allclose(top.s.numpy(), s_ref[:24], rtol=1e-5)
-    assert np.abs(np.sum(top.u.numpy() * u_ref[:, :24], axis=0)).min() > 1 - 1e-4
-    check = check_top(_t(w), top, _t(s_ref), separated=10)
-    assert check.passed and check.sigma_error < 1e-5 and check.residual < 1e-3
-    # Deterministic: the sketch has a fixed seed.
-    again = top_singular(_t(w), 24, iterations=3, backend="torch")
-    assert torch.equal(again.u, top.u)
+    # The bound is a bound: the true angles of the counted vectors (float64 oracle) are below it.
+    angles = np.maximum(_sin(top.u.double().numpy()[:, :10], u_ref[:, :10]),
+                        _sin(top.vh.double().numpy()[:10].T, vt_ref[:10].T))
+    assert angles.max() <= top.check.angle_bound <= max(ANGLE_TOLERANCE, 1e-3)
+    # Deterministic: the Gaussian columns have a fixed seed.
+    again = top_singular(Dense(_t(w)), 24, counted=10)
+    assert torch.equal(top.u, again.u) and torch.equal(top.s, again.s)
 
 
-def test_topk_gives_the_exact_intruder_counts_on_a_clear_spectrum():
-    w0, w = _clear_with_intruders(*SHAPE)
-    assert _basis_columns(TOP_K) < min(SHAPE)
-    base = base_spectrum(_t(w0), ("left", "right"), backend="torch")
-    exact = compare_to_base(base, _t(w), settings(), w0=_t(w0))
-    top = compare_to_base(base, _t(w), settings(top_k=TOP_K), w0=_t(w0))
-    # The guard passed, and the output shows it: the Krylov vectors agree with the exact SVD's to rounding,
-    # not bit for bit as they would after a fallback.
-    assert top.top_check is not None and top.top_check.passed, top.top_check
-    assert not np.array_equal(top.sides["left"].max_cos[:TOP_K], exact.sides["left"].max_cos[:TOP_K])
-    u0, _, vh0 = oracle.svd(w0)
-    u, _, vh = oracle.svd(w)
-    for side, (tuned, reference) in {"left": (u, u0), "right": (vh.T, vh0.T)}.items():
-        expected = int((np.abs(tuned[:, :10].T @ reference).max(axis=1) < 0.5).sum())  # float64 oracle
-        counts = [intruder_count(r.sides[side].max_cos, 10, 0.5) for r in (exact, top)]
-        assert counts[0] == counts[1] == expected >= 1
-        np.testing.assert_allclose(top.sides[side].max_cos[:TOP_K], exact.sides[side].max_cos[:TOP_K], atol=1e-3)
-        np.testing.assert_array_equal(top.sides[side].argmax[:10], exact.sides[side].argmax[:10])
-        # Beyond K: not computed (null in the spectra table).
-        assert np.isnan(top.sides[side].max_cos[TOP_K:]).all() and (top.sides[side].argmax[TOP_K:] == -1).all()
-        np.testing.assert_allclose(top.sides[side].block, exact.sides[side].block, atol=1e-3)
-    # Every singular value is still there, from svdvals.  fp32 SVDs (with and without vectors) agree to
-    # about eps * ||W||_2, so small values only agree to that absolute level.
-    np.testing.assert_allclose(top.s, exact.s, rtol=1e-5, atol=1e-5 * exact.s[0])
-    assert top.delta_effective_rank == pytest.approx(exact.delta_effective_rank, rel=1e-5)
+@pytest.mark.parametrize("transposed", [False, True], ids=["linear", "conv1d"])
+def test_the_adapter_operator_is_the_merged_matrix(transposed):
+    """W0 + s B A by products, without forming W, for nn.Linear and for Conv1D ([in, out]) weights."""
+    w0 = _t(RNG.standard_normal((96, 80)))
+    a = _t(RNG.standard_normal((4, 96 if transposed else 80)))
+    b = _t(RNG.standard_normal((80 if transposed else 96, 4)))
+    update = LowRankUpdate(w0, a, b, 0.5, transposed=transposed)
+    merged = w0 + 0.5 * ((b @ a).T if transposed else b @ a)
+    x, y = _t(RNG.standard_normal((80, 7))), _t(RNG.standard_normal((96, 7)))
+    torch.testing.assert_close(update.matmul(x), merged @ x, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(update.rmatmul(y), merged.T @ y, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(update.dense(), merged)
+    by_products, dense = (top_singular(op, 8, counted=8) for op in (update, Dense(merged)))
+    torch.testing.assert_close(by_products.s, dense.s, rtol=1e-5, atol=1e-6)
 
 
-def test_guard_falls_back_to_exact_on_a_flat_spectrum():
+def test_lora_topk_never_forms_w(monkeypatch):
+    """An adapter's topk comparison uses W0 and the factors only: the merge is not called when the guard passes."""
+    w0, _ = _clear_with_intruders(*SHAPE)
+    a = _t(RNG.standard_normal((4, SHAPE[1])) / math.sqrt(SHAPE[1]))
+    b = _t(RNG.standard_normal((SHAPE[0], 4)) * 10)
+    update = LowRankUpdate(_t(w0), a, b, 2.0)
+    monkeypatch.setattr(LowRankUpdate, "dense", lambda self: pytest.fail("W was formed"))
+    base = base_spectrum(_t(w0), ("left",), backend="torch")
+    delta = torch.linalg.svdvals(2.0 * b @ a)
+    result = compare_to_base(base, update, settings(top_k=TOP_K), delta_singular_values=delta)
+    assert result.top_check is not None and result.top_check.passed and len(result.s) == TOP_K
+
+
+def test_the_guard_falls_back_to_exact_on_a_flat_spectrum():
     w = _flat(*SHAPE)
-    assert _basis_columns(TOP_K) < min(SHAPE)
+    assert TOP_K + DEFAULT_OVERSAMPLE < min(SHAPE)
     w0 = oracle.separated(*SHAPE, RNG)
     base = base_spectrum(_t(w0), ("left",), backend="torch")
     top = compare_to_base(base, _t(w), settings(top_k=TOP_K), w0=_t(w0))
-    # Rejected for the angle bound: neighbouring singular values are closer than the residual allows.
-    assert top.top_check is not None and not top.top_check.passed
-    assert top.top_check.angle_bound > math.sqrt(1e-3)
-    # The fallback is the exact SVD, bit for bit.
+    # Rejected: neighbouring singular values are closer than the residuals allow an angle bound.
+    assert top.top_check is not None and not top.top_check.passed and top.top_check.angle_bound > 1e-2
+    # The fallback is the exact SVD's top K, bit for bit.
     exact = compare_to_base(base, _t(w), settings(), w0=_t(w0))
-    np.testing.assert_array_equal(top.sides["left"].max_cos[:TOP_K], exact.sides["left"].max_cos[:TOP_K])
-    assert np.isnan(top.sides["left"].max_cos[TOP_K:]).all()
+    np.testing.assert_array_equal(top.sides["left"].max_cos, exact.sides["left"].max_cos[:TOP_K])
+    np.testing.assert_array_equal(top.s, exact.s[:TOP_K])
 
 
-def test_guard_tolerance_is_a_knob():
-    w = oracle.separated(300, 200, RNG, gap=0.97)
-    s = torch.linalg.svdvals(_t(w))
-    assert _basis_columns(10, iterations=0) < min(w.shape)
-    top = top_singular(_t(w), 10, iterations=0, backend="torch")  # one sketch, no iteration: rough
-    rough = check_top(_t(w), top, s, tolerance=1e-9)
-    assert not rough.passed
-    assert check_top(_t(w), top, s, tolerance=max(rough.sigma_error, rough.residual ** 2) * 1.01).passed
-    assert math.isfinite(rough.residual)
+def test_an_intruder_orthogonal_to_the_warm_start_is_still_found():
+    """The warm columns are the base's top vectors; an intruder orthogonal to all of them (and stronger
+    than the base's top value) must still be found, by the Gaussian part of the start block."""
+    m, n = SHAPE
+    w0 = oracle.separated(m, n, RNG, gap=0.97)
+    u0 = np.linalg.svd(w0, full_matrices=False)[0]
+    warm_width = TOP_K + DEFAULT_OVERSAMPLE
+    direction = RNG.standard_normal(m)
+    direction -= u0[:, :warm_width] @ (u0[:, :warm_width].T @ direction)  # orthogonal to every warm column
+    direction /= np.linalg.norm(direction)
+    right = RNG.standard_normal(n)
+    w = w0 + 3.0 * np.linalg.svd(w0, compute_uv=False)[0] * np.outer(direction, right / np.linalg.norm(right))
+    base = base_spectrum(_t(w0), ("left",), backend="torch")
+    top = compare_to_base(base, _t(w), settings(top_k=TOP_K), w0=_t(w0))
+    exact = compare_to_base(base, _t(w), settings(), w0=_t(w0))
+    assert abs(float(np.dot(np.linalg.svd(w, full_matrices=False)[0][:, 0], direction))) > 0.9  # W's top vector
+    assert top.top_check is not None and top.top_check.passed
+    assert top.sides["left"].max_cos[0] < 0.5  # found, and an intruder
+    assert intruder_count(top.sides["left"].max_cos, 10, 0.5) == intruder_count(exact.sides["left"].max_cos, 10, 0.5)
+
+
+@pytest.mark.parametrize("side", [("left",), ("right",), ("left", "right")], ids=["left", "right", "both"])
+def test_topk_equals_exact_where_the_spectrum_is_clear(side):
+    w0, w = _clear_with_intruders(*SHAPE)
+    base = base_spectrum(_t(w0), side, backend="torch")
+    exact = compare_to_base(base, _t(w), settings(), w0=_t(w0))
+    top = compare_to_base(base, _t(w), settings(top_k=TOP_K), w0=_t(w0))
+    assert top.top_check is not None and top.top_check.passed
+    for name in side:
+        assert intruder_count(top.sides[name].max_cos, 10, 0.5) == intruder_count(exact.sides[name].max_cos, 10, 0.5) >= 1
+        np.testing.assert_allclose(top.sides[name].max_cos, exact.sides[name].max_cos[:TOP_K], atol=1e-4)
+        np.testing.assert_array_equal(top.sides[name].argmax[:10], exact.sides[name].argmax[:10])
+        np.testing.assert_allclose(top.sides[name].block, exact.sides[name].block, atol=1e-4)
+    np.testing.assert_allclose(top.s, exact.s[:TOP_K], rtol=1e-5)
+    assert top.delta_effective_rank == pytest.approx(exact.delta_effective_rank, rel=1e-6)
 
 
 def _intruders(out) -> dict[tuple[str, str], int]:
@@ -142,7 +168,7 @@ def _intruders(out) -> dict[tuple[str, str], int]:
 
 @pytest.fixture(scope="module")
 def clear_and_flat(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
-    """A base and a full fine-tune with two matrices larger than the Krylov basis: layer 0's spectrum is
+    """A base and a full fine-tune with two matrices larger than the start block: layer 0's spectrum is
     clear (the guard passes), layer 1's is flat (it falls back)."""
     w0, clear = _clear_with_intruders(*SHAPE)
     base = {"model.layers.0.mlp.up_proj.weight": w0, "model.layers.1.mlp.up_proj.weight": oracle.separated(*SHAPE, RNG)}
@@ -155,37 +181,48 @@ def clear_and_flat(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
 
 
 @pytest.mark.slow
-def test_pipeline_topk_matches_exact_counts_and_nulls_beyond_k(clear_and_flat, tmp_path, caplog):
+def test_the_default_run_is_topk_with_exact_counts_and_top_k_rows(clear_and_flat, tmp_path, caplog):
     base, tuned = clear_and_flat
     common = {"use_cache": False, "device": "cpu"}
-    exact = compare(base, [tuned], tmp_path / "exact", **common)
+    exact = compare(base, [tuned], tmp_path / "exact", mode="exact", **common)
     with caplog.at_level(logging.INFO, logger="lorascale.execute.worker"):
-        top = compare(base, [tuned], tmp_path / "topk", mode="topk", top_k=TOP_K, **common)
+        top = compare(base, [tuned], tmp_path / "topk", top_k=TOP_K, **common)  # topk: the default mode
     # The documented record of a fallback: exactly one, for the flat matrix.
     fallbacks = [r.getMessage() for r in caplog.records if "guard failed" in r.getMessage()]
     assert len(fallbacks) == 1 and "model.layers.1.mlp.up_proj.weight" in fallbacks[0], fallbacks
     assert _intruders(exact.out) == _intruders(top.out)
     assert _intruders(top.out)[(tuned, "model.layers.0.mlp.up_proj.weight")] >= 1
     assert top.manifest["options"]["mode"] == "topk" and top.manifest["options"]["top_k"] == TOP_K
+    methods = {r["matrix"]: r["method"] for r in ds.dataset(top.out / "matrices").to_table().to_pylist()}
+    assert methods == {"model.layers.0.mlp.up_proj.weight": "topk", "model.layers.1.mlp.up_proj.weight": "topk->exact"}
+    # spectra: the computed triplets only, ranks 0..K-1 of each tuned matrix (the base keeps its full spectrum).
     spectra = ds.dataset(top.out / "spectra", format="parquet").to_table().to_pylist()
     tuned_rows = [r for r in spectra if r["role"] == "tuned"]
-    assert all(r["max_cos"] is None and r["argmax"] is None for r in tuned_rows if r["rank"] >= TOP_K)
-    assert all(r["max_cos"] is not None for r in tuned_rows if r["rank"] < TOP_K)
-    exact_rows = {(r["model"], r["matrix"], r["rank"]): r
-                  for r in ds.dataset(exact.out / "spectra", format="parquet").to_table().to_pylist()
+    assert sorted({r["rank"] for r in tuned_rows}) == list(range(TOP_K)) and len(tuned_rows) == 2 * TOP_K
+    assert all(r["max_cos"] is not None and r["argmax"] is not None for r in tuned_rows)
+    assert len([r for r in spectra if r["role"] == "base"]) == 2 * min(SHAPE)
+    exact_rows = {(r["matrix"], r["rank"]): r for r in ds.dataset(exact.out / "spectra").to_table().to_pylist()
                   if r["role"] == "tuned"}
-    sigma_max = {m: want["sigma"] for (_, m, rank), want in exact_rows.items() if rank == 0}
-    for r in tuned_rows:  # every singular value, in every mode (to fp32 SVD accuracy, eps * ||W||_2)
-        want = exact_rows[(r["model"], r["matrix"], r["rank"])]
-        assert r["sigma"] == pytest.approx(want["sigma"], rel=1e-5, abs=1e-5 * sigma_max[r["matrix"]])
-        if r["rank"] < TOP_K and r["matrix"].startswith("model.layers.1."):  # fallback: the exact vectors
+    for r in tuned_rows:
+        want = exact_rows[(r["matrix"], r["rank"])]
+        assert r["sigma"] == pytest.approx(want["sigma"], rel=1e-5)
+        if r["matrix"].startswith("model.layers.1."):  # the fallback: the exact vectors themselves
             assert r["max_cos"] == want["max_cos"]
+        else:
+            assert r["max_cos"] == pytest.approx(want["max_cos"], abs=1e-4)
 
 
 def test_top_k_below_k_is_refused(llama, tmp_path):
     with pytest.raises(OptionError, match=r"top_k=5 is below k=10"):
         compare(str(llama.base["fp32"]), [str(llama.lora.path)], tmp_path / "out", mode="topk", top_k=5,
                 use_cache=False)
+
+
+def test_the_default_top_k_follows_a_large_k(llama, tmp_path):
+    """top_k defaults to 64, or to k when k is larger: `--k 100` alone is a valid topk run."""
+    result = compare(str(llama.base["fp32"]), [str(llama.lora.path)], tmp_path / "out", k=100, use_cache=False,
+                     include=["*layers.0.self_attn.q_proj*"])
+    assert result.manifest["options"]["top_k"] == 100
 
 
 def test_cli_passes_mode_backend_and_cache_options(llama, tmp_path):
@@ -204,6 +241,11 @@ def test_cli_passes_mode_backend_and_cache_options(llama, tmp_path):
     assert (options["backend"], options["mode"], options["top_k"], options["cache_dir"]) == (
         "gram", "topk", 12, str(cache))
     assert list((cache / "base-svd").rglob("*.safetensors"))
+    exact = CliRunner().invoke(main, [
+        "run", "--base", str(llama.base["fp32"]), "--tuned", str(llama.lora.path), "--out", str(tmp_path / "e"),
+        "--quiet", "--device", "cpu", "--mode", "exact", "--no-cache"])
+    assert exact.exit_code == 0, exact.output
+    assert json.loads((tmp_path / "e" / "manifest.json").read_text())["options"]["top_k"] is None
     refused = CliRunner().invoke(main, [
         "run", "--base", str(llama.base["fp32"]), "--tuned", str(llama.lora.path), "--out", str(tmp_path / "x"),
         "--quiet", "--device", "cpu", "--backend", "cupy", "--no-cache"])

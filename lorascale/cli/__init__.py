@@ -19,7 +19,7 @@ from lorascale.cli.flags import command_line, message
 from lorascale.cli.progress import Progress
 from lorascale.errors import LorascaleError
 from lorascale.numerics.backends import BACKEND_CHOICES, DEVICE_CHOICES
-from lorascale.request import MODES, PRECISIONS, SIDES, Analysis
+from lorascale.request import DEFAULT_TOP_K, MODES, PRECISIONS, SIDES, Analysis
 
 _ANALYSIS = Analysis()  # the defaults, written once (request.py)
 
@@ -126,6 +126,57 @@ def _print_summary(out: Path) -> None:
     click.echo(format_summary(summary_rows(out), "table"))
 
 
+_COMMON_OPTIONS = [
+    click.option("--k", default=_ANALYSIS.k, show_default=True, help="Top tuned singular vectors checked for intruders."),
+    click.option("--epsilon", default=_ANALYSIS.epsilon, show_default=True, help="Intruder threshold on max |cos|."),
+    click.option("--precision", type=click.Choice(PRECISIONS), default=_ANALYSIS.precision, show_default=True,
+                  help="Arithmetic of the SVDs; weights are read as stored.  fp64 for ill-conditioned matrices."),
+    click.option("--device", default="auto", show_default=True, help=f"{DEVICE_CHOICES}."),
+    click.option("--backend", type=click.Choice(BACKEND_CHOICES), default="auto", show_default=True,
+                  help="SVD backend: torch (LAPACK; cuSOLVER gesvd on CUDA), cupy (CUDA), or gram (float64 "
+                       "Gram-matrix eigensolver, see benchmarks/README.md).  auto: torch on CUDA and at fp64; on a "
+                       "CPU at fp32 a table keyed by the BLAS picks torch or gram per quantity (manifest.json "
+                       "\"routes\")."),
+    click.option("--mode", type=click.Choice(MODES), default=_ANALYSIS.mode, show_default=True,
+                  help="topk: the top --top-k tuned singular triplets by block Krylov iteration, each counted vector's "
+                       "angle bounded a posteriori (the exact SVD where the bound fails).  exact: every tuned singular "
+                       "value and vector (the full spectrum)."),
+    click.option("--top-k", "top_k", type=click.IntRange(min=1), default=None,
+                  help=f"Tuned singular triplets computed in --mode topk, at least --k (default {DEFAULT_TOP_K}, or --k when "
+                       "larger); `lorascale summary --k` re-thresholds up to it."),
+    click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
+                  help="Cache of base SVDs, reused across runs (default: $LORASCALE_CACHE_DIR or ~/.cache/lorascale)."),
+    click.option("--no-cache", "use_cache", flag_value=False, default=True,
+                  help="Neither read nor write the base-SVD cache."),
+    click.option("--no-pickle", is_flag=True,
+                  help="Refuse pickled .bin weights (read otherwise, only when a checkpoint has no safetensors, "
+                       "with torch's restricted weights_only loader)."),
+    click.option("--include", multiple=True, help="Glob on base tensor names to analyse (repeatable)."),
+    click.option("--exclude", multiple=True, help="Glob on base tensor names to skip (repeatable)."),
+    click.option("--rename", multiple=True, metavar="FROM=TO",
+                  help="Regex rewrite of tuned tensor names before matching them to the base's (repeatable, in order)."),
+    click.option("--overwrite", is_flag=True, help="Replace a different earlier run in --out."),
+    click.option("--resume", is_flag=True, help="Require an earlier run in --out and continue it."),
+    click.option("--quiet", is_flag=True, help="No progress or stage lines on stderr; warnings and errors still show."),
+    click.option("--ray-address", default=None,
+                  help="Run on Ray: auto, ray://host:10001, host:port, or local (default: $RAY_ADDRESS; else in-process)."),
+    click.option("--workers", type=click.IntRange(min=1), default=None,
+                  help="Ray workers (more than 1 starts a local Ray when no address is given). "
+                       "Default: one per GPU of the cluster, else its CPUs / --cpus-per-worker."),
+    click.option("--cpus-per-worker", type=click.FloatRange(min=0, min_open=True), default=None,
+                  help="CPUs (and torch threads) per Ray worker."),
+    click.option("--gpus-per-worker", type=click.FloatRange(min=0), default=None,
+                  help="GPUs per Ray worker (default 1 when the cluster has GPUs; 0.5 shares a GPU by two)."),
+]
+
+
+def _common_options(command: Any) -> Any:
+    """The analysis, execution and output options of `run`, in help order."""
+    for option_ in reversed(_COMMON_OPTIONS):
+        command = option_(command)
+    return command
+
+
 @main.command()
 @click.option("--base", required=True, metavar="REF",
               help="Base checkpoint: directory, .safetensors or .bin file, or org/name[@rev]; NAME=REF labels it.")
@@ -134,56 +185,19 @@ def _print_summary(out: Path) -> None:
                    "tables, legends and the summary: NAME is letters, digits, _ . + -, and the text is split on "
                    "its first '=' only when it is not an existing path.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, metavar="DIR", help="Results directory.")
-@click.option("--k", default=_ANALYSIS.k, show_default=True, help="Top tuned singular vectors checked for intruders.")
-@click.option("--epsilon", default=_ANALYSIS.epsilon, show_default=True, help="Intruder threshold on max |cos|.")
 @click.option("--side", type=click.Choice(list(SIDES)), default=_ANALYSIS.side, show_default=True,
               help="Singular vectors compared: left (output space, as in the paper), right, or both.")
-@click.option("--precision", type=click.Choice(PRECISIONS), default=_ANALYSIS.precision, show_default=True,
-              help="Arithmetic of the SVDs; weights are read as stored.  fp64 for ill-conditioned matrices.")
-@click.option("--device", default="auto", show_default=True, help=f"{DEVICE_CHOICES}.")
-@click.option("--backend", type=click.Choice(BACKEND_CHOICES), default="auto", show_default=True,
-              help="SVD backend: torch (LAPACK; cuSOLVER gesvd on CUDA), cupy (CUDA), or gram (float64 "
-                   "Gram-matrix eigensolver, see benchmarks/README.md).  auto: torch on CUDA and at fp64; on a "
-                   "CPU at fp32 a table keyed by the BLAS picks torch or gram per quantity (manifest.json "
-                   "\"routes\").")
-@click.option("--mode", type=click.Choice(MODES), default=_ANALYSIS.mode, show_default=True,
-              help="exact: max_cos for every tuned vector.  topk: only for the top --top-k (all singular values "
-                   "still computed), guarded against the exact result.")
-@click.option("--top-k", "top_k", type=click.IntRange(min=1), default=_ANALYSIS.top_k, show_default=True,
-              help="Tuned singular vectors computed in --mode topk (at least --k).")
-@click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
-              help="Cache of base SVDs, reused across runs (default: $LORASCALE_CACHE_DIR or ~/.cache/lorascale).")
-@click.option("--no-cache", "use_cache", flag_value=False, default=True,
-              help="Neither read nor write the base-SVD cache.")
-@click.option("--no-pickle", is_flag=True,
-              help="Refuse pickled .bin weights (read otherwise, only when a checkpoint has no safetensors, "
-                   "with torch's restricted weights_only loader).")
 @click.option("--scratch-dir", type=click.Path(path_type=Path), default=None,
               help="Disk-light hub runs: download hub weight files here instead of the hub cache and delete each "
                    "once its matrices are done (files already in the hub cache are read there, never deleted).")
-@click.option("--include", multiple=True, help="Glob on base tensor names to analyse (repeatable).")
-@click.option("--exclude", multiple=True, help="Glob on base tensor names to skip (repeatable).")
-@click.option("--rename", multiple=True, metavar="FROM=TO",
-              help="Regex rewrite of tuned tensor names before matching them to the base's (repeatable, in order).")
-@click.option("--overwrite", is_flag=True, help="Replace a different earlier run in --out.")
-@click.option("--resume", is_flag=True, help="Require an earlier run in --out and continue it.")
 @click.option("--report", is_flag=True, help="Also write RESULTS/report/ (figures + index.html).")
 @click.option("--series/--no-series", "series", default=None,
               help="Draw the tuned models as a checkpoint series in the --report (default: only when their names "
                    "are checkpoints of one run, e.g. run/checkpoint-200 or org/name@step1000).")
-@click.option("--quiet", is_flag=True, help="No progress or stage lines on stderr; warnings and errors still show.")
 @click.option("--dry-run", is_flag=True,
               help="Resolve, read headers, match names and print the plan: matrices per model, tensors not "
                    "analysed and why, bytes to read, estimated SVD time.  Nothing is computed or written.")
-@click.option("--ray-address", default=None,
-              help="Run on Ray: auto, ray://host:10001, host:port, or local (default: $RAY_ADDRESS; else in-process).")
-@click.option("--workers", type=click.IntRange(min=1), default=None,
-              help="Ray workers (more than 1 starts a local Ray when no address is given). "
-                   "Default: one per GPU of the cluster, else its CPUs / --cpus-per-worker.")
-@click.option("--cpus-per-worker", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="CPUs (and torch threads) per Ray worker.")
-@click.option("--gpus-per-worker", type=click.FloatRange(min=0), default=None,
-              help="GPUs per Ray worker (default 1 when the cluster has GPUs; 0.5 shares a GPU by two).")
+@_common_options
 def run(quiet: bool, dry_run: bool, **options: Any) -> None:
     """Compare the --base checkpoint with each --tuned checkpoint and write Parquet tables to --out.
 

@@ -6,16 +6,14 @@ the result, a `Routes` per matrix).
   driver (CUDA only), the routes; OptionError (exit 2) for what this machine cannot honour.
 - `cluster_routes(options, gpu_workers=...)`: a Ray driver's one decision for all its CPU workers.
 - `pinned_routes(record)`: the routes a manifest records, which a resumed run keeps.
-- `for_shape(routes, rows, cols)`: the routes of one matrix (auto's Gram values route: rectangular only).
 - `describe(routes)`: what the manifest records.
 
 "auto":
 - CUDA: "torch" everywhere (cupy calls the same cuSOLVER routine; no GPU figures chose anything else yet).
 - CPU, fp32: `cpu_routes()`, a fixed table keyed by the BLAS torch was built with, so that two runs of one
   comparison on one machine always decide alike (no timing at run time): with MKL the float64 Gram routes
-  for the vectors (base and tuned, left side only) and for the values (tuned singular values, dW's;
-  rectangular matrices only, for_shape); with any other BLAS, LAPACK everywhere.  The figures behind the
-  table are in benchmarks/README.md (benchmarks/cpu_routes.py).
+  for the vectors (base and tuned, left side only) and for dW's singular values; with any other BLAS,
+  LAPACK everywhere.  The figures behind the table are in benchmarks/README.md (benchmarks/speed.py).
 - CPU, fp64: "torch" everywhere: the Gram routes' errors (~eps64 (s_1/s_j)) exceed fp64's tolerance.
 """
 
@@ -31,8 +29,6 @@ from lorascale.request import JobOptions
 
 PROBE_REASON = "auto: probe"  # routes timed by a run-time probe (runs written before the CPU table)
 TABLE_REASON = "auto: CPU table"
-# Aspect ratio from which auto's Gram values route is used (for_shape).
-SQUARE_VALUES_RATIO = 2.0
 
 
 def is_cuda(device: str) -> bool:
@@ -84,25 +80,9 @@ def cluster_routes(options: JobOptions, *, gpu_workers: bool) -> Routes | None:
     return options.routes
 
 
-def for_shape(routes: Routes, rows: int, cols: int) -> Routes:
-    """The routes for one (rows, cols) matrix.  auto's CPU Gram values route applies to rectangular matrices
-    only (aspect ratio >= SQUARE_VALUES_RATIO): LAPACK's values-only SVD of a square matrix skips the QR step
-    that makes it slow on rectangular ones, and measured faster than the Gram route at 4096 x 4096 (1.5x)
-    while slower at 11008 x 4096 and 4096 x 11008 (0.82-0.84; MKL, idle machine,
-    benchmarks/results/cpu_routes-llama-quiet.md).  Everything else is the same for every shape."""
-    square = max(rows, cols) < SQUARE_VALUES_RATIO * min(rows, cols)
-    if not square or not is_cpu_auto(routes.reason) or "gram" not in (routes.values, routes.delta):
-        return routes
-    return replace(routes, values=AUTO_BACKEND, delta=AUTO_BACKEND)
-
-
 def describe(routes: Routes) -> dict:
     """What the manifest records (manifest.json "routes")."""
-    record = {"base": routes.base, "tuned": routes.tuned, "values": routes.values, "delta": routes.delta,
-              "reason": routes.reason}
-    if is_cpu_auto(routes.reason) and "gram" in (routes.values, routes.delta):
-        record["values_rule"] = (f"values and delta on {routes.values}/{routes.delta} for matrices with aspect "
-                                 f"ratio >= {SQUARE_VALUES_RATIO:g}, else {AUTO_BACKEND}")
+    record = {"base": routes.base, "tuned": routes.tuned, "delta": routes.delta, "reason": routes.reason}
     if routes.blas:
         record["blas"] = routes.blas
     if routes.probe is not None:
@@ -121,7 +101,7 @@ def pinned_routes(record: object) -> Routes | None:
     reuses); None for anything else, including records from other versions that do not fit."""
     if not isinstance(record, dict) or not is_cpu_auto(str(record.get("reason", ""))):
         return None
-    quantities = [record.get(name) for name in ("base", "tuned", "values", "delta")]
+    quantities = [record.get(name) for name in ("base", "tuned", "delta")]
     if not all(q in BACKENDS and not BACKENDS[q].cuda_only for q in quantities):
         return None
     probe = record.get("probe")
@@ -145,11 +125,11 @@ def cpu_routes(*, left_only: bool = True, blas: str | None = None) -> Routes:
     The same software on the same machine always gets the same routes, whatever ran before, whatever the
     working directory, environment or cache: the two routes round differently in fp32, so a decision that
     depended on a timing (as a run-time probe's does on a loaded machine) could make two runs of one
-    comparison disagree.  The table comes from measurements at Llama shapes (benchmarks/cpu_routes.py,
-    benchmarks/README.md):
-    - MKL: the Gram route for the vectors of a left-side run (0.28-0.92 of LAPACK's time) and for the
-      singular values of rectangular matrices (Routes.for_shape; LAPACK's values-only SVD is faster on
-      square ones); LAPACK for right-side vectors (the Gram route would need V as well).
+    comparison disagree.  The table comes from both routes timed on real Llama-2-7B shapes (4096 x 4096,
+    11008 x 4096, 4096 x 11008) with weight-like spectra (benchmarks/speed.py, benchmarks/README.md):
+    - MKL: the Gram route for the vectors of a left-side run (0.37-1.0 of LAPACK's CPU time) and for dW's
+      singular values (0.21-0.62), at every shape; LAPACK for right-side vectors (the Gram route would need
+      V as well).
     - any other BLAS (OpenBLAS, ...): LAPACK everywhere, never slower than LAPACK by construction.
     """
     blas = blas_info() if blas is None else blas
@@ -157,7 +137,7 @@ def cpu_routes(*, left_only: bool = True, blas: str | None = None) -> Routes:
     vectors = "gram" if family == "mkl" and left_only else "torch"
     values = "gram" if family == "mkl" else "torch"
     reason = f"{TABLE_REASON} ({family}{'' if left_only else '; both sides: vectors on LAPACK'})"
-    return Routes(base=vectors, tuned=vectors, values=values, delta=values, reason=reason, blas=blas)
+    return Routes(base=vectors, tuned=vectors, delta=values, reason=reason, blas=blas)
 
 
 @functools.lru_cache(maxsize=1)

@@ -16,11 +16,11 @@ import numpy as np
 import torch
 
 from lorascale.errors import NumericalError, option
-from lorascale.execute.routes import for_shape
 from lorascale.io.tensors import load_tensor, to_compute
 from lorascale.numerics.compare import (BaseSpectrum, ComparisonSettings, TunedComparison, base_spectrum,
                                         compare_to_base)
-from lorascale.numerics.merge import dora_merge, lora_merge
+from lorascale.numerics.merge import dora_merge
+from lorascale.numerics.operators import Dense, LowRankUpdate
 from lorascale.numerics.intruders import intruder_count
 from lorascale.numerics.metrics import lora_delta_singular_values
 from lorascale.records import LoraFactors, MatrixJob, MatrixResult, TensorEntry, TunedSource
@@ -66,9 +66,9 @@ def analyse_job(job: MatrixJob, options: JobOptions, *, load: TensorLoader = loa
     """
     assert options.routes is not None, "analyse_job takes resolved options (execute/routes.resolve)"
     started = time.perf_counter()
-    matrix = _Matrix(job, options, load)
+    matrix = MatrixWork(job, options, load)
     base_seconds = time.perf_counter() - started
-    builder = _RowBuilder(job, options.analysis)
+    builder = RowBuilder(job, options.analysis)
     builder.add_base(matrix.base)
     for source in job.tuned:
         t0 = time.perf_counter()
@@ -82,9 +82,9 @@ def analyse_job(job: MatrixJob, options: JobOptions, *, load: TensorLoader = loa
                                  fix=_OVERFLOW_FIX) from exc
         if comparison.top_check is not None and not comparison.top_check.passed:
             check = comparison.top_check
-            _LOG.info("%s / %s: top-%d guard failed (sigma error %.1e, residual %.1e, angle bound %.1e); "
-                      "used the exact SVD (matrices.method = %s)", source.model, job.matrix,
-                      options.analysis.top_k, check.sigma_error, check.residual, check.angle_bound,
+            _LOG.info("%s / %s: top-%d guard failed (angle bound %.1e after %d blocks, %d columns; residual "
+                      "%.1e); used the exact SVD (matrices.method = %s)", source.model, job.matrix,
+                      options.analysis.top_vectors, check.angle_bound, check.iterations, check.basis, check.residual,
                       METHOD_TOPK_FALLBACK)
         # The base SVD is shared; charge each model an equal part of it.
         seconds = time.perf_counter() - t0 + base_seconds / len(job.tuned)
@@ -92,7 +92,7 @@ def analyse_job(job: MatrixJob, options: JobOptions, *, load: TensorLoader = loa
     return builder.result()
 
 
-class _Matrix:
+class MatrixWork:
     """One base matrix on the compute device, its spectrum (from the cache or computed), and the comparison
     of each tuned model's version of it."""
 
@@ -100,10 +100,10 @@ class _Matrix:
         assert options.routes is not None
         self.job, self.options, self.load = job, options, load
         self.dtype = COMPUTE_DTYPES[options.analysis.precision]
-        routes = for_shape(options.routes, job.rows, job.cols)
+        routes = options.routes
         analysis = options.analysis
         self.settings = ComparisonSettings(routes=routes, driver=options.driver, separated=analysis.k,
-                                           top_k=analysis.top_k if analysis.mode == "topk" else None)
+                                           top_k=analysis.top_vectors if analysis.mode == "topk" else None)
         raw = load(job.base)
         cache = _cache(options.cache_dir) if options.cache_dir else None
         key = cache.key(raw, job.base, analysis, routes.base) if cache is not None else None
@@ -130,21 +130,21 @@ class _Matrix:
         if source.update == "full":
             assert source.full is not None
             w = self._to_compute(self.load(source.full), source.full)
-            return compare_to_base(self.base, w, self.settings, w0=self.w0)
+            return compare_to_base(self.base, Dense(w), self.settings, w0=self.w0)
         factors = source.lora
         assert factors is not None
         a, b = self._factors(factors)
         if factors.magnitude is not None:
             return self._compare_dora(factors, a, b)
-        try:
-            w = lora_merge(self.w0, a, b, factors.scale, fan_in_fan_out=factors.fan_in_fan_out)
+        try:  # W = W0 + s B A as products; formed only where an exact SVD needs it
+            tuned = LowRankUpdate(self.w0, a, b, factors.scale, transposed=factors.fan_in_fan_out)
         except NumericalError as exc:
-            # W0, A and B were checked finite on load: the adapter's merge itself overflowed.
+            # W0, A and B were checked finite on load: the adapter's merge itself overflows.
             raise NumericalError(f"{exc.text} although W0 and the LoRA factors are finite; the adapter's scale or "
                                  "factors are the cause", path=factors.a.location, tensor=self.job.matrix,
                                  fix=_OVERFLOW_FIX) from exc
         delta = lora_delta_singular_values(a, b, factors.scale)
-        return compare_to_base(self.base, w, self.settings, delta_singular_values=delta)
+        return compare_to_base(self.base, tuned, self.settings, delta_singular_values=delta)
 
     def _factors(self, factors: LoraFactors) -> tuple[torch.Tensor, torch.Tensor]:
         """A (r, n) and B (m, r) of this matrix on the device: one expert's, one part's rows of B."""
@@ -170,7 +170,7 @@ class _Matrix:
                                  path=factors.magnitude.location, tensor=self.job.matrix,
                                  fix=f"check that the adapter was trained on this base; {option('precision', 'fp64')} "
                                      f"helps an overflow, {option('exclude')} leaves the matrix out") from exc
-        return compare_to_base(self.base, w, self.settings, w0=self.w0)
+        return compare_to_base(self.base, Dense(w), self.settings, w0=self.w0)
 
 
 def _method(comparison: TunedComparison) -> str:
@@ -180,7 +180,7 @@ def _method(comparison: TunedComparison) -> str:
     return METHOD_TOPK if comparison.top_check.passed else METHOD_TOPK_FALLBACK
 
 
-class _Columns:
+class Columns:
     """The columns of one table, named by its schema in store/schema.py and by nothing else."""
 
     def __init__(self, table: str) -> None:
@@ -200,12 +200,12 @@ class _Columns:
         return {k: np.concatenate(v) if v else np.array([]) for k, v in self.values.items()}
 
 
-class _RowBuilder:
+class RowBuilder:
     """Accumulates the rows of the three tables for one matrix."""
 
     def __init__(self, job: MatrixJob, analysis: Analysis) -> None:
         self.job, self.analysis = job, analysis
-        self.matrices, self.spectra, self.similarity = _Columns(MATRICES), _Columns(SPECTRA), _Columns(SIMILARITY)
+        self.matrices, self.spectra, self.similarity = Columns(MATRICES), Columns(SPECTRA), Columns(SIMILARITY)
 
     def _spectrum(self, model: str, role: str, side: str, sigma: np.ndarray,
                   max_cos: np.ndarray | None, argmax: np.ndarray | None) -> None:

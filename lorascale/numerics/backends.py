@@ -74,9 +74,8 @@ class Routes:
     decides; the manifest records it)."""
 
     base: str  # SVD of W0: its singular values and the vectors of the requested sides
-    tuned: str  # exact mode: SVD of each tuned W
-    values: str  # topk mode: all singular values of each tuned W
-    delta: str  # singular values of dW = W - W0 (full fine-tunes)
+    tuned: str  # SVD of each tuned W: exact mode, and topk's fallback where its guard fails
+    delta: str  # singular values of dW = W - W0 (full fine-tunes, DoRA)
     reason: str  # "--backend X", "auto: CUDA", "auto: fp64 ...", "auto: CPU table (mkl)", ...
     blas: str = ""  # the BLAS/LAPACK torch was built with (CPU), as torch reports it
     probe: dict | None = None  # the run-time probe's figures, in routes pinned from a run of an earlier version
@@ -84,7 +83,7 @@ class Routes:
     @classmethod
     def uniform(cls, backend: str, reason: str, *, blas: str = "") -> Routes:
         """Every quantity on `backend`."""
-        return cls(base=backend, tuned=backend, values=backend, delta=backend, reason=reason, blas=blas)
+        return cls(base=backend, tuned=backend, delta=backend, reason=reason, blas=blas)
 
 
 def cupy_available() -> bool:

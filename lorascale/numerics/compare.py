@@ -9,8 +9,11 @@ import torch
 
 from lorascale.numerics.backends import Routes
 from lorascale.numerics.metrics import SIMILARITY_BLOCK, effective_rank, max_cos, null_max_cos, similarity_block
+from lorascale.numerics.operators import Dense, LowRankUpdate
 from lorascale.numerics.svd import left_svd, svd, svdvals
-from lorascale.numerics.topk import DEFAULT_TOLERANCE, TopCheck, check_top, top_singular
+from lorascale.numerics.topk import ANGLE_TOLERANCE, DEFAULT_OVERSAMPLE, TopCheck, top_singular
+
+Operator = Dense | LowRankUpdate
 
 SIDES = ("left", "right")
 
@@ -27,14 +30,14 @@ class BaseSpectrum:
 
 @dataclass(frozen=True)
 class SideComparison:
-    max_cos: np.ndarray  # (p,) float64, max_i |cos(tuned_j, base_i)|; NaN beyond K in topk mode
-    argmax: np.ndarray  # (p,) int64; -1 beyond K in topk mode
+    max_cos: np.ndarray  # (q,) float64, max_i |cos(tuned_j, base_i)| over every base vector i
+    argmax: np.ndarray  # (q,) int64
     block: np.ndarray  # (b, b) |cos| of the top tuned (rows) vs top base (cols) vectors
 
 
 @dataclass(frozen=True)
 class TunedComparison:
-    s: np.ndarray  # (p,) singular values of W
+    s: np.ndarray  # (q,) the tuned singular values computed: all p (exact mode), the top K (topk mode)
     sides: dict[str, SideComparison]
     delta_fro: float
     delta_rel: float
@@ -52,7 +55,7 @@ class ComparisonSettings:
     top_k: int | None = None  # None: exact mode (every tuned vector); K: topk mode (the top K)
     separated: int = 10  # the first vectors (the top k counted for intruders) whose angle the topk guard bounds
     block: int = SIMILARITY_BLOCK  # the similarity block is block x block
-    topk_tolerance: float = DEFAULT_TOLERANCE
+    topk_tolerance: float = ANGLE_TOLERANCE
 
 
 def base_spectrum(w0: torch.Tensor, sides: tuple[str, ...], *, backend: str,
@@ -85,33 +88,57 @@ def base_spectrum(w0: torch.Tensor, sides: tuple[str, ...], *, backend: str,
     )
 
 
-def compare_to_base(base: BaseSpectrum, w: torch.Tensor, settings: ComparisonSettings, *,
+def compare_to_base(base: BaseSpectrum, tuned: Operator | torch.Tensor, settings: ComparisonSettings, *,
                     delta_singular_values: torch.Tensor | None = None,
                     w0: torch.Tensor | None = None) -> TunedComparison:
-    """SVD of W and its similarity to the base spectrum; metrics of dW = W - W0.
+    """The tuned W's singular vectors and their similarity to the base spectrum; metrics of dW = W - W0.
 
-    Pass `w0` for a full fine-tune (dW's singular values come from svdvals(W - W0)), or
-    `delta_singular_values` for an adapter (from the r x r core, see lora_delta_singular_values).
+    `tuned` is W (a tensor), or W as an operator (numerics/operators.py): an adapter's W0 + s B A is formed
+    only where an exact SVD needs it.  Pass `w0` for a full fine-tune (dW's singular values come from
+    svdvals(W - W0)), or `delta_singular_values` for an adapter (from the r x r core, see
+    lora_delta_singular_values).
 
-    `settings.top_k=None` (exact mode): the full SVD of W, max_cos for every tuned vector.  `top_k=K` (topk
-    mode): all singular values from svdvals, and max_cos/argmax only for the top K vectors (NaN/-1 beyond),
-    from top_singular() when its guard passes at `topk_tolerance` (the first `separated` vectors, those
-    whose intruder status is counted, with a bound on their angle), else from the exact SVD.
+    `settings.top_k=None` (exact mode): the full SVD of W; max_cos and singular values of every tuned vector.
+    `top_k=K` (topk mode): the top K triplets from top_singular(), warm-started from the base's top vectors
+    (and an adapter's B), when its guard passes at `topk_tolerance` for the first `separated` vectors (those
+    whose intruder status is counted), else from the exact SVD; values, max_cos and argmax of those K only.
     """
-    p = min(w.shape)
-    u, s, vh, check = _tuned_vectors(w, settings, right=("right" in base.vectors))
+    if isinstance(tuned, torch.Tensor):
+        tuned = Dense(tuned)
+    return summarise(base, tuned, tuned_triplets(base, tuned, settings), settings,
+                     delta_singular_values=delta_singular_values, w0=w0)
+
+
+@dataclass(frozen=True)
+class Triplets:
+    """The tuned W's singular triplets computed (all of them, or the top K), and the topk guard's verdict."""
+
+    u: torch.Tensor  # (m, q)
+    s: torch.Tensor  # (q,)
+    vh: torch.Tensor | None  # (q, n); None when only left vectors were needed (exact mode, left side)
+    check: TopCheck | None = None  # topk mode only
+
+
+def tuned_triplets(base: BaseSpectrum, tuned: Operator, settings: ComparisonSettings) -> Triplets:
+    """W's singular triplets as compare_to_base computes them (see its docstring)."""
+    return Triplets(*_tuned_vectors(base, tuned, settings))
+
+
+def summarise(base: BaseSpectrum, tuned: Operator, triplets: Triplets, settings: ComparisonSettings, *,
+              delta_singular_values: torch.Tensor | None = None, w0: torch.Tensor | None = None) -> TunedComparison:
+    """The comparison's numbers from W's triplets: max_cos, argmax and the similarity block per side, and
+    dW's metrics (from `delta_singular_values`, or from svdvals(W - W0) with `w0`)."""
+    u, s, vh, check = triplets.u, triplets.s, triplets.vh, triplets.check
     tuned_vectors = {"left": u, "right": vh.T if vh is not None else None}
     sides = {}
     for side, base_vectors in base.vectors.items():
         values, index = max_cos(tuned_vectors[side], base_vectors)
-        sides[side] = SideComparison(
-            max_cos=_pad(_np(values), p, np.nan), argmax=_pad(index.cpu().numpy(), p, -1),
-            block=_np(similarity_block(tuned_vectors[side], base_vectors, settings.block)),
-        )
+        sides[side] = SideComparison(max_cos=_np(values), argmax=index.cpu().numpy(),
+                                     block=_np(similarity_block(tuned_vectors[side], base_vectors, settings.block)))
     if delta_singular_values is None:
         if w0 is None:
             raise ValueError("pass w0 (full fine-tune) or delta_singular_values (adapter)")
-        delta_singular_values = svdvals(w - w0, driver=settings.driver, backend=settings.routes.delta)
+        delta_singular_values = svdvals(tuned.dense() - w0, driver=settings.driver, backend=settings.routes.delta)
     delta_fro = float(torch.linalg.norm(delta_singular_values.double()))
     return TunedComparison(
         s=_np(s), sides=sides, delta_fro=delta_fro,
@@ -121,34 +148,41 @@ def compare_to_base(base: BaseSpectrum, w: torch.Tensor, settings: ComparisonSet
     )
 
 
-def _tuned_vectors(w: torch.Tensor, settings: ComparisonSettings, *, right: bool
+def _tuned_vectors(base: BaseSpectrum, tuned: Operator, settings: ComparisonSettings
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, TopCheck | None]:
     """(U, S, Vh or None, the topk guard's verdict or None) of the tuned W: every vector (exact mode), or the
-    top K with every singular value (topk mode, the exact SVD where the guard fails)."""
+    top K (topk mode; the top K of the exact SVD where the guard fails)."""
     routes, driver, top_k = settings.routes, settings.driver, settings.top_k
+    right = "right" in base.vectors
     if top_k is None:
+        w = tuned.dense()
         if not right:  # no right vectors needed: the Gram route skips V
             u, s = left_svd(w, driver=driver, backend=routes.tuned)
             return u, s, None, None
         u, s, vh = svd(w, driver=driver, backend=routes.tuned)
         return u, s, vh, None
-    s = svdvals(w, driver=driver, backend=routes.values)
-    top = top_singular(w, min(top_k, min(w.shape)), driver=driver, backend=routes.tuned)
-    check = check_top(w, top, s, settings.topk_tolerance, separated=settings.separated)
-    u, vh = top.u, top.vh
-    if not check.passed:
-        u, _, vh = svd(w, driver=driver, backend=routes.tuned)
-        u, vh = u[:, :top_k], vh[:top_k]
-    return u, s, vh, check
+    top = top_singular(tuned, top_k, counted=settings.separated, warm=_warm_columns(base, tuned, top_k),
+                       tolerance=settings.topk_tolerance)
+    if top.check.passed:
+        return top.u, top.s, top.vh, top.check
+    u, s, vh = svd(tuned.dense(), driver=driver, backend=routes.tuned)
+    return u[:, :top_k], s[:top_k], vh[:top_k], top.check
 
 
-def _pad(values: np.ndarray, length: int, fill: float) -> np.ndarray:
-    """Extend per-vector values (q,) to one per singular value (length,), `fill` for vectors not computed."""
-    if values.shape[0] == length:
-        return values
-    out = np.full(length, fill, dtype=values.dtype)
-    out[:values.shape[0]] = values
-    return out
+def _warm_columns(base: BaseSpectrum, tuned: Operator, top_k: int) -> torch.Tensor | None:
+    """Left-space columns W's top singular vectors mostly lie in: an adapter's update directions (B, or A^T
+    for a Conv1D W0), then the base's top left singular vectors (U0, or W V0 for a right-side-only run)."""
+    width = top_k + DEFAULT_OVERSAMPLE
+    columns = []
+    if isinstance(tuned, LowRankUpdate):
+        update = tuned.a.T if tuned.transposed else tuned.b  # (m, r)
+        if update.shape[1] <= width // 2:  # a high-rank adapter's B is no better a start than U0
+            columns.append(update)
+    if "left" in base.vectors:
+        columns.append(base.vectors["left"][:, :width])  # (m, b)
+    elif "right" in base.vectors:
+        columns.append(tuned.matmul(base.vectors["right"][:, :width]))  # (m, n) @ (n, b) -> (m, b)
+    return torch.cat(columns, dim=1)[:, :width] if columns else None
 
 
 def _np(tensor: torch.Tensor) -> np.ndarray:

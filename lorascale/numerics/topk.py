@@ -1,24 +1,26 @@
-"""Top-K singular triplets by randomized block Krylov iteration, with a guard against the exact spectrum.
+"""The top K singular triplets of W by block Krylov iteration, with an a-posteriori guard on their angles.
 
-`--mode topk` needs max_cos only for the top K tuned vectors, so it replaces the tuned model's full SVD
-by (1) svdvals, which every mode needs for the spectra table, and (2) the top K triplets from a randomized
-block Krylov method (Musco & Musco 2015, "Randomized block Krylov methods for stronger and faster
-approximate SVD"; Halko, Martinsson & Tropp 2011 for the sketch): a Gaussian sketch of K + oversample
-columns, `iterations` steps of A A^T whose blocks are all kept (block Lanczos with full
-reorthogonalisation), and the small SVD of Q^T A on that basis (Rayleigh-Ritz).  Keeping every block,
-not only the last as plain subspace iteration does, is what makes slowly decaying weight spectra converge.
+`--mode topk` (the default) needs the top K tuned vectors (max_cos, the similarity block, the top k counted
+for intruders), never the full spectrum of W.  `top_singular()` builds a block Krylov basis of H = W W^T
+(Musco & Musco 2015, "Randomized block Krylov methods for stronger and faster approximate SVD"; block
+Lanczos with full reorthogonalisation, every block kept), from a start block of b = K + oversample columns:
+the caller's warm columns (the base's top left singular vectors U0[:, :b], and for an adapter the columns of
+B, where W's top vectors mostly lie) and a few Gaussian ones through W (so that no direction is missed).  It
+uses W only through products (numerics/operators.py: an adapter's W = W0 + s B A is never formed).  After
+each block, Rayleigh-Ritz on the basis Q gives Ritz triplets (s_j, u_j = Q y_j, v_j = W^T u_j / s_j), with
+W^T u_j = s_j v_j exactly, and the iteration stops as soon as the guard passes:
 
-The guard (`check_top`) compares the result with what is known exactly.  With the residual
-r_j = ||A v_j - sigma~_j u_j|| (A^T u_j - sigma~_j v_j is zero by construction of Rayleigh-Ritz):
-- every j < K: |sigma~_j - sigma_j| <= tolerance * sigma_j against svdvals (a missed or misordered
-  direction shifts it), and r_j <= sqrt(tolerance) * sigma~_j.  A Ritz value's error is quadratic in its
-  vector's error, hence the square root.  This bounds how far u_j strays from the singular vectors whose
-  values are near sigma_j, not its rotation among them.
-- the first `separated` vectors (the top k whose intruder status is counted): the angle to the true
-  singular vector, bounded by r_j / gap_j (Wedin; gap_j = distance from sigma~_j to the neighbouring exact
-  singular values), is at most sqrt(tolerance).
-When any check fails the caller falls back to the exact SVD.  A flat spectrum (neighbours closer than
-the residual) is where this trips.
+- residual r_j = W v_j - s_j u_j (computed, one product with W);
+- each interval [s_i - ||r_i||, s_i + ||r_i||] holds a singular value of W (Weyl), so the distance from s_j to
+  every other singular value is at least delta_j = min(s_{j-1} - ||r_{j-1}|| - s_j, s_j - s_{j+1} - ||r_{j+1}||);
+- Wedin's theorem: the angles of u_j and v_j to the true singular vectors are at most ||r_j|| / delta_j.
+The guard passes when that bound is <= `tolerance` (1e-4: max_cos is then within ~1e-4 of the exact SVD's,
+docs/METHOD.md section 9) for each of the first `counted` vectors (the top k whose intruder status is
+counted), and the top Ritz values moved by less than `tolerance` (relative) since the previous block.  The
+bound assumes that the basis has not missed a singular value between the Ritz values it bounds, which a
+Gaussian part of the start block makes a probability-zero event; the stability test catches one found late.
+When the guard does not pass within `max_iterations` blocks, the caller uses the exact SVD (matrices.method
+= topk->exact).  A nearly flat spectrum, where neighbours are closer than the residuals, is where it fails.
 """
 
 from __future__ import annotations
@@ -28,20 +30,35 @@ from dataclasses import dataclass
 
 import torch
 
-from lorascale.numerics.decomposition import Decomposition
-from lorascale.numerics.svd import svd
+from lorascale.numerics.operators import Dense, LowRankUpdate
 
-DEFAULT_ITERATIONS = 10
-DEFAULT_OVERSAMPLE = 32
-DEFAULT_TOLERANCE = 1e-3
+DEFAULT_OVERSAMPLE = 16  # block columns beyond K: the Ritz values just below the top K converge with it
+RANDOM_COLUMNS = 8  # Gaussian columns in every start block, whatever the warm columns
+MAX_ITERATIONS = 16  # blocks added to the start block before giving up (then: the exact SVD)
+ANGLE_TOLERANCE = 1e-4  # bound on sin(angle) of each counted vector
+
+Operator = Dense | LowRankUpdate
 
 
 @dataclass(frozen=True)
 class TopCheck:
-    sigma_error: float  # max_j<K |sigma~_j - sigma_j| / sigma_j against svdvals
-    residual: float  # max_j<K ||A v_j - sigma~_j u_j|| / sigma~_j
-    angle_bound: float  # max_j<separated r_j / gap_j: bound on sin(angle to the true vector)
+    """The guard's verdict on a top-K result."""
+
+    angle_bound: float  # max over the counted vectors of ||r_j|| / delta_j (inf where delta_j <= 0)
+    residual: float  # max over the top K of ||W v_j - s_j u_j|| / s_j
+    iterations: int  # Krylov blocks after the start block
+    basis: int  # columns of the final basis
     passed: bool
+
+
+@dataclass(frozen=True)
+class TopSingular:
+    """The top K singular triplets W ~ U diag(S) Vh and the guard's verdict."""
+
+    u: torch.Tensor  # (m, K)
+    s: torch.Tensor  # (K,) descending
+    vh: torch.Tensor  # (K, n)
+    check: TopCheck
 
 
 def _orthonormal(columns: torch.Tensor) -> torch.Tensor:
@@ -62,60 +79,125 @@ def _orthonormal(columns: torch.Tensor) -> torch.Tensor:
     return columns
 
 
-def top_singular(matrix: torch.Tensor, rank: int, *, backend: str, oversample: int = DEFAULT_OVERSAMPLE,
-                 iterations: int = DEFAULT_ITERATIONS, seed: int = 0, driver: str | None = None) -> Decomposition:
-    """The top `rank` singular triplets of `matrix` (m, n): U (m, rank), S (rank,), Vh (rank, n).
+def _start_block(operator: Operator, width: int, warm: torch.Tensor | None, seed: int) -> torch.Tensor:
+    """(m, width) orthonormal: the warm columns that fit, then Gaussian ones mapped through W."""
+    m, n = operator.shape
+    taken = warm[:, :max(0, width - RANDOM_COLUMNS)] if warm is not None else warm
+    generator = torch.Generator(device=operator.device).manual_seed(seed)
+    count = width - (taken.shape[1] if taken is not None else 0)
+    sketch = torch.randn(n, count, generator=generator, device=operator.device, dtype=operator.dtype)
+    random = operator.matmul(sketch)  # (m, n) @ (n, c) -> (m, c)
+    return _orthonormal(random if taken is None else torch.cat([taken.to(operator.dtype), random], dim=1))
 
-    The small SVD of the projected matrix runs on `backend` with `driver` (numerics/backends.py), like every
-    other SVD of the run, so a backend chosen for its accuracy or its library applies here too.
 
-    Deterministic: the sketch comes from a generator seeded with `seed` on the matrix's device.  The basis
-    has at most (iterations + 1) * (rank + oversample) columns, and never more than min(m, n).
+def _extend(blocks: list[torch.Tensor], step: torch.Tensor) -> torch.Tensor:
+    """The next orthonormal block from H Q_t (m, b): projected off every earlier block and normalised,
+    twice.  Once is not enough where the basis is nearly an invariant subspace (a warm start from the base's
+    singular vectors): what is left after the projection is then tiny, and normalising it would magnify
+    its rounding back into the earlier blocks' span; the second pass removes that."""
+    for _ in range(2):
+        for earlier in blocks:
+            step = step - earlier @ (earlier.T @ step)  # (m, b) @ ((b, m) @ (m, b))
+        step = _orthonormal(step)
+    return step
+
+
+class _Ritz:
+    """Rayleigh-Ritz on a growing basis: the Gram matrix of Q^T W, kept up to date block by block."""
+
+    def __init__(self) -> None:
+        self.rows: list[torch.Tensor] = []  # Q_i^T W, (b_i, n) each
+        self.gram: torch.Tensor | None = None  # (Q^T W)(Q^T W)^T = Q^T H Q, float64 (w, w)
+
+    def add(self, block_rows: torch.Tensor) -> None:
+        new = block_rows.to(torch.float64)
+        if self.gram is None:
+            self.gram = new @ new.T
+        else:
+            old = torch.cat([r.to(torch.float64) for r in self.rows], dim=0)
+            cross = old @ new.T  # (w, n) @ (n, b) -> (w, b)
+            self.gram = torch.cat([torch.cat([self.gram, cross], dim=1),
+                                   torch.cat([cross.T, new @ new.T], dim=1)], dim=0)
+        self.rows.append(block_rows)
+
+    def values(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(singular values descending (w,), their eigenvectors of Q^T H Q (w, w)), float64."""
+        assert self.gram is not None
+        theta, vectors = torch.linalg.eigh(self.gram)
+        return theta.flip(0).clamp_min(0).sqrt(), vectors.flip(1)
+
+
+def top_singular(operator: Operator, rank: int, *, counted: int, warm: torch.Tensor | None = None,
+                 tolerance: float = ANGLE_TOLERANCE, oversample: int = DEFAULT_OVERSAMPLE,
+                 max_iterations: int = MAX_ITERATIONS, seed: int = 0) -> TopSingular:
+    """The top `rank` singular triplets of the operator W (m, n), guarded (see the module doc).
+
+    `counted`: how many of them the angle bound must cover (the run's k); `warm`: left-space columns (m, c) to
+    start from (the base's top left singular vectors, an adapter's B), Gaussian columns completing the start
+    block.  Deterministic: the Gaussian columns come from a generator seeded with `seed` on W's device.
     """
-    m, n = matrix.shape
+    m, n = operator.shape
     p = min(m, n)
-    block = min(p, rank + oversample)
-    generator = torch.Generator(device=matrix.device).manual_seed(seed)
-    sketch = torch.randn(n, block, generator=generator, device=matrix.device, dtype=matrix.dtype)
-    blocks = [_orthonormal(matrix @ sketch)]  # (m, n) @ (n, b) -> (m, b)
-    width = block
-    for _ in range(iterations):
-        if width >= p:
+    rank, counted = min(rank, p), min(counted, rank, p)
+    width = min(p, rank + oversample)
+    blocks = [_start_block(operator, width, warm, seed)]
+    ritz = _Ritz()
+    previous: torch.Tensor | None = None
+    result: TopSingular | None = None
+    for iteration in range(max_iterations + 1):
+        products = operator.rmatmul(blocks[-1])  # W^T Q_t, (n, m) @ (m, b) -> (n, b)
+        ritz.add(products.T)
+        values, vectors = ritz.values()
+        basis = sum(b.shape[1] for b in blocks)
+        complete = basis >= m  # the basis spans the whole left space: Rayleigh-Ritz is the exact SVD
+        stable = previous is not None and _stable(values, previous, counted + 1, tolerance)
+        if stable or complete or iteration == max_iterations:
+            result = _triplets(operator, blocks, ritz, values, vectors, rank, counted, iteration, basis, tolerance)
+            if result.check.passed or complete:  # a complete basis cannot improve: the bound holds or never will
+                return result
+        previous = values
+        if iteration == max_iterations:
             break
-        step = matrix @ (matrix.T @ blocks[-1])  # (m, n) @ ((n, m) @ (m, b)) -> (m, b)
-        for _ in range(2):  # classical Gram-Schmidt twice: orthogonal to fp32 rounding
-            for previous in blocks:
-                step -= previous @ (previous.T @ step)  # (m, b) @ (b, b)
-        step = _orthonormal(step[:, :p - width])
-        blocks.append(step)
-        width += step.shape[1]
-    basis = torch.cat(blocks, dim=1)  # (m, w)
-    small = basis.T @ matrix  # (w, m) @ (m, n) -> (w, n)
-    u_small, s, vh = svd(small, driver=driver, backend=backend)
-    u = basis @ u_small[:, :rank]  # (m, w) @ (w, rank) -> (m, rank)
-    return Decomposition(u, s[:rank], vh[:rank])
+        blocks.append(_extend(blocks, operator.matmul(products)[:, :m - basis]))  # H Q_t = W (W^T Q_t)
+    assert result is not None
+    return result
 
 
-def check_top(matrix: torch.Tensor, top: Decomposition, exact_s: torch.Tensor,
-              tolerance: float = DEFAULT_TOLERANCE, *, separated: int = 0) -> TopCheck:
-    """Check the triplets `top` against the exact singular values `exact_s` of `matrix` (see module doc)."""
-    rank = top.s.shape[0]
-    floor = torch.finfo(torch.float64).tiny
-    exact = exact_s.to(torch.float64)
-    reference = exact[:rank].clamp_min(floor)
-    sigma = top.s.to(torch.float64).clamp_min(floor)
-    sigma_error = float(((sigma - reference).abs() / reference).max())
-    # A v_j - sigma_j u_j for every j at once: (m, n) @ (n, K) - (m, K) * (K,) -> (m, K)
-    residual_vectors = matrix @ top.vh.T - top.u * top.s
-    residuals = torch.linalg.vector_norm(residual_vectors, dim=0).to(torch.float64)
-    residual = float((residuals / sigma).max())
-    angle_bound = 0.0
-    if separated > 0:
-        count = min(separated, rank)
-        neighbours = torch.cat([exact[:1] * 2 + 1, exact, exact[-1:] * 0 - 1])  # (p + 2,): sentinels at the ends
-        above, below = neighbours[:count], neighbours[2:count + 2]
-        gaps = torch.minimum(above - sigma[:count], sigma[:count] - below).clamp_min(floor)
-        angle_bound = float((residuals[:count] / gaps).max())
-    root = math.sqrt(tolerance)
-    passed = sigma_error <= tolerance and residual <= root and angle_bound <= root
-    return TopCheck(sigma_error=sigma_error, residual=residual, angle_bound=angle_bound, passed=passed)
+def _stable(values: torch.Tensor, previous: torch.Tensor, count: int, tolerance: float) -> bool:
+    """Whether the top `count` Ritz values moved by at most `tolerance` (relative) since the previous block."""
+    count = min(count, values.shape[0], previous.shape[0])
+    now, before = values[:count], previous[:count]
+    return bool(((now - before).abs() <= tolerance * now.clamp_min(torch.finfo(torch.float64).tiny)).all())
+
+
+def _triplets(operator: Operator, blocks: list[torch.Tensor], ritz: _Ritz, values: torch.Tensor,
+              vectors: torch.Tensor, rank: int, counted: int, iteration: int, basis: int,
+              tolerance: float) -> TopSingular:
+    """The top Ritz triplets, their residuals and the guard (the module doc's bound).
+
+    Many parameters because it is the loop's state at one step, passed once rather than kept in an object."""
+    dtype = operator.dtype
+    wanted = min(values.shape[0], rank + 1)  # one more than returned: the last counted vector's neighbour
+    y = vectors[:, :wanted]  # (w, L) float64
+    q = torch.cat(blocks, dim=1)  # (m, w)
+    u = q @ y.to(dtype)  # (m, w) @ (w, L) -> (m, L)
+    rows = torch.cat(ritz.rows, dim=0)  # Q^T W, (w, n)
+    s = values[:wanted]
+    tiny = torch.finfo(torch.float64).tiny
+    v = (rows.T @ y.to(dtype)) / s.clamp_min(tiny).to(dtype)  # W^T u_j / s_j, (n, w) @ (w, L) -> (n, L)
+    residuals = torch.linalg.vector_norm((operator.matmul(v) - u * s.to(dtype)).to(torch.float64), dim=0)  # (L,)
+    # An exact SVD in this dtype is itself only accurate to ~sqrt(p) eps ||W|| / gap (LAPACK's error bound
+    # for singular vectors): a vector of a close pair is held to that, not to more than exact mode delivers.
+    floor = math.sqrt(min(operator.shape)) * torch.finfo(dtype).eps * float(s[0]) if wanted else 0.0
+    bounds, passed = [], True
+    for j in range(counted):
+        above = s[j - 1] - residuals[j - 1] - s[j] if j > 0 else math.inf
+        below = s[j] - s[j + 1] - residuals[j + 1] if j + 1 < wanted else math.inf
+        gap = min(float(above), float(below))
+        bound = float(residuals[j]) / gap if gap > 0 else math.inf
+        bounds.append(bound)
+        passed = passed and bound <= max(tolerance, floor / gap if gap > 0 else 0.0)
+    angle = max(bounds, default=0.0)
+    residual = float((residuals[:rank] / s[:rank].clamp_min(tiny)).max()) if rank else 0.0
+    check = TopCheck(angle_bound=angle, residual=residual, iterations=iteration, basis=basis, passed=passed)
+    return TopSingular(u=u[:, :rank], s=s[:rank].to(dtype), vh=v[:, :rank].T.contiguous(), check=check)

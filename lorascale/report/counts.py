@@ -89,22 +89,29 @@ def intruder_counts(run: Run, *, k: int | None = None, epsilon: float | None = N
     return _from_spectra(run, k, epsilon, sides)
 
 
+def _refuse_beyond_stored(run: Run, k: int, stored: int, matrix: str) -> None:
+    raise OptionError(f"{option('k', k)} reaches tuned vectors whose max_cos the run did not store: {matrix} "
+                      f"has it for its top {stored} only, as a {option('mode', 'topk')} run keeps", path=run.root,
+                      fix=f"use {option('k', stored)} or less, or rerun the comparison with {option('top_k', k)} "
+                          f"or {option('mode', 'exact')}")
+
+
 def _from_spectra(run: Run, k: int, epsilon: float, sides: tuple[str, ...]) -> IntruderCounts:
     dataset = run.dataset(SPECTRA)
     if dataset is None:
         raise OutputError("the run has no spectra table, which re-thresholding reads", path=run.root,
                           fix="summarise at the run's own k and epsilon, or rerun the comparison")
+    options = run.manifest.options
+    top_k = options.get("top_k")
+    vectors = pc.min_element_wise(run.matrices.column("rows"), run.matrices.column("cols")).to_numpy()
+    if options.get("mode") == "topk" and isinstance(top_k, int) and k > top_k and (vectors > top_k).any():
+        # A topk run stores its top --top-k triplets only (older ones stored null max_cos beyond them).
+        _refuse_beyond_stored(run, k, top_k, run.matrices.column("matrix")[int((vectors > top_k).argmax())].as_py())
     condition = (ds.field("role") == "tuned") & (ds.field("rank") < k) & ds.field("side").isin(list(sides))
     top = _plain(dataset.to_table(columns=["model", "matrix", "side", "rank", "max_cos"], filter=condition))
     unknown = top.filter(pc.is_null(top.column("max_cos"), nan_is_null=True))
-    if unknown.num_rows:
-        # A --mode topk run stores max_cos for its top --top-k vectors only: beyond them a count is unknown.
-        stored = int(pc.min(unknown.column("rank")).as_py())
-        matrix = unknown.column("matrix")[0].as_py()
-        raise OptionError(f"{option('k', k)} reaches tuned vectors whose max_cos the run did not store: {matrix} "
-                          f"has it for its top {stored} only, as a {option('mode', 'topk')} run keeps", path=run.root,
-                          fix=f"use {option('k', stored)} or less, or rerun the comparison with {option('top_k', k)} "
-                              f"or {option('mode', 'exact')}")
+    if unknown.num_rows:  # a topk run of an earlier version: null max_cos beyond its top --top-k
+        _refuse_beyond_stored(run, k, int(pc.min(unknown.column("rank")).as_py()), unknown.column("matrix")[0].as_py())
     hits = top.filter(pa.array(is_intruder(top.column("max_cos").to_numpy(zero_copy_only=False), epsilon)))
     grouped = hits.group_by(["model", "matrix", "side"]).aggregate([("rank", "count")])
     row_of = {key: i for i, key in enumerate(zip(run.matrices.column("model").to_pylist(),
@@ -114,7 +121,6 @@ def _from_spectra(run: Run, k: int, epsilon: float, sides: tuple[str, ...]) -> I
                                             for c in ("model", "matrix", "side", "rank_count"))):
         if (model, matrix) in row_of:
             per_side[side][row_of[(model, matrix)]] = count
-    vectors = pc.min_element_wise(run.matrices.column("rows"), run.matrices.column("cols")).to_numpy()
     notes = ()
     if vectors.size and k > int(vectors.min()):
         notes = (f"k = {k} is more than the {int(vectors.min())} singular vectors of the smallest matrix: "

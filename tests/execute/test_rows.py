@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 import oracle
-from lorascale.execute.worker import _Columns
+from lorascale.execute.worker import Columns
 from runs import compare
 from lorascale.report import format_summary, summary_rows
 from lorascale.report.tables import open_run
@@ -50,7 +50,7 @@ def test_method_column_names_the_fallback(clear_and_flat, tmp_path: Path):
     common = {"use_cache": False, "device": "cpu"}
     top = compare(base, [tuned], tmp_path / "topk", mode="topk", top_k=12, **common)
     assert _methods(top.out) == {"clear.weight": METHOD_TOPK, "flat.weight": METHOD_TOPK_FALLBACK}
-    exact = compare(base, [tuned], tmp_path / "exact", **common)
+    exact = compare(base, [tuned], tmp_path / "exact", mode="exact", **common)
     assert _methods(exact.out) == {"clear.weight": METHOD_EXACT, "flat.weight": METHOD_EXACT}
     # The JSON summary counts the fallbacks; the text table keeps its columns.
     assert [r["topk_fallbacks"] for r in json.loads(format_summary(summary_rows(top.out), "json"))] == [1]
@@ -76,7 +76,7 @@ def test_runs_written_before_the_method_column_still_read(clear_and_flat, tmp_pa
 
 
 def test_a_row_that_does_not_match_the_schema_is_a_bug():
-    columns = _Columns(MATRICES)
+    columns = Columns(MATRICES)
     row = {name: 0 for name in SCHEMAS[MATRICES].names}
     columns.add(**row)
     with pytest.raises(RuntimeError, match="missing \\['method'\\]"):

@@ -115,20 +115,6 @@ def test_backend_table_has_one_signature():
             assert parameters["driver"].kind is inspect.Parameter.KEYWORD_ONLY
 
 
-def test_top_singular_uses_the_backend(monkeypatch):
-    """--backend reaches the small SVD inside top_singular (it used the torch backend whatever was asked)."""
-    from lorascale.numerics import gram
-    from lorascale.numerics.topk import top_singular
-
-    calls = []
-    real = gram.svd
-    monkeypatch.setattr(gram, "svd", lambda matrix, *, driver=None: calls.append(matrix.shape) or real(matrix))
-    w = torch.from_numpy(oracle.separated(60, 40, RNG))
-    top = top_singular(w, 5, backend="gram")
-    assert calls, "the gram backend was not used"
-    np.testing.assert_allclose(top.s.numpy(), np.linalg.svd(w.numpy(), compute_uv=False)[:5], rtol=1e-8)
-
-
 def test_core_imports_without_cupy():
     # cupy is detected with importlib and imported only when the cupy backend runs.
     import subprocess

@@ -12,7 +12,7 @@ import torch
 import oracle
 from runs import settings
 from lorascale.numerics import gram
-from lorascale.execute.routes import cpu_routes, describe, for_shape
+from lorascale.execute.routes import cpu_routes, describe
 from lorascale.numerics.backends import Routes
 from runs import resolved
 from lorascale.numerics.compare import base_spectrum, compare_to_base
@@ -120,7 +120,7 @@ def resolve(device: str, backend: str = "auto", *, precision: str = "fp32", side
 def test_auto_cpu_routes_follow_the_blas_table(monkeypatch, blas, family, vectors, values):
     _blas(monkeypatch, blas)
     routes = resolve("cpu", "auto").routes
-    assert (routes.base, routes.tuned, routes.values, routes.delta) == (vectors, vectors, values, values)
+    assert (routes.base, routes.tuned, routes.delta) == (vectors, vectors, values)
     assert routes.reason == f"auto: CPU table ({family})" and routes.blas == blas and routes.probe is None
     assert cpu_routes(blas=blas) == routes  # a pure function of the BLAS: nothing timed, nothing cached
 
@@ -128,9 +128,9 @@ def test_auto_cpu_routes_follow_the_blas_table(monkeypatch, blas, family, vector
 def test_routes_outside_the_table(monkeypatch):
     _blas(monkeypatch, MKL)
     both = resolve("cpu", "auto", side="both").routes  # V needed too: vectors stay on LAPACK
-    assert (both.base, both.tuned, both.values) == ("torch", "torch", "gram")
+    assert (both.base, both.tuned, both.delta) == ("torch", "torch", "gram")
     fp64 = resolve("cpu", "auto", precision="fp64").routes  # Gram errors exceed fp64's tolerance
-    assert {fp64.base, fp64.tuned, fp64.values, fp64.delta} == {"torch"}
+    assert {fp64.base, fp64.tuned, fp64.delta} == {"torch"}
     for backend in ("torch", "gram"):  # an explicit backend keeps its meaning: every quantity there
         routes = resolve("cpu", backend).routes
         assert routes == Routes.uniform(backend, f"--backend {backend}")
@@ -151,9 +151,8 @@ def test_the_manifest_records_the_routes(monkeypatch, tmp_path):
                      backend="torch", use_cache=False)
     recorded = json.loads((tmp_path / "auto" / "manifest.json").read_text())["routes"]
     assert recorded == read_manifest(tmp_path / "auto").routes == auto.manifest.routes
-    assert (recorded["base"], recorded["tuned"], recorded["values"], recorded["delta"]) == ("gram", "gram",
-                                                                                            "gram", "gram")
-    assert recorded["reason"] == "auto: CPU table (mkl)" and recorded["blas"] == MKL and "values_rule" in recorded
+    assert (recorded["base"], recorded["tuned"], recorded["delta"]) == ("gram", "gram", "gram")
+    assert recorded["reason"] == "auto: CPU table (mkl)" and recorded["blas"] == MKL
     assert manual.manifest.routes["reason"] == "--backend torch"
     import pyarrow.dataset as ds
 
@@ -172,7 +171,7 @@ def test_one_run_one_route_decision_for_every_ray_worker(monkeypatch):
 
     _blas(monkeypatch, OPENBLAS)  # the driver: LAPACK everywhere
     prepared = RayExecutor(workers=2).prepare(JobOptions(device="cpu", backend="auto"))
-    assert (prepared.routes.base, prepared.routes.values) == ("torch", "torch")
+    assert (prepared.routes.base, prepared.routes.delta) == ("torch", "torch")
     _blas(monkeypatch, MKL)  # a worker's own table would say Gram
     worker = LocalExecutor().prepare(prepared)  # what each _MatrixWorker does with the driver's options
     assert worker.routes == prepared.routes
@@ -200,7 +199,7 @@ def test_a_resumed_run_keeps_the_routes_it_started_with(monkeypatch, tmp_path):
     again = compare(*args, device="cpu", use_cache=False, include=["*layers.0.*"])
     assert again.manifest.resumed and again.manifest.routes == first.manifest.routes
     fresh = compare(*args, device="cpu", use_cache=False, include=["*layers.0.*"], overwrite=True)
-    assert (fresh.manifest.routes["base"], fresh.manifest.routes["values"]) == ("gram", "gram")
+    assert (fresh.manifest.routes["base"], fresh.manifest.routes["delta"]) == ("gram", "gram")
 
 
 def test_routes_pinned_by_a_run_of_an_earlier_version_are_kept():
@@ -210,7 +209,7 @@ def test_routes_pinned_by_a_run_of_an_earlier_version_are_kept():
     record = {"base": "gram", "tuned": "gram", "values": "torch", "delta": "torch", "reason": "auto: probe",
               "blas": MKL, "probe": {"size": 1024}}
     pinned = pinned_routes(record)
-    assert pinned is not None and (pinned.base, pinned.values, pinned.probe) == ("gram", "torch", {"size": 1024})
+    assert pinned is not None and (pinned.base, pinned.delta, pinned.probe) == ("gram", "torch", {"size": 1024})
     assert resolve("cpu", "auto", pinned=pinned).routes == pinned
     assert pinned_routes({**record, "reason": "--backend gram"}) is None  # explicit choices are not pinned
 
@@ -254,23 +253,9 @@ def test_two_fresh_processes_started_at_once_decide_alike_whatever_their_environ
     assert written == [], written
 
 
-def test_gram_values_only_for_rectangular_matrices(monkeypatch):
-    """LAPACK's values-only SVD beats the Gram route on square matrices (benchmarks: 4096 x 4096), the Gram
-    route wins on rectangular ones: auto's values route follows the shape; vectors and explicit backends
-    do not."""
-    _blas(monkeypatch, MKL)
-    routes = resolve("cpu", "auto").routes
-    assert (routes.values, routes.delta) == ("gram", "gram") and "values_rule" in describe(routes)
-    square, tall, wide = for_shape(routes, 64, 64), for_shape(routes, 176, 64), for_shape(routes, 64, 176)
-    assert (square.values, square.delta, square.base, square.tuned) == ("torch", "torch", "gram", "gram")
-    assert tall == wide == routes
-    assert for_shape(routes, 100, 64).values == "torch"  # aspect below 2 counts as square
-    assert for_shape(Routes.uniform("gram", "--backend gram"), 64, 64).values == "gram"
-
-
-def test_square_matrices_get_lapack_values_in_a_run(monkeypatch, tmp_path):
-    """The worker hands numerics each matrix's own routes (execute/routes.for_shape): dW's singular values
-    of a square matrix on LAPACK, of a rectangular one on the Gram route."""
+def test_every_shape_gets_the_same_routes_in_a_run(monkeypatch, tmp_path):
+    """The table decides per BLAS, not per shape (the Gram route measured faster at every Llama shape for
+    vectors and dW's values): square and rectangular matrices of one run use the same routes."""
     from checkpoints import finetuned, save_full, tiny_llama
     from runs import compare
 
@@ -290,4 +275,4 @@ def test_square_matrices_get_lapack_values_in_a_run(monkeypatch, tmp_path):
     save_full(finetuned(model), tmp_path / "tuned")
     compare(str(tmp_path / "base"), [str(tmp_path / "tuned")], tmp_path / "out", device="cpu", use_cache=False,
             include=["*layers.0.self_attn.q_proj*", "*layers.0.mlp.up_proj*"])
-    assert used == {((64, 64), "torch"), ((128, 64), "gram")}
+    assert used == {((64, 64), "gram"), ((128, 64), "gram")}
