@@ -17,7 +17,7 @@ from typing import Any
 from lorascale import results as _results
 from lorascale.results import Results
 
-__all__ = ["CompareResult", "compare", "load"]
+__all__ = ["CompareResult", "MitigateResult", "compare", "load", "mitigate"]
 
 
 @dataclass(frozen=True)
@@ -92,6 +92,53 @@ def compare(base: str | os.PathLike | Mapping[str, str], tuned: str | os.PathLik
             bar.close()
     return CompareResult(out=result.out, manifest=result.manifest, summary=summary, computed=result.computed,
                          planned=result.planned, report=index)
+
+
+def mitigate(base: str | os.PathLike | Mapping[str, str], adapter: str | os.PathLike | Mapping[str, str],
+             out: str | os.PathLike, *, progress: bool = False, executor: Any = None, download_progress: Any = None,
+             **options: Any) -> MitigateResult:
+    """Remove (`mitigation_lambda=0`) or scale down (default 0.75) the intruder dimensions of the LoRA adapter
+    `adapter` of `base`, and write the result to `out`: out/adapter/ (a PEFT adapter: PeftModel.from_pretrained
+    loads it, `lorascale run` reads it), the run's tables of the adapter as it was, and out/mitigation/ (per
+    matrix: intruders before and after, ranks, the written adapter's error against W').
+
+    `rank`: "r+intruders" (default: dW' kept exactly, each changed module's rank in rank_pattern), "r" (the
+    adapter's rank, as peft's reduce_intruder_dimension does: dW' truncated), or "auto" (dW''s numerical rank).
+    Every other keyword is as for `lorascale.compare` (k, epsilon, mode, top_k, precision, device, ...).
+
+    >>> result = lorascale.mitigate("meta-llama/Llama-2-7b-hf",  # doctest: +SKIP
+    ...                             "LoRA-TMLR-2024/magicoder-lora-rank-16-alpha-32", "mitigated/", mitigation_lambda=0)
+    >>> result.summary["intruders_after"]  # doctest: +SKIP
+    """
+    from lorascale import pipeline
+    from lorascale.report.mitigation import mitigation_summary
+    from lorascale.request import build_request
+
+    request = build_request(base, adapter, out, mitigate=True, **options)
+    bar = _ProgressBar() if progress else None
+    try:
+        result = pipeline.mitigate(request, executor=executor, progress=bar, download_progress=download_progress)
+    finally:
+        if bar is not None:
+            bar.close()
+    return MitigateResult(out=result.out, adapter=result.out / "adapter", manifest=result.manifest,
+                          summary=mitigation_summary(result.out), computed=result.computed, planned=result.planned)
+
+
+@dataclass(frozen=True)
+class MitigateResult:
+    """What mitigate() did: where the mitigated adapter and the tables are, and the totals."""
+
+    out: Path
+    adapter: Path  # out/adapter: the PEFT adapter directory
+    manifest: Any
+    summary: dict[str, Any]  # report/mitigation.mitigation_summary
+    computed: int
+    planned: int
+
+    def load(self) -> Results:
+        """The tables of this run (lorascale.load(out)); `.mitigation` is what was done per matrix."""
+        return load(self.out)
 
 
 class _ProgressBar:

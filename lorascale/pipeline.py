@@ -28,6 +28,7 @@ from lorascale.records import HubFile, NamedReference, RemoteFile, Skipped, Tens
 from lorascale.request import JobOptions, RunRequest, job_options, python_command
 from lorascale.store.manifest import Manifest, read_manifest
 from lorascale.store.run_directory import RunDirectory
+from lorascale.store.schema import MITIGATED, MITIGATION
 
 # Called as (jobs done, jobs total, matrix name) after each matrix.
 ProgressCallback = Callable[[int, int, str], None]
@@ -73,6 +74,29 @@ def compare(request: RunRequest, *, executor: Executor | None = None, progress: 
     >>> compare(build_request("meta-llama/Llama-2-7b-hf",  # doctest: +SKIP
     ...                       "LoRA-TMLR-2024/magicoder-lora-rank-16-alpha-32", "results"))
     """
+    if request.mitigation is not None:
+        raise OptionError("this request is a mitigation", fix="call pipeline.mitigate with it")
+    return _run(request, executor=executor, progress=progress, download_progress=download_progress,
+                command=command)
+
+
+def mitigate(request: RunRequest, *, executor: Executor | None = None, progress: ProgressCallback | None = None,
+             download_progress: StatusCallback | None = None, command: str | None = None) -> RunResult:
+    """Run a mitigation request (request.mitigation set: one LoRA adapter): compare it as compare() does
+    (the tables describe the adapter as it was), rewrite each matrix's intruder components
+    (execute/mitigation.py; the mitigation/ table says what was done), then write the mitigated PEFT adapter
+    to out/adapter/ once every matrix is done (store/adapter_writer.py).  Resumable like compare()."""
+    if request.mitigation is None:
+        raise OptionError("this request is not a mitigation", fix="build it with build_request and mitigate=True")
+    return _run(request, executor=executor, progress=progress, download_progress=download_progress,
+                command=command, finish=_write_mitigated_adapter)
+
+
+def _run(request: RunRequest, *, executor: Executor | None, progress: ProgressCallback | None,
+         download_progress: StatusCallback | None, command: str | None,
+         finish: Callable[[Path, Prepared, Manifest], None] | None = None) -> RunResult:
+    """compare() and mitigate(): prepare, then the jobs not done yet into the tables; `finish` runs once every
+    job's rows are written, inside the run's session (its failure is the run's)."""
     output = request.output
     if output is None:
         raise OptionError("a comparison needs an output directory", fix=f"pass {option('out')}")
@@ -102,7 +126,33 @@ def compare(request: RunRequest, *, executor: Executor | None = None, progress: 
                 if files is not None:
                     files.close()
                 _record_execution(manifest, executor.describe())
+            if finish is not None:
+                writer.flush()
+                finish(output.out, prepared, manifest)
     return RunResult(out=output.out, manifest=manifest, computed=len(jobs), planned=len(plan.jobs))
+
+
+def _write_mitigated_adapter(out: Path, prepared: Prepared, manifest: Manifest) -> None:
+    """out/adapter/ from the input adapter and the factors the run staged (store/adapter_writer.py)."""
+    from lorascale.results import Results
+    from lorascale.store.adapter_writer import write_adapter
+
+    request = prepared.request
+    assert request.mitigation is not None
+    log.info("writing the mitigated adapter to %s", out / "adapter")
+    adapter = prepared.tuned[0]
+    if not all(path.exists() for path in adapter.resolved.weight_files):  # a Ray run read it on its workers
+        adapter = open_checkpoint(resolve(adapter.reference, allow_pickle=not request.references.no_pickle))
+    rows = Results(root=out, manifest=manifest).table(MITIGATION).to_pylist()
+    ranks = {r["module"]: r["rank_after"] for r in rows
+             if r["status"] == MITIGATED and r["rank_after"] != r["rank_before"]}
+    record = {"lorascale_version": __version__, "command": manifest.command, "base": request.references.base.reference,
+              "adapter": adapter.reference, "options": manifest.options,
+              "matrices_mitigated": sum(r["status"] == MITIGATED for r in rows),
+              "intruders_before": sum(r["intruders_before"] for r in rows),
+              "intruders_after": sum(r["intruders_after"] if r["intruders_after"] is not None else r["intruders_before"]
+                                     for r in rows)}
+    write_adapter(out, adapter, ranks, record=record)
 
 
 def prepare(request: RunRequest, *, executor: Executor | None = None, resuming: Path | None = None) -> Prepared:
@@ -114,6 +164,10 @@ def prepare(request: RunRequest, *, executor: Executor | None = None, resuming: 
     options = executor.prepare(job_options(request, routes=_earlier_routes(resuming)))
     references = request.references
     base, *tuned = _open_checkpoints([n.reference for n in references.all], allow_pickle=not references.no_pickle)
+    if request.mitigation is not None and tuned[0].kind != "lora":
+        raise OptionError(f"{tuned[0].reference} is a full checkpoint: mitigation rewrites a LoRA adapter's factors",
+                          fix="pass the adapter: adapter_config.json and its weights; mitigating a full fine-tune's "
+                              "weights is not supported")
     _warn_same_checkpoints(base, tuned)
     log.info("planning: matching %d tuned model(s) to the base", len(tuned))
     selection = request.selection

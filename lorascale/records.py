@@ -176,6 +176,10 @@ class MatrixResult:
     matrices: dict[str, list]
     spectra: dict[str, object]
     similarity: dict[str, object]
+    # `lorascale mitigate` only: the row of the mitigation table, and the adapter tensors that replace the
+    # input's (stored name -> CPU tensor in the adapter's dtype); None in an analysis run.
+    mitigation: dict[str, list] | None = None
+    factors: dict[str, object] | None = None
 
 
 @dataclass(frozen=True)

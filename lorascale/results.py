@@ -19,10 +19,10 @@ import pyarrow.dataset as ds
 from lorascale.errors import OptionError, OutputError
 from lorascale.store.manifest import RUN_FIX, Manifest, read_manifest
 from lorascale.store.run_directory import check_complete, effective_status
-from lorascale.store.schema import MATRICES, SCHEMAS, SIMILARITY, SPECTRA
+from lorascale.store.schema import MATRICES, MITIGATION, SCHEMAS, SIMILARITY, SPECTRA
 from lorascale.store.writer import part_files
 
-TABLES = (MATRICES, SPECTRA, SIMILARITY)
+TABLES = (MATRICES, SPECTRA, SIMILARITY, MITIGATION)  # mitigation: `lorascale mitigate` runs only
 # Columns that repeat a handful of values millions of times: reading them dictionary-encoded keeps a
 # 7B run's spectra table in memory at a fraction of the plain-string size (report queries ask for it).
 DICTIONARY_COLUMNS = ("model", "role", "matrix", "side", "module", "update")
@@ -86,6 +86,11 @@ class Results:
     @property
     def similarity(self) -> pa.Table:
         return self.table(SIMILARITY)
+
+    @property
+    def mitigation(self) -> pa.Table:
+        """What `lorascale mitigate` did to each matrix (empty for a comparison run)."""
+        return self.table(MITIGATION)
 
     def to_pandas(self, name: str = MATRICES) -> Any:
         """Table `name` as a pandas DataFrame (needs pandas)."""

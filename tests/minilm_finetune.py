@@ -357,6 +357,92 @@ def _finetune(out_dir: Path, mode: Mode, *, seed: int, recipe: Recipe | None, ma
     return result
 
 
+# ---------------------------------------------------------------------------------------------------------
+# What a fine-tune did to the pre-trained encoder (the forgetting side of `lorascale mitigate`)
+# ---------------------------------------------------------------------------------------------------------
+
+# Sentences unlike the task's templates (no sentiment, other vocabulary): how far a fine-tune moved the
+# sentence embeddings all-MiniLM-L6-v2 was trained to produce is a measure of what it forgot.
+GENERAL_SENTENCES = (
+    "the train to the airport leaves every twenty minutes",
+    "water boils at a lower temperature in the mountains",
+    "she opened the window and the room filled with cold air",
+    "the committee will publish its report next month",
+    "he repaired the bicycle with tools borrowed from a neighbour",
+    "most of the city was built after the fire of the last century",
+    "the children planted tomatoes in the school garden",
+    "a new bridge will connect the two sides of the river",
+    "the museum is closed on mondays and public holidays",
+    "prices of fresh vegetables rose during the winter",
+    "the software update changes how files are stored",
+    "our flight was delayed because of fog at the airport",
+    "the library lends books, music and board games",
+    "scientists measured the depth of the lake with sound",
+    "the recipe needs two eggs, flour and a little milk",
+    "the road through the valley is closed for repairs",
+    "they moved to a small village near the coast",
+    "the orchestra rehearsed the symphony for three weeks",
+    "a map of the old town hangs in the station",
+    "the doctor asked him to come back in two weeks",
+    "the farmers sell their cheese at the saturday market",
+    "the company opened an office in another country",
+    "heavy rain caused the river to flood the fields",
+    "the students wrote a program that sorts numbers",
+    "the painting was restored and returned to the church",
+    "he learned to swim when he was six years old",
+    "the meeting was moved from tuesday to thursday",
+    "a cat was sleeping on the warm roof of the car",
+    "the factory produces parts for washing machines",
+    "the island can only be reached by boat",
+    "the teacher explained how plants use sunlight",
+    "the new law changes the rules for small businesses",
+)
+
+
+def _adapted_classifier(adapter_dir: Path | None):
+    """The mean-pooling classifier on the packaged base, with the LoRA adapter merged by peft (None: the base
+    encoder, head untrained)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    model = _mean_pooling_classifier().from_pretrained(base_model_dir(), num_labels=2, local_files_only=True)
+    if adapter_dir is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+    return model.eval()
+
+
+@torch.no_grad()
+def sentence_embeddings(adapter_dir: Path | None, sentences=GENERAL_SENTENCES) -> torch.Tensor:
+    """(n, 384) unit-norm sentence embeddings (masked mean of the last hidden states, as the model was trained to
+    give) of the base encoder, or of the base with the adapter in `adapter_dir` merged."""
+    from transformers import AutoTokenizer
+
+    model = _adapted_classifier(adapter_dir)
+    tokenizer = AutoTokenizer.from_pretrained(base_model_dir(), local_files_only=True)
+    batch = tokenizer(list(sentences), padding=True, return_tensors="pt")
+    hidden = model.bert(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+    pooled = (hidden * mask).sum(1) / mask.sum(1)
+    return torch.nn.functional.normalize(pooled, dim=1)
+
+
+def embedding_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Mean cosine distance (1 - cos) between matching rows of two sentence_embeddings() results."""
+    return float((1.0 - (a * b).sum(1)).mean())
+
+
+def task_accuracy(adapter_dir: Path, *, n_test: int = 512) -> float:
+    """Held-out accuracy on the fine-tuning task of the base with the adapter (and its trained head)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base_model_dir(), local_files_only=True)
+    _, test = make_task(set(tokenizer.get_vocab()), n_train=LORA_RECIPE.steps * LORA_RECIPE.batch_size,
+                        n_test=n_test, negation_rate=LORA_RECIPE.negation_rate)
+    return _accuracy(_adapted_classifier(adapter_dir), _encode(tokenizer, test))
+
+
 def _main(argv: list[str]) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # a script owns its process's environment
     root = Path(argv[0]) if argv else Path("minilm-finetunes")

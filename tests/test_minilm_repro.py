@@ -219,3 +219,27 @@ def test_topk_default_counts_equal_exact_mode_on_the_real_model(finetuned, resul
     methods = {row["method"] for row in results["matrices"]}
     assert methods <= {"topk", "topk->exact"} and "topk" in methods
 
+
+def test_mitigation_removes_the_intruders_and_moves_outputs_back_to_the_base(finetuned, results, tmp_path):
+    """`lorascale mitigate --lambda 0` on the rank-1 LoRA (the paper's Section 6): no intruder is left among
+    the top k at the run's epsilon, `lorascale run` on the written adapter agrees, and on sentences unlike the
+    task the mitigated model's embeddings are closer to the base's than the tuned model's are (less
+    forgetting).  benchmarks/mitigation.py measures the whole lambda sweep with task accuracy (README table)."""
+    import lorascale
+    from minilm_finetune import embedding_distance, sentence_embeddings
+
+    _, lora = finetuned
+    result = lorascale.mitigate(str(base_model_dir()), str(lora.out_dir), tmp_path / "mitigated", k=K, epsilon=0.5,
+                                mitigation_lambda=0.0, include=("encoder.layer.*",))
+    before = _intruders(results["spectra"], results["lora"], 0.5)
+    assert result.summary["intruders_before"] == before > 0
+    assert result.summary["intruders_after"] == 0
+    assert result.summary["max_relative_error"] < 1e-5  # --rank r+intruders: W' as written, to fp32
+    after = tmp_path / "after"
+    lorascale.compare(base=str(base_model_dir()), tuned=str(result.adapter), out=str(after), k=K, epsilon=0.5,
+                      include=("encoder.layer.*",))
+    spectra = pa_dataset.dataset(after / "spectra", format="parquet").to_table().to_pylist()
+    assert _intruders(spectra, str(result.adapter), 0.5) == 0
+    base, tuned, mitigated = (sentence_embeddings(d) for d in (None, lora.out_dir, result.adapter))
+    tuned_distance, mitigated_distance = embedding_distance(base, tuned), embedding_distance(base, mitigated)
+    assert mitigated_distance < 0.8 * tuned_distance, (tuned_distance, mitigated_distance)

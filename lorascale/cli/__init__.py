@@ -19,9 +19,9 @@ from lorascale.cli.flags import command_line, message
 from lorascale.cli.progress import Progress
 from lorascale.errors import LorascaleError
 from lorascale.numerics.backends import BACKEND_CHOICES, DEVICE_CHOICES
-from lorascale.request import DEFAULT_TOP_K, MODES, PRECISIONS, SIDES, Analysis
+from lorascale.request import DEFAULT_TOP_K, MODES, PRECISIONS, RANK_MODES, SIDES, Analysis, Mitigation
 
-_ANALYSIS = Analysis()  # the defaults, written once (request.py)
+_ANALYSIS, _MITIGATION = Analysis(), Mitigation()  # the defaults, written once (request.py)
 
 
 class Terminated(KeyboardInterrupt):
@@ -171,7 +171,7 @@ _COMMON_OPTIONS = [
 
 
 def _common_options(command: Any) -> Any:
-    """The analysis, execution and output options of `run`, in help order."""
+    """The options `run` and `mitigate` share (the analysis, execution and output ones), in help order."""
     for option_ in reversed(_COMMON_OPTIONS):
         command = option_(command)
     return command
@@ -240,6 +240,46 @@ def run(quiet: bool, dry_run: bool, **options: Any) -> None:
         finally:
             progress.close()
         click.echo(f"report: {index}", err=True)
+
+
+@main.command()
+@click.option("--base", required=True, metavar="REF",
+              help="The base checkpoint the adapter was trained on (as for run).")
+@click.option("--adapter", "tuned", required=True, metavar="REF",
+              help="The PEFT LoRA adapter to mitigate: directory, adapter file, or org/name[@rev].")
+@click.option("--out", type=click.Path(path_type=Path), required=True, metavar="DIR",
+              help="Output: DIR/adapter (the mitigated adapter), DIR/mitigation (what was done), and the tables.")
+@click.option("--lambda", "mitigation_lambda", type=float, default=_MITIGATION.mitigation_lambda, show_default=True,
+              help="What is kept of each intruder component of W: 0 removes it, 1 keeps it.")
+@click.option("--rank", type=click.Choice(RANK_MODES), default=_MITIGATION.rank, show_default=True,
+              help="Rank of the written factors: r+intruders keeps dW' exactly (rank_pattern per module); r keeps "
+                   "the adapter's rank (as peft's reduce_intruder_dimension: dW' truncated); auto dW''s numerical "
+                   "rank.")
+@_common_options
+def mitigate(quiet: bool, **options: Any) -> None:
+    """Scale down the intruder dimensions of a LoRA adapter and write the result as a PEFT adapter.
+
+    Per adapted matrix: the intruders among the top --k singular vectors of W = W0 + s B A (max_cos < --epsilon,
+    as `run` counts them), W' = W + (lambda - 1) * their components, and new factors for dW' = W' - W0.
+    Matrices without intruders are copied unchanged.
+    """
+    from lorascale.pipeline import mitigate as run_mitigation
+    from lorascale.report.mitigation import format_mitigation, mitigation_summary
+    from lorascale.request import build_request
+
+    request = build_request(options.pop("base"), options.pop("tuned"), options.pop("out"), mitigate=True, **options)
+    if not settings.debug():
+        from huggingface_hub.utils import logging as hub_logging
+
+        hub_logging.set_verbosity_error()
+    progress = Progress(enabled=not quiet)
+    try:
+        result = run_mitigation(request, progress=progress, download_progress=progress.downloads,
+                                command=command_line(request, command="mitigate"))
+    finally:
+        progress.close()
+    click.echo(f"wrote {result.out}", err=True)
+    click.echo(format_mitigation(mitigation_summary(result.out)))
 
 
 @main.command()

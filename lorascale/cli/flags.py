@@ -20,6 +20,8 @@ FLAGS: dict[str, str] = {
     "resume": "--resume", "report": "--report", "series": "--series", "dry_run": "--dry-run",
     "ray_address": "--ray-address", "workers": "--workers", "cpus_per_worker": "--cpus-per-worker",
     "gpus_per_worker": "--gpus-per-worker",
+    # lorascale mitigate (its --adapter is the request's one tuned reference)
+    "mitigation_lambda": "--lambda", "rank": "--rank",
     # lorascale summary / report
     "partial": "--partial", "matrix": "--matrix", "order": "--order", "by": "--by", "format": "--format",
 }
@@ -51,15 +53,18 @@ def message(error: LorascaleError) -> str:
     return error.spelled(flag_spelling)
 
 
-def command_line(request: RunRequest) -> str:
+def command_line(request: RunRequest, *, command: str = "run") -> str:
     """The `lorascale run ...` line that reproduces `request`, in one normalised form whatever way it was
     typed (a venv's script path, `python -m`, `--k=5`, a default given): every option that differs from its
     default, in the order of FLAGS, spelled with its long flag.  Credentials in a Ray address are left out
     (request.public_address)."""
     given = request.keywords()
-    words = ["lorascale", "run"]
+    words = ["lorascale", command]
     for name in FLAGS:
         if name not in given:
+            continue
+        if command == "mitigate" and name == "tuned":
+            words += ["--adapter", given["tuned"][0]]
             continue
         value: Any = given[name]
         if name == "ray_address":

@@ -81,13 +81,24 @@ def run_local(jobs: Iterable[MatrixJob], options: JobOptions, *, prefetch: bool 
 
         def read(entry: TensorEntry) -> torch.Tensor:
             return load_tensor(files.local(entry))
+    work = job_function(options)
     if not prefetch:
         for job in jobs:
-            yield analyse_job(job, options, load=read)
+            yield work(job, options, load=read)
         return
     with TensorPrefetcher([entry for job in jobs for entry in job_entries(job)], read=read) as prefetcher:
         for job in jobs:
-            yield analyse_job(job, options, load=prefetcher.load)
+            yield work(job, options, load=prefetcher.load)
+
+
+def job_function(options: JobOptions):
+    """What each job runs: the analysis (execute/worker.py), or the mitigation (execute/mitigation.py),
+    which also analyses."""
+    if options.mitigation is not None:
+        from lorascale.execute.mitigation import mitigate_job
+
+        return mitigate_job
+    return analyse_job
 
 
 class LocalExecutor(Executor):

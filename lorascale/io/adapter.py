@@ -34,6 +34,14 @@ PEFT_DEFAULT_ALPHA = 8
 _CONFIG_FIX = "adapter_config.json is damaged or hand-edited; re-save the adapter with peft's save_pretrained"
 
 
+def module_of(name: str) -> str | None:
+    """The module path of a stored lora_A / lora_B tensor name, PEFT prefix and adapter name stripped (the
+    key peft's rank_pattern and alpha_pattern match): `base_model.model.model.layers.0.self_attn.q_proj.
+    lora_A.weight` -> `model.layers.0.self_attn.q_proj`."""
+    match = _LORA_KEY.match(name)
+    return match["module"].removeprefix(PEFT_PREFIX) if match else None
+
+
 def read_adapter_settings(path: Path) -> AdapterSettings:
     """Parse adapter_config.json, refusing adapter kinds whose W is not W0 + s * B @ A.
 

@@ -3,6 +3,7 @@
 What lorascale writes in --out, and so all that `--overwrite` ever removes:
     manifest.json, .lorascale.lock, .lorascale.pid,
     matrices/ spectra/ similarity/  holding part-NNNNNN.parquet and .tmp-* files,
+    mitigation/ factors/ adapter/  for `lorascale mitigate` (adapter/ when it carries lorascale's marker),
     report/  when it carries lorascale's report marker.
 Anything else in --out is the user's and is left alone; a non-empty directory without a lorascale
 manifest is refused, with or without --overwrite.
@@ -29,12 +30,18 @@ from lorascale.records import MatrixJob
 from lorascale.store.atomic import TMP_PREFIX, write_failure
 from lorascale.store.lock import LOCK_NAME, PID_NAME, OutputLock, held_by, is_locked
 from lorascale.store.manifest import Manifest, Status, read_manifest, write_manifest
-from lorascale.store.schema import MANIFEST, REPORT_DIR, TABLES, is_report_directory
-from lorascale.store.writer import ResultWriter, completed_pairs, is_part_file, part_numbers, remove_orphans
+from lorascale.store.schema import (ADAPTER_DIR, FACTORS_DIR, MANIFEST, OPTIONAL_TABLES, REPORT_DIR, TABLES,
+                                    is_mitigated_adapter, is_report_directory)
+from lorascale.store.writer import (ResultWriter, completed_pairs, factor_files, is_part_file, part_numbers,
+                                    remove_orphans)
+
+# The directories of part files lorascale writes in --out (the tables; mitigate's table and factors).
+_DIRECTORIES = (*TABLES, *OPTIONAL_TABLES, FACTORS_DIR)
 
 # Options that change the numbers: a rerun with other values is another run, not a continuation.
 # "rename" is recorded only when given, so runs written before the option existed keep their identity.
-_RUN_OPTIONS = ("k", "epsilon", "side", "precision", "include", "exclude", "mode", "top_k", "rename")
+_RUN_OPTIONS = ("k", "epsilon", "side", "precision", "include", "exclude", "mode", "top_k", "rename",
+                "mitigation_lambda", "rank")
 
 
 def now() -> str:
@@ -136,7 +143,7 @@ def _remove_if_unused(out: Path) -> None:
     if any(part_numbers(out / table) for table in TABLES) or (out / MANIFEST).exists():
         return
     with contextlib.suppress(OSError):
-        for name in (LOCK_NAME, PID_NAME, *TABLES):
+        for name in (LOCK_NAME, PID_NAME, *_DIRECTORIES):
             target = out / name
             if target.is_dir() and not target.is_symlink():
                 target.rmdir()
@@ -158,7 +165,7 @@ def _contents(out: Path) -> list[str]:
 
 def _prepare(out: Path, manifest: Manifest, *, overwrite: bool, resume: bool) -> Manifest | None:
     """Return the earlier manifest when this run continues it; refuse to mix unrelated or stale runs."""
-    for name in (*TABLES, REPORT_DIR):
+    for name in (*_DIRECTORIES, REPORT_DIR, ADAPTER_DIR):
         if (out / name).is_symlink():
             raise OutputError(f"is a symbolic link; lorascale never writes through links inside {option('out')}",
                               path=out / name, fix=f"remove the link, or choose another {option('out')}")
@@ -204,18 +211,21 @@ def _run_identity(manifest: Manifest) -> tuple:
 
 def _remove_ours(out: Path) -> None:
     """Delete what lorascale wrote in `out` (see the module docstring), nothing else."""
-    for table in TABLES:
+    for table in _DIRECTORIES:
         directory = out / table
         if not directory.is_dir() or directory.is_symlink():
             continue
         for path in directory.iterdir():
-            if path.name.startswith(TMP_PREFIX) or is_part_file(path.name):
+            if path.name.startswith(TMP_PREFIX) or is_part_file(path.name) or path in factor_files(out):
                 path.unlink()
         with contextlib.suppress(OSError):
             directory.rmdir()  # kept if the user put files of their own there
     report = out / REPORT_DIR
     if report.is_dir() and not report.is_symlink() and is_report_directory(report):
         shutil.rmtree(report)
+    adapter = out / ADAPTER_DIR
+    if adapter.is_dir() and not adapter.is_symlink() and is_mitigated_adapter(adapter):
+        shutil.rmtree(adapter)
     for name in (MANIFEST,):
         with contextlib.suppress(FileNotFoundError):
             (out / name).unlink()

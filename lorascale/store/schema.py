@@ -90,10 +90,38 @@ SIMILARITY_SCHEMA = pa.schema(
     ]
 )
 
+# `lorascale mitigate` only: one row per (adapter, matrix) it analysed, and what it did to the matrix.
+MITIGATION = "mitigation"
+# Values of mitigation.status.
+MITIGATED, UNCHANGED = "mitigated", "unchanged: no intruders"  # else "not mitigated: <why>"
+MITIGATION_SCHEMA = pa.schema(
+    [
+        pa.field("model", pa.string(), nullable=False),  # the adapter reference exactly as given
+        pa.field("matrix", pa.string(), nullable=False),  # tensor name in the base's naming
+        pa.field("module", pa.string(), nullable=False),  # the adapter's module path (its rank_pattern key)
+        pa.field("rows", pa.int64(), nullable=False),
+        pa.field("cols", pa.int64(), nullable=False),
+        pa.field("status", pa.string(), nullable=False),
+        pa.field("rank_before", pa.int32(), nullable=False),
+        pa.field("rank_after", pa.int32(), nullable=False),
+        pa.field("intruders_before", pa.int32(), nullable=False),  # at the run's k and epsilon
+        pa.field("intruders_after", pa.int32()),  # of the written adapter; null when not mitigated
+        pa.field("mitigation_lambda", pa.float64(), nullable=False),
+        pa.field("relative_error", pa.float64()),  # ||W0 + written dW' - W'||_F / ||W'||_F; null if unchanged
+        pa.field("delta_ratio", pa.float64()),  # ||written dW'||_F / ||dW||_F
+        pa.field("seconds", pa.float64(), nullable=False),
+        EXPERT_FIELD,
+    ]
+)
+FACTORS_DIR = "factors"  # mitigate: the new lora_A / lora_B of each part, as safetensors, until the adapter is whole
+ADAPTER_DIR = "adapter"  # mitigate: the mitigated PEFT adapter, written once every matrix is done
+OPTIONAL_TABLES = (MITIGATION,)
+
 SCHEMAS: dict[str, pa.Schema] = {
     MATRICES: MATRICES_SCHEMA,
     SPECTRA: SPECTRA_SCHEMA,
     SIMILARITY: SIMILARITY_SCHEMA,
+    MITIGATION: MITIGATION_SCHEMA,
 }
 
 
@@ -105,3 +133,14 @@ def is_report_directory(path: Path) -> bool:
     with index.open(encoding="utf-8", errors="replace") as handle:
         head = handle.read(4096)
     return f'<meta name="generator" content="{REPORT_GENERATOR}">' in head
+
+
+# The file lorascale writes into a mitigated adapter directory (beside peft's files): marks it as lorascale's,
+# so a rerun or `--overwrite` may replace it (and nothing else), and says what was done to it.
+MITIGATED_MARKER = "lorascale-mitigation.json"
+
+
+def is_mitigated_adapter(path: Path) -> bool:
+    """True when `path` is an adapter directory `lorascale mitigate` wrote."""
+    marker = path / MITIGATED_MARKER
+    return marker.is_file() and not marker.is_symlink()

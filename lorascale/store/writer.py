@@ -16,13 +16,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
+from safetensors.torch import save as save_tensors
 
 from lorascale.errors import OutputError, option
 from lorascale.records import MatrixResult
 from lorascale.store.atomic import TMP_PREFIX, ensure_directory, write_atomic
-from lorascale.store.schema import MATRICES, SCHEMAS, SIMILARITY, SPECTRA, TABLES
+from lorascale.store.schema import (FACTORS_DIR, MATRICES, MITIGATION, OPTIONAL_TABLES, SCHEMAS, SIMILARITY,
+                                    SPECTRA, TABLES)
 
 _PART = re.compile(r"^part-(\d{6})\.parquet$")
+_FACTORS = re.compile(r"^part-(\d{6})\.safetensors$")
 
 
 def is_part_file(name: str) -> bool:
@@ -41,15 +44,22 @@ def part_numbers(table_dir: Path) -> set[int]:
     return {int(_PART.match(p.name).group(1)) for p in part_files(table_dir)}  # type: ignore[union-attr]
 
 
+def factor_files(out: Path) -> list[Path]:
+    """The factors parts (`lorascale mitigate`), in part order."""
+    directory = out / FACTORS_DIR
+    return sorted(p for p in directory.iterdir() if _FACTORS.match(p.name)) if directory.is_dir() else []
+
+
 def remove_orphans(out: Path) -> None:
-    """Delete parts of spectra/similarity whose matrices part was never written, and stale temp files."""
+    """Delete parts of every other table (and factors parts) whose matrices part was never written, and stale
+    temp files."""
     complete = part_numbers(out / MATRICES)
-    for table in TABLES:
+    for table in (*TABLES, *OPTIONAL_TABLES, FACTORS_DIR):
         directory = out / table
         if not directory.is_dir():
             continue
         for path in directory.iterdir():
-            match = _PART.match(path.name)
+            match = _PART.match(path.name) or _FACTORS.match(path.name)
             orphan = match is not None and table != MATRICES and int(match.group(1)) not in complete
             if path.name.startswith(TMP_PREFIX) or orphan:
                 path.unlink()
@@ -104,8 +114,7 @@ class ResultWriter:
         for table in TABLES:
             ensure_directory(out / table)
         self.flush_every, self.flush_seconds = flush_every, flush_seconds
-        self._next = max(part_numbers(out / MATRICES) | part_numbers(out / SPECTRA)
-                         | part_numbers(out / SIMILARITY), default=-1) + 1
+        self._next = max(set().union(*(part_numbers(out / t) for t in (*TABLES, *OPTIONAL_TABLES))), default=-1) + 1
         self._pending: list[MatrixResult] = []
         self._last_flush = time.monotonic()
 
@@ -118,13 +127,22 @@ class ResultWriter:
         if not self._pending:
             return
         name = f"part-{self._next:06d}.parquet"
+        mitigated = [r for r in self._pending if r.mitigation is not None]
+        if mitigated:  # `lorascale mitigate`: its table and the new factors, before what marks them done
+            factors = {k: v for r in mitigated for k, v in (r.factors or {}).items()}
+            ensure_directory(self.out / FACTORS_DIR)
+            write_atomic(self.out / FACTORS_DIR / f"part-{self._next:06d}.safetensors",
+                         save_tensors({k: v.contiguous() for k, v in factors.items()}))  # type: ignore[union-attr]
         # matrices last: its part is what marks these matrices as done.
         for table, pick in ((SPECTRA, lambda r: r.spectra), (SIMILARITY, lambda r: r.similarity),
-                            (MATRICES, lambda r: r.matrices)):
+                            (MITIGATION, lambda r: r.mitigation), (MATRICES, lambda r: r.matrices)):
+            if table == MITIGATION and not mitigated:
+                continue
             columns: dict[str, list[object]] = {f.name: [] for f in SCHEMAS[table]}
             for result in self._pending:
-                for key, values in pick(result).items():
+                for key, values in (pick(result) or {}).items():
                     columns[key].append(values)
+            ensure_directory(self.out / table)
             _write_atomic(to_table(columns, SCHEMAS[table]), self.out / table / name)
         self._next += 1
         self._pending.clear()
