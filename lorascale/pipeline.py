@@ -134,6 +134,7 @@ def _run(request: RunRequest, *, executor: Executor | None, progress: ProgressCa
 
 def _write_mitigated_adapter(out: Path, prepared: Prepared, manifest: Manifest) -> None:
     """out/adapter/ from the input adapter and the factors the run staged (store/adapter_writer.py)."""
+    from lorascale.report.mitigation import intruders_left
     from lorascale.results import Results
     from lorascale.store.adapter_writer import write_adapter
 
@@ -150,8 +151,7 @@ def _write_mitigated_adapter(out: Path, prepared: Prepared, manifest: Manifest) 
               "adapter": adapter.reference, "options": manifest.options,
               "matrices_mitigated": sum(r["status"] == MITIGATED for r in rows),
               "intruders_before": sum(r["intruders_before"] for r in rows),
-              "intruders_after": sum(r["intruders_after"] if r["intruders_after"] is not None else r["intruders_before"]
-                                     for r in rows)}
+              "intruders_after": sum(intruders_left(r) for r in rows)}
     write_adapter(out, adapter, ranks, record=record)
 
 

@@ -17,7 +17,7 @@ from lorascale.execute.worker import _OVERFLOW_FIX, Columns, MatrixWork, RowBuil
 from lorascale.io.adapter import module_of
 from lorascale.io.tensors import TORCH_DTYPES, load_tensor
 from lorascale.numerics.compare import Triplets, summarise, tuned_triplets
-from lorascale.numerics.intruders import is_intruder
+from lorascale.numerics.intruders import intruder_count, is_intruder
 from lorascale.numerics.metrics import lora_delta_singular_values, max_cos
 from lorascale.numerics.mitigate import intruder_directions, mitigate_update
 from lorascale.numerics.operators import LowRankUpdate
@@ -52,7 +52,7 @@ def mitigate_job(job: MatrixJob, options: JobOptions, *, load: TensorLoader = lo
     why = unsupported(source)
     if why is not None:
         comparison = matrix.compare(source)
-        count = int(is_intruder(comparison.sides["left"].max_cos[:options.analysis.k], options.analysis.epsilon).sum())
+        count = intruder_count(comparison.sides["left"].max_cos, options.analysis.k, options.analysis.epsilon)
         rank = source.lora.rank if source.lora is not None else 0
         row, tensors = _row(job, source, options, why, rank, rank, count, None, None, None, started), {}
     else:
@@ -100,7 +100,7 @@ def _intruders(matrix: MatrixWork, tuned: LowRankUpdate, k: int, epsilon: float)
     """The intruder count of the written adapter's W at (k, epsilon), against the same base vectors."""
     triplets: Triplets = tuned_triplets(matrix.base, tuned, matrix.settings)
     values, _ = max_cos(triplets.u[:, :k], matrix.base.vectors["left"])
-    return int(is_intruder(values, epsilon).sum())
+    return intruder_count(values, k, epsilon)
 
 
 def _row(job: MatrixJob, source: TunedSource, options: JobOptions, status: str, rank_before: int, rank_after: int,

@@ -9,6 +9,11 @@ from lorascale.results import load
 from lorascale.store.schema import ADAPTER_DIR, MITIGATED, UNCHANGED
 
 
+def intruders_left(row: dict[str, Any]) -> int:
+    """The intruders a mitigation row's matrix has in the written adapter (a matrix not mitigated keeps its own)."""
+    return row["intruders_after"] if row["intruders_after"] is not None else row["intruders_before"]
+
+
 def mitigation_summary(results: str | Path) -> dict[str, Any]:
     """Totals of a finished mitigation run: matrices mitigated / unchanged / not mitigated (and why), intruders
     before and after, the update's norm kept, the largest error of the written adapter against W'."""
@@ -19,7 +24,7 @@ def mitigation_summary(results: str | Path) -> dict[str, Any]:
     for r in rows:
         if r["status"] not in (MITIGATED, UNCHANGED):
             reasons[r["status"]] = reasons.get(r["status"], 0) + 1
-    after = [r["intruders_after"] if r["intruders_after"] is not None else r["intruders_before"] for r in rows]
+    after = [intruders_left(r) for r in rows]
     return {
         "adapter": str(Path(results) / ADAPTER_DIR), "model": rows[0]["model"] if rows else None,
         "mitigation_lambda": run.manifest.options.get("mitigation_lambda"), "rank": run.manifest.options.get("rank"),
