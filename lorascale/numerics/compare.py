@@ -119,11 +119,6 @@ class Triplets:
     check: TopCheck | None = None  # topk mode only
 
 
-def tuned_triplets(base: BaseSpectrum, tuned: Operator, settings: ComparisonSettings) -> Triplets:
-    """W's singular triplets as compare_to_base computes them (see its docstring)."""
-    return Triplets(*_tuned_vectors(base, tuned, settings))
-
-
 def summarise(base: BaseSpectrum, tuned: Operator, triplets: Triplets, settings: ComparisonSettings, *,
               delta_singular_values: torch.Tensor | None = None, w0: torch.Tensor | None = None) -> TunedComparison:
     """The comparison's numbers from W's triplets: max_cos, argmax and the similarity block per side, and
@@ -148,25 +143,22 @@ def summarise(base: BaseSpectrum, tuned: Operator, triplets: Triplets, settings:
     )
 
 
-def _tuned_vectors(base: BaseSpectrum, tuned: Operator, settings: ComparisonSettings
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, TopCheck | None]:
-    """(U, S, Vh or None, the topk guard's verdict or None) of the tuned W: every vector (exact mode), or the
-    top K (topk mode; the top K of the exact SVD where the guard fails)."""
+def tuned_triplets(base: BaseSpectrum, tuned: Operator, settings: ComparisonSettings) -> Triplets:
+    """W's singular triplets as compare_to_base computes them: every one (exact mode; Vh None when only left
+    vectors are needed), or the top K (topk mode; the top K of the exact SVD where the guard fails)."""
     routes, driver, top_k = settings.routes, settings.driver, settings.top_k
     right = "right" in base.vectors
     if top_k is None:
         w = tuned.dense()
         if not right:  # no right vectors needed: the Gram route skips V
-            u, s = left_svd(w, driver=driver, backend=routes.tuned)
-            return u, s, None, None
-        u, s, vh = svd(w, driver=driver, backend=routes.tuned)
-        return u, s, vh, None
+            return Triplets(*left_svd(w, driver=driver, backend=routes.tuned), vh=None)
+        return Triplets(*svd(w, driver=driver, backend=routes.tuned))
     top = top_singular(tuned, top_k, counted=settings.separated, warm=_warm_columns(base, tuned, top_k),
                        tolerance=settings.topk_tolerance)
     if top.check.passed:
-        return top.u, top.s, top.vh, top.check
+        return Triplets(top.u, top.s, top.vh, top.check)
     u, s, vh = svd(tuned.dense(), driver=driver, backend=routes.tuned)
-    return u[:, :top_k], s[:top_k], vh[:top_k], top.check
+    return Triplets(u[:, :top_k], s[:top_k], vh[:top_k], top.check)
 
 
 def _warm_columns(base: BaseSpectrum, tuned: Operator, top_k: int) -> torch.Tensor | None:
