@@ -132,6 +132,8 @@ def _rewrite_header(shard: Path, edit) -> None:
     (lambda h: h.rstrip()[:-1] + b', "' + Q_PROJ.encode() + b'": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}',
      f"key {Q_PROJ!r} twice"),
     (lambda h: h.rstrip()[:-1] + b', "x": ' + b"[" * 50_000 + b"]" * 50_000 + b"}", "nested too deeply"),
+    # A megabyte-long tensor name: refused at header parse, before any --rename/--include pattern meets it.
+    (lambda h: h.replace(Q_PROJ.encode(), b"model." + b"a." * 500_000 + b"weight"), "longer than the 1024 bytes"),
 ])
 def test_hostile_header(llama, tmp_path, edit, words):
     tuned = checkpoints.copy_checkpoint(llama.tuned["fp32"], tmp_path / "tuned")

@@ -269,7 +269,7 @@ def test_a_tensor_record_cut_short_is_refused(tmp_path):
     with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as archive:
         for record, content in records.items():
             archive.writestr(record, content)
-    with pytest.raises(CheckpointFormatError, match="not a data record|torch's restricted loader"):
+    with pytest.raises(CheckpointFormatError, match="tensor .w.: its storage record .*data/0. is short: 16 bytes"):
         read_bin_index(path)
 
 
