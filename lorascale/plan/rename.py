@@ -29,8 +29,8 @@ from lorascale.errors import MismatchError, OptionError, option
 
 # No rename rule needs more; it also bounds what Python's parser and RE2's compiler are given.
 MAX_RULE_CHARS = 4096
-_FIX = ("FROM is a regular expression (Python syntax, matched by RE2: no backreferences or lookarounds), "
-        "TO may use \\1 or \\g<name> for its groups")
+_FIX = ("FROM is a regular expression in Python syntax, matched by RE2, so without backreferences or "
+        "lookarounds; TO may use \\1 or \\g<name> for its groups")
 _OPTIONS = re2.Options()
 _OPTIONS.log_errors = False  # RE2 would print its own message on stderr; ours is the one line
 
@@ -129,10 +129,10 @@ def _unsupported_feature(source: str) -> str | None:
         from re import _parser as sre_parse  # Python >= 3.11
     except ImportError:  # pragma: no cover - Python 3.10
         import sre_parse  # type: ignore[no-redef]
-    names = {"GROUPREF": "a backreference (\\1 or (?P=name))", "GROUPREF_EXISTS": "a conditional group (?(1)...)",
-             "ASSERT": "a lookahead or lookbehind ((?=...), (?<=...))",
-             "ASSERT_NOT": "a negative lookahead or lookbehind ((?!...), (?<!...))",
-             "ATOMIC_GROUP": "an atomic group (?>...)", "POSSESSIVE_REPEAT": "a possessive quantifier (*+, ++, ?+)"}
+    names = {"GROUPREF": "a backreference, \\1 or (?P=name)", "GROUPREF_EXISTS": "a conditional group",
+             "ASSERT": "a lookahead or lookbehind, (?=...) or (?<=...)",
+             "ASSERT_NOT": "a negative lookahead or lookbehind, (?!...) or (?<!...)",
+             "ATOMIC_GROUP": "an atomic group, (?>...)", "POSSESSIVE_REPEAT": "a possessive quantifier, *+, ++ or ?+"}
     try:
         stack = [sre_parse.parse(source)]
     except Exception:  # noqa: BLE001 - only wording depends on it

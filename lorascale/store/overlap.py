@@ -22,7 +22,7 @@ from lorascale.io.resolve import local_path
 from lorascale.settings import hub_settings
 
 _FIX = (f"choose an {option('out')} outside every input, and no input inside it: lorascale deletes and writes "
-        f"in {option('out')} (and {option('overwrite', True)} removes its earlier files)")
+        f"in {option('out')}, and {option('overwrite', True)} removes its earlier files")
 
 
 @dataclass(frozen=True)
