@@ -99,25 +99,39 @@ class _Archive:
 
 def _scan(path: Path, handle, archive: zipfile.ZipFile, size: int) -> tuple[dict[str, _Record], bytes]:
     """Every record of the central directory, by name (a name stored twice counts its copies), and the
-    sha256 of the canonical record table: name, size, CRC-32 and data offset of every record, in order."""
+    sha256 of the canonical record table: name, size, CRC-32 and data offset of every record, in order.
+
+    Each central-directory entry must lead to a local header of the same name, and no two records may share
+    bytes: otherwise one name could read another record's bytes (torch's reader checks neither)."""
     records: dict[str, _Record] = {}
+    spans: list[tuple[int, int, str]] = []
     table = hashlib.sha256()
     for info in archive.infolist():
         handle.seek(info.header_offset)
         header = handle.read(_LOCAL_HEADER.size)
         if len(header) != _LOCAL_HEADER.size or header[:4] != _ZIP_MAGIC:
-            raise CheckpointFormatError(f"record {info.filename!r} has no local header", path=path, fix=_FIX)
+            raise CheckpointFormatError(f"record {info.filename[:200]!r} has no local header", path=path, fix=_FIX)
         fields = _LOCAL_HEADER.unpack(header)
+        local_name = handle.read(fields[-2]).decode("utf-8" if fields[3] & 0x800 else "cp437", "replace")
+        if local_name != info.orig_filename:
+            raise CheckpointFormatError(f"record {info.filename[:200]!r} points at the local header of "
+                                        f"{local_name[:200]!r}", path=path, fix=_FIX)
         start = info.header_offset + _LOCAL_HEADER.size + fields[-2] + fields[-1]
         if start + info.compress_size > size:
-            raise CheckpointFormatError(f"record {info.filename!r} ends past the end of the file", path=path,
+            raise CheckpointFormatError(f"record {info.filename[:200]!r} ends past the end of the file", path=path,
                                         fix=_FIX)
+        spans.append((info.header_offset, start + info.compress_size, info.filename))
         if info.filename in records:
             records[info.filename].copies += 1
         else:
             records[info.filename] = _Record(info.filename, start, info.file_size,
                                              info.compress_type != zipfile.ZIP_STORED)
         table.update(f"{info.filename}\0{info.file_size}\0{info.CRC}\0{start}\n".encode())
+    spans.sort()
+    for (_, end, name), (begin, _, other) in zip(spans, spans[1:]):
+        if begin < end:
+            raise CheckpointFormatError(f"records {name[:200]!r} and {other[:200]!r} overlap in the file", path=path,
+                                        fix=_FIX)
     return records, table.digest()
 
 
@@ -126,8 +140,11 @@ def _layout(path: Path, records: dict[str, _Record]) -> str:
     every record inside its folder; and what we require of records other than tensor data: each named once,
     stored uncompressed (tensor records are checked per tensor, so that the message names the tensor)."""
     pickles = [n for n in records if n.endswith("/data.pkl") and n.count("/") == 1]
-    if len(pickles) != 1:
+    if not pickles:
         raise CheckpointFormatError("no <archive>/data.pkl record: not a torch.save file", path=path, fix=_FIX)
+    if len(pickles) > 1:
+        raise CheckpointFormatError(f"{len(pickles)} archive folders hold a data.pkl ({', '.join(pickles[:3])}); "
+                                    "a torch.save file has one", path=path, fix=_FIX)
     prefix = pickles[0].removesuffix("data.pkl")
     for record in records.values():
         if not record.name.startswith(prefix):

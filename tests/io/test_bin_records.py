@@ -14,6 +14,7 @@ import collections
 import io
 import pickle
 import random
+import struct
 import warnings
 import zipfile
 from contextlib import contextmanager
@@ -192,6 +193,52 @@ def test_a_record_outside_the_archive_folder_is_refused(saved, tmp_path):
     path = _write(tmp_path / "outside.bin", [*_records(saved), ("elsewhere/data/0", b"\0" * 64)])
     assert _torch_load(path) is None
     assert "is outside the archive folder" in _refusal(path)
+
+
+def _central_offsets_swapped(path: Path, first: str, second: str) -> None:
+    """Swap the local-header offsets of two central-directory entries: each name now leads to the other's
+    bytes (torch.load follows the central directory and reads them crossed, without a word)."""
+    raw = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as archive:
+        offsets = {info.filename: info.header_offset for info in archive.infolist()}
+    position = raw.index(b"PK\x01\x02")  # first central-directory entry
+    while raw[position:position + 4] == b"PK\x01\x02":
+        name_length, extra_length, comment_length = struct.unpack_from("<3H", raw, position + 28)
+        name = bytes(raw[position + 46:position + 46 + name_length]).decode()
+        if name in (first, second):
+            struct.pack_into("<L", raw, position + 42, offsets[second if name == first else first])
+        position += 46 + name_length + extra_length + comment_length
+    path.write_bytes(bytes(raw))
+
+
+def test_a_central_entry_leading_to_another_records_bytes_is_refused(saved, tmp_path):
+    records = _records(saved)
+    path = _write(tmp_path / "crossed.bin", records)
+    k_proj, v_proj = _data_name(records, "0"), _data_name(records, "2")  # same length
+    _central_offsets_swapped(path, k_proj, v_proj)
+    crossed = _torch_load(path)
+    assert crossed is not None and torch.equal(crossed["k_proj"], _state()["v_proj"])  # torch reads it crossed
+    assert f"record {k_proj!r} points at the local header of {v_proj!r}" in _refusal(path)
+
+
+def test_overlapping_records_and_two_archive_folders_are_refused(saved, tmp_path):
+    records = _records(saved)
+    two = _write(tmp_path / "two.bin", [*records, ("other/data.pkl", dict(records)[records[0][0]])])
+    assert "2 archive folders hold a data.pkl" in _refusal(two)
+    # A second entry named like the first, sharing its local header: a duplicated name over the same bytes.
+    path = _write(tmp_path / "shared.bin", records)
+    raw = path.read_bytes()
+    start = raw.index(b"PK\x01\x02")
+    end_record = raw.index(b"PK\x05\x06")
+    entry_length = 46 + sum(struct.unpack_from("<3H", raw, start + 28))
+    count = struct.unpack_from("<H", raw, end_record + 10)[0]
+    patched = bytearray(raw[:end_record] + raw[start:start + entry_length] + raw[end_record:])
+    struct.pack_into("<2H", patched, end_record + entry_length + 8, count + 1, count + 1)
+    struct.pack_into("<L", patched, end_record + entry_length + 12,
+                     struct.unpack_from("<L", raw, end_record + 12)[0] + entry_length)
+    path.write_bytes(bytes(patched))
+    message = _refusal(path)
+    assert "appears 2 times" in message or "overlap in the file" in message, message
 
 
 class _Storage:
