@@ -115,14 +115,16 @@ def _run(request: RunRequest, *, executor: Executor | None, progress: ProgressCa
         prepared.executor.close()
         raise
     streamed = streamed_files([prepared.base, *prepared.tuned])
+    manifest = _new_manifest(prepared, command=command or python_command(request))
+    writes_adapter = request.mitigation is not None
+    RunDirectory.check(output.out, manifest, overwrite=output.overwrite, resume=output.resume,
+                       writes_adapter=writes_adapter)  # before the scratch directory is created
     scratch = request.references.scratch_dir
     if scratch is not None:
         _scratch_directory(scratch)
-    manifest = _new_manifest(prepared, command=command or python_command(request))
     plan, executor = prepared.plan, prepared.executor
     with RunDirectory.open(output.out, manifest, overwrite=output.overwrite, resume=output.resume,
-                           inputs=tuple(item.path for item in inputs),
-                           writes_adapter=request.mitigation is not None) as run_dir:
+                           inputs=tuple(item.path for item in inputs), writes_adapter=writes_adapter) as run_dir:
         jobs = run_dir.pending(tuple(stream_order(plan.jobs, streamed)) if streamed else plan.jobs)
         log.info("computing %d of %d matrices", len(jobs), len(plan.jobs))
         files = StreamedFiles(jobs, streamed, scratch_dir=scratch, on_status=download_progress) if streamed else None

@@ -178,9 +178,10 @@ def test_refusals_of_out_leave_no_lock_behind(llama, tmp_path, setup, code, word
     setup(out)
     before = tree(tmp_path)
     result = invoke("run", "--base", llama.base["fp32"], "--tuned", llama.tuned["fp32"], "--out", out, "--device",
-                    "cpu", "--quiet", "--no-cache")
+                    "cpu", "--quiet", "--no-cache", "--scratch-dir", tmp_path / "scratch")
     assert_refused(result, code, words)
     assert not (out / LOCK_NAME).exists() and not (out / PID_NAME).exists()
+    assert not (tmp_path / "scratch").exists()  # the scratch directory is created only after these checks
     assert tree(tmp_path) == before
 
 

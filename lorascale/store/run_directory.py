@@ -72,11 +72,7 @@ class RunDirectory:
         directories, which --overwrite never deletes (pipeline refuses an --out that holds one anyway).
         A directory this call created is removed again if nothing was written to it.
         """
-        _create_refusal(out)
-        if out.is_dir():
-            _prepare(out, manifest, overwrite=overwrite, resume=resume, dry_run=True)
-            if writes_adapter:
-                refuse_foreign_adapter(out)
+        cls.check(out, manifest, overwrite=overwrite, resume=resume, writes_adapter=writes_adapter)
         created = _create(out)
         try:
             with OutputLock(out):
@@ -85,6 +81,17 @@ class RunDirectory:
         finally:
             if created:
                 _remove_if_unused(out, created)
+
+    @staticmethod
+    def check(out: Path, manifest: Manifest, *, overwrite: bool = False, resume: bool = False,
+              writes_adapter: bool = False) -> None:
+        """Every refusal `open` would make, read-only: nothing created, deleted or locked (pipeline calls it
+        before it creates a scratch directory, so that a refused run creates nothing at all)."""
+        _create_refusal(out)
+        if out.is_dir():
+            _prepare(out, manifest, overwrite=overwrite, resume=resume, dry_run=True)
+            if writes_adapter:
+                refuse_foreign_adapter(out)
 
     def pending(self, jobs: tuple[MatrixJob, ...]) -> list[MatrixJob]:
         """The jobs with at least one (model, matrix) pair whose rows are not written yet."""
