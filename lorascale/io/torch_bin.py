@@ -231,9 +231,14 @@ def _unpickle(path: Path, pickle_bytes: bytes) -> object:
     """data.pkl through torch's restricted unpickler (the one torch.load(weights_only=True) runs; it refuses
     every global but tensor rebuilders and plain containers), every storage on the meta device."""
     storages = _MetaStorages(path, path.stat().st_size)
-    tls = torch.serialization._serialization_tls
+    restricted = getattr(getattr(torch, "_weights_only_unpickler", None), "Unpickler", None)
+    tls = getattr(torch.serialization, "_serialization_tls", None)
+    if restricted is None or tls is None:  # a torch that moved them: refuse rather than unpickle another way
+        raise CheckpointFormatError(f"torch {torch.__version__} does not provide the restricted unpickler that "
+                                    "lorascale reads .bin files with", path=path, fix=_CONVERT)
+    previous = getattr(tls, "map_location", None)
     try:
-        unpickler = torch._weights_only_unpickler.Unpickler(io.BytesIO(pickle_bytes), encoding="utf-8")
+        unpickler = restricted(io.BytesIO(pickle_bytes), encoding="utf-8")
         unpickler.persistent_load = storages
         # As torch.load(map_location="meta") does: rebuilders that pick a device of their own pick meta.
         tls.map_location = "meta"
@@ -245,8 +250,8 @@ def _unpickle(path: Path, pickle_bytes: bytes) -> object:
     except Exception as exc:  # noqa: BLE001 - hostile input: whatever the restricted unpickler raises means "refused"
         error = exc
     finally:
-        tls.map_location = None
-        torch._utils._sparse_tensors_to_validate.clear()  # sparse tensors are refused below, never validated
+        tls.map_location = previous
+        getattr(torch._utils, "_sparse_tensors_to_validate", []).clear()  # sparse tensors: refused, not validated
     if isinstance(error, pickle.UnpicklingError):
         message = ("the pickle asks for objects other than tensors (a malicious or non-weights file); torch's "
                    "restricted loader refused it and nothing in it was run")
