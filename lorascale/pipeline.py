@@ -27,6 +27,7 @@ from lorascale.plan import Plan, plan_jobs
 from lorascale.records import HubFile, NamedReference, RemoteFile, Skipped, TensorEntry
 from lorascale.request import JobOptions, RunRequest, job_options, python_command
 from lorascale.store.manifest import Manifest, read_manifest
+from lorascale.store.overlap import checkpoint_inputs, reference_inputs, refuse_overlap
 from lorascale.store.run_directory import RunDirectory
 from lorascale.store.schema import MITIGATED, MITIGATION
 
@@ -100,14 +101,30 @@ def _run(request: RunRequest, *, executor: Executor | None, progress: ProgressCa
     output = request.output
     if output is None:
         raise OptionError("a comparison needs an output directory", fix=f"pass {option('out')}")
+    # Inputs and --out must not overlap: checked on the references before anything is resolved or downloaded,
+    # and on the resolved files (hub snapshots, links) before anything is created, deleted or written.
+    tuned_role = "adapter" if request.mitigation is not None else "tuned"
+    refuse_overlap(output.out, reference_inputs([("base", request.references.base.reference)]
+                                                + [(tuned_role, n.reference) for n in request.references.tuned]))
     prepared = prepare(request, executor=executor, resuming=None if output.overwrite else output.out)
+    inputs = [*checkpoint_inputs("base", prepared.base),
+              *(item for model in prepared.tuned for item in checkpoint_inputs(tuned_role, model))]
+    try:
+        refuse_overlap(output.out, inputs)
+    except OptionError:
+        prepared.executor.close()
+        raise
     streamed = streamed_files([prepared.base, *prepared.tuned])
+    manifest = _new_manifest(prepared, command=command or python_command(request))
+    writes_adapter = request.mitigation is not None
+    RunDirectory.check(output.out, manifest, overwrite=output.overwrite, resume=output.resume,
+                       writes_adapter=writes_adapter)  # before the scratch directory is created
     scratch = request.references.scratch_dir
     if scratch is not None:
         _scratch_directory(scratch)
-    manifest = _new_manifest(prepared, command=command or python_command(request))
     plan, executor = prepared.plan, prepared.executor
-    with RunDirectory.open(output.out, manifest, overwrite=output.overwrite, resume=output.resume) as run_dir:
+    with RunDirectory.open(output.out, manifest, overwrite=output.overwrite, resume=output.resume,
+                           inputs=tuple(item.path for item in inputs), writes_adapter=writes_adapter) as run_dir:
         jobs = run_dir.pending(tuple(stream_order(plan.jobs, streamed)) if streamed else plan.jobs)
         log.info("computing %d of %d matrices", len(jobs), len(plan.jobs))
         files = StreamedFiles(jobs, streamed, scratch_dir=scratch, on_status=download_progress) if streamed else None

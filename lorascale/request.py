@@ -110,14 +110,14 @@ class Selection:
     def __post_init__(self) -> None:
         for name in ("include", "exclude", "rename"):
             object.__setattr__(self, name, _patterns(name, getattr(self, name)))
-        from lorascale.plan.names import parse_renames
+        from lorascale.plan.rename import parse_renames
 
         parse_renames(self.rename)  # refuse a bad rule now, before anything is read
 
     @property
     def rules(self):
-        """The parsed --rename rules (plan/names.py)."""
-        from lorascale.plan.names import parse_renames
+        """The parsed --rename rules (plan/rename.py)."""
+        from lorascale.plan.rename import parse_renames
 
         return parse_renames(self.rename)
 

@@ -154,7 +154,8 @@ _COMMON_OPTIONS = [
     click.option("--include", multiple=True, help="Glob on base tensor names to analyse (repeatable)."),
     click.option("--exclude", multiple=True, help="Glob on base tensor names to skip (repeatable)."),
     click.option("--rename", multiple=True, metavar="FROM=TO",
-                  help="Regex rewrite of tuned tensor names before matching them to the base's (repeatable, in order)."),
+                  help="Regex rewrite of tuned tensor names before matching them to the base's (repeatable, in order; "
+                       "Python regex syntax matched by RE2 in linear time: no backreferences or lookarounds)."),
     click.option("--overwrite", is_flag=True, help="Replace a different earlier run in --out."),
     click.option("--resume", is_flag=True, help="Require an earlier run in --out and continue it."),
     click.option("--quiet", is_flag=True, help="No progress or stage lines on stderr; warnings and errors still show."),

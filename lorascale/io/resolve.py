@@ -146,10 +146,9 @@ def resolve(reference: str, *, headers_only: bool = False, allow_pickle: bool = 
     """
     if not reference or not reference.strip():
         raise CheckpointReferenceError("empty checkpoint reference")
-    expanded = os.path.expanduser(reference)
-    # Explicit path syntax wins, then anything that exists: a local folder named like `org/name` is a path.
-    if reference.startswith(("/", "./", "../", "~")) or os.path.isabs(reference) or os.path.lexists(expanded):
-        return _resolve_local(reference, Path(os.path.abspath(expanded)), allow_pickle=allow_pickle)
+    path = local_path(reference)
+    if path is not None:
+        return _resolve_local(reference, path, allow_pickle=allow_pickle)
     match = _REPO_RE.fullmatch(reference)
     if match:
         _check_repo_id(reference, match["repo"])
@@ -159,6 +158,15 @@ def resolve(reference: str, *, headers_only: bool = False, allow_pickle: bool = 
                             allow_pickle=allow_pickle)
     raise CheckpointReferenceError("no such file or directory", path=_printable(reference),
                                    fix="give a local path, or a Hugging Face repo id as org/name[@revision]")
+
+
+def local_path(reference: str) -> Path | None:
+    """The local path (absolute, links not followed) that `reference` names, or None for a Hub reference.
+    Explicit path syntax wins, then anything that exists: a local folder named like `org/name` is a path."""
+    expanded = os.path.expanduser(reference)
+    if reference.startswith(("/", "./", "../", "~")) or os.path.isabs(reference) or os.path.lexists(expanded):
+        return Path(os.path.abspath(expanded))
+    return None
 
 
 def _check_repo_id(reference: str, repo_id: str) -> None:
