@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from lorascale import __version__
+from lorascale.version import __version__
 from lorascale.errors import LorascaleError, OptionError, option
 from lorascale.execute import Executor, make_executor
 from lorascale.execute.routes import describe as describe_routes, pinned_routes, resolve as resolve_compute
@@ -135,7 +135,7 @@ def _run(request: RunRequest, *, executor: Executor | None, progress: ProgressCa
 def _write_mitigated_adapter(out: Path, prepared: Prepared, manifest: Manifest) -> None:
     """out/adapter/ from the input adapter and the factors the run staged (store/adapter_writer.py)."""
     from lorascale.report.mitigation import intruders_left
-    from lorascale.results import Results
+    from lorascale.store.reader import Results
     from lorascale.store.adapter_writer import write_adapter
 
     request = prepared.request

@@ -95,3 +95,115 @@ def test_library_errors_name_options_not_flags():
                 offenders += [f"{path.relative_to(PACKAGE)}:{node.lineno}: {t!r}" for t in texts if _FLAG.search(t)
                               and "ray start" not in t]
     assert not offenders, "\n".join(offenders)
+
+
+# The layer order, lowest first: a module may import its own layer and the layers below it, never one above.
+# The first element of a module's dotted name below `lorascale` names its layer (a package, or a top module).
+# errors/records/version/settings/labels are the foundations; numerics imports none of the other packages;
+# cli, api and the package's own __init__ sit on top.  Adding a package means adding it here, on purpose.
+LAYERS: tuple[tuple[str, ...], ...] = (
+    ("errors", "records", "version", "settings", "labels"),
+    ("numerics",),
+    ("io",),
+    ("plan",),
+    ("naming", "request"),
+    ("store",),
+    ("execute",),
+    ("report", "inspect", "demo"),
+    ("pipeline",),
+    ("api", "cli", "__init__"),
+)
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _internal_imports(module: str, path: Path, tree: ast.Module, known: set[str]) -> set[str]:
+    """The lorascale modules `module` imports, at its top or inside a function (a lazy import is still a
+    dependency).  `from lorascale import settings` imports the module lorascale.settings."""
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:  # relative: resolved against this module's package
+                package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1])
+                target = f"{base}.{node.module}" if node.module else base
+            else:
+                target = node.module or ""
+            submodules = [f"{target}.{alias.name}" for alias in node.names if f"{target}.{alias.name}" in known]
+            names = submodules + ([target] if len(submodules) < len(node.names) else [])
+        else:
+            continue
+        for name in names:
+            while name not in known and "." in name:
+                name = name.rpartition(".")[0]
+            if name in known and name != module:
+                found.add(name)
+    return found
+
+
+def _import_graph() -> dict[str, set[str]]:
+    modules = {_module_name(path): (path, tree) for path, tree in _modules()}
+    known = set(modules)
+    return {name: _internal_imports(name, path, tree, known) for name, (path, tree) in modules.items()}
+
+
+def _layer(module: str) -> int:
+    parts = module.split(".")
+    key = parts[1] if len(parts) > 1 else "__init__"
+    for index, layer in enumerate(LAYERS):
+        if key in layer:
+            return index
+    raise AssertionError(f"{module} is in no layer of LAYERS: add its package where it belongs")
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components of more than one module (Tarjan), each one import cycle or more."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for target in sorted(graph[node]):
+            if target not in index:
+                visit(target)
+                low[node] = min(low[node], low[target])
+            elif target in stack:
+                low[node] = min(low[node], index[target])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def test_no_import_cycle():
+    assert not _cycles(_import_graph())
+
+
+def test_the_cycle_check_finds_a_cycle():
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_imports_follow_the_layer_order():
+    """Each import goes down the layers (or stays in its layer): numerics imports only the foundations, nothing
+    below the top imports cli or api."""
+    upward = [f"{module} -> {target}" for module, targets in sorted(_import_graph().items())
+              for target in sorted(targets) if _layer(target) > _layer(module)]
+    assert not upward, "\n".join(upward)

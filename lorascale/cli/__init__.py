@@ -14,12 +14,13 @@ from typing import Any
 
 import click
 
-from lorascale import __version__, settings
+from lorascale import settings
 from lorascale.cli.flags import command_line, message
 from lorascale.cli.progress import Progress
 from lorascale.errors import LorascaleError
 from lorascale.numerics.backends import BACKEND_CHOICES, DEVICE_CHOICES
 from lorascale.request import DEFAULT_TOP_K, MODES, PRECISIONS, RANK_MODES, SIDES, Analysis, Mitigation
+from lorascale.version import __version__
 
 _ANALYSIS, _MITIGATION = Analysis(), Mitigation()  # the defaults, written once (request.py)
 

@@ -19,7 +19,7 @@ __all__ = ["build_report", "summary_rows", "format_summary"]
 
 
 def __getattr__(name: str) -> Any:
-    # Lazily, so that importing one module of the package (report/labels.py, for naming.py) imports nothing else.
+    # Lazily, so that importing one module of the package imports nothing else.
     if name == "build_report":
         from lorascale.report.build import build_report
 

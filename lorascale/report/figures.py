@@ -15,7 +15,7 @@ from matplotlib.axes import Axes
 from matplotlib.ticker import MaxNLocator
 
 from lorascale.report import queries, series
-from lorascale.report.labels import short_matrix
+from lorascale.labels import short_matrix
 from lorascale.report.page import FigureEntry
 from lorascale.report.style import ModelStyle, legend_below, log_y, new_figure, save, styled
 from lorascale.report.tables import Run

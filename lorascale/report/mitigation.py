@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from lorascale.results import load
+from lorascale.store.reader import load
 from lorascale.store.schema import ADAPTER_DIR, MITIGATED, UNCHANGED
 
 

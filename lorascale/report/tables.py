@@ -1,5 +1,5 @@
 """A results directory as the report sees it: model order, labels, the run's k / epsilon / sides, table access
-(a view of results.Results, the one reader of a results directory).
+(a view of store/reader.Results, the one reader of a results directory).
 
 Only the manifest and the small `matrices` table are read eagerly; `spectra` and `similarity` can hold
 millions of rows for a 7B model, so queries scan them with column projection and filters instead.
@@ -17,10 +17,10 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 
 from lorascale.errors import OptionError, OutputError, option
-from lorascale.report.labels import short_labels
+from lorascale.labels import short_labels
 from lorascale.request import SIDES, Analysis
-from lorascale.results import Results, load
 from lorascale.store.manifest import Manifest
+from lorascale.store.reader import Results, load
 from lorascale.store.schema import MATRICES, SIMILARITY, SPECTRA
 
 Order = Literal["as-given", "name"]
@@ -41,7 +41,7 @@ def natural_key(text: str) -> tuple[Any, ...]:
 
 @dataclass(frozen=True)
 class Run:
-    """One results directory, ready for queries: a view of results.Results.
+    """One results directory, ready for queries: a view of store/reader.Results.
 
     `models` is the display order of the tuned models (manifest order, or natural name order).
     `matrices` is the whole matrices table (one row per tuned model and matrix; small).
@@ -106,7 +106,7 @@ def _display_labels(manifest: Manifest, models: tuple[str, ...]) -> dict[str, st
 
 
 def open_run(results: str | Path, *, order: Order = "as-given", allow_partial: bool = False) -> Run:
-    """Open `results` (results.load: the same checks and errors as `lorascale.load`) and load what every
+    """Open `results` (store/reader.load: the same checks and errors as `lorascale.load`) and load what every
     report needs.
 
     Raises OptionError when `results` is missing or not a run's directory (no manifest) and for an unknown
