@@ -102,9 +102,9 @@ def _from_spectra(run: Run, k: int, epsilon: float, sides: tuple[str, ...]) -> I
         raise OutputError("the run has no spectra table, which re-thresholding reads", path=run.root,
                           fix="summarise at the run's own k and epsilon, or rerun the comparison")
     options = run.manifest.options
-    top_k = options.get("top_k")
+    top_k = options["top_k"]
     vectors = pc.min_element_wise(run.matrices.column("rows"), run.matrices.column("cols")).to_numpy()
-    if options.get("mode") == "topk" and isinstance(top_k, int) and k > top_k and (vectors > top_k).any():
+    if options["mode"] == "topk" and isinstance(top_k, int) and k > top_k and (vectors > top_k).any():
         # A topk run stores its top --top-k triplets only (older ones stored null max_cos beyond them).
         _refuse_beyond_stored(run, k, top_k, run.matrices.column("matrix")[int((vectors > top_k).argmax())].as_py())
     condition = (ds.field("role") == "tuned") & (ds.field("rank") < k) & ds.field("side").isin(list(sides))

@@ -186,7 +186,7 @@ def _prepare(out: Path, manifest: Manifest, *, overwrite: bool, resume: bool) ->
         raise OutputError("directory holds a different run (other checkpoints or options)", path=out,
                           fix=f"choose another {option('out')}, or pass {option('overwrite', True)} to replace it")
     earlier, labels = _labels(previous), _labels(manifest)
-    # Rows carry their model's label; a run written before labels existed has none to disagree with.
+    # Rows carry their model's label; a run written before labels existed (label None) has none to disagree with.
     if any(label is not None for label in earlier) and earlier != labels:
         raise OutputError(f"directory holds this run under other labels: {', '.join(map(str, earlier))}",
                           path=out, fix=f"use the same NAME=REF labels, or pass {option('overwrite', True)} to recompute")
@@ -198,8 +198,8 @@ def _prepare(out: Path, manifest: Manifest, *, overwrite: bool, resume: bool) ->
 
 
 def _labels(manifest: Manifest) -> tuple:
-    """The base's and each tuned model's label (None in manifests written before labels)."""
-    return tuple(entry.get("label") for entry in (manifest.base, *manifest.tuned))
+    """The base's and each tuned model's label (None in manifests written before labels: manifest.upgrade)."""
+    return tuple(entry["label"] for entry in (manifest.base, *manifest.tuned))
 
 
 def _run_identity(manifest: Manifest) -> tuple:
