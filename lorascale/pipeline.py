@@ -25,7 +25,9 @@ from lorascale.io.resolve import resolve
 from lorascale.numerics.backends import Routes
 from lorascale.plan import Plan, plan_jobs
 from lorascale.records import HubFile, NamedReference, RemoteFile, Skipped, TensorEntry
-from lorascale.request import JobOptions, RunRequest, job_options, python_command
+from lorascale.execute.job_options import JobOptions, job_options
+from lorascale.request import RunRequest
+from lorascale.run_identity import manifest_options, python_command
 from lorascale.store.manifest import Manifest, read_manifest
 from lorascale.store.run_directory import RunDirectory
 from lorascale.store.schema import MITIGATED, MITIGATION
@@ -186,7 +188,7 @@ def _new_manifest(prepared: Prepared, *, command: str) -> Manifest:
     request, options = prepared.request, prepared.options
     names = request.references
     return Manifest(
-        lorascale_version=__version__, command=command, options=request.manifest_options(),
+        lorascale_version=__version__, command=command, options=manifest_options(request),
         base=_described(prepared.base, names.base),
         tuned=[_described(c, n) for c, n in zip(prepared.tuned, names.tuned)],
         device=options.device, precision=request.analysis.precision, torch=torch.__version__,

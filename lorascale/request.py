@@ -10,7 +10,9 @@
     output      where the tables go, and how an existing run there is treated
 
 The CLI (lorascale/cli) and the Python API (lorascale.compare) each build one with `build_request()` and
-call `pipeline.compare(request)` / `pipeline.plan_run(request)`.  Field names are the keywords of
+call `pipeline.compare(request)` / `pipeline.plan_run(request)`.  What a run records of it (the manifest's
+options, the command, which options are the run's identity) is run_identity.py; what the workers compute
+with is execute/job_options.py.  Field names are the keywords of
 `lorascale.compare`; every check raises OptionError naming fields with errors.option(), which the CLI alone
 spells as its flags (cli/flags.py).  Whether the machine can honour a device or backend is not known here:
 execute/routes.py decides that, on the machine that computes.
@@ -22,14 +24,13 @@ import math
 import os
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit
 
 from lorascale.errors import OptionError, option
 from lorascale.naming import name_references
-from lorascale.numerics.backends import BACKEND_CHOICES, BACKENDS, CUDA_DRIVERS, DEVICE_CHOICES, Routes
+from lorascale.numerics.backends import BACKEND_CHOICES, BACKENDS, CUDA_DRIVERS, DEVICE_CHOICES
 from lorascale.records import NamedReference
 
 Side = Literal["left", "right", "both"]
@@ -281,25 +282,6 @@ class RunRequest:
             raise OptionError(f"{option('scratch_dir')} deletes the downloaded adapter, which mitigation copies into "
                               "the output", fix=f"drop {option('scratch_dir')}")
 
-    def manifest_options(self) -> dict[str, Any]:
-        """The manifest's `options`: the request as a run records it (and a rerun must match, for the keys
-        store/run_directory.py compares).  `rename` only when given, so runs written before it keep their
-        identity; `top_k` only in topk mode; `cache_dir` as the run resolved it (None: no cache)."""
-        analysis, selection, execution = self.analysis, self.selection, self.execution
-        options: dict[str, Any] = {
-            "k": analysis.k, "epsilon": analysis.epsilon, "side": analysis.side, "precision": analysis.precision,
-            "include": list(selection.include), "exclude": list(selection.exclude)}
-        if selection.rename:
-            options["rename"] = list(selection.rename)
-        options.update({"driver": execution.driver, "backend": execution.backend, "mode": analysis.mode,
-                        "top_k": analysis.top_vectors if analysis.mode == "topk" else None,
-                        "cache_dir": str(self.cache_dir) if self.cache_dir is not None else None})
-        if self.references.scratch_dir is not None:
-            options["scratch_dir"] = str(self.references.scratch_dir)  # where files went; not the run's identity
-        if self.mitigation is not None:
-            options.update(mitigation_lambda=self.mitigation.mitigation_lambda, rank=self.mitigation.rank)
-        return options
-
     @property
     def cache_dir(self) -> Path | None:
         """The base-SVD cache this run reads and writes: the one given, else settings.cache_dir(); None with
@@ -310,78 +292,6 @@ class RunRequest:
             return None
         return self.execution.cache_dir or settings.cache_dir()
 
-    def keywords(self) -> dict[str, Any]:
-        """Every option that differs from its default, by field name: base, tuned and out first, then the
-        analysis, selection, execution, references and output records in field order.  What reproduces
-        this request through build_request(), and what a recorded command shows."""
-        given: dict[str, Any] = {"base": _labelled(self.references.base),
-                                 "tuned": [_labelled(t) for t in self.references.tuned]}
-        if self.output is not None:
-            given["out"] = str(self.output.out)
-        for record in (self.mitigation, self.analysis, self.selection, self.execution, self.references,
-                       self.output):
-            if record is None:
-                continue
-            for f in fields(record):
-                if f.name in ("base", "tuned", "out"):
-                    continue
-                value = getattr(record, f.name)
-                default = f.default_factory() if f.default_factory is not MISSING else f.default
-                if value != default:
-                    given[f.name] = list(value) if isinstance(value, tuple) else (
-                        str(value) if isinstance(value, Path) else value)
-        return given
-
-
-def python_command(request: RunRequest) -> str:
-    """How a manifest records a run started from Python: `lorascale.compare(base='...', tuned=[...],
-    out='...', k=20)`, with every option that differs from its default (RunRequest.keywords), a Ray address
-    without its credentials."""
-    given = request.keywords()
-    if "ray_address" in given:
-        given["ray_address"] = public_address(given["ray_address"])
-    return f"lorascale.compare({', '.join(f'{name}={value!r}' for name, value in given.items())})"
-
-
-def public_address(address: str | None) -> str | None:
-    """The address without user, password, query or fragment: safe for manifests and messages.
-
-    >>> public_address("ray://me:s3cret@head:10001/?token=x")
-    'ray://head:10001/'
-    """
-    if not address or "://" not in address:
-        return address
-    parts = urlsplit(address)
-    return f"{parts.scheme}://{parts.hostname or ''}{f':{parts.port}' if parts.port else ''}{parts.path}"
-
-
-@dataclass(frozen=True)
-class JobOptions:
-    """What every matrix job of a run is computed with, as it travels from the driver to the workers: the
-    analysis, and where and how.  `device`, `backend` and `driver` are as asked until execute/routes.resolve()
-    settles them on the machine that computes; `routes` once settled there, or pinned for the whole run (by a
-    Ray driver, or from a resumed run's manifest); `cache_dir` the base-SVD cache (None: none)."""
-
-    analysis: Analysis = field(default_factory=Analysis)
-    device: str = "cpu"
-    backend: str = "torch"
-    driver: str | None = None
-    routes: Routes | None = None
-    cache_dir: str | None = None
-    mitigation: Mitigation | None = None  # set: each job also rewrites its adapter's factors
-
-
-def job_options(request: RunRequest, *, routes: Routes | None = None) -> JobOptions:
-    """The JobOptions of `request` as asked for; `routes`: CPU routes a resumed run keeps."""
-    execution = request.execution
-    cache = request.cache_dir
-    return JobOptions(analysis=request.analysis, device=execution.device, backend=execution.backend,
-                      driver=execution.driver, routes=routes, cache_dir=str(cache) if cache is not None else None,
-                      mitigation=request.mitigation)
-
-
-def _labelled(reference: NamedReference) -> str:
-    return f"{reference.label}={reference.reference}" if reference.explicit else reference.reference
 
 
 def _flag(name: str, value: object) -> None:

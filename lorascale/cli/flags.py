@@ -9,7 +9,9 @@ import shlex
 from typing import Any
 
 from lorascale.errors import NO_VALUE, LorascaleError, keyword_spelling
-from lorascale.request import RunRequest, public_address
+from lorascale.request import RunRequest
+from lorascale.run_identity import keywords
+from lorascale.scrub import public_address
 
 # Field -> flag, in the order `lorascale run --help` lists them (the order of a recorded command).
 FLAGS: dict[str, str] = {
@@ -57,8 +59,8 @@ def command_line(request: RunRequest, *, command: str = "run") -> str:
     """The `lorascale run ...` line that reproduces `request`, in one normalised form whatever way it was
     typed (a venv's script path, `python -m`, `--k=5`, a default given): every option that differs from its
     default, in the order of FLAGS, spelled with its long flag.  Credentials in a Ray address are left out
-    (request.public_address)."""
-    given = request.keywords()
+    (scrub.public_address)."""
+    given = keywords(request)
     words = ["lorascale", command]
     for name in FLAGS:
         if name not in given:

@@ -18,7 +18,7 @@ from lorascale.execute.worker import TensorLoader, analyse_job, job_entries
 from lorascale.io.tensors import load_tensor
 from lorascale.execute.routes import resolve
 from lorascale.records import MatrixJob, MatrixResult, TensorEntry
-from lorascale.request import JobOptions
+from lorascale.execute.job_options import JobOptions
 
 
 class TensorPrefetcher:

@@ -22,7 +22,7 @@ from lorascale.numerics.metrics import lora_delta_singular_values, max_cos
 from lorascale.numerics.mitigate import intruder_directions, mitigate_update
 from lorascale.numerics.operators import LowRankUpdate
 from lorascale.records import LoraFactors, MatrixJob, MatrixResult, TunedSource
-from lorascale.request import JobOptions
+from lorascale.execute.job_options import JobOptions
 from lorascale.store.schema import MITIGATED, MITIGATION, UNCHANGED
 
 

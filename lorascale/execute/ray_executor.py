@@ -34,7 +34,9 @@ from lorascale.errors import CheckpointReferenceError, ExecutionError, Lorascale
 from lorascale.execute.executor import Executor
 from lorascale.execute.routes import cluster_routes, describe as describe_routes, is_cuda
 from lorascale.records import HubFile, MatrixJob, MatrixResult, TensorEntry, TunedSource
-from lorascale.request import Execution, JobOptions, public_address
+from lorascale.execute.job_options import JobOptions
+from lorascale.request import Execution
+from lorascale.scrub import public_address
 
 log = logging.getLogger("lorascale")  # stages for the CLI's stderr (pipeline.log)
 

@@ -24,7 +24,8 @@ from lorascale.numerics.operators import Dense, LowRankUpdate
 from lorascale.numerics.intruders import intruder_count
 from lorascale.numerics.metrics import lora_delta_singular_values
 from lorascale.records import LoraFactors, MatrixJob, MatrixResult, TensorEntry, TunedSource
-from lorascale.request import Analysis, JobOptions
+from lorascale.execute.job_options import JobOptions
+from lorascale.request import Analysis
 from lorascale.store.svd_cache import BaseSpectrumCache
 from lorascale.store.schema import (MATRICES, METHOD_EXACT, METHOD_TOPK, METHOD_TOPK_FALLBACK, SCHEMAS, SIMILARITY,
                                     SPECTRA)

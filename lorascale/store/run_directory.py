@@ -27,6 +27,7 @@ from pathlib import Path
 from lorascale.errors import OutputError, option
 from lorascale.io.identity import changed_since
 from lorascale.records import MatrixJob
+from lorascale.run_identity import RUN_OPTIONS
 from lorascale.store.atomic import TMP_PREFIX, write_failure
 from lorascale.store.lock import LOCK_NAME, PID_NAME, OutputLock, held_by, is_locked
 from lorascale.store.manifest import Manifest, Status, read_manifest, write_manifest
@@ -38,10 +39,6 @@ from lorascale.store.writer import (ResultWriter, completed_pairs, factor_files,
 # The directories of part files lorascale writes in --out (the tables; mitigate's table and factors).
 _DIRECTORIES = (*TABLES, *OPTIONAL_TABLES, FACTORS_DIR)
 
-# Options that change the numbers: a rerun with other values is another run, not a continuation.
-# "rename" is recorded only when given, so runs written before the option existed keep their identity.
-_RUN_OPTIONS = ("k", "epsilon", "side", "precision", "include", "exclude", "mode", "top_k", "rename",
-                "mitigation_lambda", "rank")
 
 
 def now() -> str:
@@ -206,7 +203,7 @@ def _run_identity(manifest: Manifest) -> tuple:
     """What must match for a rerun on the same --out to continue the earlier run."""
     options = manifest.options
     return (manifest.base.get("reference"), manifest.references,
-            tuple(sorted((k, str(v)) for k, v in options.items() if k in _RUN_OPTIONS)))
+            tuple(sorted((k, str(v)) for k, v in options.items() if k in RUN_OPTIONS)))
 
 
 def _remove_ours(out: Path) -> None:

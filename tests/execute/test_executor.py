@@ -21,7 +21,8 @@ from lorascale.execute.executor import Executor
 from lorascale.execute.local import LocalExecutor
 from lorascale.execute.ray_executor import RayExecutor, _MatrixWorker
 from lorascale.records import MatrixJob, MatrixResult
-from lorascale.request import Execution, JobOptions, build_request, job_options
+from lorascale.execute.job_options import JobOptions, job_options
+from lorascale.request import Execution, build_request
 
 NO_CUDA = not torch.cuda.is_available()
 

@@ -121,7 +121,7 @@ def test_core_imports_without_cupy():
     import sys
 
     code = ("import sys, lorascale.pipeline, lorascale.execute.worker, lorascale.numerics.backends as b; "
-            "from lorascale.execute.routes import resolve; from lorascale.request import JobOptions; "
+            "from lorascale.execute.routes import resolve; from lorascale.execute.job_options import JobOptions; "
             "resolve(JobOptions(device='cpu', backend='auto')); b.cupy_available(); assert 'cupy' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
 

@@ -16,10 +16,11 @@ from rayhelpers import demo_args, free_port
 
 from lorascale.cli import main
 from lorascale.errors import CheckpointReferenceError, ExecutionError, OptionError
-from lorascale.request import public_address
+from lorascale.scrub import public_address
 from lorascale.execute.ray_executor import RayExecutor, _MatrixWorker
 from lorascale.records import HubFile, TensorEntry
-from lorascale.request import Execution, JobOptions, build_request
+from lorascale.execute.job_options import JobOptions
+from lorascale.request import Execution, build_request
 
 
 def test_public_address_drops_credentials_and_query():
