@@ -72,10 +72,10 @@ def compare(base: str | os.PathLike | Mapping[str, str], tuned: str | os.PathLik
     ...                            "LoRA-TMLR-2024/magicoder-lora-rank-16-alpha-32", "results/")
     >>> result.summary[0]["intruders"]  # doctest: +SKIP
     """
-    from lorascale import pipeline
+    from lorascale import pipeline, settings
     from lorascale.request import build_request
 
-    request = build_request(base, tuned, out, **options)
+    request = build_request(base, tuned, out, environment=settings.run_environment(), **options)
     assert request.output is not None
     bar = _ProgressBar() if progress else None
     try:
@@ -109,11 +109,11 @@ def mitigate(base: str | os.PathLike | Mapping[str, str], adapter: str | os.Path
     ...                             "LoRA-TMLR-2024/magicoder-lora-rank-16-alpha-32", "mitigated/", mitigation_lambda=0)
     >>> result.summary["intruders_after"]  # doctest: +SKIP
     """
-    from lorascale import pipeline
+    from lorascale import pipeline, settings
     from lorascale.report.mitigation import mitigation_summary
     from lorascale.request import build_request
 
-    request = build_request(base, adapter, out, mitigate=True, **options)
+    request = build_request(base, adapter, out, mitigate=True, environment=settings.run_environment(), **options)
     bar = _ProgressBar() if progress else None
     try:
         result = pipeline.mitigate(request, executor=executor, progress=bar, download_progress=download_progress)

@@ -162,7 +162,7 @@ def prepare(request: RunRequest, *, executor: Executor | None = None, resuming: 
     compare() runs and plan_run() shows.  `resuming`: the output directory a rerun may continue; the CPU
     routes its manifest records are kept, so that one run's rows never mix two route decisions."""
     if executor is None:
-        executor = make_executor(request.execution)
+        executor = make_executor(request)
     options = executor.prepare(job_options(request, routes=_earlier_routes(resuming)))
     references = request.references
     base, *tuned = _open_checkpoints([n.reference for n in references.all], allow_pickle=not references.no_pickle)

@@ -32,6 +32,7 @@ from lorascale.errors import OptionError, option
 from lorascale.naming import name_references
 from lorascale.numerics.backends import BACKEND_CHOICES, BACKENDS, CUDA_DRIVERS, DEVICE_CHOICES
 from lorascale.records import NamedReference
+from lorascale.settings import RunEnvironment
 
 Side = Literal["left", "right", "both"]
 SIDES: dict[str, tuple[str, ...]] = {"left": ("left",), "right": ("right",), "both": ("left", "right")}
@@ -164,9 +165,9 @@ class Execution:
     device: str = "auto"  # auto, cpu, cuda or cuda:N
     backend: str = "auto"  # a name of numerics/backends.BACKENDS, or auto (per-quantity routes)
     driver: str | None = None  # cuSOLVER driver on CUDA (gesvd unless told); not a CLI option
-    cache_dir: Path | None = None  # base-SVD cache; None: settings.cache_dir() (Ray: each node's own)
+    cache_dir: Path | None = None  # base-SVD cache; None: the environment's (RunRequest.cache_dir; Ray: each node's own)
     use_cache: bool = True  # read and write the base-SVD cache
-    ray_address: str | None = None  # run on Ray (auto, ray://host:10001, host:port, local); None: RAY_ADDRESS
+    ray_address: str | None = None  # run on Ray (auto, ray://host:10001, host:port, local); None: the environment's
     workers: int | None = None  # Ray workers; more than 1 starts a local Ray when no address is given
     cpus_per_worker: float | None = None
     gpus_per_worker: float | None = None
@@ -197,18 +198,6 @@ class Execution:
                                   f"got {value!r}")
         if self.device == "cpu" and self.gpus_per_worker:
             raise OptionError(f"{option('device', 'cpu')} contradicts {option('gpus_per_worker')}", fix="drop one")
-
-    @property
-    def wants_ray(self) -> bool:
-        """Ray runs the job when an address is given (here or as RAY_ADDRESS) or more than one worker."""
-        return self.address is not None or (self.workers or 1) > 1
-
-    @property
-    def address(self) -> str | None:
-        """The Ray address: as given, else RAY_ADDRESS (settings.py)."""
-        from lorascale import settings
-
-        return self.ray_address or settings.ray_address()
 
 
 @dataclass(frozen=True)
@@ -258,14 +247,16 @@ class RunRequest:
     execution: Execution = field(default_factory=Execution)
     output: Output | None = None
     mitigation: Mitigation | None = None  # set: `lorascale mitigate` (one adapter, rewritten)
+    # What the environment says (the cache, RAY_ADDRESS), read at the edge: settings.run_environment().
+    environment: RunEnvironment = field(default_factory=RunEnvironment)
 
     def __post_init__(self) -> None:
         if self.mitigation is not None:
             self._check_mitigation()
-        if self.references.scratch_dir is not None and self.execution.wants_ray:
+        if self.references.scratch_dir is not None and self.wants_ray:
             raise OptionError(f"{option('scratch_dir')} applies to in-process runs: Ray workers fetch hub files "
                               "into their own node's hub cache", fix=f"drop {option('scratch_dir')}, or run in-process")
-        if not self.execution.wants_ray and (self.execution.cpus_per_worker is not None
+        if not self.wants_ray and (self.execution.cpus_per_worker is not None
                                              or self.execution.gpus_per_worker is not None):
             raise OptionError(f"{option('cpus_per_worker')} / {option('gpus_per_worker')} apply to Ray workers, "
                               "and this run is in-process",
@@ -284,13 +275,21 @@ class RunRequest:
 
     @property
     def cache_dir(self) -> Path | None:
-        """The base-SVD cache this run reads and writes: the one given, else settings.cache_dir(); None with
+        """The base-SVD cache this run reads and writes: the one given, else the environment's; None with
         use_cache=False."""
-        from lorascale import settings
-
         if not self.execution.use_cache:
             return None
-        return self.execution.cache_dir or settings.cache_dir()
+        return self.execution.cache_dir or self.environment.cache_dir
+
+    @property
+    def ray_address(self) -> str | None:
+        """The Ray address: as given, else the environment's (RAY_ADDRESS)."""
+        return self.execution.ray_address or self.environment.ray_address
+
+    @property
+    def wants_ray(self) -> bool:
+        """Ray runs the job when an address is given (here or as RAY_ADDRESS) or more than one worker."""
+        return self.ray_address is not None or (self.execution.workers or 1) > 1
 
 
 
@@ -306,10 +305,12 @@ KEYWORDS: dict[str, str] = {f.name: record for record, cls in _RECORDS.items() f
 
 
 def build_request(base: str | Mapping[str, str], tuned: str | Sequence[str] | Mapping[str, str],
-                  out: str | os.PathLike | None = None, *, mitigate: bool = False, **options: Any) -> RunRequest:
+                  out: str | os.PathLike | None = None, *, mitigate: bool = False,
+                  environment: RunEnvironment | None = None, **options: Any) -> RunRequest:
     """The RunRequest for `lorascale.compare(base, tuned, out, **options)` (or, with `mitigate=True`,
     `lorascale.mitigate(base, adapter, out, **options)`): every keyword is a field of one sub-record; an
-    unknown one is an OptionError listing the known ones.  `out=None`: a dry run's request.
+    unknown one is an OptionError listing the known ones.  `out=None`: a dry run's request.  `environment`:
+    what the edge read (settings.run_environment()); None: nothing (no default cache, no RAY_ADDRESS).
 
     >>> build_request("org/base", "lora=org/adapter", "results", k=20).analysis.k
     20
@@ -329,7 +330,8 @@ def build_request(base: str | Mapping[str, str], tuned: str | Sequence[str] | Ma
                           fix=f"pass {option('out')}")
     return RunRequest(references=references, selection=Selection(**grouped["selection"]),
                       analysis=Analysis(**grouped["analysis"]), execution=Execution(**grouped["execution"]),
-                      output=output, mitigation=Mitigation(**grouped["mitigation"]) if mitigate else None)
+                      output=output, mitigation=Mitigation(**grouped["mitigation"]) if mitigate else None,
+                      environment=environment or RunEnvironment())
 
 
 def _reference(given: Any, role: str) -> Any:

@@ -207,3 +207,23 @@ def test_imports_follow_the_layer_order():
     upward = [f"{module} -> {target}" for module, targets in sorted(_import_graph().items())
               for target in sorted(targets) if _layer(target) > _layer(module)]
     assert not upward, "\n".join(upward)
+
+
+# Who may read the environment (settings.py): the edge, and two readers that run where the files are, which is a
+# Ray worker's node as often as the driver's machine.  Everything else gets what it needs in the request.
+SETTINGS_READERS = {
+    "lorascale.cli", "lorascale.cli.progress", "lorascale.api",  # the edge
+    "lorascale.request",  # the type RunEnvironment only: the values come from the edge (test below)
+    "lorascale.io.resolve",  # the hub settings, on whichever node fetches the files (not yet carried in the request)
+    "lorascale.execute.ray_executor",  # a Ray worker's base-SVD cache is its own node's
+}
+
+
+def test_the_environment_is_read_at_the_edge():
+    readers = {module for module, targets in _import_graph().items() if "lorascale.settings" in targets}
+    assert readers <= SETTINGS_READERS, sorted(readers - SETTINGS_READERS)
+    request = next(tree for path, tree in _modules() if path == PACKAGE / "request.py")
+    calls = [node.func.attr for node in ast.walk(request) if isinstance(node, ast.Call)
+             and isinstance(node.func, ast.Attribute) and isinstance(node.func.value, ast.Name)
+             and node.func.value.id == "settings"]
+    assert not calls

@@ -208,7 +208,8 @@ def run(quiet: bool, dry_run: bool, **options: Any) -> None:
     from lorascale.pipeline import compare, plan_run
     from lorascale.request import build_request
 
-    request = build_request(options.pop("base"), list(options.pop("tuned")), options.pop("out"), **options)
+    request = build_request(options.pop("base"), list(options.pop("tuned")), options.pop("out"),
+                            environment=settings.run_environment(), **options)
     if not settings.debug():  # huggingface_hub's retry warnings would break the one-line error (progress shows it)
         from huggingface_hub.utils import logging as hub_logging
 
@@ -268,7 +269,8 @@ def mitigate(quiet: bool, **options: Any) -> None:
     from lorascale.report.mitigation import format_mitigation, mitigation_summary
     from lorascale.request import build_request
 
-    request = build_request(options.pop("base"), options.pop("tuned"), options.pop("out"), mitigate=True, **options)
+    request = build_request(options.pop("base"), options.pop("tuned"), options.pop("out"), mitigate=True,
+                            environment=settings.run_environment(), **options)
     if not settings.debug():
         from huggingface_hub.utils import logging as hub_logging
 
@@ -317,7 +319,8 @@ def demo(out: Path, quiet: bool) -> None:
     from lorascale.request import build_request
 
     paths = build_checkpoints(out / "checkpoints")
-    request = build_request(paths["base"], [paths["full"], paths["lora"]], out / "results", overwrite=True)
+    request = build_request(paths["base"], [paths["full"], paths["lora"]], out / "results", overwrite=True,
+                            environment=settings.run_environment())
     progress = Progress(enabled=not quiet)
     try:
         compare(request, progress=progress, command=command_line(request))

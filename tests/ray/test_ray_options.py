@@ -20,7 +20,8 @@ from lorascale.scrub import public_address
 from lorascale.execute.ray_executor import RayExecutor, _MatrixWorker
 from lorascale.records import HubFile, TensorEntry
 from lorascale.execute.job_options import JobOptions
-from lorascale.request import Execution, build_request
+from lorascale import settings
+from lorascale.request import build_request
 
 
 def test_public_address_drops_credentials_and_query():
@@ -33,13 +34,18 @@ def test_public_address_drops_credentials_and_query():
 
 def test_ray_is_used_only_when_asked(monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    assert not Execution().wants_ray
-    assert not Execution(workers=1).wants_ray
-    assert Execution(workers=2).wants_ray
-    assert Execution(ray_address="auto").wants_ray
-    assert Execution(ray_address="local", workers=1).wants_ray
+
+    def request(**options):
+        return build_request("b", "t", "o", environment=settings.run_environment(), **options)
+
+    assert not request().wants_ray
+    assert not request(workers=1).wants_ray
+    assert request(workers=2).wants_ray
+    assert request(ray_address="auto").wants_ray
+    assert request(ray_address="local", workers=1).wants_ray
     monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")  # as Ray users expect
-    assert Execution().wants_ray and Execution().address == "ray://head:10001"
+    assert request().wants_ray and request().ray_address == "ray://head:10001"
+    assert not build_request("b", "t", "o").wants_ray  # the environment is read at the edge, not below it
 
 
 @pytest.mark.parametrize("kwargs", [{"workers": 0}, {"cpus_per_worker": 0}, {"gpus_per_worker": -1}])
