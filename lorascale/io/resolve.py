@@ -16,7 +16,8 @@ import re
 
 from fnmatch import fnmatchcase
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
+from collections.abc import Callable, Iterable
 
 from huggingface_hub import (get_hf_file_metadata, hf_hub_download, hf_hub_url, list_repo_files, snapshot_download,
                              try_to_load_from_cache)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
-import sys
 import traceback
 from pathlib import Path
 from types import SimpleNamespace
