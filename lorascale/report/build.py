@@ -129,7 +129,7 @@ def build_report(results: str | Path, out: str | Path | None = None, *,
     not complete unless `allow_partial` (the page then carries a warning), and OptionError for matrix
     names the run does not have.
 
-    >>> build_report("results/")  # doctest: +SKIP
+    >>> build_report("results/")
     PosixPath('results/report/index.html')
     """
     run = open_run(results, order=order, allow_partial=allow_partial)
