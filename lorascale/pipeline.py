@@ -25,7 +25,7 @@ from lorascale.io.resolve import resolve
 from lorascale.numerics.backends import Routes
 from lorascale.plan import Plan, plan_jobs
 from lorascale.records import HubFile, NamedReference, RemoteFile, Skipped, TensorEntry
-from lorascale.execute.job_options import JobOptions, job_options
+from lorascale.analyses.options import JobOptions, job_options
 from lorascale.request import RunRequest
 from lorascale.run_identity import manifest_options, python_command
 from lorascale.store.manifest import Manifest, read_manifest
@@ -86,7 +86,7 @@ def mitigate(request: RunRequest, *, executor: Executor | None = None, progress:
              download_progress: StatusCallback | None = None, command: str | None = None) -> RunResult:
     """Run a mitigation request (request.mitigation set: one LoRA adapter): compare it as compare() does
     (the tables describe the adapter as it was), rewrite each matrix's intruder components
-    (execute/mitigation.py; the mitigation/ table says what was done), then write the mitigated PEFT adapter
+    (analyses/mitigate.py; the mitigation/ table says what was done), then write the mitigated PEFT adapter
     to out/adapter/ once every matrix is done (store/adapter_writer.py).  Resumable like compare()."""
     if request.mitigation is None:
         raise OptionError("this request is not a mitigation", fix="build it with build_request and mitigate=True")

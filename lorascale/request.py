@@ -12,7 +12,7 @@
 The CLI (lorascale/cli) and the Python API (lorascale.compare) each build one with `build_request()` and
 call `pipeline.compare(request)` / `pipeline.plan_run(request)`.  What a run records of it (the manifest's
 options, the command, which options are the run's identity) is run_identity.py; what the workers compute
-with is execute/job_options.py.  Field names are the keywords of
+with is analyses/options.py.  Field names are the keywords of
 `lorascale.compare`; every check raises OptionError naming fields with errors.option(), which the CLI alone
 spells as its flags (cli/flags.py).  Whether the machine can honour a device or backend is not known here:
 execute/routes.py decides that, on the machine that computes.

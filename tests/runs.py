@@ -35,7 +35,7 @@ def resolved(device: str = "auto", backend: str = "auto", driver: str | None = N
     """(device, backend, driver) checked by name as a request checks them (request.Execution), then settled
     for this machine (execute/routes.resolve): what a run does with them."""
     from lorascale.execute.routes import resolve
-    from lorascale.execute.job_options import JobOptions
+    from lorascale.analyses.options import JobOptions
     from lorascale.request import Analysis, Execution
 
     Execution(device=device, backend=backend, driver=driver)

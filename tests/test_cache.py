@@ -14,7 +14,7 @@ from safetensors import safe_open
 
 import oracle
 from lorascale.store.svd_cache import BaseSpectrumCache
-from lorascale.execute import worker
+from lorascale.analyses import compare as worker
 from lorascale.numerics.compare import base_spectrum
 from runs import compare
 from lorascale.records import TensorEntry

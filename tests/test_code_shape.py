@@ -108,6 +108,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("plan",),
     ("naming", "request", "run_identity"),
     ("store",),
+    ("analyses",),
     ("execute",),
     ("report", "inspect", "demo"),
     ("pipeline",),
@@ -227,3 +228,27 @@ def test_the_environment_is_read_at_the_edge():
              and isinstance(node.func, ast.Attribute) and isinstance(node.func.value, ast.Name)
              and node.func.value.id == "settings"]
     assert not calls
+
+
+def _private_imports(tree: ast.Module) -> list[str]:
+    """`from lorascale.x import _name`: another module's private name (a module's own names need no import)."""
+    return [f"{node.module}.{alias.name}" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+            and (node.module or "").startswith("lorascale") for alias in node.names
+            if alias.name.startswith("_") and not alias.name.startswith("__")]
+
+
+def test_no_module_imports_another_modules_private_names():
+    offenders = [f"{path.relative_to(PACKAGE)}: {name}" for path, tree in _modules() for name in _private_imports(tree)]
+    assert not offenders, "\n".join(offenders)
+    assert _private_imports(ast.parse("from lorascale.analyses.compare import _cache")) == [
+        "lorascale.analyses.compare._cache"]
+
+
+def test_executors_know_no_analysis():
+    """execute/ runs what analyses.analysis_for() names: it imports the analyses package's interface, never an
+    analysis module."""
+    graph = _import_graph()
+    offenders = sorted(f"{module} -> {target}" for module, targets in graph.items()
+                       if module.startswith("lorascale.execute") for target in targets
+                       if target.startswith("lorascale.analyses.") and target != "lorascale.analyses.options")
+    assert not offenders, "\n".join(offenders)

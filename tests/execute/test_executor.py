@@ -21,7 +21,7 @@ from lorascale.execute.executor import Executor
 from lorascale.execute.local import LocalExecutor
 from lorascale.execute.ray_executor import RayExecutor, _MatrixWorker
 from lorascale.records import MatrixJob, MatrixResult
-from lorascale.execute.job_options import JobOptions, job_options
+from lorascale.analyses.options import JobOptions, job_options
 from lorascale import settings
 from lorascale.request import build_request
 

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 import oracle
-from lorascale.execute.worker import Columns
+from lorascale.analyses.compare import Columns
 from runs import compare
 from lorascale.report import format_summary, summary_rows
 from lorascale.report.tables import open_run

@@ -19,7 +19,7 @@ from lorascale.errors import CheckpointReferenceError, ExecutionError, OptionErr
 from lorascale.scrub import public_address
 from lorascale.execute.ray_executor import RayExecutor, _MatrixWorker
 from lorascale.records import HubFile, TensorEntry
-from lorascale.execute.job_options import JobOptions
+from lorascale.analyses.options import JobOptions
 from lorascale import settings
 from lorascale.request import build_request
 
@@ -146,7 +146,7 @@ def test_worker_finds_every_tensor_of_a_dora_job_in_its_own_cache(offline_hub: P
 
     from hubcache import make_hub_cache
 
-    from lorascale.execute.worker import job_entries
+    from lorascale.analyses import job_entries
     from lorascale.records import LoraFactors, MatrixJob, TunedSource
 
     commit = make_hub_cache(offline_hub, "org/tiny", {"model.safetensors": b"x" * 64,
