@@ -252,3 +252,61 @@ def test_executors_know_no_analysis():
                        if module.startswith("lorascale.execute") for target in targets
                        if target.startswith("lorascale.analyses.") and target != "lorascale.analyses.options")
     assert not offenders, "\n".join(offenders)
+
+
+def _option_defaults() -> dict[str, object]:
+    """Every option's default as request.py declares it (the sub-records' fields), plus DEFAULT_TOP_K."""
+    from dataclasses import MISSING, fields
+
+    from lorascale import request
+
+    defaults: dict[str, object] = {"top_k": request.DEFAULT_TOP_K}
+    for record in (request.References, request.Selection, request.Analysis, request.Execution, request.Output,
+                   request.Mitigation):
+        for f in fields(record):
+            if f.default is not MISSING and f.default is not None and not isinstance(f.default, bool):
+                defaults[f.name] = f.default
+    return defaults
+
+
+# Where a default may be written a second time, and why.
+DEFAULT_COPIES_ALLOWED = {
+    "request.py": "the declaration itself",
+    "store/manifest.py": "_UNVERSIONED_OPTIONS: what old runs used, which stays when today's default moves",
+}
+
+
+def _default_copies(tree: ast.Module, defaults: dict[str, object]) -> list[str]:
+    """`name=<literal>` (a parameter's default), `"name": <literal>` (a dict entry) or `click.option("--flag",
+    default=<literal>)` equal to option `name`'s default."""
+    found = []
+    for node in ast.walk(tree):
+        pairs: list[tuple[str, ast.AST]] = []
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            args = node.args
+            positional = [*args.posonlyargs, *args.args]
+            pairs += [(a.arg, d) for a, d in zip(positional[len(positional) - len(args.defaults):], args.defaults)]
+            pairs += [(a.arg, d) for a, d in zip(args.kwonlyargs, args.kw_defaults) if d is not None]
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "option"
+              and node.args and isinstance(node.args[0], ast.Constant) and str(node.args[0].value).startswith("--")):
+            names = [a.value for a in node.args if isinstance(a, ast.Constant) and not str(a.value).startswith("-")]
+            name = names[0] if names else str(node.args[0].value).lstrip("-").replace("-", "_")
+            pairs += [(name, k.value) for k in node.keywords if k.arg == "default"]
+        elif isinstance(node, ast.Dict):
+            pairs += [(k.value, v) for k, v in zip(node.keys, node.values)
+                      if isinstance(k, ast.Constant) and isinstance(k.value, str)]
+        found += [f"{name}={value.value!r} (line {value.lineno})" for name, value in pairs
+                  if name in defaults and isinstance(value, ast.Constant) and type(value.value) is type(defaults[name])
+                  and value.value == defaults[name]]
+    return found
+
+
+def test_no_option_default_is_written_twice():
+    defaults = _option_defaults()
+    offenders = [f"{path.relative_to(PACKAGE)}: {copy}" for path, tree in _modules()
+                 if str(path.relative_to(PACKAGE)) not in DEFAULT_COPIES_ALLOWED
+                 for copy in _default_copies(tree, defaults)]
+    assert not offenders, "\n".join(offenders)
+    example = "def f(*, epsilon: float = 0.5): click.option('--device', default='auto'); g({'k': 10}, side='left')"
+    assert sorted(_default_copies(ast.parse(example), defaults)) == [
+        "device='auto' (line 1)", "epsilon=0.5 (line 1)", "k=10 (line 1)"]

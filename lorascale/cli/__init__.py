@@ -19,10 +19,10 @@ from lorascale.cli.flags import command_line, message
 from lorascale.cli.progress import Progress
 from lorascale.errors import LorascaleError
 from lorascale.numerics.backends import BACKEND_CHOICES, DEVICE_CHOICES
-from lorascale.request import DEFAULT_TOP_K, MODES, PRECISIONS, RANK_MODES, SIDES, Analysis, Mitigation
+from lorascale.request import DEFAULT_TOP_K, MODES, PRECISIONS, RANK_MODES, SIDES, Analysis, Execution, Mitigation
 from lorascale.version import __version__
 
-_ANALYSIS, _MITIGATION = Analysis(), Mitigation()  # the defaults, written once (request.py)
+_ANALYSIS, _EXECUTION, _MITIGATION = Analysis(), Execution(), Mitigation()  # the defaults, written once (request.py)
 
 
 class Terminated(KeyboardInterrupt):
@@ -132,8 +132,8 @@ _COMMON_OPTIONS = [
     click.option("--epsilon", default=_ANALYSIS.epsilon, show_default=True, help="Intruder threshold on max |cos|."),
     click.option("--precision", type=click.Choice(PRECISIONS), default=_ANALYSIS.precision, show_default=True,
                   help="Arithmetic of the SVDs; weights are read as stored.  fp64 for ill-conditioned matrices."),
-    click.option("--device", default="auto", show_default=True, help=f"{DEVICE_CHOICES}."),
-    click.option("--backend", type=click.Choice(BACKEND_CHOICES), default="auto", show_default=True,
+    click.option("--device", default=_EXECUTION.device, show_default=True, help=f"{DEVICE_CHOICES}."),
+    click.option("--backend", type=click.Choice(BACKEND_CHOICES), default=_EXECUTION.backend, show_default=True,
                   help="SVD backend: torch (LAPACK; cuSOLVER gesvd on CUDA), cupy (CUDA), or gram (float64 "
                        "Gram-matrix eigensolver, see benchmarks/README.md).  auto: torch on CUDA and at fp64; on a "
                        "CPU at fp32 a table keyed by the BLAS picks torch or gram per quantity (manifest.json "

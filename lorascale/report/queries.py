@@ -98,7 +98,7 @@ def null_level(run: Run) -> NullLevel:
     return NullLevel(mean=float(np.nanmean(values)), max=float(np.nanmax(values)))
 
 
-def intruders_vs_epsilon(run: Run, epsilons: np.ndarray, *, k: int = 10) -> dict[Key, np.ndarray]:
+def intruders_vs_epsilon(run: Run, epsilons: np.ndarray, *, k: int = Analysis.k) -> dict[Key, np.ndarray]:
     """Total intruder count of each (model, side) among the top-k vectors of every matrix, per epsilon.
 
     A vector counts at epsilon when max_cos < epsilon (Definition 1 of the paper).
