@@ -10,8 +10,6 @@ For an earlier commit: `git archive COMMIT lorascale | tar -x -C /tmp/before && 
   most parameters      count (self/cls not counted, *args counted, **kwargs not), and the function
   manifest guesses     reads of a manifest field with a fallback (`options.get(`, `.base.get(`, `entry.get(`,
                        `t.get("label"`, ...) outside store/manifest.py, where upgrade() owns the older layouts
-  option files         files of lorascale/ that name the option `top_k` (its declaration, flag, identity, help):
-                       a proxy for the files touched to add an option
   private imports      `from X import _name` of another module's private name inside lorascale/
 """
 
@@ -38,7 +36,7 @@ def _modules(package: Path) -> dict[str, tuple[Path, ast.Module]]:
 
 def _graph(modules: dict[str, tuple[Path, ast.Module]]) -> dict[str, set[str]]:
     graph: dict[str, set[str]] = {}
-    for name, (path, tree) in modules.items():
+    for name, (_, tree) in modules.items():
         targets = set()
         for node in ast.walk(tree):
             if isinstance(node, ast.Import):
@@ -77,7 +75,6 @@ def measure(root: Path) -> dict[str, object]:
     guesses = sum(len(GUESS.findall(path.read_text())) for name, (path, _) in modules.items()
                   if name.startswith(("lorascale.report", "lorascale.results", "lorascale.store.reader",
                                       "lorascale.store.run_directory", "lorascale.api", "lorascale.cli")))
-    option_files = sum("top_k" in path.read_text() for path, _ in modules.values())
     private = sum(1 for _, tree in modules.values() for node in ast.walk(tree)
                   if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("lorascale")
                   for alias in node.names if alias.name.startswith("_") and not alias.name.startswith("__"))
@@ -85,7 +82,7 @@ def measure(root: Path) -> dict[str, object]:
             "modules in cycles": sum(len(c) for c in _cycles(graph)), "upward imports": upward,
             "longest function": f"{longest[0]} lines ({longest[2]})",
             "most parameters": f"{widest[1]} ({widest[2]})", "manifest guesses": guesses,
-            "option files (top_k)": option_files, "private imports": private}
+            "private imports": private}
 
 
 if __name__ == "__main__":
