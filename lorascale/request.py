@@ -1,4 +1,6 @@
-"""A run request: every option of a comparison, each default and each check written once, here.
+"""A run request: every option of a comparison, each declared once, here: a field with its type and default, and
+its declaration as the field's metadata (optionspec.declare: help, parsing, commands, run identity, what it
+controls), from which the CLI, the run identity and docs/REFERENCE.md are made; each check written once too.
 
 `RunRequest` is frozen and typed; its sub-records group the options by the stage that uses them:
 
@@ -31,6 +33,7 @@ from typing import Any, Literal
 from lorascale.errors import OptionError, option
 from lorascale.naming import name_references
 from lorascale.numerics.backends import BACKEND_CHOICES, BACKENDS, CUDA_DRIVERS, DEVICE_CHOICES
+from lorascale.optionspec import declare
 from lorascale.records import NamedReference
 from lorascale.settings import RunEnvironment
 
@@ -88,8 +91,13 @@ class References:
 
     base: NamedReference
     tuned: tuple[NamedReference, ...]
-    no_pickle: bool = False  # refuse pickled .bin weights (read otherwise with torch's restricted loader)
-    scratch_dir: Path | None = None  # hub weight files go here instead of the hub cache, deleted once used
+    no_pickle: bool = field(default=False, metadata=declare(
+        "Refuse pickled .bin weights (read otherwise, only when a checkpoint has no safetensors, with torch's "
+        "restricted weights_only loader).", parse="flag"))
+    scratch_dir: Path | None = field(default=None, metadata=declare(
+        "Disk-light hub runs: download hub weight files here instead of the hub cache and delete each once its "
+        "matrices are done (files already in the hub cache are read there, never deleted).", commands=("run",),
+        parse="path", controls="manifest.json options.scratch_dir (not the run's identity)"))
 
     def __post_init__(self) -> None:
         _flag("no_pickle", self.no_pickle)
@@ -105,9 +113,15 @@ class References:
 class Selection:
     """Which base matrices are analysed, and how tuned names map onto the base's."""
 
-    include: tuple[str, ...] = ()  # globs on base tensor names; an include overrides the default exclusions
-    exclude: tuple[str, ...] = ()  # globs on base tensor names; win over everything
-    rename: tuple[str, ...] = ()  # FROM=TO regex rules applied in order to tuned names before matching
+    include: tuple[str, ...] = field(default=(), metadata=declare(
+        "Glob on base tensor names to analyse (repeatable).", parse="multiple", identity=True,
+        controls="which matrices get rows (manifest.json skipped)"))
+    exclude: tuple[str, ...] = field(default=(), metadata=declare(
+        "Glob on base tensor names to skip (repeatable).", parse="multiple", identity=True,
+        controls="which matrices get rows (manifest.json skipped)"))
+    rename: tuple[str, ...] = field(default=(), metadata=declare(
+        "Regex rewrite of tuned tensor names before matching them to the base's (repeatable, in order).",
+        parse="multiple", metavar="FROM=TO", identity=True, controls="which tuned tensor pairs with a base matrix"))
 
     def __post_init__(self) -> None:
         for name in ("include", "exclude", "rename"):
@@ -128,12 +142,27 @@ class Selection:
 class Analysis:
     """What is computed for every matrix of the run (docs/METHOD.md)."""
 
-    k: int = 10  # top tuned singular vectors checked for intruders
-    epsilon: float = 0.5  # intruder threshold on max |cos|
-    side: Side = "left"  # singular vectors compared: left (output space, the paper's), right, or both
-    precision: Literal["fp32", "fp64"] = "fp32"  # arithmetic of the decompositions; weights are read as stored
-    mode: Literal["exact", "topk"] = "topk"  # topk: the top `top_k` tuned triplets, guarded; exact: all of them
-    top_k: int | None = None  # tuned triplets a topk run computes; None: DEFAULT_TOP_K, or k when larger
+    k: int = field(default=10, metadata=declare(
+        "Top tuned singular vectors checked for intruders.", identity=True,
+        controls="matrices.intruders, matrices.intruders_right, manifest.json options.k"))
+    epsilon: float = field(default=0.5, metadata=declare(
+        "Intruder threshold on max |cos|.", identity=True, controls="matrices.intruders, matrices.intruders_right"))
+    side: Side = field(default="left", metadata=declare(
+        "Singular vectors compared: left (output space, as in the paper), right, or both.", commands=("run",),
+        parse="choice", choices=tuple(SIDES), identity=True,
+        controls="spectra.side, similarity.side, matrices.intruders_right"))
+    precision: Literal["fp32", "fp64"] = field(default="fp32", metadata=declare(
+        "Arithmetic of the SVDs; weights are read as stored.  fp64 for ill-conditioned matrices.", parse="choice",
+        choices=PRECISIONS, identity=True, controls="every computed column"))
+    mode: Literal["exact", "topk"] = field(default="topk", metadata=declare(
+        "topk: the top --top-k tuned singular triplets by block Krylov iteration, each counted vector's angle "
+        "bounded a posteriori (the exact SVD where the bound fails).  exact: every tuned singular value and "
+        "vector (the full spectrum).", parse="choice", choices=MODES, identity=True,
+        controls="matrices.method, how many tuned rows spectra holds"))
+    top_k: int | None = field(default=None, metadata=declare(
+        f"Tuned singular triplets computed in --mode topk, at least --k (default {DEFAULT_TOP_K}, or --k when "
+        "larger); `lorascale summary --k` re-thresholds up to it.", parse="int>=1", identity=True,
+        controls="the tuned rows of spectra (topk mode)"))
 
     def __post_init__(self) -> None:
         check_k(self.k)
@@ -162,15 +191,30 @@ class Analysis:
 class Execution:
     """Where and how the matrices are decomposed, as asked for; execute/routes.py settles "auto"."""
 
-    device: str = "auto"  # auto, cpu, cuda or cuda:N
-    backend: str = "auto"  # a name of numerics/backends.BACKENDS, or auto (per-quantity routes)
-    driver: str | None = None  # cuSOLVER driver on CUDA (gesvd unless told); not a CLI option
-    cache_dir: Path | None = None  # base-SVD cache; None: the environment's (RunRequest.cache_dir; Ray: each node's own)
-    use_cache: bool = True  # read and write the base-SVD cache
-    ray_address: str | None = None  # run on Ray (auto, ray://host:10001, host:port, local); None: the environment's
-    workers: int | None = None  # Ray workers; more than 1 starts a local Ray when no address is given
-    cpus_per_worker: float | None = None
-    gpus_per_worker: float | None = None
+    device: str = field(default="auto", metadata=declare(f"{DEVICE_CHOICES}.", controls="manifest.json device"))
+    backend: str = field(default="auto", metadata=declare(
+        "SVD backend: torch (LAPACK; cuSOLVER gesvd on CUDA), cupy (CUDA), or gram (float64 Gram-matrix "
+        "eigensolver, see benchmarks/README.md).  auto: torch on CUDA and at fp64; on a CPU at fp32 a table keyed "
+        "by the BLAS picks torch or gram per quantity (manifest.json \"routes\").", parse="choice",
+        choices=BACKEND_CHOICES, controls="manifest.json routes"))
+    driver: str | None = field(default=None, metadata=declare(
+        "cuSOLVER driver on CUDA (gesvd unless told).", commands=(), controls="manifest.json options.driver"))
+    cache_dir: Path | None = field(default=None, metadata=declare(
+        "Cache of base SVDs, reused across runs (default: $LORASCALE_CACHE_DIR or ~/.cache/lorascale).",
+        parse="path", controls="the base-SVD cache read and written"))  # None: RunRequest.cache_dir
+    use_cache: bool = field(default=True, metadata=declare(
+        "Neither read nor write the base-SVD cache.", flag="--no-cache", parse="flag", false_flag=True))
+    ray_address: str | None = field(default=None, metadata=declare(
+        "Run on Ray: auto, ray://host:10001, host:port, or local (default: $RAY_ADDRESS; else in-process).",
+        controls="manifest.json execution"))
+    workers: int | None = field(default=None, metadata=declare(
+        "Ray workers (more than 1 starts a local Ray when no address is given). Default: one per GPU of the "
+        "cluster, else its CPUs / --cpus-per-worker.", parse="int>=1", controls="manifest.json execution"))
+    cpus_per_worker: float | None = field(default=None, metadata=declare(
+        "CPUs (and torch threads) per Ray worker.", parse="number>0", controls="manifest.json execution"))
+    gpus_per_worker: float | None = field(default=None, metadata=declare(
+        "GPUs per Ray worker (default 1 when the cluster has GPUs; 0.5 shares a GPU by two).", parse="number>=0",
+        controls="manifest.json execution"))
 
     def __post_init__(self) -> None:
         if not isinstance(self.device, str) or not _DEVICE.fullmatch(self.device):
@@ -205,10 +249,16 @@ class Output:
     """Where the tables go, and what happens to a run already there."""
 
     out: Path
-    overwrite: bool = False  # replace a different earlier run (only what lorascale wrote)
-    resume: bool = False  # require an earlier run and continue it
-    report: bool = False  # also write out/report/ (figures and index.html)
-    series: bool | None = None  # draw the tuned models as a checkpoint series in the report (None: decide)
+    overwrite: bool = field(default=False, metadata=declare("Replace a different earlier run in --out.", parse="flag"))
+    resume: bool = field(default=False, metadata=declare(
+        "Require an earlier run in --out and continue it.", parse="flag"))
+    report: bool = field(default=False, metadata=declare(
+        "Also write RESULTS/report/ (figures + index.html).", commands=("run",), parse="flag",
+        controls="out/report/"))
+    series: bool | None = field(default=None, metadata=declare(
+        "Draw the tuned models as a checkpoint series in the --report (default: only when their names are "
+        "checkpoints of one run, e.g. run/checkpoint-200 or org/name@step1000).", commands=("run",), parse="flag",
+        off_flag="--no-series", controls="out/report/ (the checkpoint-series figure)"))
 
     def __post_init__(self) -> None:
         if not isinstance(self.out, (str, os.PathLike)) or not str(self.out):
@@ -226,8 +276,14 @@ class Mitigation:
     """How `lorascale mitigate` rewrites an adapter (docs/METHOD.md section 10): W' = W + (lambda - 1) times
     W's intruder components, written back as LoRA factors."""
 
-    mitigation_lambda: float = 0.75  # what is kept of each intruder component: 0 removes it, 1 keeps it
-    rank: str = "r+intruders"  # r+intruders: dW' exactly; r: truncated to the adapter's rank (peft); auto
+    mitigation_lambda: float = field(default=0.75, metadata=declare(
+        "What is kept of each intruder component of W: 0 removes it, 1 keeps it.", commands=("mitigate",),
+        flag="--lambda", identity=True, controls="out/adapter/, mitigation.intruders_after"))
+    rank: str = field(default="r+intruders", metadata=declare(
+        "Rank of the written factors: r+intruders keeps dW' exactly (rank_pattern per module); r keeps the "
+        "adapter's rank (as peft's reduce_intruder_dimension: dW' truncated); auto dW''s numerical rank.",
+        commands=("mitigate",), parse="choice", choices=RANK_MODES, identity=True,
+        controls="out/adapter/, mitigation.rank_after"))
 
     def __post_init__(self) -> None:
         value = self.mitigation_lambda
@@ -298,9 +354,10 @@ def _flag(name: str, value: object) -> None:
         raise OptionError(f"{option(name)} must be True or False, got {value!r}")
 
 
-_RECORDS = {"references": References, "selection": Selection, "analysis": Analysis, "execution": Execution,
-            "output": Output, "mitigation": Mitigation}
-KEYWORDS: dict[str, str] = {f.name: record for record, cls in _RECORDS.items() for f in fields(cls)
+# The sub-records by RunRequest field name: their declared fields are the options (optionspec.declared).
+RECORDS = {"references": References, "selection": Selection, "analysis": Analysis, "execution": Execution,
+           "output": Output, "mitigation": Mitigation}
+KEYWORDS: dict[str, str] = {f.name: record for record, cls in RECORDS.items() for f in fields(cls)
                             if f.name not in ("base", "tuned", "out")}
 
 
@@ -319,7 +376,7 @@ def build_request(base: str | Mapping[str, str], tuned: str | Sequence[str] | Ma
     unknown = sorted(set(options) - set(known))
     if unknown:
         raise OptionError(f"unexpected keyword argument {unknown[0]!r}", fix=f"keywords: {', '.join(known)}")
-    grouped: dict[str, dict[str, Any]] = {record: {} for record in _RECORDS}
+    grouped: dict[str, dict[str, Any]] = {record: {} for record in RECORDS}
     for name, value in options.items():
         grouped[KEYWORDS[name]][name] = value
     base_name, tuned_names = name_references(_reference(base, "base"), _reference(tuned, "tuned"))

@@ -12,13 +12,16 @@ from pathlib import Path
 from typing import Any
 
 from lorascale.records import NamedReference
-from lorascale.request import RunRequest
+from lorascale.optionspec import declared
+from lorascale.request import RECORDS, RunRequest
 from lorascale.scrub import public_address
 
-# Options that change the numbers: a rerun with other values is another run, not a continuation.
-# "rename" is recorded only when given, so runs written before the option existed keep their identity.
-RUN_OPTIONS = ("k", "epsilon", "side", "precision", "include", "exclude", "mode", "top_k", "rename",
-               "mitigation_lambda", "rank")
+# Options that change the numbers (declared with identity=True): a rerun with other values is another run, not a
+# continuation.  "rename" is recorded only when given, so runs written before the option existed keep their identity.
+RUN_OPTIONS = tuple(f.name for _, f, spec in declared(RECORDS) if spec.identity)
+# The options manifest_options() records in its own way (below); any other identity option is recorded as it is.
+_RECORDED = {"k", "epsilon", "side", "precision", "include", "exclude", "rename", "mode", "top_k", "mitigation_lambda",
+             "rank"}
 
 
 def manifest_options(request: RunRequest) -> dict[str, Any]:
@@ -38,6 +41,10 @@ def manifest_options(request: RunRequest) -> dict[str, Any]:
         options["scratch_dir"] = str(request.references.scratch_dir)  # where files went; not the run's identity
     if request.mitigation is not None:
         options.update(mitigation_lambda=request.mitigation.mitigation_lambda, rank=request.mitigation.rank)
+    for record, f, spec in declared(RECORDS):  # an identity option declared since: recorded as given
+        if spec.identity and f.name not in _RECORDED and getattr(request, record) is not None:
+            value = getattr(getattr(request, record), f.name)
+            options[f.name] = list(value) if isinstance(value, tuple) else value
     return options
 
 
