@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from lorascale import __version__
+from lorascale.version import __version__
 from lorascale.errors import LorascaleError, OptionError, option
 from lorascale.execute import Executor, make_executor
 from lorascale.execute.routes import describe as describe_routes, pinned_routes, resolve as resolve_compute
@@ -25,7 +25,9 @@ from lorascale.io.resolve import resolve
 from lorascale.numerics.backends import Routes
 from lorascale.plan import Plan, plan_jobs
 from lorascale.records import HubFile, NamedReference, RemoteFile, Skipped, TensorEntry
-from lorascale.request import JobOptions, RunRequest, job_options, python_command
+from lorascale.analyses.options import JobOptions, job_options
+from lorascale.request import RunRequest
+from lorascale.run_identity import manifest_options, python_command
 from lorascale.store.manifest import Manifest, read_manifest
 from lorascale.store.overlap import checkpoint_inputs, reference_inputs, refuse_overlap
 from lorascale.store.run_directory import RunDirectory
@@ -85,7 +87,7 @@ def mitigate(request: RunRequest, *, executor: Executor | None = None, progress:
              download_progress: StatusCallback | None = None, command: str | None = None) -> RunResult:
     """Run a mitigation request (request.mitigation set: one LoRA adapter): compare it as compare() does
     (the tables describe the adapter as it was), rewrite each matrix's intruder components
-    (execute/mitigation.py; the mitigation/ table says what was done), then write the mitigated PEFT adapter
+    (analyses/mitigate.py; the mitigation/ table says what was done), then write the mitigated PEFT adapter
     to out/adapter/ once every matrix is done (store/adapter_writer.py).  Resumable like compare()."""
     if request.mitigation is None:
         raise OptionError("this request is not a mitigation", fix="build it with build_request and mitigate=True")
@@ -152,7 +154,7 @@ def _run(request: RunRequest, *, executor: Executor | None, progress: ProgressCa
 def _write_mitigated_adapter(out: Path, prepared: Prepared, manifest: Manifest) -> None:
     """out/adapter/ from the input adapter and the factors the run staged (store/adapter_writer.py)."""
     from lorascale.report.mitigation import intruders_left
-    from lorascale.results import Results
+    from lorascale.store.reader import Results
     from lorascale.store.adapter_writer import write_adapter
 
     request = prepared.request
@@ -177,7 +179,7 @@ def prepare(request: RunRequest, *, executor: Executor | None = None, resuming: 
     compare() runs and plan_run() shows.  `resuming`: the output directory a rerun may continue; the CPU
     routes its manifest records are kept, so that one run's rows never mix two route decisions."""
     if executor is None:
-        executor = make_executor(request.execution)
+        executor = make_executor(request)
     options = executor.prepare(job_options(request, routes=_earlier_routes(resuming)))
     references = request.references
     base, *tuned = _open_checkpoints([n.reference for n in references.all], allow_pickle=not references.no_pickle)
@@ -203,7 +205,7 @@ def _new_manifest(prepared: Prepared, *, command: str) -> Manifest:
     request, options = prepared.request, prepared.options
     names = request.references
     return Manifest(
-        lorascale_version=__version__, command=command, options=request.manifest_options(),
+        lorascale_version=__version__, command=command, options=manifest_options(request),
         base=_described(prepared.base, names.base),
         tuned=[_described(c, n) for c, n in zip(prepared.tuned, names.tuned)],
         device=options.device, precision=request.analysis.precision, torch=torch.__version__,

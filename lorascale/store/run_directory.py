@@ -28,6 +28,7 @@ from lorascale.errors import OutputError, option
 from lorascale.io.identity import changed_since
 from lorascale.records import MatrixJob
 from lorascale.store.adapter_writer import refuse_foreign_adapter
+from lorascale.run_identity import RUN_OPTIONS
 from lorascale.store.atomic import TMP_PREFIX, write_failure
 from lorascale.store.lock import LOCK_NAME, PID_NAME, OutputLock, held_by, is_locked
 from lorascale.store.manifest import Manifest, Status, read_manifest, write_manifest
@@ -39,10 +40,6 @@ from lorascale.store.writer import (ResultWriter, completed_pairs, factor_files,
 # The directories of part files lorascale writes in --out (the tables; mitigate's table and factors).
 _DIRECTORIES = (*TABLES, *OPTIONAL_TABLES, FACTORS_DIR)
 
-# Options that change the numbers: a rerun with other values is another run, not a continuation.
-# "rename" is recorded only when given, so runs written before the option existed keep their identity.
-_RUN_OPTIONS = ("k", "epsilon", "side", "precision", "include", "exclude", "mode", "top_k", "rename",
-                "mitigation_lambda", "rank")
 
 
 def now() -> str:
@@ -220,7 +217,7 @@ def _prepare(out: Path, manifest: Manifest, *, overwrite: bool, resume: bool, dr
         raise OutputError("directory holds a different run (other checkpoints or options)", path=out,
                           fix=f"choose another {option('out')}, or pass {option('overwrite', True)} to replace it")
     earlier, labels = _labels(previous), _labels(manifest)
-    # Rows carry their model's label; a run written before labels existed has none to disagree with.
+    # Rows carry their model's label; a run written before labels existed (label None) has none to disagree with.
     if any(label is not None for label in earlier) and earlier != labels:
         raise OutputError(f"directory holds this run under other labels: {', '.join(map(str, earlier))}",
                           path=out, fix=f"use the same NAME=REF labels, or pass {option('overwrite', True)} to recompute")
@@ -232,15 +229,15 @@ def _prepare(out: Path, manifest: Manifest, *, overwrite: bool, resume: bool, dr
 
 
 def _labels(manifest: Manifest) -> tuple:
-    """The base's and each tuned model's label (None in manifests written before labels)."""
-    return tuple(entry.get("label") for entry in (manifest.base, *manifest.tuned))
+    """The base's and each tuned model's label (None in manifests written before labels: manifest.upgrade)."""
+    return tuple(entry["label"] for entry in (manifest.base, *manifest.tuned))
 
 
 def _run_identity(manifest: Manifest) -> tuple:
     """What must match for a rerun on the same --out to continue the earlier run."""
     options = manifest.options
     return (manifest.base.get("reference"), manifest.references,
-            tuple(sorted((k, str(v)) for k, v in options.items() if k in _RUN_OPTIONS)))
+            tuple(sorted((k, str(v)) for k, v in options.items() if k in RUN_OPTIONS)))
 
 
 def _holds_input(path: Path, keep: tuple[Path, ...]) -> bool:
