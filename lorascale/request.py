@@ -241,8 +241,10 @@ class Mitigation:
 
     def __post_init__(self) -> None:
         value = self.mitigation_lambda
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-            raise OptionError(f"{option('mitigation_lambda')} must be a finite number of at least 0, got {value!r}")
+        if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+                or not 0 <= value <= 1):
+            raise OptionError(f"{option('mitigation_lambda')} must be in [0, 1] (what is kept of each intruder: "
+                              f"0 removes it, 1 keeps it), got {value!r}")
         object.__setattr__(self, "mitigation_lambda", float(value))
         _choice("rank", self.rank, RANK_MODES)
 

@@ -19,12 +19,13 @@ import pyarrow.dataset as ds
 from lorascale.errors import OptionError, OutputError
 from lorascale.store.manifest import RUN_FIX, Manifest, read_manifest
 from lorascale.store.run_directory import check_complete, effective_status
-from lorascale.store.schema import MATRICES, MITIGATION, SCHEMAS, SIMILARITY, SPECTRA
+from lorascale.store.schema import MANIFEST, MATRICES, MITIGATION, SCHEMAS, SIMILARITY, SPECTRA
 from lorascale.store.writer import part_files
 
 TABLES = (MATRICES, SPECTRA, SIMILARITY, MITIGATION)  # mitigation: `lorascale mitigate` runs only
 # Columns that repeat a handful of values millions of times: reading them dictionary-encoded keeps a
 # 7B run's spectra table in memory at a fraction of the plain-string size (report queries ask for it).
+DEMO_RESULTS = "results"  # `lorascale demo --out DIR` writes DIR/checkpoints and DIR/results
 DICTIONARY_COLUMNS = ("model", "role", "matrix", "side", "module", "update")
 
 
@@ -129,6 +130,15 @@ def _check_name(name: str) -> None:
         raise OptionError(f"unknown table {name!r}", fix=f"use one of {', '.join(TABLES)}")
 
 
+def results_root(given: str | Path) -> Path:
+    """The results directory for `given`, the directory the user gave the command that made it: a run's
+    --out itself, or the --out of `lorascale demo` (which writes its results to OUT/results)."""
+    root = Path(given)
+    if not (root / MANIFEST).exists() and (root / DEMO_RESULTS / MANIFEST).is_file():
+        return root / DEMO_RESULTS
+    return root
+
+
 def load(out: str | Path, *, partial: bool = False) -> Results:
     """Open the results directory `out` written by `lorascale.compare()` or `lorascale run`.
 
@@ -139,7 +149,7 @@ def load(out: str | Path, *, partial: bool = False) -> Results:
     >>> results = lorascale.load("results/")  # doctest: +SKIP
     >>> results.matrices.to_pandas()           # doctest: +SKIP
     """
-    root = Path(out)
+    root = results_root(out)
     if not root.is_dir():
         raise OptionError("results directory does not exist" if not root.exists() else
                           "results path is not a directory", path=root, fix=RUN_FIX)

@@ -359,9 +359,11 @@ def summary(results: Path, fmt: str, order: str, allow_partial: bool, k: int | N
 
 
 def _warn_if_partial(results: Path) -> None:
+    from lorascale.results import results_root
     from lorascale.store.manifest import read_manifest
     from lorascale.store.run_directory import effective_status
 
+    results = results_root(results)
     manifest = read_manifest(results)  # the caller has already read it whole: it exists and is valid
     status = effective_status(results, manifest) if manifest is not None else "unknown"
     if status != "complete":
