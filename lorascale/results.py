@@ -48,6 +48,14 @@ class Results:
         """The tuned references, in the order they were given."""
         return self.manifest.references
 
+    def __repr__(self) -> str:
+        """One short line: where, status, the tuned models' labels, and each table's rows (from the Parquet
+        footers, no data read); the manifest is `.manifest`."""
+        labels = [str(t.get("label") or t.get("reference")) for t in self.manifest.tuned]
+        sizes = ", ".join(f"{name} {self.dataset(name).count_rows():,}" for name in TABLES if self.has(name))
+        return (f"<lorascale.Results {str(self.root)!r} {self.status}: {len(labels)} tuned "
+                f"({', '.join(labels)}); rows: {sizes or 'none'}>")
+
     def has(self, name: str) -> bool:
         """Whether the run has written any part of table `name` yet."""
         _check_name(name)

@@ -207,7 +207,7 @@ def test_run_with_report_and_summary_commands(llama, tmp_path):
     assert index.is_file() and f"report: {index}" in result.stderr
     assert list((out / "report").glob("*.png"))
     as_csv = invoke("summary", out, "--format", "csv")
-    assert as_csv.exit_code == 0 and as_csv.stdout.startswith("model,")
+    assert as_csv.exit_code == 0 and as_csv.stdout.startswith("label,reference,")
     assert len(as_csv.stdout.strip().splitlines()) == 3  # header + two tuned models
     again = invoke("report", out, "--out", tmp_path / "rep")
     assert again.exit_code == 0 and (tmp_path / "rep" / "index.html").is_file()

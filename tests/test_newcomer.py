@@ -78,3 +78,47 @@ def test_mitigate_lambda_outside_0_1_is_refused(demo, tmp_path, value):
     assert done.exit_code == 2, done.output
     assert "--lambda" in done.output and "[0, 1]" in done.output
     assert not (tmp_path / "m").exists()
+
+
+# --- 8: one spelling of the output format -------------------------------------------------------------------
+
+def test_inspect_takes_format_and_keeps_json_as_a_hidden_alias(demo):
+    as_format = invoke("inspect", demo["base"], "--format", "json")
+    assert as_format.exit_code == 0, as_format.output
+    assert json.loads(as_format.output)["kind"] == "full"
+    alias = invoke("inspect", demo["base"], "--json")
+    assert alias.exit_code == 0 and json.loads(alias.output) == json.loads(as_format.output)
+    tensors = invoke("inspect", demo["base"], "--tensors", "--format", "csv")
+    assert tensors.exit_code == 0 and tensors.output.startswith("name,shape,dtype,file,analysed")
+    assert "--json" not in invoke("inspect", "--help").output
+
+
+def test_summary_csv_names_label_and_reference_as_the_table_does(demo):
+    import csv
+    import io
+
+    table = invoke("summary", demo["out"]).output.splitlines()[0]
+    assert table.split()[0] == "model" and "reference" in table  # the table: label as `model`, then reference
+    rows = list(csv.DictReader(io.StringIO(invoke("summary", demo["out"], "--format", "csv").output)))
+    assert list(rows[0])[:2] == ["label", "reference"] and "model" not in rows[0]
+    assert rows[0]["reference"] == str(demo["full"])
+    as_json = json.loads(invoke("summary", demo["out"], "--format", "json").output)
+    assert as_json[0]["reference"] == as_json[0]["model"] == str(demo["full"])
+
+
+# --- 10: inspect's counts, repr of loaded results -----------------------------------------------------------
+
+def test_inspect_says_what_its_counts_exclude_and_what_scales_are(demo):
+    full = invoke("inspect", demo["base"]).output
+    assert "excluded by default (embeddings, lm_head" in full and "matrices (2-D tensors): 30" in full
+    assert json.loads(invoke("inspect", demo["base"], "--format", "json").output)["excluded_by_default"] == 2
+    adapter = invoke("inspect", demo["lora"]).output
+    assert "scales (s = lora_alpha / r" in adapter
+
+
+def test_repr_of_loaded_results_is_one_short_line(demo):
+    import lorascale
+
+    text = repr(lorascale.load(demo["out"]))
+    assert "\n" not in text and len(text) < 300 and "matrices 56" in text and "complete" in text
+    assert "lorascale_version" not in text

@@ -22,6 +22,7 @@ from lorascale.numerics.backends import BACKEND_CHOICES, DEVICE_CHOICES
 from lorascale.request import DEFAULT_TOP_K, MODES, PRECISIONS, RANK_MODES, SIDES, Analysis, Mitigation
 
 _ANALYSIS, _MITIGATION = Analysis(), Mitigation()  # the defaults, written once (request.py)
+FORMATS = ("table", "json", "csv")  # --format of every command that prints data (inspect, summary)
 
 
 class Terminated(KeyboardInterrupt):
@@ -284,25 +285,32 @@ def mitigate(quiet: bool, **options: Any) -> None:
 
 @main.command()
 @click.argument("reference", metavar="REF")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True,
+              help="Text, JSON, or CSV (one row per tensor with --tensors, else key,value).")
+@click.option("--json", "as_json", is_flag=True, hidden=True, help="Same as --format json (kept for old scripts).")
 @click.option("--no-pickle", is_flag=True, help="Refuse pickled .bin weights.")
 @click.option("--tensors", "list_all", is_flag=True,
               help="List every tensor: name, shape, dtype and what a default run does with it "
                    "(the names --include and --exclude globs match).")
-def inspect(reference: str, as_json: bool, list_all: bool, no_pickle: bool) -> None:
+def inspect(reference: str, fmt: str, as_json: bool, list_all: bool, no_pickle: bool) -> None:
     """Describe checkpoint REF from its headers: kind, format, files, dtypes, matrices, adapter settings.
 
     REF is a directory, a .safetensors or .bin file, or org/name[@rev]; a hub repo's weights are not downloaded.
     """
-    from lorascale.cli.format import format_description, format_tensors
+    from lorascale.cli.format import format_description, format_rows_csv, format_tensors
     from lorascale.inspect import describe_checkpoint, list_tensors
 
+    fmt = "json" if as_json else fmt
     if list_all:
         rows = list_tensors(reference, allow_pickle=not no_pickle)
-        click.echo(json.dumps(rows, indent=2) if as_json else format_tensors(rows))
-        return
-    info = describe_checkpoint(reference, allow_pickle=not no_pickle)
-    click.echo(json.dumps(info, indent=2) if as_json else format_description(info))
+        text = {"json": lambda: json.dumps(rows, indent=2), "table": lambda: format_tensors(rows),
+                "csv": lambda: format_rows_csv(rows)}[fmt]()
+    else:
+        info = describe_checkpoint(reference, allow_pickle=not no_pickle)
+        text = {"json": lambda: json.dumps(info, indent=2), "table": lambda: format_description(info),
+                "csv": lambda: format_rows_csv([{"key": k, "value": json.dumps(v) if not isinstance(v, str) else v}
+                                                for k, v in info.items()])}[fmt]()
+    click.echo(text)
 
 
 @main.command()
@@ -328,7 +336,7 @@ def demo(out: Path, quiet: bool) -> None:
 
 @main.command()
 @click.argument("results", type=click.Path(path_type=Path))
-@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True,
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True,
               help="Aligned text, CSV, or JSON with every field.")
 @click.option("--order", type=click.Choice(["as-given", "name"]), default="as-given", show_default=True,
               help="Model order: as given on the command line, or natural name order (checkpoint-200 < -1000).")
