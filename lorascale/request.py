@@ -28,7 +28,7 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from lorascale.errors import OptionError, option
-from lorascale.naming import name_references
+from lorascale.naming import name_references, with_labels
 from lorascale.numerics.backends import BACKEND_CHOICES, BACKENDS, CUDA_DRIVERS, DEVICE_CHOICES, Routes
 from lorascale.records import NamedReference
 
@@ -406,14 +406,15 @@ def build_request(base: str | Mapping[str, str], tuned: str | Sequence[str] | Ma
     >>> build_request("org/base", "lora=org/adapter", "results", k=20).analysis.k
     20
     """
-    known = [name for name, record in KEYWORDS.items() if mitigate or record != "mitigation"]
+    tuned = with_labels(_reference(tuned, "tuned"), options.pop("label", None))
+    known = [name for name, record in KEYWORDS.items() if mitigate or record != "mitigation"] + ["label"]
     unknown = sorted(set(options) - set(known))
     if unknown:
         raise OptionError(f"unexpected keyword argument {unknown[0]!r}", fix=f"keywords: {', '.join(known)}")
     grouped: dict[str, dict[str, Any]] = {record: {} for record in _RECORDS}
     for name, value in options.items():
         grouped[KEYWORDS[name]][name] = value
-    base_name, tuned_names = name_references(_reference(base, "base"), _reference(tuned, "tuned"))
+    base_name, tuned_names = name_references(_reference(base, "base"), tuned)
     references = References(base=base_name, tuned=tuple(tuned_names), **grouped["references"])
     output = Output(out=out, **grouped["output"]) if out is not None else None  # type: ignore[arg-type]
     if output is None and grouped["output"]:

@@ -122,3 +122,38 @@ def test_repr_of_loaded_results_is_one_short_line(demo):
     text = repr(lorascale.load(demo["out"]))
     assert "\n" not in text and len(text) < 300 and "matrices 56" in text and "complete" in text
     assert "lorascale_version" not in text
+
+
+# --- 3: labels ----------------------------------------------------------------------------------------------
+
+def test_default_labels_are_short_names_everywhere_a_person_reads(demo):
+    rows = json.loads(invoke("summary", demo["out"], "--format", "json").output)
+    assert [(r["label"], r["reference"]) for r in rows] == [("full", str(demo["full"])), ("lora", str(demo["lora"]))]
+    assert invoke("report", demo["out"]).exit_code == 0
+    page = (demo["out"] / "results" / "report" / "index.html").read_text(encoding="utf-8")
+    assert "<h1>How the fine-tunes changed base</h1>" in page
+    assert '<td class="text">lora</td>' in page and str(demo["lora"]) in page  # label shown, reference kept
+
+
+def test_label_option_names_each_tuned_model_as_name_ref_does(demo, tmp_path):
+    import pyarrow.dataset as ds
+
+    out = tmp_path / "labelled"
+    done = invoke("run", "--base", demo["base"], "--tuned", demo["full"], "--tuned", demo["lora"],
+                  "--label", "ft", "--label", "r4", "--out", out, "--quiet")
+    assert done.exit_code == 0, done.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [(t["label"], t["reference"]) for t in manifest["tuned"]] == [("ft", str(demo["full"])),
+                                                                         ("r4", str(demo["lora"]))]
+    assert f"--tuned ft={demo['full']}" in manifest["command"]  # one concept: recorded as NAME=REF
+    assert set(ds.dataset(out / "matrices").to_table(columns=["label"]).column(0).to_pylist()) == {"ft", "r4"}
+    assert done.stdout.splitlines()[2].startswith("ft ")
+    again = invoke("run", "--base", demo["base"], "--tuned", f"ft={demo['full']}", "--tuned", demo["lora"],
+                   "--label", "ft", "--label", "r4", "--out", out, "--quiet")
+    assert again.exit_code == 0, again.output
+    clash = invoke("run", "--base", demo["base"], "--tuned", f"x={demo['full']}", "--label", "y", "--out",
+                   tmp_path / "clash", "--quiet")
+    assert clash.exit_code == 2 and "labelled twice" in clash.output and "--label" in clash.output
+    count = invoke("run", "--base", demo["base"], "--tuned", demo["full"], "--tuned", demo["lora"], "--label", "a",
+                   "--out", tmp_path / "count", "--quiet")
+    assert count.exit_code == 2 and "one --label per --tuned" in count.output

@@ -185,6 +185,10 @@ def _common_options(command: Any) -> Any:
               help="A fine-tune of --base, full or LoRA adapter, as for --base; repeatable.  NAME=REF labels it in "
                    "tables, legends and the summary: NAME is letters, digits, _ . + -, and the text is split on "
                    "its first '=' only when it is not an existing path.")
+@click.option("--label", "label", multiple=True, metavar="NAME",
+              help="The label of each --tuned, in order (one per --tuned; the same as --tuned NAME=REF): "
+                   "what the summary, tables, report and legends show.  Default: the model's directory or repo "
+                   "name, lengthened where two would be alike.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, metavar="DIR", help="Results directory.")
 @click.option("--side", type=click.Choice(list(SIDES)), default=_ANALYSIS.side, show_default=True,
               help="Singular vectors compared: left (output space, as in the paper), right, or both.")

@@ -13,7 +13,7 @@ from lorascale.request import RunRequest, public_address
 
 # Field -> flag, in the order `lorascale run --help` lists them (the order of a recorded command).
 FLAGS: dict[str, str] = {
-    "base": "--base", "tuned": "--tuned", "out": "--out", "k": "--k", "epsilon": "--epsilon", "side": "--side",
+    "base": "--base", "tuned": "--tuned", "label": "--label", "out": "--out", "k": "--k", "epsilon": "--epsilon", "side": "--side",
     "precision": "--precision", "device": "--device", "backend": "--backend", "mode": "--mode", "top_k": "--top-k",
     "cache_dir": "--cache-dir", "use_cache": "--no-cache", "no_pickle": "--no-pickle", "scratch_dir": "--scratch-dir",
     "include": "--include", "exclude": "--exclude", "rename": "--rename", "overwrite": "--overwrite",

@@ -105,8 +105,9 @@ def render_page(content: PageContent) -> str:
         "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
         f'<meta name="generator" content="{GENERATOR}">',
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>lorascale report: {_e(run.base)}</title><style>{_CSS}</style></head><body>",
-        f"<h1>How the fine-tunes changed {_e(run.base)}</h1>",
+        f"<title>lorascale report: {_e(run.base_label)}</title><style>{_CSS}</style></head><body>",
+        f"<h1>How the fine-tunes changed {_e(run.base_label)}</h1>",
+        f'<p class="ref">base: {_e(run.base)}</p>',
         "<p>Each weight matrix of every tuned model was compared with the base through its singular value "
         "decomposition. An <em>intruder dimension</em> is a top-ranked singular vector of the tuned matrix "
         "whose largest |cosine| with any base singular vector is below ε (Shuttleworth et al., "
