@@ -95,14 +95,15 @@ def with_labels(tuned: References, labels: str | Sequence[str] | None) -> Refere
     return named
 
 
-def name_references(base: str | Mapping[str, str], tuned: References) -> tuple[NamedReference, list[NamedReference]]:
+def name_references(base: str | Mapping[str, str] | None,
+                    tuned: References) -> tuple[NamedReference | None, list[NamedReference]]:
     """The base and the tuned models with their labels, every label checked and the tuned ones unique.
 
     >>> base, tuned = name_references("org/base", ["lora=./runs/a", "./runs/b/final"])
     >>> [(t.reference, t.label) for t in tuned]
     [('./runs/a', 'lora'), ('./runs/b/final', 'final')]
     """
-    base_entries = _entries(base, role="base")
+    base_entries = _entries(base, role="base") if base is not None else [(None, None)]
     if len(base_entries) != 1:
         raise OptionError(f"give exactly one base checkpoint, got {len(base_entries)}")
     tuned_entries = _entries(tuned, role="tuned")
@@ -122,6 +123,8 @@ def name_references(base: str | Mapping[str, str], tuned: References) -> tuple[N
             raise OptionError(f"two tuned models have the label {label!r}: {', '.join(clashing)}",
                               fix="give each tuned model its own NAME in NAME=REF")
     base_label, base_reference = base_entries[0]
+    if base_reference is None:  # the pipeline takes it from the adapters (pipeline.settle_base)
+        return None, named
     if base_label is not None and base_label in labels:
         raise OptionError(f"the base and a tuned model have the same label {base_label!r}",
                           fix="give the base another NAME")

@@ -84,7 +84,7 @@ def _optional_path(value: object) -> Path | None:
 class References:
     """What to compare.  `base` and `tuned` are labelled (naming.py: `NAME=REF`, or the default short name)."""
 
-    base: NamedReference
+    base: NamedReference | None  # None: the base the adapters name (pipeline.settle_base)
     tuned: tuple[NamedReference, ...]
     no_pickle: bool = False  # refuse pickled .bin weights (read otherwise with torch's restricted loader)
     scratch_dir: Path | None = None  # hub weight files go here instead of the hub cache, deleted once used
@@ -95,7 +95,9 @@ class References:
 
     @property
     def all(self) -> tuple[NamedReference, ...]:
-        """The base first, then the tuned models in the order given."""
+        """The base first, then the tuned models in the order given (once the base is known)."""
+        if self.base is None:
+            raise OptionError(f"no {option('base')} yet: the pipeline takes it from the adapters first")
         return (self.base, *self.tuned)
 
 
@@ -316,8 +318,8 @@ class RunRequest:
         """Every option that differs from its default, by field name: base, tuned and out first, then the
         analysis, selection, execution, references and output records in field order.  What reproduces
         this request through build_request(), and what a recorded command shows."""
-        given: dict[str, Any] = {"base": _labelled(self.references.base),
-                                 "tuned": [_labelled(t) for t in self.references.tuned]}
+        given: dict[str, Any] = {"base": _labelled(self.references.base)} if self.references.base else {}
+        given["tuned"] = [_labelled(t) for t in self.references.tuned]
         if self.output is not None:
             given["out"] = str(self.output.out)
         for record in (self.mitigation, self.analysis, self.selection, self.execution, self.references,
@@ -397,7 +399,7 @@ KEYWORDS: dict[str, str] = {f.name: record for record, cls in _RECORDS.items() f
                             if f.name not in ("base", "tuned", "out")}
 
 
-def build_request(base: str | Mapping[str, str], tuned: str | Sequence[str] | Mapping[str, str],
+def build_request(base: str | Mapping[str, str] | None, tuned: str | Sequence[str] | Mapping[str, str],
                   out: str | os.PathLike | None = None, *, mitigate: bool = False, **options: Any) -> RunRequest:
     """The RunRequest for `lorascale.compare(base, tuned, out, **options)` (or, with `mitigate=True`,
     `lorascale.mitigate(base, adapter, out, **options)`): every keyword is a field of one sub-record; an
@@ -414,7 +416,7 @@ def build_request(base: str | Mapping[str, str], tuned: str | Sequence[str] | Ma
     grouped: dict[str, dict[str, Any]] = {record: {} for record in _RECORDS}
     for name, value in options.items():
         grouped[KEYWORDS[name]][name] = value
-    base_name, tuned_names = name_references(_reference(base, "base"), tuned)
+    base_name, tuned_names = name_references(None if base is None else _reference(base, "base"), tuned)
     references = References(base=base_name, tuned=tuple(tuned_names), **grouped["references"])
     output = Output(out=out, **grouped["output"]) if out is not None else None  # type: ignore[arg-type]
     if output is None and grouped["output"]:

@@ -157,3 +157,39 @@ def test_label_option_names_each_tuned_model_as_name_ref_does(demo, tmp_path):
     count = invoke("run", "--base", demo["base"], "--tuned", demo["full"], "--tuned", demo["lora"], "--label", "a",
                    "--out", tmp_path / "count", "--quiet")
     assert count.exit_code == 2 and "one --label per --tuned" in count.output
+
+
+# --- 1: the base from the adapter ---------------------------------------------------------------------------
+
+def test_base_is_taken_from_the_adapter_when_not_given(demo, tmp_path):
+    out = tmp_path / "from-adapter"
+    done = invoke("run", "--tuned", demo["lora"], "--out", out, "--quiet")
+    assert done.exit_code == 0, done.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["base"]["reference"] == str(demo["base"])
+    assert manifest["base"]["chosen"]["from"] == "adapter"
+    assert "base_model_name_or_path" in manifest["base"]["chosen"]["why"]
+    given = json.loads((demo["out"] / "results" / "manifest.json").read_text())
+    assert given["base"]["chosen"] == {"from": "--base", "why": "given"}
+
+
+def test_a_base_other_than_the_adapters_gives_one_warning_naming_both(demo, tmp_path):
+    other = shutil.copytree(demo["base"], tmp_path / "other-base")
+    done = invoke("run", "--base", other, "--tuned", demo["lora"], "--out", tmp_path / "o", "--quiet")
+    assert done.exit_code == 0, done.output
+    warnings = [line for line in done.stderr.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and str(other) in warnings[0] and str(demo["base"]) in warnings[0]
+    manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
+    assert manifest["base"]["chosen"]["adapters_name"] == {str(demo["lora"]): str(demo["base"])}
+
+
+def test_adapters_naming_different_bases_without_base_is_a_clear_error(demo, tmp_path):
+    second = _second_lora(demo, tmp_path / "lora-b")
+    config = json.loads((second / "adapter_config.json").read_text())
+    (second / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "org/other"}))
+    done = invoke("run", "--tuned", demo["lora"], "--tuned", second, "--out", tmp_path / "x", "--quiet")
+    assert done.exit_code == 2, done.output
+    assert "name different bases" in done.output and "org/other" in done.output and "--base" in done.output
+    full = invoke("run", "--tuned", demo["full"], "--out", tmp_path / "y", "--quiet")
+    assert full.exit_code == 2 and "full checkpoint" in full.output and "pass --base" in full.output
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()

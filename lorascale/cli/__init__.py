@@ -179,8 +179,10 @@ def _common_options(command: Any) -> Any:
 
 
 @main.command()
-@click.option("--base", required=True, metavar="REF",
-              help="Base checkpoint: directory, .safetensors or .bin file, or org/name[@rev]; NAME=REF labels it.")
+@click.option("--base", default=None, metavar="REF",
+              help="Base checkpoint: directory, .safetensors or .bin file, or org/name[@rev]; NAME=REF labels it.  "
+                   "Optional when every --tuned is an adapter: the base its adapter_config.json names "
+                   "(base_model_name_or_path).")
 @click.option("--tuned", "tuned", multiple=True, required=True, metavar="REF",
               help="A fine-tune of --base, full or LoRA adapter, as for --base; repeatable.  NAME=REF labels it in "
                    "tables, legends and the summary: NAME is letters, digits, _ . + -, and the text is split on "
@@ -248,8 +250,9 @@ def run(quiet: bool, dry_run: bool, **options: Any) -> None:
 
 
 @main.command()
-@click.option("--base", required=True, metavar="REF",
-              help="The base checkpoint the adapter was trained on (as for run).")
+@click.option("--base", default=None, metavar="REF",
+              help="The base checkpoint the adapter was trained on (as for run; default: the one its "
+                   "adapter_config.json names).")
 @click.option("--adapter", "tuned", required=True, metavar="REF",
               help="The PEFT LoRA adapter to mitigate: directory, adapter file, or org/name[@rev].")
 @click.option("--out", type=click.Path(path_type=Path), required=True, metavar="DIR",
