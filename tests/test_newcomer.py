@@ -193,3 +193,45 @@ def test_adapters_naming_different_bases_without_base_is_a_clear_error(demo, tmp
     full = invoke("run", "--tuned", demo["full"], "--out", tmp_path / "y", "--quiet")
     assert full.exit_code == 2 and "full checkpoint" in full.output and "pass --base" in full.output
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+# --- 2: runs that grow --------------------------------------------------------------------------------------
+
+def test_adding_a_tuned_model_computes_only_it_and_the_tables_hold_all(demo, tmp_path):
+    import pyarrow.dataset as ds
+
+    out = tmp_path / "grow"
+    first = invoke("run", "--base", demo["base"], "--tuned", demo["full"], "--out", out, "--quiet")
+    assert first.exit_code == 0, first.output
+    base_rows = ds.dataset(out / "spectra").to_table(filter=ds.field("role") == "base").num_rows
+    before = {p.name for p in (out / "matrices").iterdir()}
+    grown = invoke("run", "--base", demo["base"], "--tuned", demo["full"], "--tuned", demo["lora"], "--out", out,
+                   "--quiet")
+    assert grown.exit_code == 0, grown.output
+    assert "resumed: 28 of 28 computed now" in grown.stderr  # 28 matrices, each for the new model only
+    matrices = ds.dataset(out / "matrices").to_table()
+    assert matrices.num_rows == 56 and set(matrices.column("model").to_pylist()) == {str(demo["full"]),
+                                                                                     str(demo["lora"])}
+    assert ds.dataset(out / "spectra").to_table(filter=ds.field("role") == "base").num_rows == base_rows
+    assert before <= {p.name for p in (out / "matrices").iterdir()}  # the earlier rows are kept as written
+    rows = json.loads(invoke("summary", out, "--format", "json").output)
+    assert [r["label"] for r in rows] == ["full", "lora"] and rows[1]["intruders"] > 0
+
+
+def test_a_changed_option_names_itself_with_its_old_and_new_value(demo, tmp_path):
+    out = tmp_path / "k"
+    assert invoke("run", "--base", demo["base"], "--tuned", demo["lora"], "--out", out, "--quiet").exit_code == 0
+    other = invoke("run", "--base", demo["base"], "--tuned", demo["lora"], "--out", out, "--k", "3", "--quiet")
+    assert other.exit_code == 6
+    assert "--k 10 there, 3 now" in other.stderr and "--overwrite" in other.stderr and "--out" in other.stderr
+    fewer = invoke("run", "--base", demo["base"], "--tuned", demo["full"], "--out", out, "--quiet")
+    assert fewer.exit_code == 6 and f"also compared {demo['lora']}" in fewer.stderr
+
+
+def test_another_mitigate_lambda_names_both_values(demo, tmp_path):
+    out = tmp_path / "m"
+    args = ("mitigate", "--adapter", demo["lora"], "--out", out, "--quiet")
+    assert invoke(*args, "--lambda", "0").exit_code == 0
+    other = invoke(*args, "--lambda", "0.5")
+    assert other.exit_code == 6 and "--lambda 0.0 there, 0.5 now" in other.stderr
+    assert "each lambda writes its own adapter" in other.stderr

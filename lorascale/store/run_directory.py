@@ -18,6 +18,7 @@ is running, failed or was interrupted are partial, and are never served as resul
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as _dt
 import os
 import shutil
@@ -76,10 +77,19 @@ class RunDirectory:
                 _remove_if_unused(out)
 
     def pending(self, jobs: tuple[MatrixJob, ...]) -> list[MatrixJob]:
-        """The jobs with at least one (model, matrix) pair whose rows are not written yet."""
+        """The jobs with at least one (model, matrix) pair whose rows are not written yet, each with only
+        those tuned models: a run that grows computes its new models alone, the base's rows (and its SVD,
+        from the cache) not again."""
         remove_orphans(self.out)
         done = completed_pairs(self.out)
-        return [j for j in jobs if any((s.model, j.matrix) not in done for s in j.tuned)]
+        pending = []
+        for job in jobs:
+            missing = tuple(s for s in job.tuned if (s.model, job.matrix) not in done)
+            if len(missing) == len(job.tuned):
+                pending.append(job)
+            elif missing:
+                pending.append(dataclasses.replace(job, tuned=missing, base_rows=False))
+        return pending
 
     @contextlib.contextmanager
     def session(self, execution: dict, to_compute: int) -> Iterator[ResultWriter]:
@@ -182,31 +192,53 @@ def _prepare(out: Path, manifest: Manifest, *, overwrite: bool, resume: bool) ->
     if overwrite:
         _remove_ours(out)
         return None
-    if _run_identity(previous) != _run_identity(manifest):
-        raise OutputError("directory holds a different run (other checkpoints or options)", path=out,
-                          fix=f"choose another {option('out')}, or pass {option('overwrite', True)} to replace it")
+    if difference := run_difference(previous, manifest):
+        raise OutputError(f"directory holds a different run: {difference}", path=out,
+                          fix=f"pass {option('overwrite', True)} to replace it, or choose another {option('out')}"
+                              + ("; each lambda writes its own adapter" if "mitigation_lambda" in difference else ""))
     earlier, labels = _labels(previous), _labels(manifest)
     # Rows carry their model's label; a run written before labels existed has none to disagree with.
-    if any(label is not None for label in earlier) and earlier != labels:
-        raise OutputError(f"directory holds this run under other labels: {', '.join(map(str, earlier))}",
+    if any(label is not None and labels.get(ref, label) != label for ref, label in earlier.items()):
+        raise OutputError(f"directory holds this run under other labels: {', '.join(map(str, earlier.values()))}",
                           path=out, fix=f"use the same NAME=REF labels, or pass {option('overwrite', True)} to recompute")
-    for before, now_ in zip((previous.base, *previous.tuned), (manifest.base, *manifest.tuned)):
+    now_by_reference = {str(entry.get("reference")): entry for entry in manifest.tuned}
+    for before in (previous.base, *previous.tuned):
+        now_ = manifest.base if before is previous.base else now_by_reference[str(before.get("reference"))]
         if reason := changed_since(before, now_):
             raise OutputError(f"the earlier run's rows are stale: {now_.get('reference')}: {reason}", path=out,
                               fix=f"pass {option('overwrite', True)} to recompute, or choose another {option('out')}")
     return previous
 
 
-def _labels(manifest: Manifest) -> tuple:
-    """The base's and each tuned model's label (None in manifests written before labels)."""
-    return tuple(entry.get("label") for entry in (manifest.base, *manifest.tuned))
+def _labels(manifest: Manifest) -> dict:
+    """Reference -> label of the base and each tuned model (None in manifests written before labels); the
+    base under the key None."""
+    return {None if entry is manifest.base else entry.get("reference"): entry.get("label")
+            for entry in (manifest.base, *manifest.tuned)}
 
 
-def _run_identity(manifest: Manifest) -> tuple:
-    """What must match for a rerun on the same --out to continue the earlier run."""
-    options = manifest.options
-    return (manifest.base.get("reference"), manifest.references,
-            tuple(sorted((k, str(v)) for k, v in options.items() if k in _RUN_OPTIONS)))
+def run_difference(previous: Manifest, manifest: Manifest) -> str | None:
+    """Why `manifest`'s run cannot continue the `previous` one in the same --out, naming what differs with
+    its value there and now; None when it can.  A run grows: tuned models added to the earlier ones are
+    computed alone (RunDirectory.pending), the earlier rows kept."""
+    before, now_ = previous.base.get("reference"), manifest.base.get("reference")
+    if before != now_:
+        return f"{option('base')} {before} there, {now_} now"
+    changed = [f"{option(k)} {_shown(previous.options.get(k))} there, {_shown(manifest.options.get(k))} now"
+               for k in _RUN_OPTIONS if str(previous.options.get(k)) != str(manifest.options.get(k))]
+    if changed:
+        return "; ".join(changed)
+    left_out = [r for r in previous.references if r not in manifest.references]
+    if left_out:
+        return (f"it also compared {', '.join(left_out)}, which this command leaves out (to add tuned models "
+                f"to a run, give its {option('tuned')} models again with the new ones)")
+    return None
+
+
+def _shown(value: object) -> str:
+    if isinstance(value, list):
+        return " ".join(map(str, value)) if value else "none"
+    return "unset" if value is None else str(value)
 
 
 def _remove_ours(out: Path) -> None:
