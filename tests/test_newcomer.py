@@ -235,3 +235,27 @@ def test_another_mitigate_lambda_names_both_values(demo, tmp_path):
     other = invoke(*args, "--lambda", "0.5")
     assert other.exit_code == 6 and "--lambda 0.0 there, 0.5 now" in other.stderr
     assert "each lambda writes its own adapter" in other.stderr
+
+
+# --- 6: the report says what the run knows ------------------------------------------------------------------
+
+def test_report_rethresholds_draws_topk_up_to_k_and_exports_pdf(demo, tmp_path):
+    out = tmp_path / "report"
+    done = invoke("report", demo["out"], "--out", out, "--k", "5", "--epsilon", "0.3", "--format", "pdf")
+    assert done.exit_code == 0, done.output
+    page = (out / "index.html").read_text(encoding="utf-8")
+    assert "intruders (k=5, ε=0.3)" in page
+    assert "k goes up to 64" in page and "max |cos| not computed" not in page
+    assert (out / "intruders-vs-k.pdf").read_bytes().startswith(b"%PDF")
+    assert len(list(out.glob("*.pdf"))) == len(list(out.glob("*.png")))
+    beyond = invoke("report", demo["out"], "--out", tmp_path / "r2", "--k", "65")
+    assert beyond.exit_code == 2 and "--top-k" in beyond.output
+
+
+def test_report_of_a_mitigation_run_shows_what_was_done(demo, tmp_path):
+    out = tmp_path / "m"
+    assert invoke("mitigate", "--adapter", demo["lora"], "--out", out, "--lambda", "0", "--quiet").exit_code == 0
+    done = invoke("report", out)
+    assert done.exit_code == 0, done.output
+    page = (out / "report" / "index.html").read_text(encoding="utf-8")
+    assert "<h2>Mitigation</h2>" in page and "after (lambda 0)" in page

@@ -396,13 +396,22 @@ def _warn_if_partial(results: Path) -> None:
                    "are checkpoints of one run, e.g. run/checkpoint-200 or org/name@step1000).")
 @click.option("--partial", "allow_partial", is_flag=True,
               help="Also report a run that is not complete; the page is marked PARTIAL RESULTS.")
+@click.option("--k", type=int, default=None,
+              help="Count intruders among the top K tuned vectors instead of the run's k (as summary --k).")
+@click.option("--epsilon", type=float, default=None,
+              help="Intruder threshold on max |cos| instead of the run's epsilon (as summary --epsilon).")
+@click.option("--side", type=click.Choice(["left", "right", "both"]), default=None,
+              help="Sides shown, among those the run computed (default: all of them).")
+@click.option("--format", "figure_format", type=click.Choice(["png", "pdf"]), default="png", show_default=True,
+              help="Figures as PNG + SVG, or also as PDF (for papers), next to index.html.")
 def report(results: Path, out: Path | None, matrices: tuple[str, ...], order: str, series: bool | None,
-           allow_partial: bool) -> None:
-    """Write figures (PNG, SVG) and an offline index.html from a run's tables."""
+           allow_partial: bool, k: int | None, epsilon: float | None, side: str | None, figure_format: str) -> None:
+    """Write figures (PNG, SVG; PDF with --format pdf) and an offline index.html from a run's tables."""
     from lorascale.report import build_report
 
     index = build_report(results, out, matrices=list(matrices) or None, order=order,  # type: ignore[arg-type]
-                         series=series, allow_partial=allow_partial)
+                         series=series, allow_partial=allow_partial, k=k, epsilon=epsilon, side=side,
+                         figure_format=figure_format)
     if allow_partial:
         _warn_if_partial(results)
     click.echo(str(index))
