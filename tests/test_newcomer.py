@@ -5,7 +5,10 @@ spelling of --format, install extras, inspect's counts, and the README walk-thro
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -259,3 +262,43 @@ def test_report_of_a_mitigation_run_shows_what_was_done(demo, tmp_path):
     assert done.exit_code == 0, done.output
     page = (out / "report" / "index.html").read_text(encoding="utf-8")
     assert "<h2>Mitigation</h2>" in page and "after (lambda 0)" in page
+
+
+# --- 9: the base install ------------------------------------------------------------------------------------
+
+_WITHOUT_EXTRAS = ("import sys; sys.modules['ray'] = sys.modules['matplotlib'] = None; "
+                   "from lorascale.cli import main; main()")
+
+
+def _base_install(*args: object) -> subprocess.CompletedProcess:
+    """The CLI in a process where ray and matplotlib cannot be imported, as after `pip install lorascale`."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env.pop("RAY_ADDRESS", None)
+    env.pop("LORASCALE_DEBUG", None)
+    return subprocess.run([sys.executable, "-c", _WITHOUT_EXTRAS, *map(str, args)], capture_output=True, text=True,
+                          env=env, cwd=ROOT, timeout=600)
+
+
+def test_the_base_install_runs_locally_and_names_the_extra_a_feature_needs(demo, tmp_path):
+    out = tmp_path / "base-install"
+    done = _base_install("run", "--base", demo["base"], "--tuned", demo["lora"], "--out", out, "--quiet")
+    assert done.returncode == 0, done.stderr
+    assert "lora" in done.stdout
+    report = _base_install("report", out)
+    assert report.returncode == 2 and 'pip install "lorascale[report]"' in report.stderr, report.stderr
+    assert len(report.stderr.strip().splitlines()) == 1 and "matplotlib" in report.stderr
+    ray = _base_install("run", "--base", demo["base"], "--tuned", demo["lora"], "--out", tmp_path / "r",
+                        "--workers", "2", "--quiet")
+    assert ray.returncode == 2 and 'pip install "lorascale[ray]"' in ray.stderr, ray.stderr
+    assert len(ray.stderr.strip().splitlines()) == 1 and not (tmp_path / "r").exists()
+
+
+def test_extras_in_pyproject_and_the_test_extra_pulls_them():
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    names = " ".join(project["dependencies"])
+    assert "ray" not in names and "matplotlib" not in names and "psutil" not in names
+    extras = project["optional-dependencies"]
+    assert any(d.startswith("ray[default]") for d in extras["ray"]) and extras["report"][0].startswith("matplotlib")
+    assert "lorascale[ray,report]" in extras["test"]

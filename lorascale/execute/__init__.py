@@ -12,6 +12,9 @@ def make_executor(execution: Execution) -> Executor:
     worker (request.Execution.wants_ray), else in-process.  Ray is imported only for a Ray run."""
     if execution.wants_ray:
         from lorascale.execute.ray_executor import RayExecutor
+        from lorascale.extras import require
+
+        require("ray", "a Ray run (--workers above 1, --ray-address or RAY_ADDRESS)")
 
         return RayExecutor(address=execution.address, workers=execution.workers,
                            cpus_per_worker=execution.cpus_per_worker, gpus_per_worker=execution.gpus_per_worker,

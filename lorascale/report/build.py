@@ -16,6 +16,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from lorascale.errors import OptionError, OutputError, option
+from lorascale.extras import require
 from lorascale.report import queries
 from lorascale.report.labels import slug
 from lorascale.report.series import Series, detect_series
@@ -154,6 +155,7 @@ def build_report(results: str | Path, out: str | Path | None = None, *,
     >>> build_report("results/")  # doctest: +SKIP
     PosixPath('results/report/index.html')
     """
+    require("matplotlib", "the report's figures")
     run = open_run(results, order=order, allow_partial=allow_partial)
     counts = intruder_counts(run, k=k, epsilon=epsilon, side=side)  # refuses what the run cannot answer, first
     if figure_format not in FIGURE_FORMATS:
