@@ -404,14 +404,11 @@ def _warn_if_partial(results: Path) -> None:
               help="Sides shown, among those the run computed (default: all of them).")
 @click.option("--format", "figure_format", type=click.Choice(["png", "pdf"]), default="png", show_default=True,
               help="Figures as PNG + SVG, or also as PDF (for papers), next to index.html.")
-def report(results: Path, out: Path | None, matrices: tuple[str, ...], order: str, series: bool | None,
-           allow_partial: bool, k: int | None, epsilon: float | None, side: str | None, figure_format: str) -> None:
+def report(results: Path, out: Path | None, matrices: tuple[str, ...], **options: Any) -> None:
     """Write figures (PNG, SVG; PDF with --format pdf) and an offline index.html from a run's tables."""
     from lorascale.report import build_report
 
-    index = build_report(results, out, matrices=list(matrices) or None, order=order,  # type: ignore[arg-type]
-                         series=series, allow_partial=allow_partial, k=k, epsilon=epsilon, side=side,
-                         figure_format=figure_format)
-    if allow_partial:
+    index = build_report(results, out, matrices=list(matrices) or None, **options)
+    if options["allow_partial"]:
         _warn_if_partial(results)
     click.echo(str(index))

@@ -145,6 +145,8 @@ def build_report(results: str | Path, out: str | Path | None = None, *,
     (`run/checkpoint-N`, `run/step-N`, `org/name@stepN`; series.detect_series), ordered by step; True
     draws the tuned models as a series anyway (by step if each name has one, else in `order`); False never.
 
+    Many parameters because it is the keyword form of `lorascale report`, one keyword per option.
+
     `k`, `epsilon`, `side` re-threshold the summary and the figures as `lorascale summary` does (default: the
     run's own).  `figure_format="pdf"` also writes each figure as a PDF (for papers) beside its PNG and SVG.
 
