@@ -302,3 +302,64 @@ def test_extras_in_pyproject_and_the_test_extra_pulls_them():
     extras = project["optional-dependencies"]
     assert any(d.startswith("ray[default]") for d in extras["ray"]) and extras["report"][0].startswith("matplotlib")
     assert "lorascale[ray,report]" in extras["test"]
+
+
+# --- 11: the README as a guide, the reference in docs/ ------------------------------------------------------
+
+README = (ROOT / "README.md").read_text(encoding="utf-8")
+REFERENCE = (ROOT / "docs" / "REFERENCE.md").read_text(encoding="utf-8")
+
+
+def _block_after(marker: str) -> list[str]:
+    """The command lines of the first code block after `marker`, comments and blank lines left out: what
+    .ci/run extracts (its awk rules)."""
+    rest = README[README.index(marker):]
+    block = rest.split("```", 2)[1].split("\n", 1)[1]
+    return [line for line in block.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+
+
+def test_readme_walk_through_runs_as_written_on_the_demo_output(demo, tmp_path, monkeypatch):
+    import shlex
+
+    shutil.copytree(demo["out"], tmp_path / "demo-results", symlinks=True)
+    # The demo's adapter names its base by absolute path: point it at the copy, as a fresh demo would.
+    config = tmp_path / "demo-results" / "checkpoints" / "lora" / "adapter_config.json"
+    settings = json.loads(config.read_text())
+    config.write_text(json.dumps({**settings, "base_model_name_or_path": str(tmp_path / "demo-results" /
+                                                                              "checkpoints" / "base")}))
+    monkeypatch.chdir(tmp_path)
+    commands = _block_after("<!-- walk-through:")
+    assert [shlex.split(c)[1] for c in commands if c.startswith("lorascale")][:3] == ["run", "run", "summary"]
+    for command in commands:
+        words = shlex.split(command)
+        assert words[0] == "lorascale", command
+        done = invoke(*words[1:])
+        assert done.exit_code == 0, (command, done.output)
+    rows = json.loads(invoke("summary", "my-run", "--format", "json").output)
+    assert [r["label"] for r in rows] == ["lora", "full-ft"]
+    assert (tmp_path / "my-run" / "report" / "index.html").is_file()
+
+
+def test_readme_set_up_has_two_commands_with_the_torch_advice_first():
+    commands = _block_after("## Set up and run")
+    assert len(commands) == 2 and "pip install torch==" in commands[0]
+    assert README.index("download.pytorch.org/whl/cpu") < README.index("pip install torch==")
+    assert len(README.splitlines()) < 150
+    for link in ("docs/REFERENCE.md", "docs/METHOD.md", "docs/ARCHITECTURE.md", "cluster/README.md",
+                 "benchmarks/README.md", "SECURITY.md", "docs/demo-intruders-vs-epsilon.png"):
+        assert f"]({link})" in README and (ROOT / link).exists(), link
+    assert 'README "Set up and run"' in (ROOT / "pyproject.toml").read_text()  # pyproject's pointer exists
+
+
+def test_reference_lists_every_option_of_every_command_in_its_sections():
+    import click
+
+    for heading in ("## Options", "## Columns", "## Exit codes", "## Environment"):
+        assert f"\n{heading}\n" in REFERENCE, heading
+    options_section = REFERENCE[REFERENCE.index("\n## Options\n"):REFERENCE.index("\n## Columns\n")]
+    for name, command in main.commands.items():
+        part = options_section[options_section.index(f"### `lorascale {name}"):]
+        part = part[:part.index("\n### ", 1)]
+        for param in command.params:
+            if isinstance(param, click.Option) and not param.hidden:
+                assert f"`{param.opts[0]}`" in part, (name, param.opts[0])

@@ -222,7 +222,7 @@ def run_difference(previous: Manifest, manifest: Manifest) -> str | None:
     its value there and now; None when it can.  A run grows: tuned models added to the earlier ones are
     computed alone (RunDirectory.pending), the earlier rows kept."""
     before, now_ = previous.base.get("reference"), manifest.base.get("reference")
-    if before != now_:
+    if before != now_ and _local_path(previous.base) != _local_path(manifest.base):
         return f"{option('base')} {before} there, {now_} now"
     changed = [f"{option(k)} {_shown(previous.options.get(k))} there, {_shown(manifest.options.get(k))} now"
                for k in _RUN_OPTIONS if str(previous.options.get(k)) != str(manifest.options.get(k))]
@@ -233,6 +233,13 @@ def run_difference(previous: Manifest, manifest: Manifest) -> str | None:
         return (f"it also compared {', '.join(left_out)}, which this command leaves out (to add tuned models "
                 f"to a run, give its {option('tuned')} models again with the new ones)")
     return None
+
+
+def _local_path(described: dict) -> str | None:
+    """Where a local checkpoint is (one base named by a relative and an absolute path is one base); None for
+    a hub reference, which is compared as written."""
+    source = str(described.get("source") or "")
+    return str(described.get("path")) if source.startswith("local") else None
 
 
 def _shown(value: object) -> str:
