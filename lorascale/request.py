@@ -342,6 +342,7 @@ def python_command(request: RunRequest) -> str:
     out='...', k=20)`, with every option that differs from its default (RunRequest.keywords), a Ray address
     without its credentials."""
     given = request.keywords()
+    given = {"base": None, **given}  # None: the base the adapters name (the keyword is still positional)
     if "ray_address" in given:
         given["ray_address"] = public_address(given["ray_address"])
     return f"lorascale.compare({', '.join(f'{name}={value!r}' for name, value in given.items())})"

@@ -32,7 +32,7 @@ DICTIONARY_COLUMNS = ("model", "role", "matrix", "side", "module", "update")
 @dataclass
 class Results:
     """One results directory.  `matrices`, `spectra` and `similarity` are pyarrow Tables with the
-    contract's columns (README, "Output contract"); `manifest` is the typed run record."""
+    contract's columns (docs/REFERENCE.md, "Columns"); `manifest` is the typed run record."""
 
     root: Path
     manifest: Manifest

@@ -192,7 +192,8 @@ def test_console_script(llama, tmp_path):
     manifest = json.loads((out / MANIFEST).read_text())
     assert manifest["status"] == "complete"
     assert manifest["command"] == shlex.join(["lorascale", *args[1:]])  # the script's path is not recorded
-    again = subprocess.run([*args[:-4], "--tuned", str(llama.tuned["fp16"]), "--out", str(out)],
+    # Another run (the adapter left out) on the same --out: refused, one line.  (Adding a model grows the run.)
+    again = subprocess.run([*args[:-6], "--tuned", str(llama.tuned["fp16"]), "--out", str(out)],
                            check=False, capture_output=True, text=True, env=env, timeout=300)
     assert again.returncode == 6 and again.stderr.startswith("lorascale: error: ")
 
