@@ -240,7 +240,7 @@ def _same_reference(one: str, other: str) -> bool:
 
 def _described(checkpoint: Checkpoint, name: NamedReference) -> dict:
     """The manifest's record of a checkpoint, with the label that names it in tables and figures."""
-    return {**describe(checkpoint), "label": name.label}
+    return {**describe(checkpoint), "label": name.label, "label_given": name.explicit}
 
 
 def _new_manifest(prepared: Prepared, *, command: str) -> Manifest:

@@ -363,3 +363,19 @@ def test_reference_lists_every_option_of_every_command_in_its_sections():
         for param in command.params:
             if isinstance(param, click.Option) and not param.hidden:
                 assert f"`{param.opts[0]}`" in part, (name, param.opts[0])
+
+
+def test_a_default_name_that_changed_between_versions_does_not_block_a_rerun(demo, tmp_path):
+    """A run written when default labels were `…/checkpoints/lora` continues; a given label still binds."""
+    out = tmp_path / "older"
+    args = ("run", "--base", demo["base"], "--tuned", demo["lora"], "--out", out, "--quiet")
+    assert invoke(*args).exit_code == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    for entry in (manifest["base"], *manifest["tuned"]):
+        entry.pop("label_given")
+    manifest["tuned"][0]["label"] = "…/checkpoints/lora"
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    assert invoke(*args).exit_code == 0
+    assert json.loads((out / "manifest.json").read_text())["tuned"][0]["label"] == "lora"
+    renamed = invoke("run", "--base", demo["base"], "--tuned", f"other={demo['lora']}", "--out", out, "--quiet")
+    assert renamed.exit_code == 6 and "other labels" in renamed.stderr  # a label the user gives binds

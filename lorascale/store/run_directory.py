@@ -196,9 +196,8 @@ def _prepare(out: Path, manifest: Manifest, *, overwrite: bool, resume: bool) ->
         raise OutputError(f"directory holds a different run: {difference}", path=out,
                           fix=f"pass {option('overwrite', True)} to replace it, or choose another {option('out')}"
                               + ("; each lambda writes its own adapter" if "mitigation_lambda" in difference else ""))
-    earlier, labels = _labels(previous), _labels(manifest)
-    # Rows carry their model's label; a run written before labels existed has none to disagree with.
-    if any(label is not None and labels.get(ref, label) != label for ref, label in earlier.items()):
+    if _relabelled(previous, manifest):
+        earlier = _labels(previous)
         raise OutputError(f"directory holds this run under other labels: {', '.join(map(str, earlier.values()))}",
                           path=out, fix=f"use the same NAME=REF labels, or pass {option('overwrite', True)} to recompute")
     now_by_reference = {str(entry.get("reference")): entry for entry in manifest.tuned}
@@ -208,6 +207,23 @@ def _prepare(out: Path, manifest: Manifest, *, overwrite: bool, resume: bool) ->
             raise OutputError(f"the earlier run's rows are stale: {now_.get('reference')}: {reason}", path=out,
                               fix=f"pass {option('overwrite', True)} to recompute, or choose another {option('out')}")
     return previous
+
+
+def _relabelled(previous: Manifest, manifest: Manifest) -> bool:
+    """Whether a model of both runs has another label now that either run gave (NAME=REF, --label).  A run
+    written before labels has none to disagree with; default names that changed with a lorascale version
+    (label_given absent or false on both sides) are not the user's choice, and the new one is kept."""
+    labels = _labels(manifest)
+    for reference, label in _labels(previous).items():
+        if label is None or labels.get(reference, label) == label:
+            continue
+        if _entry(manifest, reference).get("label_given") or _entry(previous, reference).get("label_given"):
+            return True
+    return False
+
+
+def _entry(manifest: Manifest, reference: str | None) -> dict:
+    return manifest.base if reference is None else next(e for e in manifest.tuned if e.get("reference") == reference)
 
 
 def _labels(manifest: Manifest) -> dict:
