@@ -95,7 +95,8 @@ def child_bare(args: argparse.Namespace) -> dict:
     from lorascale.numerics.compare import ComparisonSettings, base_spectrum, compare_to_base
     from lorascale.numerics.metrics import lora_delta_singular_values
     from lorascale.plan import plan_jobs
-    from lorascale.request import Analysis, JobOptions
+    from lorascale.analyses.options import JobOptions
+    from lorascale.request import Analysis
 
     base_ckpt = open_checkpoint(resolve(str(args.data / "base")))
     tuned_ckpts = [open_checkpoint(resolve(str(args.data / t))) for t in args.tuned]

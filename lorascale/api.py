@@ -53,13 +53,14 @@ def _cell(value: Any) -> str:
     return "" if value is None else str(value)
 
 
-def compare(base: str | os.PathLike | Mapping[str, str], tuned: str | os.PathLike | Sequence[str] | Mapping[str, str],
+def compare(base: str | os.PathLike | Mapping[str, str] | None, tuned: str | os.PathLike | Sequence[str] | Mapping[str, str],
             out: str | os.PathLike, *, progress: bool = False, executor: Any = None,
             download_progress: Any = None, **options: Any) -> CompareResult:
     """Compare `base` with `tuned` (one reference or a list) and write the tables to `out`.
 
     References are local directories, .safetensors or .bin files, or hub repo ids `org/name[@revision]`;
-    `"NAME=REF"` or a dict `{"NAME": "REF"}` labels a model in the tables and figures.
+    `"NAME=REF"`, a dict `{"NAME": "REF"}` or `label=[...]` (one per tuned model) labels a model in the tables
+    and figures.  `base=None`: the base the adapters name (adapter_config.json base_model_name_or_path).
     Every other keyword is an option of the run, a field of request.RunRequest (k, epsilon, side, precision,
     mode, top_k, include, exclude, rename, device, backend, driver, cache_dir, use_cache, workers,
     ray_address, no_pickle, scratch_dir, overwrite, resume, report, series, ...); see `lorascale run --help`
@@ -93,7 +94,7 @@ def compare(base: str | os.PathLike | Mapping[str, str], tuned: str | os.PathLik
                          planned=result.planned, report=index)
 
 
-def mitigate(base: str | os.PathLike | Mapping[str, str], adapter: str | os.PathLike | Mapping[str, str],
+def mitigate(base: str | os.PathLike | Mapping[str, str] | None, adapter: str | os.PathLike | Mapping[str, str],
              out: str | os.PathLike, *, progress: bool = False, executor: Any = None, download_progress: Any = None,
              **options: Any) -> MitigateResult:
     """Remove (`mitigation_lambda=0`) or scale down (default 0.75) the intruder dimensions of the LoRA adapter

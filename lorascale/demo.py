@@ -70,7 +70,7 @@ def build_checkpoints(root: Path, *, seed: int = 0) -> dict[str, Path]:
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": LORA_RANK, "lora_alpha": LORA_ALPHA,
         "target_modules": sorted({m.split(".")[-1] for m in MODULES}), "use_rslora": False,
         "fan_in_fan_out": False, "lora_dropout": 0.0, "bias": "none", "rank_pattern": {}, "alpha_pattern": {},
-        "base_model_name_or_path": str(paths["base"]),
+        "base_model_name_or_path": str(paths["base"].resolve()),  # as peft writes it: valid from any directory
     }, indent=2))
     (paths["base"] / "config.json").write_text(json.dumps({
         "model_type": "llama", "hidden_size": HIDDEN, "intermediate_size": INTERMEDIATE,

@@ -51,6 +51,7 @@ def describe_checkpoint(reference: str, *, allow_pickle: bool = True) -> dict:
         # Why the rest is not analysed (dtype, empty), as a run's manifest lists it: "excluded by default" is
         # the --include/--exclude business, and is in --tensors.
         info["not_analysed"] = dict(Counter(use for use in uses.values() if use not in ("analysed", "excluded by default")))
+        info["excluded_by_default"] = sum(use == "excluded by default" for use in uses.values())
         info["layers"] = len({layer for layer, _ in labels.values() if layer is not None})
         info["modules"] = sorted({module for _, module in labels.values()})
         shapes = Counter("x".join(map(str, tensors[n].shape)) for n in analysed)

@@ -12,8 +12,15 @@ from collections.abc import Sequence
 _MAX_LABEL = 40
 
 
+# Weight files whose name says nothing about the model: a reference to one is labelled by its directory.
+_STANDARD_FILE = re.compile(r"(adapter_model|model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)")
+
+
 def _parts(reference: str) -> list[str]:
-    return [p for p in re.split(r"[\\/]+", reference) if p not in ("", ".")]
+    parts = [p for p in re.split(r"[\\/]+", reference) if p not in ("", ".", "..", "~")]
+    if len(parts) > 1 and _STANDARD_FILE.fullmatch(parts[-1]):
+        parts = parts[:-1]
+    return parts
 
 
 def _middle_cut(text: str, limit: int) -> str:
@@ -24,28 +31,26 @@ def _middle_cut(text: str, limit: int) -> str:
 
 
 def short_labels(references: Sequence[str], *, limit: int = _MAX_LABEL) -> dict[str, str]:
-    """Map each reference to the shortest unique tail of its path components.
+    """Map each reference to the shortest unique tail of its path components: a readable short name.
 
-    Labels keep at least the last two components (hub ids `org/name` stay whole); longer paths keep only
-    as many trailing components as needed to tell them apart and mark the cut with "…/". Labels longer
+    A label is the model's directory or repo name (`lora-r16`, `Llama-2-7b-hf` for `meta-llama/Llama-2-7b-hf`;
+    the directory of a standard weight file such as `adapter_model.safetensors`); references whose names
+    clash keep as many trailing components as tell them apart (`x/run/checkpoint-100`).  Labels longer
     than `limit` are cut in the middle only when that keeps them unique.
 
     >>> labels = short_labels(["/a/x/run/checkpoint-100", "/a/y/run/checkpoint-100", "org/model"])
     >>> list(labels.values())
-    ['…/x/run/checkpoint-100', '…/y/run/checkpoint-100', 'org/model']
+    ['x/run/checkpoint-100', 'y/run/checkpoint-100', 'model']
     """
     refs = list(dict.fromkeys(references))
     parts = {ref: _parts(ref) or [ref] for ref in refs}
-    # Grow each clashing label by one component until all are distinct. Two components minimum:
-    # "run-a/final" says more than "final", and hub ids stay whole.
-    depth = {ref: min(2, len(parts[ref])) for ref in refs}
+    # Grow each clashing label by one component until all are distinct.
+    depth = {ref: 1 for ref in refs}
     labels: dict[str, str] = {}
     for _ in range(max((len(p) for p in parts.values()), default=1) + 1):
         labels = {}
         for ref in refs:
-            tail = parts[ref][-depth[ref]:]
-            cut = len(tail) < len(parts[ref])
-            labels[ref] = ("…/" if cut else "") + "/".join(tail)
+            labels[ref] = "/".join(parts[ref][-depth[ref]:])
         clashes = [ref for ref in refs if list(labels.values()).count(labels[ref]) > 1]
         if not clashes:
             break

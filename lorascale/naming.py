@@ -12,7 +12,7 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 
-from lorascale.errors import OptionError
+from lorascale.errors import OptionError, option
 from lorascale.records import NamedReference
 from lorascale.labels import short_labels
 
@@ -68,14 +68,42 @@ def _entries(given: References, *, role: str) -> list[tuple[str | None, str]]:
     return pairs
 
 
-def name_references(base: str | Mapping[str, str], tuned: References) -> tuple[NamedReference, list[NamedReference]]:
+def with_labels(tuned: References, labels: str | Sequence[str] | None) -> References:
+    """`tuned` with `labels` (`--label`, `compare(label=[...])`) given to its references in order: the same
+    as writing NAME=REF, one concept.  A reference already written NAME=REF keeps it only if it agrees.
+
+    >>> with_labels(["./runs/a", "org/b"], ["first", "second"])
+    {'first': './runs/a', 'second': 'org/b'}
+    """
+    if labels is None or (not isinstance(labels, str) and len(labels) == 0):
+        return tuned
+    labels = [labels] if isinstance(labels, str) else list(labels)
+    entries = _entries(tuned, role="tuned")
+    if len(labels) != len(entries):
+        raise OptionError(f"{option('label')} given {len(labels)} time(s) for {len(entries)} tuned model(s)",
+                          fix=f"give one {option('label')} per {option('tuned')}, in the same order")
+    named: dict[str, str] = {}
+    for label, (given, reference) in zip(labels, entries):
+        check_label(label, role="tuned")
+        if given is not None and given != label:
+            raise OptionError(f"{reference!r} is labelled twice: {given!r} (NAME=REF) and {label!r} "
+                              f"({option('label')})", fix="give one of them")
+        if label in named:
+            raise OptionError(f"two tuned models have the label {label!r}: {named[label]}, {reference}",
+                              fix=f"give each {option('tuned')} its own {option('label')}")
+        named[label] = reference
+    return named
+
+
+def name_references(base: str | Mapping[str, str] | None,
+                    tuned: References) -> tuple[NamedReference | None, list[NamedReference]]:
     """The base and the tuned models with their labels, every label checked and the tuned ones unique.
 
     >>> base, tuned = name_references("org/base", ["lora=./runs/a", "./runs/b/final"])
     >>> [(t.reference, t.label) for t in tuned]
-    [('./runs/a', 'lora'), ('./runs/b/final', '…/b/final')]
+    [('./runs/a', 'lora'), ('./runs/b/final', 'final')]
     """
-    base_entries = _entries(base, role="base")
+    base_entries = _entries(base, role="base") if base is not None else [(None, None)]
     if len(base_entries) != 1:
         raise OptionError(f"give exactly one base checkpoint, got {len(base_entries)}")
     tuned_entries = _entries(tuned, role="tuned")
@@ -95,6 +123,8 @@ def name_references(base: str | Mapping[str, str], tuned: References) -> tuple[N
             raise OptionError(f"two tuned models have the label {label!r}: {', '.join(clashing)}",
                               fix="give each tuned model its own NAME in NAME=REF")
     base_label, base_reference = base_entries[0]
+    if base_reference is None:  # the pipeline takes it from the adapters (pipeline.settle_base)
+        return None, named
     if base_label is not None and base_label in labels:
         raise OptionError(f"the base and a tuned model have the same label {base_label!r}",
                           fix="give the base another NAME")

@@ -8,7 +8,7 @@ import os
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -24,6 +24,7 @@ from lorascale.io.identity import describe
 from lorascale.io.resolve import resolve
 from lorascale.numerics.backends import Routes
 from lorascale.plan import Plan, plan_jobs
+from lorascale.labels import short_labels
 from lorascale.records import HubFile, NamedReference, RemoteFile, Skipped, TensorEntry
 from lorascale.analyses.options import JobOptions, job_options
 from lorascale.request import RunRequest
@@ -61,6 +62,7 @@ class Prepared:
     base: Checkpoint
     tuned: tuple[Checkpoint, ...]
     plan: Plan
+    base_choice: dict = field(default_factory=dict)  # how the base was chosen: given, or from the adapters
 
 
 def compare(request: RunRequest, *, executor: Executor | None = None, progress: ProgressCallback | None = None,
@@ -106,7 +108,8 @@ def _run(request: RunRequest, *, executor: Executor | None, progress: ProgressCa
     # Inputs and --out must not overlap: checked on the references before anything is resolved or downloaded,
     # and on the resolved files (hub snapshots, links) before anything is created, deleted or written.
     tuned_role = "adapter" if request.mitigation is not None else "tuned"
-    refuse_overlap(output.out, reference_inputs([("base", request.references.base.reference)]
+    given = [("base", request.references.base)] if request.references.base is not None else []  # else the adapters'
+    refuse_overlap(output.out, reference_inputs([(role, n.reference) for role, n in given]
                                                 + [(tuned_role, n.reference) for n in request.references.tuned]))
     prepared = prepare(request, executor=executor, resuming=None if output.overwrite else output.out)
     inputs = [*checkpoint_inputs("base", prepared.base),
@@ -124,6 +127,7 @@ def _run(request: RunRequest, *, executor: Executor | None, progress: ProgressCa
     scratch = request.references.scratch_dir
     if scratch is not None:
         _scratch_directory(scratch)
+    request = prepared.request  # with its base, when taken from the adapters
     plan, executor = prepared.plan, prepared.executor
     with RunDirectory.open(output.out, manifest, overwrite=output.overwrite, resume=output.resume,
                            inputs=tuple(item.path for item in inputs), writes_adapter=writes_adapter) as run_dir:
@@ -158,7 +162,7 @@ def _write_mitigated_adapter(out: Path, prepared: Prepared, manifest: Manifest) 
     from lorascale.store.adapter_writer import write_adapter
 
     request = prepared.request
-    assert request.mitigation is not None
+    assert request.mitigation is not None and request.references.base is not None
     log.info("writing the mitigated adapter to %s", out / "adapter")
     adapter = prepared.tuned[0]
     if not all(path.exists() for path in adapter.resolved.weight_files):  # a Ray run read it on its workers
@@ -181,8 +185,8 @@ def prepare(request: RunRequest, *, executor: Executor | None = None, resuming: 
     if executor is None:
         executor = make_executor(request)
     options = executor.prepare(job_options(request, routes=_earlier_routes(resuming)))
+    request, base, tuned, base_choice = _open_with_base(request)
     references = request.references
-    base, *tuned = _open_checkpoints([n.reference for n in references.all], allow_pickle=not references.no_pickle)
     if request.mitigation is not None and tuned[0].kind != "lora":
         raise OptionError(f"{tuned[0].reference} is a full checkpoint: mitigation rewrites a LoRA adapter's factors",
                           fix="pass the adapter: adapter_config.json and its weights; mitigating a full fine-tune's "
@@ -192,12 +196,71 @@ def prepare(request: RunRequest, *, executor: Executor | None = None, resuming: 
     selection = request.selection
     plan = plan_jobs(base, tuned, include=selection.include, exclude=selection.exclude, rename=selection.rules,
                      labels={n.reference: n.label for n in references.tuned})
-    return Prepared(request=request, executor=executor, options=options, base=base, tuned=tuple(tuned), plan=plan)
+    return Prepared(request=request, executor=executor, options=options, base=base, tuned=tuple(tuned), plan=plan,
+                    base_choice=base_choice)
+
+
+def _open_with_base(request: RunRequest) -> tuple[RunRequest, Checkpoint, list[Checkpoint], dict]:
+    """Resolve and index the checkpoints, the base from the adapters when the request names none; the
+    request with its base set, and how the base was chosen (the manifest's base.chosen)."""
+    references = request.references
+    allow_pickle = not references.no_pickle
+    if references.base is not None:
+        base, *tuned = _open_checkpoints([n.reference for n in references.all], allow_pickle=allow_pickle)
+        return request, base, tuned, _given_base(base.reference, tuned)
+    tuned = _open_checkpoints([n.reference for n in references.tuned], allow_pickle=allow_pickle)
+    reference, why = base_named_by(tuned)
+    log.info("base: %s (%s)", reference, why)
+    request = replace(request, references=replace(
+        references, base=NamedReference(reference, short_labels([reference])[reference])))
+    [base] = _open_checkpoints([reference], allow_pickle=allow_pickle)
+    return request, base, tuned, {"from": "adapter", "why": why}
+
+
+def base_named_by(tuned: Sequence[Checkpoint]) -> tuple[str, str]:
+    """The base every adapter names (adapter_config.json base_model_name_or_path: a hub id or a local
+    path), and why; OptionError naming the fix when a tuned model names none or two name different ones."""
+    named: dict[str, list[str]] = {}
+    for checkpoint in tuned:
+        settings = checkpoint.adapter
+        base = settings.base_model_name_or_path if settings is not None else None
+        if not base:
+            what = "a full checkpoint" if settings is None else "an adapter whose adapter_config.json names no base"
+            raise OptionError(f"no {option('base')} given, and {checkpoint.reference} is {what}",
+                              fix=f"pass {option('base')} REF")
+        named.setdefault(base, []).append(checkpoint.reference)
+    if len(named) > 1:
+        which = "; ".join(f"{base} by {', '.join(refs)}" for base, refs in named.items())
+        raise OptionError(f"no {option('base')} given, and the adapters name different bases: {which}",
+                          fix=f"pass {option('base')} REF, or compare the adapters of each base in its own run")
+    [(base, references)] = named.items()
+    return base, f"base_model_name_or_path in the adapter_config.json of {', '.join(references)}"
+
+
+def _given_base(given: str, tuned: Sequence[Checkpoint]) -> dict:
+    """How a given base was chosen; one warning for each adapter that names another base (shapes that do
+    not fit are refused by the plan, as ever)."""
+    choice: dict = {"from": "--base", "why": "given"}
+    for checkpoint in tuned:
+        named = checkpoint.adapter.base_model_name_or_path if checkpoint.adapter is not None else None
+        if named and not _same_reference(named, given):
+            log.warning("--base %s is not the base %s names in its adapter_config.json (%s); using --base",
+                        given, checkpoint.reference, named)
+            choice.setdefault("adapters_name", {})[checkpoint.reference] = named
+    return choice
+
+
+def _same_reference(one: str, other: str) -> bool:
+    """Whether two references name the same checkpoint as written: equal text, or one local path."""
+    if one == other:
+        return True
+    paths = [os.path.realpath(os.path.expanduser(r)) for r in (one, other)]
+    return os.path.exists(paths[0]) and paths[0] == paths[1]
 
 
 def _described(checkpoint: Checkpoint, name: NamedReference) -> dict:
     """The manifest's record of a checkpoint, with the label that names it in tables and figures."""
-    return {**describe(checkpoint), "label": name.label}
+    return {**describe(checkpoint), "label": name.label, "label_given": name.explicit}
 
 
 def _new_manifest(prepared: Prepared, *, command: str) -> Manifest:
@@ -206,7 +269,7 @@ def _new_manifest(prepared: Prepared, *, command: str) -> Manifest:
     names = request.references
     return Manifest(
         lorascale_version=__version__, command=command, options=manifest_options(request),
-        base=_described(prepared.base, names.base),
+        base={**_described(prepared.base, names.base), "chosen": prepared.base_choice},
         tuned=[_described(c, n) for c, n in zip(prepared.tuned, names.tuned)],
         device=options.device, precision=request.analysis.precision, torch=torch.__version__,
         matrices_planned=len(prepared.plan.jobs), skipped=[asdict(s) for s in prepared.plan.skipped],

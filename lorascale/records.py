@@ -147,6 +147,7 @@ class MatrixJob:
     tuned: tuple[TunedSource, ...]
     base_model: str  # the base reference exactly as given: labels the base rows, as TunedSource.model does
     expert: int | None = None  # expert index for MoE expert matrices (per-expert tensors or fused slices)
+    base_rows: bool = True  # write the base's spectrum rows (False: a grown run, whose rows hold them already)
 
     @property
     def cost(self) -> float:

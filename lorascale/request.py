@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from lorascale.errors import OptionError, option
-from lorascale.naming import name_references
+from lorascale.naming import name_references, with_labels
 from lorascale.numerics.backends import BACKEND_CHOICES, BACKENDS, CUDA_DRIVERS, DEVICE_CHOICES
 from lorascale.optionspec import declare
 from lorascale.records import NamedReference
@@ -89,7 +89,7 @@ def _optional_path(value: object) -> Path | None:
 class References:
     """What to compare.  `base` and `tuned` are labelled (naming.py: `NAME=REF`, or the default short name)."""
 
-    base: NamedReference
+    base: NamedReference | None  # None: the base the adapters name (pipeline.settle_base)
     tuned: tuple[NamedReference, ...]
     no_pickle: bool = field(default=False, metadata=declare(
         "Refuse pickled .bin weights (read otherwise, only when a checkpoint has no safetensors, with torch's "
@@ -105,7 +105,9 @@ class References:
 
     @property
     def all(self) -> tuple[NamedReference, ...]:
-        """The base first, then the tuned models in the order given."""
+        """The base first, then the tuned models in the order given (once the base is known)."""
+        if self.base is None:
+            raise OptionError(f"no {option('base')} yet: the pipeline takes it from the adapters first")
         return (self.base, *self.tuned)
 
 
@@ -288,8 +290,10 @@ class Mitigation:
 
     def __post_init__(self) -> None:
         value = self.mitigation_lambda
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-            raise OptionError(f"{option('mitigation_lambda')} must be a finite number of at least 0, got {value!r}")
+        if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+                or not 0 <= value <= 1):
+            raise OptionError(f"{option('mitigation_lambda')} must be in [0, 1] (what is kept of each intruder: "
+                              f"0 removes it, 1 keeps it), got {value!r}")
         object.__setattr__(self, "mitigation_lambda", float(value))
         _choice("rank", self.rank, RANK_MODES)
 
@@ -362,7 +366,7 @@ KEYWORDS: dict[str, str] = {f.name: record for record, cls in RECORDS.items() fo
                             if f.name not in ("base", "tuned", "out")}
 
 
-def build_request(base: str | Mapping[str, str], tuned: str | Sequence[str] | Mapping[str, str],
+def build_request(base: str | Mapping[str, str] | None, tuned: str | Sequence[str] | Mapping[str, str],
                   out: str | os.PathLike | None = None, *, mitigate: bool = False,
                   environment: RunEnvironment | None = None, **options: Any) -> RunRequest:
     """The RunRequest for `lorascale.compare(base, tuned, out, **options)` (or, with `mitigate=True`,
@@ -373,14 +377,15 @@ def build_request(base: str | Mapping[str, str], tuned: str | Sequence[str] | Ma
     >>> build_request("org/base", "lora=org/adapter", "results", k=20).analysis.k
     20
     """
-    known = [name for name, record in KEYWORDS.items() if mitigate or record != "mitigation"]
+    tuned = with_labels(_reference(tuned, "tuned"), options.pop("label", None))
+    known = [name for name, record in KEYWORDS.items() if mitigate or record != "mitigation"] + ["label"]
     unknown = sorted(set(options) - set(known))
     if unknown:
         raise OptionError(f"unexpected keyword argument {unknown[0]!r}", fix=f"keywords: {', '.join(known)}")
     grouped: dict[str, dict[str, Any]] = {record: {} for record in RECORDS}
     for name, value in options.items():
         grouped[KEYWORDS[name]][name] = value
-    base_name, tuned_names = name_references(_reference(base, "base"), _reference(tuned, "tuned"))
+    base_name, tuned_names = name_references(None if base is None else _reference(base, "base"), tuned)
     references = References(base=base_name, tuned=tuple(tuned_names), **grouped["references"])
     output = Output(out=out, **grouped["output"]) if out is not None else None  # type: ignore[arg-type]
     if output is None and grouped["output"]:

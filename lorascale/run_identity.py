@@ -52,8 +52,8 @@ def keywords(request: RunRequest) -> dict[str, Any]:
     """Every option that differs from its default, by field name: base, tuned and out first, then the
     analysis, selection, execution, references and output records in field order.  What reproduces
     this request through build_request(), and what a recorded command shows."""
-    given: dict[str, Any] = {"base": _labelled(request.references.base),
-                             "tuned": [_labelled(t) for t in request.references.tuned]}
+    given: dict[str, Any] = {"base": _labelled(request.references.base)} if request.references.base else {}
+    given["tuned"] = [_labelled(t) for t in request.references.tuned]
     if request.output is not None:
         given["out"] = str(request.output.out)
     for record in (request.mitigation, request.analysis, request.selection, request.execution, request.references,
@@ -76,6 +76,7 @@ def python_command(request: RunRequest) -> str:
     out='...', k=20)`, with every option that differs from its default (keywords()), a Ray address
     without its credentials."""
     given = keywords(request)
+    given = {"base": None, **given}  # None: the base the adapters name (the keyword is still positional)
     if "ray_address" in given:
         given["ray_address"] = public_address(given["ray_address"])
     return f"lorascale.compare({', '.join(f'{name}={value!r}' for name, value in given.items())})"

@@ -192,7 +192,8 @@ def test_console_script(llama, tmp_path):
     manifest = json.loads((out / MANIFEST).read_text())
     assert manifest["status"] == "complete"
     assert manifest["command"] == shlex.join(["lorascale", *args[1:]])  # the script's path is not recorded
-    again = subprocess.run([*args[:-4], "--tuned", str(llama.tuned["fp16"]), "--out", str(out)],
+    # Another run (the adapter left out) on the same --out: refused, one line.  (Adding a model grows the run.)
+    again = subprocess.run([*args[:-6], "--tuned", str(llama.tuned["fp16"]), "--out", str(out)],
                            check=False, capture_output=True, text=True, env=env, timeout=300)
     assert again.returncode == 6 and again.stderr.startswith("lorascale: error: ")
 
@@ -207,7 +208,7 @@ def test_run_with_report_and_summary_commands(llama, tmp_path):
     assert index.is_file() and f"report: {index}" in result.stderr
     assert list((out / "report").glob("*.png"))
     as_csv = invoke("summary", out, "--format", "csv")
-    assert as_csv.exit_code == 0 and as_csv.stdout.startswith("model,")
+    assert as_csv.exit_code == 0 and as_csv.stdout.startswith("label,reference,")
     assert len(as_csv.stdout.strip().splitlines()) == 3  # header + two tuned models
     again = invoke("report", out, "--out", tmp_path / "rep")
     assert again.exit_code == 0 and (tmp_path / "rep" / "index.html").is_file()

@@ -102,7 +102,7 @@ def test_library_errors_name_options_not_flags():
 # errors/records/version/settings/labels are the foundations; numerics imports none of the other packages;
 # cli, api and the package's own __init__ sit on top.  Adding a package means adding it here, on purpose.
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("errors", "records", "version", "settings", "labels", "scrub", "optionspec"),
+    ("errors", "records", "version", "settings", "labels", "scrub", "optionspec", "extras"),
     ("numerics",),
     ("io",),
     ("plan",),

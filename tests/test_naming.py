@@ -35,12 +35,12 @@ def test_a_label_without_a_reference_is_refused():
 
 def test_labels_and_defaults():
     base, tuned = name_references("org/base", ["lora=./runs/a", "./runs/b/final", "org/full"])
-    assert (base.reference, base.label) == ("org/base", "org/base")
-    assert [(t.reference, t.label) for t in tuned] == [("./runs/a", "lora"), ("./runs/b/final", "…/b/final"),
-                                                      ("org/full", "org/full")]
+    assert (base.reference, base.label) == ("org/base", "base")
+    assert [(t.reference, t.label) for t in tuned] == [("./runs/a", "lora"), ("./runs/b/final", "final"),
+                                                      ("org/full", "full")]
     base, tuned = name_references({"pre": "org/base"}, {"a": "./x", "b": "./y"})
     assert base.label == "pre" and [(t.reference, t.label) for t in tuned] == [("./x", "a"), ("./y", "b")]
-    assert name_references("B=org/base", "org/t")[1][0].label == "org/t"  # one string is one model
+    assert name_references("B=org/base", "org/t")[1][0].label == "t"  # one string is one model
 
 
 @pytest.mark.parametrize(("base", "tuned", "match"), [

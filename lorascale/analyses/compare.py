@@ -56,7 +56,8 @@ def analyse_job(job: MatrixJob, options: JobOptions, *, load: TensorLoader = loa
     matrix = MatrixWork(job, options, load)
     base_seconds = time.perf_counter() - started
     builder = RowBuilder(job, options.analysis)
-    builder.add_base(matrix.base)
+    if job.base_rows:
+        builder.add_base(matrix.base)
     for source in job.tuned:
         t0 = time.perf_counter()
         try:

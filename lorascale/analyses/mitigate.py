@@ -49,7 +49,8 @@ def mitigate_job(job: MatrixJob, options: JobOptions, *, load: TensorLoader = lo
     (source,) = job.tuned
     matrix = MatrixWork(job, options, load)
     builder = RowBuilder(job, options.analysis)
-    builder.add_base(matrix.base)
+    if job.base_rows:
+        builder.add_base(matrix.base)
     why = unsupported(source)
     if why is not None:
         comparison = matrix.compare(source)

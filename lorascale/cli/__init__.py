@@ -22,6 +22,7 @@ from lorascale.optionspec import OptionSpec, declared, default_of
 from lorascale.request import RECORDS
 from lorascale.version import __version__
 
+FORMATS = ("table", "json", "csv")  # --format of every command that prints data (inspect, summary)
 
 
 class Terminated(KeyboardInterrupt):
@@ -130,13 +131,18 @@ def _print_summary(out: Path) -> None:
 _QUIET = click.option("--quiet", is_flag=True, help="No progress or stage lines on stderr; warnings and errors still show.")
 _REFERENCES = {
     "run": {
-        "base": click.option("--base", required=True, metavar="REF",
+        "base": click.option("--base", default=None, metavar="REF",
                              help="Base checkpoint: directory, .safetensors or .bin file, or org/name[@rev]; NAME=REF "
-                                  "labels it."),
+                                  "labels it.  Optional when every --tuned is an adapter: the base its "
+                                  "adapter_config.json names (base_model_name_or_path)."),
         "tuned": click.option("--tuned", "tuned", multiple=True, required=True, metavar="REF",
                               help="A fine-tune of --base, full or LoRA adapter, as for --base; repeatable.  NAME=REF "
                                    "labels it in tables, legends and the summary: NAME is letters, digits, _ . + -, "
                                    "and the text is split on its first '=' only when it is not an existing path."),
+        "label": click.option("--label", "label", multiple=True, metavar="NAME",
+                              help="The label of each --tuned, in order (one per --tuned; the same as --tuned "
+                                   "NAME=REF): what the summary, tables, report and legends show.  Default: the "
+                                   "model's directory or repo name, lengthened where two would be alike."),
         "out": click.option("--out", type=click.Path(path_type=Path), required=True, metavar="DIR",
                             help="Results directory."),
         "dry_run": click.option("--dry-run", is_flag=True,
@@ -145,8 +151,9 @@ _REFERENCES = {
                                      "computed or written."),
     },
     "mitigate": {
-        "base": click.option("--base", required=True, metavar="REF",
-                             help="The base checkpoint the adapter was trained on (as for run)."),
+        "base": click.option("--base", default=None, metavar="REF",
+                             help="The base checkpoint the adapter was trained on (as for run; default: the one its "
+                                  "adapter_config.json names)."),
         "tuned": click.option("--adapter", "tuned", required=True, metavar="REF",
                               help="The PEFT LoRA adapter to mitigate: directory, adapter file, or org/name[@rev]."),
         "out": click.option("--out", type=click.Path(path_type=Path), required=True, metavar="DIR",
@@ -272,25 +279,32 @@ def mitigate(quiet: bool, **options: Any) -> None:
 
 @main.command()
 @click.argument("reference", metavar="REF")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True,
+              help="Text, JSON, or CSV (one row per tensor with --tensors, else key,value).")
+@click.option("--json", "as_json", is_flag=True, hidden=True, help="Same as --format json (kept for old scripts).")
 @click.option("--no-pickle", is_flag=True, help="Refuse pickled .bin weights.")
 @click.option("--tensors", "list_all", is_flag=True,
               help="List every tensor: name, shape, dtype and what a default run does with it "
                    "(the names --include and --exclude globs match).")
-def inspect(reference: str, as_json: bool, list_all: bool, no_pickle: bool) -> None:
+def inspect(reference: str, fmt: str, as_json: bool, list_all: bool, no_pickle: bool) -> None:
     """Describe checkpoint REF from its headers: kind, format, files, dtypes, matrices, adapter settings.
 
     REF is a directory, a .safetensors or .bin file, or org/name[@rev]; a hub repo's weights are not downloaded.
     """
-    from lorascale.cli.format import format_description, format_tensors
+    from lorascale.cli.format import format_description, format_rows_csv, format_tensors
     from lorascale.inspect import describe_checkpoint, list_tensors
 
+    fmt = "json" if as_json else fmt
     if list_all:
         rows = list_tensors(reference, allow_pickle=not no_pickle)
-        click.echo(json.dumps(rows, indent=2) if as_json else format_tensors(rows))
-        return
-    info = describe_checkpoint(reference, allow_pickle=not no_pickle)
-    click.echo(json.dumps(info, indent=2) if as_json else format_description(info))
+        text = {"json": lambda: json.dumps(rows, indent=2), "table": lambda: format_tensors(rows),
+                "csv": lambda: format_rows_csv(rows)}[fmt]()
+    else:
+        info = describe_checkpoint(reference, allow_pickle=not no_pickle)
+        text = {"json": lambda: json.dumps(info, indent=2), "table": lambda: format_description(info),
+                "csv": lambda: format_rows_csv([{"key": k, "value": json.dumps(v) if not isinstance(v, str) else v}
+                                                for k, v in info.items()])}[fmt]()
+    click.echo(text)
 
 
 @main.command()
@@ -317,7 +331,7 @@ def demo(out: Path, quiet: bool) -> None:
 
 @main.command()
 @click.argument("results", type=click.Path(path_type=Path))
-@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True,
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True,
               help="Aligned text, CSV, or JSON with every field.")
 @click.option("--order", type=click.Choice(["as-given", "name"]), default="as-given", show_default=True,
               help="Model order: as given on the command line, or natural name order (checkpoint-200 < -1000).")
@@ -348,9 +362,11 @@ def summary(results: Path, fmt: str, order: str, allow_partial: bool, k: int | N
 
 
 def _warn_if_partial(results: Path) -> None:
+    from lorascale.store.reader import results_root
     from lorascale.store.manifest import read_manifest
     from lorascale.store.run_directory import effective_status
 
+    results = results_root(results)
     manifest = read_manifest(results)  # the caller has already read it whole: it exists and is valid
     status = effective_status(results, manifest) if manifest is not None else "unknown"
     if status != "complete":
@@ -368,13 +384,19 @@ def _warn_if_partial(results: Path) -> None:
                    "are checkpoints of one run, e.g. run/checkpoint-200 or org/name@step1000).")
 @click.option("--partial", "allow_partial", is_flag=True,
               help="Also report a run that is not complete; the page is marked PARTIAL RESULTS.")
-def report(results: Path, out: Path | None, matrices: tuple[str, ...], order: str, series: bool | None,
-           allow_partial: bool) -> None:
-    """Write figures (PNG, SVG) and an offline index.html from a run's tables."""
+@click.option("--k", type=int, default=None,
+              help="Count intruders among the top K tuned vectors instead of the run's k (as summary --k).")
+@click.option("--epsilon", type=float, default=None,
+              help="Intruder threshold on max |cos| instead of the run's epsilon (as summary --epsilon).")
+@click.option("--side", type=click.Choice(["left", "right", "both"]), default=None,
+              help="Sides shown, among those the run computed (default: all of them).")
+@click.option("--format", "figure_format", type=click.Choice(["png", "pdf"]), default="png", show_default=True,
+              help="Figures as PNG + SVG, or also as PDF (for papers), next to index.html.")
+def report(results: Path, out: Path | None, matrices: tuple[str, ...], **options: Any) -> None:
+    """Write figures (PNG, SVG; PDF with --format pdf) and an offline index.html from a run's tables."""
     from lorascale.report import build_report
 
-    index = build_report(results, out, matrices=list(matrices) or None, order=order,  # type: ignore[arg-type]
-                         series=series, allow_partial=allow_partial)
-    if allow_partial:
+    index = build_report(results, out, matrices=list(matrices) or None, **options)
+    if options["allow_partial"]:
         _warn_if_partial(results)
     click.echo(str(index))

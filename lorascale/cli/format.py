@@ -54,9 +54,21 @@ def format_tensors(rows: list[dict]) -> str:
     return "\n".join(f"{a:<{widths[0]}}  {b:>{widths[1]}}  {c:<{widths[2]}}  {d}" for a, b, c, d in table)
 
 
+# What a count of `lorascale inspect` means, where its key alone does not say (text form only; JSON keeps the keys).
+EXPLAINED = {
+    "matrices": "matrices (2-D tensors)",
+    "analysed_by_default": "analysed by default",
+    "excluded_by_default": "excluded by default (embeddings, lm_head; --include analyses them)",
+    "not_analysed": "not analysed (dtype, empty)",
+    "scales": "scales (s = lora_alpha / r, or / sqrt(r) with use_rslora: the distinct values over modules)",
+    "adapted_modules": "adapted modules",
+}
+
+
 def format_description(info: dict) -> str:
     """describe_checkpoint() as readable text: one `key: value` line each, lists and mappings written out
-    (`q_proj, k_proj`; `BF16: 21`), files one per line with their size, no Python reprs."""
+    (`q_proj, k_proj`; `BF16: 21`), files one per line with their size, no Python reprs; the counts whose
+    key does not say what they hold are explained (EXPLAINED)."""
     lines = []
     for key, value in info.items():
         if key == "files":
@@ -65,9 +77,9 @@ def format_description(info: dict) -> str:
             lines += [f"  {f['name']:<{width}}  {size(f['bytes'])}" for f in value]
         elif isinstance(value, dict) and key == "adapter":
             lines.append("adapter:")
-            lines += [f"  {sub_key}: {_text(sub_value)}" for sub_key, sub_value in value.items()]
+            lines += [f"  {EXPLAINED.get(sub_key, sub_key)}: {_text(sub_value)}" for sub_key, sub_value in value.items()]
         else:
-            lines.append(f"{key}: {_text(value)}")
+            lines.append(f"{EXPLAINED.get(key, key)}: {_text(value)}")
     return "\n".join(lines)
 
 
@@ -85,3 +97,19 @@ def _text(value: object) -> str:
     if isinstance(value, (list, tuple, set, frozenset)):
         return ", ".join(_text(v) for v in value) or "none"
     return str(value)
+
+
+def format_rows_csv(rows: list[dict]) -> str:
+    """Rows of one shape as CSV (header from the first row; lists as JSON, missing values empty)."""
+    import csv
+    import io
+    import json
+
+    if not rows:
+        return ""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows([{k: "" if v is None else json.dumps(v) if isinstance(v, (list, dict)) else v
+                       for k, v in row.items()} for row in rows])
+    return buffer.getvalue().rstrip("\n")

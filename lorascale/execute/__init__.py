@@ -13,6 +13,9 @@ def make_executor(request: RunRequest) -> Executor:
     execution = request.execution
     if request.wants_ray:
         from lorascale.execute.ray_executor import RayExecutor
+        from lorascale.extras import require
+
+        require("ray", "a Ray run (--workers above 1, --ray-address or RAY_ADDRESS)")
 
         return RayExecutor(address=request.ray_address, workers=execution.workers,
                            cpus_per_worker=execution.cpus_per_worker, gpus_per_worker=execution.gpus_per_worker,

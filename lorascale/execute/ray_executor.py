@@ -32,6 +32,7 @@ from urllib.parse import urlsplit
 
 from lorascale.errors import CheckpointReferenceError, ExecutionError, LorascaleError, OptionError, option
 from lorascale.execute.executor import Executor
+from lorascale.extras import require
 from lorascale.execute.routes import cluster_routes, describe as describe_routes, is_cuda
 from lorascale.records import HubFile, MatrixJob, MatrixResult, TensorEntry, TunedSource
 from lorascale.analyses.options import JobOptions
@@ -127,10 +128,8 @@ class RayExecutor(Executor):
     def _results(self, jobs: list[MatrixJob], options: JobOptions) -> Generator[MatrixResult, None, None]:
         if not jobs:  # a resumed run with nothing left needs no cluster
             return
-        try:
-            import ray
-        except ImportError:
-            raise ExecutionError("Ray is not installed", fix="pip install 'ray[default]'") from None
+        require("ray", "a Ray run (--workers above 1, --ray-address or RAY_ADDRESS)")
+        import ray
         owns_connection = self._connect(ray)
         self._info.clear()  # describe() tells about the latest run
         self._session = None

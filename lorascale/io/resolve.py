@@ -162,9 +162,11 @@ def resolve(reference: str, *, headers_only: bool = False, allow_pickle: bool = 
 
 def local_path(reference: str) -> Path | None:
     """The local path (absolute, links not followed) that `reference` names, or None for a Hub reference.
-    Explicit path syntax wins, then anything that exists: a local folder named like `org/name` is a path."""
+    Explicit path syntax wins, then anything that exists: a local folder named like `org/name` is a path, and
+    so is a reference whose first component is a local folder (a mistyped `ckpts/lora-typo`)."""
     expanded = os.path.expanduser(reference)
-    if reference.startswith(("/", "./", "../", "~")) or os.path.isabs(reference) or os.path.lexists(expanded):
+    if (reference.startswith(("/", "./", "../", "~")) or os.path.isabs(reference) or os.path.lexists(expanded)
+            or _names_local_folder(reference)):
         return Path(os.path.abspath(expanded))
     return None
 
@@ -204,6 +206,30 @@ def _check_revision(reference: str, revision: str) -> None:
     if problem is not None:
         raise CheckpointReferenceError(f"revision {shown} {problem}", path=_printable(reference),
                                        fix="give a branch, tag, e.g. refs/pr/1, or 40-hex commit after '@'")
+
+
+def _names_local_folder(reference: str) -> bool:
+    """Whether `reference`'s first path component is a local directory (`ckpts/lora-typo` where ckpts/
+    exists): then it is a path that is missing, not a hub id.  A real org/name with no local org/ is not."""
+    first = reference.split("/", 1)[0]
+    return "/" in reference and first not in ("", ".", "..") and os.path.isdir(os.path.expanduser(first))
+
+
+def _missing_path_hint(path: Path) -> str:
+    """The fix for a missing local path: the nearest existing names beside it (difflib), if any."""
+    import difflib
+
+    parent = path.parent
+    while not parent.is_dir() and parent != parent.parent:
+        path, parent = parent, parent.parent
+    try:
+        siblings = [p.name for p in parent.iterdir()]
+    except OSError:
+        siblings = []
+    close = difflib.get_close_matches(path.name, siblings, n=3, cutoff=0.6)
+    if close:
+        return f"did you mean {' or '.join(str(parent / name) for name in close)}? (a hub repo id is org/name)"
+    return "check the path; a hub repo id is written org/name"
 
 
 def _printable(reference: str) -> str:
@@ -308,8 +334,8 @@ def _resolve_local(reference: str, path: Path, *, allow_pickle: bool = True) -> 
     if path.is_dir():
         return _resolve_dir(reference, path, allow_pickle=allow_pickle)
     if not path.exists():
-        raise CheckpointReferenceError("no such file or directory", path=reference,
-                                       fix="check the path; a hub repo id is written org/name")
+        raise CheckpointReferenceError("no such file or directory (a local path)", path=reference,
+                                       fix=_missing_path_hint(path))
     if path.suffix == ".bin":
         _pickled(reference, [path.name], allow_pickle=allow_pickle)
     elif path.suffix in {".pt", ".pth"}:

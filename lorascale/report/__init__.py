@@ -7,7 +7,7 @@ Importing this package does not import matplotlib; only `build_report` loads it,
 Example:
     >>> from lorascale.report import build_report, format_summary, summary_rows
     >>> print(format_summary(summary_rows("results/"), "csv").splitlines()[0])  # doctest: +ELLIPSIS
-    model,update,matrices,intruders,...
+    label,reference,update,matrices,intruders,...
     >>> build_report("results/")
     PosixPath('results/report/index.html')
 """

@@ -6,6 +6,7 @@ never a half-written one that looks complete.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -15,16 +16,19 @@ from pathlib import Path
 import pyarrow as pa
 
 from lorascale.errors import OptionError, OutputError, option
+from lorascale.extras import require
 from lorascale.report import queries
 from lorascale.labels import slug
 from lorascale.report.series import Series, detect_series
 from lorascale.report.page import FigureEntry, PageContent, render_page
+from lorascale.report.counts import IntruderCounts, intruder_counts
 from lorascale.report.summary import rows_for_run
 from lorascale.report.tables import Order, Run, open_run
 from lorascale.store.reader import unreadable
-from lorascale.store.schema import is_report_directory
+from lorascale.store.schema import MITIGATION, is_report_directory
 
 INDEX = "index.html"
+FIGURE_FORMATS = ("png", "pdf")  # png: PNG + SVG (always written); pdf: a PDF of each figure too
 
 
 def _check_out(out: Path) -> None:
@@ -53,13 +57,16 @@ def _resolve_matrices(run: Run, matrices: Sequence[str] | None) -> list[queries.
 
 
 def _render(run: Run, chosen: list[queries.ChosenMatrix], chosen_series: Series | None,
-            directory: Path) -> PageContent:
+            directory: Path, counts: IntruderCounts) -> PageContent:
     # Imported here so that `import lorascale.report` (and the CLI summary) never loads matplotlib.
     from lorascale.report import figures, figures_matrix
+    from lorascale.report.figures_topk import intruders_vs_top_k
     from lorascale.report.style import model_styles
 
     styles = model_styles(run.models, run.kinds, run.labels)
-    content = PageContent(run=run, rows=rows_for_run(run))
+    content = PageContent(run=run, rows=rows_for_run(run, counts), notes=list(counts.notes),
+                          mitigation=_mitigation(run))
+    run = dataclasses.replace(run, k=counts.k, epsilon=counts.epsilon, sides=counts.sides)
 
     def add(entry: FigureEntry | None, missing: str) -> None:
         if entry is None:
@@ -68,8 +75,11 @@ def _render(run: Run, chosen: list[queries.ChosenMatrix], chosen_series: Series 
             content.figures.append(entry)
 
     no_spectra = "the run has no spectra table" if "spectra" in run.missing_tables else "no tuned spectra rows"
-    add(figures.intruders_vs_epsilon(run, styles, directory), f"Intruders vs ε: {no_spectra}.")
-    add(figures.intruders_vs_k(run, styles, directory), f"Intruders vs k: {no_spectra}.")
+    add(figures.intruders_vs_epsilon(run, styles, directory, k=run.k), f"Intruders vs ε: {no_spectra}.")
+    if run.results.manifest.options.get("mode") == "topk":  # drawn up to the K it computed, in absolute k
+        add(intruders_vs_top_k(run, styles, directory, epsilon=run.epsilon), f"Intruders vs k: {no_spectra}.")
+    else:
+        add(figures.intruders_vs_k(run, styles, directory, epsilon=run.epsilon), f"Intruders vs k: {no_spectra}.")
     add(figures_matrix.intruder_locations(run, directory), "Intruder locations: no matrices.")
     for number, choice in enumerate(chosen, start=1):
         add(figures_matrix.heatmap(run, choice, directory, f"heatmap-{number}-{slug(choice.name)}"),
@@ -94,6 +104,15 @@ def _render(run: Run, chosen: list[queries.ChosenMatrix], chosen_series: Series 
     return content
 
 
+def _mitigation(run: Run) -> dict | None:
+    """What `lorascale mitigate` did, for a mitigation run's page (report/mitigation.py); None otherwise."""
+    if not run.results.has(MITIGATION):
+        return None
+    from lorascale.report.mitigation import mitigation_summary
+
+    return mitigation_summary(run.root)
+
+
 def _swap_in(tmp: Path, out: Path) -> None:
     """Replace `out` by `tmp`; the old report is moved aside first and removed only after success."""
     old = None
@@ -112,7 +131,8 @@ def _swap_in(tmp: Path, out: Path) -> None:
 
 def build_report(results: str | Path, out: str | Path | None = None, *,
                  matrices: Sequence[str] | None = None, order: Order = "as-given",
-                 series: bool | None = None, allow_partial: bool = False) -> Path:
+                 series: bool | None = None, allow_partial: bool = False, k: int | None = None,
+                 epsilon: float | None = None, side: str | None = None, figure_format: str = "png") -> Path:
     """Write PNG + SVG figures and an offline index.html for the run in `results`; return index.html.
 
     `out` defaults to `results/report`. `matrices` picks the matrices for heatmaps, spectra and the
@@ -125,6 +145,11 @@ def build_report(results: str | Path, out: str | Path | None = None, *,
     (`run/checkpoint-N`, `run/step-N`, `org/name@stepN`; series.detect_series), ordered by step; True
     draws the tuned models as a series anyway (by step if each name has one, else in `order`); False never.
 
+    Many parameters because it is the keyword form of `lorascale report`, one keyword per option.
+
+    `k`, `epsilon`, `side` re-threshold the summary and the figures as `lorascale summary` does (default: the
+    run's own).  `figure_format="pdf"` also writes each figure as a PDF (for papers) beside its PNG and SVG.
+
     Raises OutputError for a missing or unusable results directory or output directory, or a run that is
     not complete unless `allow_partial` (the page then carries a warning), and OptionError for matrix
     names the run does not have.
@@ -132,7 +157,11 @@ def build_report(results: str | Path, out: str | Path | None = None, *,
     >>> build_report("results/")
     PosixPath('results/report/index.html')
     """
+    require("matplotlib", "the report's figures")
     run = open_run(results, order=order, allow_partial=allow_partial)
+    counts = intruder_counts(run, k=k, epsilon=epsilon, side=side)  # refuses what the run cannot answer, first
+    if figure_format not in FIGURE_FORMATS:
+        raise OptionError(f"unknown {option('format', figure_format)}", fix=f"use {' or '.join(FIGURE_FORMATS)}")
     out_dir = Path(out) if out is not None else run.root / "report"
     _check_out(out_dir)
     chosen = _resolve_matrices(run, matrices)
@@ -140,7 +169,10 @@ def build_report(results: str | Path, out: str | Path | None = None, *,
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         try:
-            content = _render(run, chosen, detect_series(run.models, run.kinds, force=series), tmp)
+            from lorascale.report.style import exporting  # matplotlib: only when drawing
+
+            with exporting(() if figure_format == "png" else (figure_format,)):
+                content = _render(run, chosen, detect_series(run.models, run.kinds, force=series), tmp, counts)
         except pa.ArrowException as exc:  # a spectra/similarity part that cannot be read
             raise unreadable(run.root, exc) from exc
         (tmp / INDEX).write_text(render_page(content), encoding="utf-8")

@@ -23,7 +23,7 @@ from lorascale.request import Analysis
 
 Styles = dict[str, ModelStyle]
 _COUNTS = "Intruder dimensions"
-_SIDE_WORD = {"left": "left (output-space) singular vectors U", "right": "right (input-space) singular vectors V"}
+SIDE_WORD = {"left": "left (output-space) singular vectors U", "right": "right (input-space) singular vectors V"}
 
 
 def _mark_null(ax: Axes, null: queries.NullLevel, epsilon: float | None) -> None:
@@ -36,7 +36,7 @@ def _mark_null(ax: Axes, null: queries.NullLevel, epsilon: float | None) -> None
         ax.axvline(epsilon, color="black", linestyle="-.", lw=1.0, label=f"run's ε = {epsilon:g}")
 
 
-def _lift_zero(ax: Axes) -> None:
+def lift_zero(ax: Axes) -> None:
     """Start the y axis a little below 0, so a line at 0 (a full fine-tune without intruders) is drawn
     above the axis, not hidden in it."""
     top = ax.get_ylim()[1]
@@ -44,12 +44,12 @@ def _lift_zero(ax: Axes) -> None:
     ax.axhline(0, color="0.6", lw=0.6, zorder=0.5)
 
 
-def _zero_note(values: list[np.ndarray], what: str) -> str:
+def zero_note(values: list[np.ndarray], what: str) -> str:
     """Legend suffix for a model whose line is 0 everywhere, so the reader looks for it on the axis."""
     return f": 0 at every {what}" if all(not np.any(v) for v in values) else ""
 
 
-def _panels(n: int, height: float) -> tuple[object, list[Axes]]:
+def panels(n: int, height: float) -> tuple[object, list[Axes]]:
     fig, axes = new_figure(height, ncols=n, sharey=True, squeeze=False)
     return fig, list(axes[0])
 
@@ -65,19 +65,19 @@ def intruders_vs_epsilon(run: Run, styles: Styles, out: Path, *, k: int = Analys
         return None
     null = queries.null_level(run)
     examined = k * run.matrices.num_rows // max(1, len(run.models))
-    fig, axes = _panels(len(run.sides), 3.3)
+    fig, axes = panels(len(run.sides), 3.3)
     for ax, side in zip(axes, run.sides):
         _mark_null(ax, null, run.epsilon)
         for i, model in enumerate(run.models):
             y = counts.get((model, side), np.zeros_like(epsilons))
             line = styles[model].line()
-            line["label"] += _zero_note([counts.get((model, s), np.zeros(1)) for s in run.sides], "ε")
+            line["label"] += zero_note([counts.get((model, s), np.zeros(1)) for s in run.sides], "ε")
             # Stagger markers between models so overlapping lines still show every marker.
             ax.plot(epsilons, y, markevery=(i % 10, 10), clip_on=False, zorder=3, **line)
         ax.set(xlim=(0, 1), xlabel="similarity threshold ε",
-               title=_SIDE_WORD[side] if len(run.sides) > 1 else None)
+               title=SIDE_WORD[side] if len(run.sides) > 1 else None)
         ax.set_ylim(bottom=0, top=max(1.0, ax.get_ylim()[1]))
-        _lift_zero(ax)
+        lift_zero(ax)
         ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     axes[0].set_ylabel(f"{_COUNTS} in top {k}\n(sum over matrices, max {examined:,})")
     fig.suptitle(f"Intruder dimensions vs similarity threshold ε\n(one of the top k = {k} vectors of a matrix "
@@ -106,7 +106,7 @@ def intruders_vs_k(run: Run, styles: Styles, out: Path, *, epsilon: float = Anal
     examined = queries.examined_vs_k_fraction(run, fractions)
     chance = queries.null_share_vs_k_fraction(run, fractions, epsilon=epsilon)
     x = fractions[1:] * 100  # at k = 0 nothing is examined: no share
-    fig, axes = _panels(len(run.sides), 3.5)
+    fig, axes = panels(len(run.sides), 3.5)
     for ax, side in zip(axes, run.sides):
         if coverage < 1.0:
             ax.axvspan(coverage * 100, 100, color="0.85", lw=0, zorder=0, label="max |cos| not computed")
@@ -115,11 +115,11 @@ def intruders_vs_k(run: Run, styles: Styles, out: Path, *, epsilon: float = Anal
         for i, model in enumerate(run.models):
             share = counts[(model, side)][1:] / np.maximum(examined[model][1:], 1)
             line = styles[model].line()
-            line["label"] += _zero_note([counts[(model, s)] for s in run.sides], "k")
+            line["label"] += zero_note([counts[(model, s)] for s in run.sides], "k")
             ax.plot(x, share, markevery=(i % 10, 10), clip_on=False, zorder=3, **line)
         ax.set(xlim=(0, 100), ylim=(0, 1.0), xlabel="top k, as % of the matrix's singular vectors",
-               title=_SIDE_WORD[side] if len(run.sides) > 1 else None)
-        _lift_zero(ax)
+               title=SIDE_WORD[side] if len(run.sides) > 1 else None)
+        lift_zero(ax)
     axes[0].set_ylabel(f"share of the top k that are\nintruders (ε = {epsilon:g})")
     fig.suptitle(f"Intruder dimensions vs how many singular vectors are examined (ε = {epsilon:g})")
     handles, labels = axes[0].get_legend_handles_labels()
@@ -216,7 +216,7 @@ def checkpoints(run: Run, out: Path, chosen: series.Series, *, matrix: str | Non
     total_ax.set_ylabel(f"intruders\n(k={run.k}, ε={run.epsilon:g})")
     total_ax.plot(x, totals, color="black", marker="o", clip_on=False, zorder=3)
     total_ax.set_ylim(bottom=0, top=max(1.0, total_ax.get_ylim()[1]))
-    _lift_zero(total_ax)
+    lift_zero(total_ax)
     total_ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     index = {m: i for i, m in enumerate(models)}
     rows = [index[m] for m in tracks.models]

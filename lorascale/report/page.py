@@ -33,6 +33,7 @@ class PageContent:
     rows: list[dict[str, Any]]
     figures: list[FigureEntry] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # figures skipped and why
+    mitigation: dict[str, Any] | None = None  # a `lorascale mitigate` run: report/mitigation.mitigation_summary
 
 
 _CSS = """
@@ -98,6 +99,14 @@ def _figure(entry: FigureEntry) -> str:
             f'<a href="{_e(svg)}">SVG</a>.</span></figcaption></figure>')
 
 
+def _mitigation(summary: dict[str, Any]) -> str:
+    """What `lorascale mitigate` did (report/mitigation.format_mitigation's lines) as a list."""
+    from lorascale.report.mitigation import format_mitigation
+
+    items = "".join(f"<li>{_e(line.strip())}</li>" for line in format_mitigation(summary).splitlines())
+    return f'<ul class="mitigation">{items}</ul>'
+
+
 def render_page(content: PageContent) -> str:
     """The whole index.html as a string (UTF-8, no external resources)."""
     run = content.run
@@ -105,8 +114,9 @@ def render_page(content: PageContent) -> str:
         "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
         f'<meta name="generator" content="{GENERATOR}">',
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>lorascale report: {_e(run.base)}</title><style>{_CSS}</style></head><body>",
-        f"<h1>How the fine-tunes changed {_e(run.base)}</h1>",
+        f"<title>lorascale report: {_e(run.base_label)}</title><style>{_CSS}</style></head><body>",
+        f"<h1>How the fine-tunes changed {_e(run.base_label)}</h1>",
+        f'<p class="ref">base: {_e(run.base)}</p>',
         "<p>Each weight matrix of every tuned model was compared with the base through its singular value "
         "decomposition. An <em>intruder dimension</em> is a top-ranked singular vector of the tuned matrix "
         "whose largest |cosine| with any base singular vector is below ε (Shuttleworth et al., "
@@ -116,6 +126,8 @@ def render_page(content: PageContent) -> str:
         parts.append(f'<p class="warning">PARTIAL RESULTS: this run\'s status is <strong>{_e(run.status)}'
                      "</strong>. The tables do not hold every matrix, so every total below is incomplete.</p>")
     parts += ["<h2>Run</h2>", _facts(run), "<h2>Summary</h2>", _summary_table(content.rows, run)]
+    if content.mitigation is not None:
+        parts += ["<h2>Mitigation</h2>", _mitigation(content.mitigation)]
     section = None
     toc = []
     body = []

@@ -344,3 +344,49 @@ def total_intruders(run: Run) -> dict[str, int]:
     """Model -> summed intruder count at the run's own (k, epsilon), from the matrices table."""
     grouped = run.matrices.group_by("model").aggregate([("intruders", "sum")])
     return dict(zip(grouped.column("model").to_pylist(), grouped.column("intruders_sum").to_pylist()))
+
+
+@dataclass(frozen=True)
+class TopKCurve:
+    """Intruders among the top k of every matrix for k = 1..K, K the most vectors a run stored max_cos for
+    (`--top-k` in a topk run): `intruders[(model, side)][k-1]` summed over matrices, `examined[model][k-1]`
+    the vectors looked at, `chance[side][k-1]` the share random directions would give."""
+
+    ks: np.ndarray
+    intruders: dict[Key, np.ndarray]
+    examined: dict[str, np.ndarray]
+    chance: dict[str, np.ndarray]
+
+
+def intruders_vs_top_k(run: Run, *, epsilon: float) -> TopKCurve | None:
+    """The intruders-vs-k curve up to the computed K, in absolute k (what a `--mode topk` run can answer:
+    a fraction of every matrix's vectors would go past what it computed); None without tuned spectra."""
+    from lorascale.numerics.metrics import null_intruder_probability  # numpy + torch: only when drawing
+
+    dataset = run.dataset(SPECTRA)
+    if dataset is None:
+        return None
+    table = plain(dataset.to_table(columns=["model", "matrix", "side", "rank", "max_cos"],
+                                   filter=(ds.field("role") == "tuned") & ds.field("max_cos").is_valid()))
+    if table.num_rows == 0:
+        return None
+    ranks = table.column("rank").to_numpy().astype(np.int64)
+    top = int(ranks.max()) + 1
+    mask = is_intruder(table.column("max_cos").to_numpy(zero_copy_only=False), epsilon)
+    intruders: dict[Key, np.ndarray] = {}
+    examined: dict[str, np.ndarray] = {}
+    for (model, side), idx in _group_indices(table, ("model", "side")).items():
+        intruders[(model, side)] = np.cumsum(np.bincount(ranks[idx][mask[idx]], minlength=top))
+        if side == run.sides[0]:
+            examined[model] = np.cumsum(np.bincount(ranks[idx], minlength=top))
+    first = run.matrices.filter(pc.equal(run.matrices.column("model"), run.models[0]))
+    rows = first.column("rows").to_numpy().astype(np.int64)
+    cols = first.column("cols").to_numpy().astype(np.int64)
+    ks = np.arange(1, top + 1)
+    looked = np.minimum(ks[:, None], np.minimum(rows, cols)[None, :]).astype(float)  # (k, matrices)
+    chance = {}
+    for side in run.sides:
+        dims = rows if side == "left" else cols
+        p = np.array([null_intruder_probability(int(d), int(min(r, c)), epsilon) for d, r, c in zip(dims, rows, cols)])
+        chance[side] = looked @ p / np.maximum(looked.sum(axis=1), 1)
+    return TopKCurve(ks, intruders, examined, chance)

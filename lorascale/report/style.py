@@ -6,8 +6,10 @@ summary path stays light.
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ParamSpec, TypeVar
@@ -97,9 +99,25 @@ def new_figure(height: float, width: float = WIDTH, **kwargs: object) -> tuple[F
     return plt.subplots(figsize=(width, height), layout="constrained", **kwargs)
 
 
+# Formats written besides PNG and SVG while a report is drawn (`lorascale report --format pdf`).
+_EXPORT: ContextVar[tuple[str, ...]] = ContextVar("lorascale_report_export", default=())
+
+
+@contextlib.contextmanager
+def exporting(formats: tuple[str, ...]) -> Iterator[None]:
+    """Within the block, `save` also writes each figure in `formats` (e.g. ("pdf",))."""
+    token = _EXPORT.set(formats)
+    try:
+        yield
+    finally:
+        _EXPORT.reset(token)
+
+
 def save(fig: Figure, directory: Path, stem: str) -> list[Path]:
-    """Write `stem.png` and `stem.svg` and release the figure's memory."""
+    """Write `stem.png` and `stem.svg` (and any format `exporting` asks for) and release the figure's memory."""
     paths = [directory / f"{stem}.png", directory / f"{stem}.svg"]
+    for extra in _EXPORT.get():
+        fig.savefig(directory / f"{stem}.{extra}", metadata={"Creator": "lorascale"})
     fig.savefig(paths[0], dpi=PNG_DPI, metadata={"Software": "lorascale"})
     # The layout is in figure fractions and points, so it does not depend on the DPI: freeze the one
     # just computed instead of solving it again for the SVG (layout is about half of the drawing time).

@@ -28,8 +28,8 @@ from lorascale.store.schema import METHOD_TOPK_FALLBACK
 SummaryFormat = Literal["table", "csv", "json"]
 By = Literal["module", "layer"]
 
-# Row keys in CSV order (the first ten as in earlier releases, new ones after them), with the table-format
-# header for each; the table shows a subset (table_columns).
+# Row keys with the table-format header for each; the table shows a subset (table_columns).  The CSV
+# (csv_fields) starts with `label` and `reference` (= `model`), as the table names them.
 COLUMNS: dict[str, str] = {
     "model": "reference",  # the tuned reference exactly as given
     "update": "update",
@@ -117,6 +117,7 @@ def rows_for_run(run: Run, counts: IntruderCounts | None = None, *, by: By | Non
             "epsilon": counts.epsilon,
             "seconds": float(pc.sum(table.column("seconds")).as_py() or 0.0),
             "label": run.label(model),
+            "reference": model,  # = model: the name the table and the CSV give the reference
             "side": counts.side,
             "intruders_right": None if right is None else int(right[idx].sum()),
             "matrices_with_intruders_right": None if right is None else int(np.count_nonzero(right[idx])),
@@ -151,7 +152,7 @@ def summary_rows(results: str | Path, *, order: Order = "as-given", allow_partia
     when the run is not complete; OptionError for a k, epsilon or side the stored tables cannot answer.
 
     >>> [(row["label"], row["intruders"]) for row in summary_rows("results/")]
-    [('org/full-ft', 0), ('…/lora-r4/final', 20)]
+    [('full-ft', 0), ('final', 20)]
     >>> [(row["layer"], row["intruders"]) for row in summary_rows("results/", epsilon=0.7, by="layer")]
     [(0, 0), (1, 0), (0, 18), (1, 22)]
     """
@@ -212,6 +213,25 @@ def _table(rows: list[dict[str, Any]]) -> str:
     return "\n".join([line(headers), rule, *(line(c) for c in cells)])
 
 
+def csv_fields(rows: list[dict[str, Any]]) -> list[str]:
+    """The CSV header: `label` and `reference` first, as the summary table names them, then COLUMNS."""
+    fields = ["label", "reference", *(key for key in COLUMNS if key not in ("model", "label"))]
+    for key in BY_COLUMNS:
+        if rows and key in rows[0]:
+            fields.insert(fields.index("update") + 1, key)
+    return fields
+
+
+def _csv(rows: list[dict[str, Any]]) -> str:
+    buffer = io.StringIO()
+    fields = csv_fields(rows)
+    writer = csv.DictWriter(buffer, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows([{k: ("" if row.get(k) is None else row.get(k)) for k in fields}
+                      for row in ({**row, "reference": row["model"]} for row in rows)])
+    return buffer.getvalue().rstrip("\n")
+
+
 def format_summary(rows: list[dict[str, Any]], fmt: SummaryFormat = "table") -> str:
     """Render summary rows as an aligned text table, CSV (header + one line per model) or a JSON list.
 
@@ -220,15 +240,7 @@ def format_summary(rows: list[dict[str, Any]], fmt: SummaryFormat = "table") -> 
     if fmt == "table":
         return _table(rows)
     if fmt == "csv":
-        buffer = io.StringIO()
-        fields = list(COLUMNS)
-        for key in BY_COLUMNS:
-            if rows and key in rows[0]:
-                fields.insert(fields.index("update") + 1, key)
-        writer = csv.DictWriter(buffer, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
-        writer.writeheader()
-        writer.writerows([{k: ("" if row.get(k) is None else row.get(k)) for k in fields} for row in rows])
-        return buffer.getvalue().rstrip("\n")
+        return _csv(rows)
     if fmt == "json":
         return json.dumps(rows, indent=2)
     raise OptionError(f"unknown summary format {fmt!r}", fix="use 'table', 'csv' or 'json'")

@@ -21,19 +21,20 @@ import pyarrow.dataset as ds
 from lorascale.errors import OptionError, OutputError
 from lorascale.store.manifest import RUN_FIX, Manifest, read_manifest
 from lorascale.store.run_directory import check_complete, effective_status
-from lorascale.store.schema import MATRICES, MITIGATION, SCHEMAS, SIMILARITY, SPECTRA
+from lorascale.store.schema import MANIFEST, MATRICES, MITIGATION, SCHEMAS, SIMILARITY, SPECTRA
 from lorascale.store.writer import part_files
 
 TABLES = (MATRICES, SPECTRA, SIMILARITY, MITIGATION)  # mitigation: `lorascale mitigate` runs only
 # Columns that repeat a handful of values millions of times: reading them dictionary-encoded keeps a
 # 7B run's spectra table in memory at a fraction of the plain-string size (report queries ask for it).
+DEMO_RESULTS = "results"  # `lorascale demo --out DIR` writes DIR/checkpoints and DIR/results
 DICTIONARY_COLUMNS = ("model", "role", "matrix", "side", "module", "update")
 
 
 @dataclass
 class Results:
     """One results directory.  `matrices`, `spectra` and `similarity` are pyarrow Tables with the
-    contract's columns (README, "Output contract"); `manifest` is the typed run record."""
+    contract's columns (docs/REFERENCE.md, "Columns"); `manifest` is the typed run record."""
 
     root: Path
     manifest: Manifest
@@ -48,6 +49,14 @@ class Results:
     def models(self) -> tuple[str, ...]:
         """The tuned references, in the order they were given."""
         return self.manifest.references
+
+    def __repr__(self) -> str:
+        """One short line: where, status, the tuned models' labels, and each table's rows (from the Parquet
+        footers, no data read); the manifest is `.manifest`."""
+        labels = [str(t.get("label") or t.get("reference")) for t in self.manifest.tuned]
+        sizes = ", ".join(f"{name} {self.dataset(name).count_rows():,}" for name in TABLES if self.has(name))
+        return (f"<lorascale.Results {str(self.root)!r} {self.status}: {len(labels)} tuned "
+                f"({', '.join(labels)}); rows: {sizes or 'none'}>")
 
     def has(self, name: str) -> bool:
         """Whether the run has written any part of table `name` yet."""
@@ -124,6 +133,15 @@ def _check_name(name: str) -> None:
         raise OptionError(f"unknown table {name!r}", fix=f"use one of {', '.join(TABLES)}")
 
 
+def results_root(given: str | Path) -> Path:
+    """The results directory for `given`, the directory the user gave the command that made it: a run's
+    --out itself, or the --out of `lorascale demo` (which writes its results to OUT/results)."""
+    root = Path(given)
+    if not (root / MANIFEST).exists() and (root / DEMO_RESULTS / MANIFEST).is_file():
+        return root / DEMO_RESULTS
+    return root
+
+
 def load(out: str | Path, *, partial: bool = False) -> Results:
     """Open the results directory `out` written by `lorascale.compare()` or `lorascale run`.
 
@@ -134,7 +152,7 @@ def load(out: str | Path, *, partial: bool = False) -> Results:
     >>> load("results/").matrices.column("model").unique().to_pylist()
     ['org/full-ft', '/scratch/runs/lora-r4/final']
     """
-    root = Path(out)
+    root = results_root(out)
     if not root.is_dir():
         raise OptionError("results directory does not exist" if not root.exists() else
                           "results path is not a directory", path=root, fix=RUN_FIX)

@@ -18,6 +18,7 @@ is running, failed or was interrupted are partial, and are never served as resul
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as _dt
 import os
 import shutil
@@ -91,10 +92,19 @@ class RunDirectory:
                 refuse_foreign_adapter(out)
 
     def pending(self, jobs: tuple[MatrixJob, ...]) -> list[MatrixJob]:
-        """The jobs with at least one (model, matrix) pair whose rows are not written yet."""
+        """The jobs with at least one (model, matrix) pair whose rows are not written yet, each with only
+        those tuned models: a run that grows computes its new models alone, the base's rows (and its SVD,
+        from the cache) not again."""
         remove_orphans(self.out)
         done = completed_pairs(self.out)
-        return [j for j in jobs if any((s.model, j.matrix) not in done for s in j.tuned)]
+        pending = []
+        for job in jobs:
+            missing = tuple(s for s in job.tuned if (s.model, job.matrix) not in done)
+            if len(missing) == len(job.tuned):
+                pending.append(job)
+            elif missing:
+                pending.append(dataclasses.replace(job, tuned=missing, base_rows=False))
+        return pending
 
     @contextlib.contextmanager
     def session(self, execution: dict, to_compute: int) -> Iterator[ResultWriter]:
@@ -213,31 +223,76 @@ def _prepare(out: Path, manifest: Manifest, *, overwrite: bool, resume: bool, dr
         if not dry_run:
             _remove_ours(out, keep)
         return None
-    if _run_identity(previous) != _run_identity(manifest):
-        raise OutputError("directory holds a different run (other checkpoints or options)", path=out,
-                          fix=f"choose another {option('out')}, or pass {option('overwrite', True)} to replace it")
-    earlier, labels = _labels(previous), _labels(manifest)
-    # Rows carry their model's label; a run written before labels existed (label None) has none to disagree with.
-    if any(label is not None for label in earlier) and earlier != labels:
-        raise OutputError(f"directory holds this run under other labels: {', '.join(map(str, earlier))}",
+    if difference := run_difference(previous, manifest):
+        raise OutputError(f"directory holds a different run: {difference}", path=out,
+                          fix=f"pass {option('overwrite', True)} to replace it, or choose another {option('out')}"
+                              + ("; each lambda writes its own adapter" if "mitigation_lambda" in difference else ""))
+    if _relabelled(previous, manifest):
+        earlier = _labels(previous)
+        raise OutputError(f"directory holds this run under other labels: {', '.join(map(str, earlier.values()))}",
                           path=out, fix=f"use the same NAME=REF labels, or pass {option('overwrite', True)} to recompute")
-    for before, now_ in zip((previous.base, *previous.tuned), (manifest.base, *manifest.tuned)):
+    now_by_reference = {str(entry.get("reference")): entry for entry in manifest.tuned}
+    for before in (previous.base, *previous.tuned):
+        now_ = manifest.base if before is previous.base else now_by_reference[str(before.get("reference"))]
         if reason := changed_since(before, now_):
             raise OutputError(f"the earlier run's rows are stale: {now_.get('reference')}: {reason}", path=out,
                               fix=f"pass {option('overwrite', True)} to recompute, or choose another {option('out')}")
     return previous
 
 
-def _labels(manifest: Manifest) -> tuple:
-    """The base's and each tuned model's label (None in manifests written before labels: manifest.upgrade)."""
-    return tuple(entry["label"] for entry in (manifest.base, *manifest.tuned))
+def _relabelled(previous: Manifest, manifest: Manifest) -> bool:
+    """Whether a model of both runs has another label now that either run gave (NAME=REF, --label).  A run
+    written before labels has none to disagree with; default names that changed with a lorascale version
+    (label_given absent or false on both sides) are not the user's choice, and the new one is kept."""
+    labels = _labels(manifest)
+    for reference, label in _labels(previous).items():
+        if label is None or labels.get(reference, label) == label:
+            continue
+        if _entry(manifest, reference).get("label_given") or _entry(previous, reference).get("label_given"):
+            return True
+    return False
 
 
-def _run_identity(manifest: Manifest) -> tuple:
-    """What must match for a rerun on the same --out to continue the earlier run."""
-    options = manifest.options
-    return (manifest.base.get("reference"), manifest.references,
-            tuple(sorted((k, str(v)) for k, v in options.items() if k in RUN_OPTIONS)))
+def _entry(manifest: Manifest, reference: str | None) -> dict:
+    return manifest.base if reference is None else next(e for e in manifest.tuned if e.get("reference") == reference)
+
+
+def _labels(manifest: Manifest) -> dict:
+    """Reference -> label of the base and each tuned model (None in manifests written before labels); the
+    base under the key None."""
+    return {None if entry is manifest.base else entry.get("reference"): entry.get("label")
+            for entry in (manifest.base, *manifest.tuned)}
+
+
+def run_difference(previous: Manifest, manifest: Manifest) -> str | None:
+    """Why `manifest`'s run cannot continue the `previous` one in the same --out, naming what differs with
+    its value there and now; None when it can.  A run grows: tuned models added to the earlier ones are
+    computed alone (RunDirectory.pending), the earlier rows kept."""
+    before, now_ = previous.base.get("reference"), manifest.base.get("reference")
+    if before != now_ and _local_path(previous.base) != _local_path(manifest.base):
+        return f"{option('base')} {before} there, {now_} now"
+    changed = [f"{option(k)} {_shown(previous.options.get(k))} there, {_shown(manifest.options.get(k))} now"
+               for k in RUN_OPTIONS if str(previous.options.get(k)) != str(manifest.options.get(k))]
+    if changed:
+        return "; ".join(changed)
+    left_out = [r for r in previous.references if r not in manifest.references]
+    if left_out:
+        return (f"it also compared {', '.join(left_out)}, which this command leaves out (to add tuned models "
+                f"to a run, give its {option('tuned')} models again with the new ones)")
+    return None
+
+
+def _local_path(described: dict) -> str | None:
+    """Where a local checkpoint is (one base named by a relative and an absolute path is one base); None for
+    a hub reference, which is compared as written."""
+    source = str(described.get("source") or "")
+    return str(described.get("path")) if source.startswith("local") else None
+
+
+def _shown(value: object) -> str:
+    if isinstance(value, list):
+        return " ".join(map(str, value)) if value else "none"
+    return "unset" if value is None else str(value)
 
 
 def _holds_input(path: Path, keep: tuple[Path, ...]) -> bool:

@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from safetensors.torch import save_file
+from lorascale.labels import short_labels
 
 import oracle
 from lorascale.analyses.compare import Columns
@@ -183,7 +184,7 @@ def test_labels_reach_the_rows_and_the_manifest(clear_and_flat, tmp_path: Path):
     # No label given: the short display name, as legends showed it before labels existed.
     plain = compare(base, [tuned], tmp_path / "plain", **common).out
     labels = set(ds.dataset(plain / MATRICES, format="parquet").to_table(columns=["label"]).column(0).to_pylist())
-    assert labels == {"…/" + "/".join(Path(tuned).parts[-2:])}
+    assert labels == {short_labels([tuned])[tuned]}
 
 
 def test_runs_written_before_labels_and_right_counts_still_read(clear_and_flat, tmp_path: Path):

@@ -195,7 +195,7 @@ def test_lorascale_imports_and_runs_without_ray(tmp_path: Path):
         import sys
         sys.modules["ray"] = None  # any `import ray` now raises ImportError
         import lorascale.cli, lorascale.pipeline
-        from lorascale.errors import ExecutionError
+        from lorascale.errors import OptionError
         from lorascale import compare
         from rayhelpers import build_wide_checkpoints
         paths = build_wide_checkpoints(__import__("pathlib").Path({str(tmp_path)!r}), matrices=2, size=32)
@@ -203,10 +203,10 @@ def test_lorascale_imports_and_runs_without_ray(tmp_path: Path):
         assert result.manifest["execution"] == {{"executor": "in-process"}}, result.manifest["execution"]
         try:
             compare(str(paths["base"]), [str(paths["full"])], {str(tmp_path / "out2")!r}, workers=2)
-        except ExecutionError as exc:
-            assert "Ray is not installed" in str(exc)
+        except OptionError as exc:  # before anything is written, naming the extra that installs Ray
+            assert 'pip install "lorascale[ray]"' in str(exc) and not __import__("os").path.exists({str(tmp_path / "out2")!r})
         else:
-            raise AssertionError("no ExecutionError")
+            raise AssertionError("no OptionError")
         print("ok")
     """)
     # rayhelpers is in this directory; the rest of PYTHONPATH is kept (it may be what finds lorascale).

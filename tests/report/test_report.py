@@ -82,7 +82,7 @@ def test_report_intruder_counts_on_page_match_tables(mixed_report: Path) -> None
     counts = {reference: int(intruders) for _, _, _, intruders, reference in rows}
     assert counts["org/full-ft"] == 0
     assert counts["/scratch/runs/lora-r4/final"] > 0
-    assert [label for label, *_ in rows] == ["org/full-ft", "…/lora-r4/final"]
+    assert [label for label, *_ in rows] == ["full-ft", "final"]
 
 
 def test_checkpoint_series_ordered_by_name(make_run) -> None:

@@ -42,7 +42,8 @@ def test_rows_match_tables(run_dir: Path) -> None:
 def test_csv_parses(run_dir: Path) -> None:
     rows = summary_rows(run_dir)
     parsed = list(csv.DictReader(io.StringIO(format_summary(rows, "csv"))))
-    assert [p["model"] for p in parsed] == [r["model"] for r in rows]
+    assert [p["reference"] for p in parsed] == [r["model"] for r in rows]
+    assert [p["label"] for p in parsed] == [r["label"] for r in rows]
     assert int(parsed[1]["intruders"]) == rows[1]["intruders"]
     assert float(parsed[0]["mean_effective_rank"]) == pytest.approx(rows[0]["mean_effective_rank"])
     assert parsed[2]["mean_effective_rank"] == ""  # missing stays empty, not "None"
@@ -82,7 +83,7 @@ def test_unknown_format(run_dir: Path) -> None:
 
 def test_empty_rows_format() -> None:
     assert format_summary([], "json") == "[]"
-    assert format_summary([], "csv").startswith("model,update")
+    assert format_summary([], "csv").startswith("label,reference,update")
     assert "no tuned models" in format_summary([], "table")
 
 
@@ -233,5 +234,5 @@ def test_labels_name_the_rows(make_run) -> None:
     assert lines[2].startswith("full ") and lines[2].endswith("org/full-ft")
     # A run written before labels: short names, and no reference column when they equal the references.
     older = make_run([Tuned("org/full-ft", "full"), Tuned("org/lora", "lora")])
-    assert [r["label"] for r in summary_rows(older)] == ["org/full-ft", "org/lora"]
-    assert "reference" not in format_summary(summary_rows(older), "table").splitlines()[0]
+    assert [r["label"] for r in summary_rows(older)] == ["full-ft", "lora"]
+    assert format_summary(summary_rows(older), "table").splitlines()[0].endswith("reference")
