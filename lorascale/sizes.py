@@ -37,11 +37,3 @@ def parse_size(text: object) -> int:
         raise ValueError(f"expected {SIZE_FORMS}, got {text!r}")
     return int(value)
 
-
-def format_size(nbytes: float) -> str:
-    """`nbytes` for people, in decimal units: 950 B, 64.0 MB, 22.3 GB (as disks and `hf cache scan` count)."""
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if abs(nbytes) < 1000 or unit == "TB":
-            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
-        nbytes /= 1000
-    raise AssertionError("unreachable")
