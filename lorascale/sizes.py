@@ -37,3 +37,11 @@ def parse_size(text: object) -> int:
         raise ValueError(f"expected {SIZE_FORMS}, got {text!r}")
     return int(value)
 
+
+
+def format_size(nbytes: int) -> str:
+    """Bytes as `1.5 GB`, `12.0 MB`, `3.2 kB` or `512 B` (decimal units; as cli/format.size writes them)."""
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{nbytes} B"

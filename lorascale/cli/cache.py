@@ -13,9 +13,8 @@ from pathlib import Path
 import click
 
 from lorascale import settings
-from lorascale.cli.format import size
 from lorascale.errors import OptionError
-from lorascale.sizes import parse_size
+from lorascale.sizes import format_size as size, parse_size
 from lorascale.store import cache_admin
 from lorascale.store.svd_cache import BaseSpectrumCache, CacheEntry, CacheSurvey, survey
 

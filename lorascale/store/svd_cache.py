@@ -41,6 +41,7 @@ import hashlib
 import json
 import logging
 import os
+import stat
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -56,6 +57,7 @@ from lorascale.numerics.backends import BACKENDS
 from lorascale.numerics.compare import BaseSpectrum
 from lorascale.records import TensorEntry
 from lorascale.request import Analysis
+from lorascale.sizes import format_size
 from lorascale.store import cache_files
 from lorascale.store.atomic import write_atomic
 from lorascale.store.cache_files import CacheFile
@@ -68,10 +70,6 @@ _PRECISION_OF = {"F32": "fp32", "F64": "fp64"}  # S is stored in the compute pre
 _ENTRY_ERRORS = (OSError, ValueError, KeyError, TypeError, SafetensorError, CheckpointFormatError)
 STALE_TEMPORARY_SECONDS = 3600  # a writer's .tmp- file older than this was left by a crash
 _LOG = logging.getLogger(__name__)
-
-
-def _gigabytes(nbytes: int) -> str:
-    return f"{nbytes / 1e9:.1f} GB"
 
 
 def content_digest(raw: torch.Tensor) -> str:
@@ -237,7 +235,10 @@ class BaseSpectrumCache:
         """The cached spectrum for `key` on `device`, or None (absent, or not a whole entry of this format).
         A hit marks the entry used now (its mtime), for least-recently-used eviction."""
         path = self.path(key)
-        if not path.is_file():
+        try:
+            if not stat.S_ISREG(os.lstat(path).st_mode):  # a folder, or a link: not an entry (cache_files.py)
+                return None
+        except OSError:
             return None
         try:
             tensors = load_file(path, device="cpu")
@@ -303,7 +304,7 @@ class BaseSpectrumCache:
             if excess > 0 and excess > sum(f.nbytes for f in others):
                 self._stop("the base-SVD cache under %s is at its bound of %s with this run's own entries; the "
                            "rest of this run's base SVDs are not cached (a larger bound: --cache-max-size or "
-                           "LORASCALE_CACHE_MAX_SIZE)", self.directory, _gigabytes(self.max_bytes))
+                           "LORASCALE_CACHE_MAX_SIZE)", self.directory, format_size(self.max_bytes))
                 return False
             if excess > 0:
                 cache_files.evict(others, excess)
@@ -311,8 +312,8 @@ class BaseSpectrumCache:
         space = cache_files.disk_space(self.directory)
         if space is not None and space[0] - nbytes < cache_files.disk_margin(space[1]):
             self._stop("the disk under %s has %s free, and caching more base SVDs would leave less than %s; the "
-                       "rest of this run's base SVDs are not cached", self.directory, _gigabytes(space[0]),
-                       _gigabytes(cache_files.disk_margin(space[1])))
+                       "rest of this run's base SVDs are not cached", self.directory, format_size(space[0]),
+                       format_size(cache_files.disk_margin(space[1])))
             return False
         return True
 
