@@ -27,8 +27,9 @@ model (`entry_source`) and tensor, shape, stored dtype, precision, sides and met
 key: one base reachable by two paths is one entry.
 
 The cache is bounded (`max_bytes`, from --cache-max-size / LORASCALE_CACHE_MAX_SIZE): before a write, the
-least recently used entries that this cache object did not write are evicted to make room (a hit touches
-its entry's mtime, store/cache_files.py); when the entries this run wrote fill the bound by themselves, or a
+least recently used entries are evicted to make room (a hit touches its entry's mtime, store/cache_files.py),
+except those written or used since the run began (by it, by another of its Ray actors, or by a run beside
+it: their mtime is that recent); when those fill the bound by themselves, or a
 write would leave the disk with less than its margin free (cache_files.disk_margin), the run stops writing
 entries and goes on.  Stopping instead of evicting the run's own entries keeps a repeated run that does not
 fit hitting on what fitted, where LRU would evict each entry just before it is needed.  One object is made
@@ -197,13 +198,14 @@ def stale_temporary(files: Iterable[CacheFile], *, now: float | None = None) -> 
 
 class BaseSpectrumCache:
     """Get and put BaseSpectrum entries under `directory` (created on first write), holding at most
-    `max_bytes` of entries (None: no bound).  One object per run: it remembers the keys it wrote (never
-    evicted by its own writes) and whether it has stopped writing or warned."""
+    `max_bytes` of entries (None: no bound).  One object per run: it remembers when it began and the keys it
+    wrote (never evicted by its own writes), and whether it has stopped writing or warned."""
 
     def __init__(self, directory: str | Path, *, max_bytes: int | None = None) -> None:
         self.directory = Path(directory).expanduser()
         self.max_bytes = max_bytes
         self._written: set[str] = set()
+        self._since = time.time()  # entries written or used from now on are this run's (or a run's beside it)
         self._stopped = False  # no more writes in this run
         self._warned = False
         self._index: dict[tuple, CacheEntry] | None = None  # find()'s, built on first use
@@ -300,9 +302,10 @@ class BaseSpectrumCache:
         if self.max_bytes is not None:
             entries = [f for f in cache_files.scan(self.directory).entries if f.key != key]  # `key` is replaced
             excess = sum(f.nbytes for f in entries) + nbytes - self.max_bytes
-            others = [f for f in entries if f.key not in self._written]
+            others = [f for f in entries if f.key not in self._written and f.last_used < self._since]
             if excess > 0 and excess > sum(f.nbytes for f in others):
-                self._stop("the base-SVD cache under %s is at its bound of %s with this run's own entries; the "
+                self._stop("the base-SVD cache under %s is at its bound of %s with entries this run (or one beside "
+                           "it) wrote or used; the "
                            "rest of this run's base SVDs are not cached (a larger bound: --cache-max-size or "
                            "LORASCALE_CACHE_MAX_SIZE)", self.directory, format_size(self.max_bytes))
                 return False

@@ -140,6 +140,21 @@ def test_a_run_never_evicts_its_own_entries_and_stops_writing_with_one_warning(t
     assert len(warnings) == 1 and "bound" in warnings[0]
 
 
+def test_entries_a_run_beside_this_one_wrote_since_it_began_are_not_evicted(tmp_path, caplog):
+    """Two runs (or two Ray actors of one run) on one cache: neither evicts what the other just wrote."""
+    one = _spectrum()
+    probe = BaseSpectrumCache(tmp_path / "probe")
+    probe.store(_key(0), one)
+    size = probe.path(_key(0)).stat().st_size
+    run = BaseSpectrumCache(tmp_path / "cache", max_bytes=2 * size)
+    beside = BaseSpectrumCache(tmp_path / "cache")
+    beside.store(_key(1), one)
+    beside.store(_key(2), one)
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        run.store(_key(3), one)
+    assert {e.key for e in run.entries()} == {_key(1), _key(2)} and len(_warnings(caplog)) == 1
+
+
 def test_a_write_that_would_leave_the_disk_short_stops_caching_with_one_warning(tmp_path, caplog, monkeypatch):
     total = 100 * 10**9
     monkeypatch.setattr(cache_files, "disk_space", lambda directory: (5 * 10**9 + 10, total))  # margin: 5 GB
