@@ -257,9 +257,9 @@ class BaseSpectrumCache:
             vectors = {side: tensors[side].to(device=device, dtype=dtype) for side in null_levels}
             spectrum = BaseSpectrum(s=tensors["s"].to(device), vectors=vectors, fro=float(metadata["fro"]),
                                     null_max_cos={side: float(v) for side, v in null_levels.items()})
-        except FileNotFoundError:  # evicted (by another run) between the check and the read: a plain miss
-            return None
         except _ENTRY_ERRORS as exc:
+            if not os.path.lexists(path):  # evicted (by another run) between the check and the reads: a miss
+                return None
             self._warn("ignoring unreadable base-SVD cache entry %s (%s); recomputing", path, exc)
             return None
         try:

@@ -335,5 +335,16 @@ def test_eviction_racing_a_reader_is_a_plain_miss_or_the_whole_entry(tmp_path, c
     monkeypatch.setattr(svd_cache, "load_file", evicted_first)
     with caplog.at_level(logging.DEBUG, logger=LOGGER):
         assert BaseSpectrumCache(tmp_path).load(_key(1), "cpu") is None
+    cache.store(_key(1), one)
+    monkeypatch.undo()
+    real_header = svd_cache.read_header
+
+    def evicted_between(path):
+        os.unlink(path)  # evicted after the tensors were read, before the header
+        return real_header(path)
+
+    monkeypatch.setattr(svd_cache, "read_header", evicted_between)
+    with caplog.at_level(logging.DEBUG, logger=LOGGER):
+        assert BaseSpectrumCache(tmp_path).load(_key(1), "cpu") is None
     assert _warnings(caplog) == []
     assert cache_files.evict(cache_files.scan(tmp_path).entries, 1) == 0  # a second evictor finds nothing to do
