@@ -57,19 +57,24 @@ def measure(name: str, base: str, tuned: list[str], work: Path, **options: objec
         lorascale.compare(base, tuned, str(work / f"{name}-{way}"), k=K, epsilon=EPSILON, overwrite=True,
                           **options, **extra)
         timings[way] = round(time.perf_counter() - started, 1)
-    cached, exact = _tuned_rows(work / f"{name}-cached"), _tuned_rows(work / f"{name}-fp32")
+    return {"case": name, **differences(work / f"{name}-cached", work / f"{name}-fp32"), "seconds": timings}
+
+
+def differences(cached_out: Path, fp32_out: Path) -> dict:
+    """How the run with the cache (`cached_out`) differs from the one without (`fp32_out`)."""
+    cached, exact = _tuned_rows(cached_out), _tuned_rows(fp32_out)
     assert cached.keys() == exact.keys(), "the two runs stored different tuned vectors"
     diff = {key: abs(cached[key] - exact[key]) for key in cached}
     counted = [d for key, d in diff.items() if key[3] < K]
     bound = max(diff.values())
-    counts = (_counts(work / f"{name}-cached"), _counts(work / f"{name}-fp32"))
+    counts = (_counts(cached_out), _counts(fp32_out))
     differing = sorted(key for key in counts[0] if counts[0][key] != counts[1][key])
     flipped = [key for key in cached if key[3] < K and (cached[key] < EPSILON) != (exact[key] < EPSILON)]
     explained = all(abs(exact[key] - EPSILON) <= bound for key in flipped)
-    return {"case": name, "matrices": len(counts[0]), "tuned_vectors": len(diff), "max_abs_diff": bound,
+    return {"matrices": len(counts[0]), "tuned_vectors": len(diff), "max_abs_diff": bound,
             "max_abs_diff_top_k": max(counted), "mean_abs_diff": sum(diff.values()) / len(diff),
             "intruder_counts_differ": len(differing), "vectors_changing_side": len(flipped),
-            "all_within_bound_of_epsilon": explained, "seconds": timings}
+            "all_within_bound_of_epsilon": explained}
 
 
 def minilm(work: Path) -> dict:
