@@ -62,7 +62,7 @@ def child_lorascale(args: argparse.Namespace) -> dict:
     from lorascale.api import compare  # the keyword API (request.build_request), as a notebook calls it
 
     counter = _FallbackCounter()
-    worker_log = logging.getLogger("lorascale.execute.worker")
+    worker_log = logging.getLogger("lorascale.analyses.compare")
     worker_log.setLevel(logging.INFO)
     worker_log.addHandler(counter)
     tuned = [str(args.data / t) for t in args.tuned]

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from lorascale.version import __version__
 
 
 def __getattr__(name: str):
     # `lorascale.compare(...)` without importing torch/pyarrow on `import lorascale` (the CLI stays fast).
     if name in ("compare", "load", "mitigate", "CompareResult", "MitigateResult", "Results"):
-        from lorascale import api, results
+        from lorascale import api
 
-        return getattr(api, name, None) or getattr(results, name)
+        return getattr(api, name)
     raise AttributeError(f"module 'lorascale' has no attribute {name!r}")
 
 

@@ -14,8 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lorascale import results as _results
-from lorascale.results import Results
+from lorascale.store import reader
 
 __all__ = ["CompareResult", "MitigateResult", "compare", "load", "mitigate"]
 
@@ -73,15 +72,15 @@ def compare(base: str | os.PathLike | Mapping[str, str], tuned: str | os.PathLik
     ...                            "LoRA-TMLR-2024/magicoder-lora-rank-16-alpha-32", "results/")
     >>> result.summary[0]["intruders"]  # doctest: +SKIP
     """
-    from lorascale import pipeline
+    from lorascale import pipeline, settings
     from lorascale.request import build_request
 
-    request = build_request(base, tuned, out, **options)
+    request = build_request(base, tuned, out, environment=settings.run_environment(), **options)
     assert request.output is not None
     bar = _ProgressBar() if progress else None
     try:
         result = pipeline.compare(request, executor=executor, progress=bar, download_progress=download_progress)
-        summary = _results.load(result.out).summary()
+        summary = load(result.out).summary()
         index = None
         if request.output.report:
             from lorascale.report import build_report
@@ -110,11 +109,11 @@ def mitigate(base: str | os.PathLike | Mapping[str, str], adapter: str | os.Path
     ...                             "LoRA-TMLR-2024/magicoder-lora-rank-16-alpha-32", "mitigated/", mitigation_lambda=0)
     >>> result.summary["intruders_after"]  # doctest: +SKIP
     """
-    from lorascale import pipeline
+    from lorascale import pipeline, settings
     from lorascale.report.mitigation import mitigation_summary
     from lorascale.request import build_request
 
-    request = build_request(base, adapter, out, mitigate=True, **options)
+    request = build_request(base, adapter, out, mitigate=True, environment=settings.run_environment(), **options)
     bar = _ProgressBar() if progress else None
     try:
         result = pipeline.mitigate(request, executor=executor, progress=bar, download_progress=download_progress)
@@ -163,13 +162,29 @@ class _ProgressBar:
             self.bar.close()
 
 
+class Results(reader.Results):
+    """A results directory as `lorascale.load` returns it: store/reader.Results (tables, manifest, status) and
+    the per-model summary."""
+
+    def summary(self) -> list[dict[str, Any]]:
+        """One row per tuned model: what `lorascale summary` prints (report/summary.py)."""
+        from lorascale.report.summary import rows_for_run
+        from lorascale.report.tables import run_view
+
+        return rows_for_run(run_view(self))
+
+
 def load(out: str | Path, *, partial: bool = False) -> Results:
     """Open the results directory `out`: its tables as pyarrow Tables and its typed manifest.
 
     A run that is not complete is refused unless `partial=True` (its tables are partial).  See
-    lorascale/results.py for what the returned Results offers (to_pandas, to_polars, dataset, summary).
+    lorascale/store/reader.py for what the returned Results offers (to_pandas, to_polars, dataset), and
+    `summary()` here.
 
-    >>> results = lorascale.load("results/")  # doctest: +SKIP
-    >>> results.to_polars("matrices")          # doctest: +SKIP
+    >>> import lorascale
+    >>> results = lorascale.load("results/")
+    >>> results.to_polars("matrices").height  # one row per tuned model and matrix
+    12
     """
-    return _results.load(out, partial=partial)
+    opened = reader.load(out, partial=partial)
+    return Results(root=opened.root, manifest=opened.manifest)

@@ -3,7 +3,7 @@
 The rule that splits `NAME=REF`: a hub id never contains '=', but a local path may.  So the text is split
 on its first '=' only when it is not an existing local path and the part before the '=' is a valid label
 (LABEL_RULE); anything else is a plain reference.  A model without a label gets its short display name
-(report/labels.py), and no two tuned models may share a label.
+(labels.py), and no two tuned models may share a label.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 
 from lorascale.errors import OptionError
 from lorascale.records import NamedReference
-from lorascale.report.labels import short_labels
+from lorascale.labels import short_labels
 
 _LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}")
 LABEL_RULE = "1 to 64 letters, digits, '_', '.', '+' or '-', starting with a letter or digit"

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from lorascale import __version__
+from lorascale.version import __version__
 from lorascale.errors import LorascaleError, OptionError, option
 from lorascale.execute import Executor, make_executor
 from lorascale.execute.routes import describe as describe_routes, pinned_routes, resolve as resolve_compute
@@ -25,8 +25,11 @@ from lorascale.io.resolve import resolve
 from lorascale.numerics.backends import Routes
 from lorascale.plan import Plan, plan_jobs
 from lorascale.records import HubFile, NamedReference, RemoteFile, Skipped, TensorEntry
-from lorascale.request import JobOptions, RunRequest, job_options, python_command
+from lorascale.analyses.options import JobOptions, job_options
+from lorascale.request import RunRequest
+from lorascale.run_identity import manifest_options, python_command
 from lorascale.store.manifest import Manifest, read_manifest
+from lorascale.store.overlap import checkpoint_inputs, reference_inputs, refuse_overlap
 from lorascale.store.run_directory import RunDirectory
 from lorascale.store.schema import MITIGATED, MITIGATION
 
@@ -84,7 +87,7 @@ def mitigate(request: RunRequest, *, executor: Executor | None = None, progress:
              download_progress: StatusCallback | None = None, command: str | None = None) -> RunResult:
     """Run a mitigation request (request.mitigation set: one LoRA adapter): compare it as compare() does
     (the tables describe the adapter as it was), rewrite each matrix's intruder components
-    (execute/mitigation.py; the mitigation/ table says what was done), then write the mitigated PEFT adapter
+    (analyses/mitigate.py; the mitigation/ table says what was done), then write the mitigated PEFT adapter
     to out/adapter/ once every matrix is done (store/adapter_writer.py).  Resumable like compare()."""
     if request.mitigation is None:
         raise OptionError("this request is not a mitigation", fix="build it with build_request and mitigate=True")
@@ -100,14 +103,30 @@ def _run(request: RunRequest, *, executor: Executor | None, progress: ProgressCa
     output = request.output
     if output is None:
         raise OptionError("a comparison needs an output directory", fix=f"pass {option('out')}")
+    # Inputs and --out must not overlap: checked on the references before anything is resolved or downloaded,
+    # and on the resolved files (hub snapshots, links) before anything is created, deleted or written.
+    tuned_role = "adapter" if request.mitigation is not None else "tuned"
+    refuse_overlap(output.out, reference_inputs([("base", request.references.base.reference)]
+                                                + [(tuned_role, n.reference) for n in request.references.tuned]))
     prepared = prepare(request, executor=executor, resuming=None if output.overwrite else output.out)
+    inputs = [*checkpoint_inputs("base", prepared.base),
+              *(item for model in prepared.tuned for item in checkpoint_inputs(tuned_role, model))]
+    try:
+        refuse_overlap(output.out, inputs)
+    except OptionError:
+        prepared.executor.close()
+        raise
     streamed = streamed_files([prepared.base, *prepared.tuned])
+    manifest = _new_manifest(prepared, command=command or python_command(request))
+    writes_adapter = request.mitigation is not None
+    RunDirectory.check(output.out, manifest, overwrite=output.overwrite, resume=output.resume,
+                       writes_adapter=writes_adapter)  # before the scratch directory is created
     scratch = request.references.scratch_dir
     if scratch is not None:
         _scratch_directory(scratch)
-    manifest = _new_manifest(prepared, command=command or python_command(request))
     plan, executor = prepared.plan, prepared.executor
-    with RunDirectory.open(output.out, manifest, overwrite=output.overwrite, resume=output.resume) as run_dir:
+    with RunDirectory.open(output.out, manifest, overwrite=output.overwrite, resume=output.resume,
+                           inputs=tuple(item.path for item in inputs), writes_adapter=writes_adapter) as run_dir:
         jobs = run_dir.pending(tuple(stream_order(plan.jobs, streamed)) if streamed else plan.jobs)
         log.info("computing %d of %d matrices", len(jobs), len(plan.jobs))
         files = StreamedFiles(jobs, streamed, scratch_dir=scratch, on_status=download_progress) if streamed else None
@@ -135,7 +154,7 @@ def _run(request: RunRequest, *, executor: Executor | None, progress: ProgressCa
 def _write_mitigated_adapter(out: Path, prepared: Prepared, manifest: Manifest) -> None:
     """out/adapter/ from the input adapter and the factors the run staged (store/adapter_writer.py)."""
     from lorascale.report.mitigation import intruders_left
-    from lorascale.results import Results
+    from lorascale.store.reader import Results
     from lorascale.store.adapter_writer import write_adapter
 
     request = prepared.request
@@ -160,7 +179,7 @@ def prepare(request: RunRequest, *, executor: Executor | None = None, resuming: 
     compare() runs and plan_run() shows.  `resuming`: the output directory a rerun may continue; the CPU
     routes its manifest records are kept, so that one run's rows never mix two route decisions."""
     if executor is None:
-        executor = make_executor(request.execution)
+        executor = make_executor(request)
     options = executor.prepare(job_options(request, routes=_earlier_routes(resuming)))
     references = request.references
     base, *tuned = _open_checkpoints([n.reference for n in references.all], allow_pickle=not references.no_pickle)
@@ -186,7 +205,7 @@ def _new_manifest(prepared: Prepared, *, command: str) -> Manifest:
     request, options = prepared.request, prepared.options
     names = request.references
     return Manifest(
-        lorascale_version=__version__, command=command, options=request.manifest_options(),
+        lorascale_version=__version__, command=command, options=manifest_options(request),
         base=_described(prepared.base, names.base),
         tuned=[_described(c, n) for c, n in zip(prepared.tuned, names.tuned)],
         device=options.device, precision=request.analysis.precision, torch=torch.__version__,

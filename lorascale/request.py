@@ -1,4 +1,6 @@
-"""A run request: every option of a comparison, each default and each check written once, here.
+"""A run request: every option of a comparison, each declared once, here: a field with its type and default, and
+its declaration as the field's metadata (optionspec.declare: help, parsing, commands, run identity, what it
+controls), from which the CLI, the run identity and docs/REFERENCE.md are made; each check written once too.
 
 `RunRequest` is frozen and typed; its sub-records group the options by the stage that uses them:
 
@@ -10,7 +12,9 @@
     output      where the tables go, and how an existing run there is treated
 
 The CLI (lorascale/cli) and the Python API (lorascale.compare) each build one with `build_request()` and
-call `pipeline.compare(request)` / `pipeline.plan_run(request)`.  Field names are the keywords of
+call `pipeline.compare(request)` / `pipeline.plan_run(request)`.  What a run records of it (the manifest's
+options, the command, which options are the run's identity) is run_identity.py; what the workers compute
+with is analyses/options.py.  Field names are the keywords of
 `lorascale.compare`; every check raises OptionError naming fields with errors.option(), which the CLI alone
 spells as its flags (cli/flags.py).  Whether the machine can honour a device or backend is not known here:
 execute/routes.py decides that, on the machine that computes.
@@ -21,17 +25,17 @@ from __future__ import annotations
 import math
 import os
 import re
-import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit
 
 from lorascale.errors import OptionError, option
 from lorascale.naming import name_references
-from lorascale.numerics.backends import BACKEND_CHOICES, BACKENDS, CUDA_DRIVERS, DEVICE_CHOICES, Routes
+from lorascale.numerics.backends import BACKEND_CHOICES, BACKENDS, CUDA_DRIVERS, DEVICE_CHOICES
+from lorascale.optionspec import declare
 from lorascale.records import NamedReference
+from lorascale.settings import RunEnvironment
 
 Side = Literal["left", "right", "both"]
 SIDES: dict[str, tuple[str, ...]] = {"left": ("left",), "right": ("right",), "both": ("left", "right")}
@@ -87,8 +91,13 @@ class References:
 
     base: NamedReference
     tuned: tuple[NamedReference, ...]
-    no_pickle: bool = False  # refuse pickled .bin weights (read otherwise with torch's restricted loader)
-    scratch_dir: Path | None = None  # hub weight files go here instead of the hub cache, deleted once used
+    no_pickle: bool = field(default=False, metadata=declare(
+        "Refuse pickled .bin weights (read otherwise, only when a checkpoint has no safetensors, with torch's "
+        "restricted weights_only loader).", parse="flag"))
+    scratch_dir: Path | None = field(default=None, metadata=declare(
+        "Disk-light hub runs: download hub weight files here instead of the hub cache and delete each once its "
+        "matrices are done (files already in the hub cache are read there, never deleted).", commands=("run",),
+        parse="path", controls="manifest.json options.scratch_dir (not the run's identity)"))
 
     def __post_init__(self) -> None:
         _flag("no_pickle", self.no_pickle)
@@ -104,21 +113,28 @@ class References:
 class Selection:
     """Which base matrices are analysed, and how tuned names map onto the base's."""
 
-    include: tuple[str, ...] = ()  # globs on base tensor names; an include overrides the default exclusions
-    exclude: tuple[str, ...] = ()  # globs on base tensor names; win over everything
-    rename: tuple[str, ...] = ()  # FROM=TO regex rules applied in order to tuned names before matching
+    include: tuple[str, ...] = field(default=(), metadata=declare(
+        "Glob on base tensor names to analyse (repeatable).", parse="multiple", identity=True,
+        controls="which matrices get rows (manifest.json skipped)"))
+    exclude: tuple[str, ...] = field(default=(), metadata=declare(
+        "Glob on base tensor names to skip (repeatable).", parse="multiple", identity=True,
+        controls="which matrices get rows (manifest.json skipped)"))
+    rename: tuple[str, ...] = field(default=(), metadata=declare(
+        "Regex rewrite of tuned tensor names before matching them to the base's (repeatable, in order; "
+        "Python regex syntax matched by RE2 in linear time: no backreferences or lookarounds).",
+        parse="multiple", metavar="FROM=TO", identity=True, controls="which tuned tensor pairs with a base matrix"))
 
     def __post_init__(self) -> None:
         for name in ("include", "exclude", "rename"):
             object.__setattr__(self, name, _patterns(name, getattr(self, name)))
-        from lorascale.plan.names import parse_renames
+        from lorascale.plan.rename import parse_renames
 
         parse_renames(self.rename)  # refuse a bad rule now, before anything is read
 
     @property
     def rules(self):
-        """The parsed --rename rules (plan/names.py)."""
-        from lorascale.plan.names import parse_renames
+        """The parsed --rename rules (plan/rename.py)."""
+        from lorascale.plan.rename import parse_renames
 
         return parse_renames(self.rename)
 
@@ -127,12 +143,27 @@ class Selection:
 class Analysis:
     """What is computed for every matrix of the run (docs/METHOD.md)."""
 
-    k: int = 10  # top tuned singular vectors checked for intruders
-    epsilon: float = 0.5  # intruder threshold on max |cos|
-    side: Side = "left"  # singular vectors compared: left (output space, the paper's), right, or both
-    precision: Literal["fp32", "fp64"] = "fp32"  # arithmetic of the decompositions; weights are read as stored
-    mode: Literal["exact", "topk"] = "topk"  # topk: the top `top_k` tuned triplets, guarded; exact: all of them
-    top_k: int | None = None  # tuned triplets a topk run computes; None: DEFAULT_TOP_K, or k when larger
+    k: int = field(default=10, metadata=declare(
+        "Top tuned singular vectors checked for intruders.", identity=True,
+        controls="matrices.intruders, matrices.intruders_right, manifest.json options.k"))
+    epsilon: float = field(default=0.5, metadata=declare(
+        "Intruder threshold on max |cos|.", identity=True, controls="matrices.intruders, matrices.intruders_right"))
+    side: Side = field(default="left", metadata=declare(
+        "Singular vectors compared: left (output space, as in the paper), right, or both.", commands=("run",),
+        parse="choice", choices=tuple(SIDES), identity=True,
+        controls="spectra.side, similarity.side, matrices.intruders_right"))
+    precision: Literal["fp32", "fp64"] = field(default="fp32", metadata=declare(
+        "Arithmetic of the SVDs; weights are read as stored.  fp64 for ill-conditioned matrices.", parse="choice",
+        choices=PRECISIONS, identity=True, controls="every computed column"))
+    mode: Literal["exact", "topk"] = field(default="topk", metadata=declare(
+        "topk: the top --top-k tuned singular triplets by block Krylov iteration, each counted vector's angle "
+        "bounded a posteriori (the exact SVD where the bound fails).  exact: every tuned singular value and "
+        "vector (the full spectrum).", parse="choice", choices=MODES, identity=True,
+        controls="matrices.method, how many tuned rows spectra holds"))
+    top_k: int | None = field(default=None, metadata=declare(
+        f"Tuned singular triplets computed in --mode topk, at least --k (default {DEFAULT_TOP_K}, or --k when "
+        "larger); `lorascale summary --k` re-thresholds up to it.", parse="int>=1", identity=True,
+        controls="the tuned rows of spectra (topk mode)"))
 
     def __post_init__(self) -> None:
         check_k(self.k)
@@ -161,18 +192,35 @@ class Analysis:
 class Execution:
     """Where and how the matrices are decomposed, as asked for; execute/routes.py settles "auto"."""
 
-    device: str = "auto"  # auto, cpu, cuda or cuda:N
-    backend: str = "auto"  # a name of numerics/backends.BACKENDS, or auto (per-quantity routes)
-    driver: str | None = None  # cuSOLVER driver on CUDA (gesvd unless told); not a CLI option
-    cache_dir: Path | None = None  # base-SVD cache; None: settings.cache_dir() (Ray: each node's own)
-    use_cache: bool = True  # read and write the base-SVD cache
-    # bound on the cache's size in bytes (or "50GB", "500MiB"), least recently used entries evicted to keep
-    # under it; None: settings.cache_max_size().  Not the run's identity: a resume with another bound is the same run
-    cache_max_size: int | str | None = None
-    ray_address: str | None = None  # run on Ray (auto, ray://host:10001, host:port, local); None: RAY_ADDRESS
-    workers: int | None = None  # Ray workers; more than 1 starts a local Ray when no address is given
-    cpus_per_worker: float | None = None
-    gpus_per_worker: float | None = None
+    device: str = field(default="auto", metadata=declare(f"{DEVICE_CHOICES}.", controls="manifest.json device"))
+    backend: str = field(default="auto", metadata=declare(
+        "SVD backend: torch (LAPACK; cuSOLVER gesvd on CUDA), cupy (CUDA), or gram (float64 Gram-matrix "
+        "eigensolver, see benchmarks/README.md).  auto: torch on CUDA and at fp64; on a CPU at fp32 a table keyed "
+        "by the BLAS picks torch or gram per quantity (manifest.json \"routes\").", parse="choice",
+        choices=BACKEND_CHOICES, controls="manifest.json routes"))
+    driver: str | None = field(default=None, metadata=declare(
+        "cuSOLVER driver on CUDA (gesvd unless told).", commands=(), controls="manifest.json options.driver"))
+    cache_dir: Path | None = field(default=None, metadata=declare(
+        "Cache of base SVDs, reused across runs (default: $LORASCALE_CACHE_DIR or ~/.cache/lorascale).",
+        parse="path", controls="the base-SVD cache read and written"))  # None: RunRequest.cache_dir
+    use_cache: bool = field(default=True, metadata=declare(
+        "Neither read nor write the base-SVD cache.", flag="--no-cache", parse="flag", false_flag=True))
+    # None: the environment's (LORASCALE_CACHE_MAX_SIZE, else settings.DEFAULT_CACHE_MAX_SIZE); not the run's identity
+    cache_max_size: int | str | None = field(default=None, metadata=declare(
+        "Bound on the base-SVD cache (50GB, 500MiB, bytes); least recently used entries are evicted to stay under "
+        "it (default: $LORASCALE_CACHE_MAX_SIZE, else 50GB).  See `lorascale cache` and docs/CACHE.md.",
+        metavar="SIZE", controls="the base-SVD cache's size"))
+    ray_address: str | None = field(default=None, metadata=declare(
+        "Run on Ray: auto, ray://host:10001, host:port, or local (default: $RAY_ADDRESS; else in-process).",
+        controls="manifest.json execution"))
+    workers: int | None = field(default=None, metadata=declare(
+        "Ray workers (more than 1 starts a local Ray when no address is given). Default: one per GPU of the "
+        "cluster, else its CPUs / --cpus-per-worker.", parse="int>=1", controls="manifest.json execution"))
+    cpus_per_worker: float | None = field(default=None, metadata=declare(
+        "CPUs (and torch threads) per Ray worker.", parse="number>0", controls="manifest.json execution"))
+    gpus_per_worker: float | None = field(default=None, metadata=declare(
+        "GPUs per Ray worker (default 1 when the cluster has GPUs; 0.5 shares a GPU by two).", parse="number>=0",
+        controls="manifest.json execution"))
 
     def __post_init__(self) -> None:
         if not isinstance(self.device, str) or not _DEVICE.fullmatch(self.device):
@@ -208,28 +256,22 @@ class Execution:
         if self.device == "cpu" and self.gpus_per_worker:
             raise OptionError(f"{option('device', 'cpu')} contradicts {option('gpus_per_worker')}", fix="drop one")
 
-    @property
-    def wants_ray(self) -> bool:
-        """Ray runs the job when an address is given (here or as RAY_ADDRESS) or more than one worker."""
-        return self.address is not None or (self.workers or 1) > 1
-
-    @property
-    def address(self) -> str | None:
-        """The Ray address: as given, else RAY_ADDRESS (settings.py)."""
-        from lorascale import settings
-
-        return self.ray_address or settings.ray_address()
-
 
 @dataclass(frozen=True)
 class Output:
     """Where the tables go, and what happens to a run already there."""
 
     out: Path
-    overwrite: bool = False  # replace a different earlier run (only what lorascale wrote)
-    resume: bool = False  # require an earlier run and continue it
-    report: bool = False  # also write out/report/ (figures and index.html)
-    series: bool | None = None  # draw the tuned models as a checkpoint series in the report (None: decide)
+    overwrite: bool = field(default=False, metadata=declare("Replace a different earlier run in --out.", parse="flag"))
+    resume: bool = field(default=False, metadata=declare(
+        "Require an earlier run in --out and continue it.", parse="flag"))
+    report: bool = field(default=False, metadata=declare(
+        "Also write RESULTS/report/ (figures + index.html).", commands=("run",), parse="flag",
+        controls="out/report/"))
+    series: bool | None = field(default=None, metadata=declare(
+        "Draw the tuned models as a checkpoint series in the --report (default: only when their names are "
+        "checkpoints of one run, e.g. run/checkpoint-200 or org/name@step1000).", commands=("run",), parse="flag",
+        off_flag="--no-series", controls="out/report/ (the checkpoint-series figure)"))
 
     def __post_init__(self) -> None:
         if not isinstance(self.out, (str, os.PathLike)) or not str(self.out):
@@ -247,8 +289,14 @@ class Mitigation:
     """How `lorascale mitigate` rewrites an adapter (docs/METHOD.md section 10): W' = W + (lambda - 1) times
     W's intruder components, written back as LoRA factors."""
 
-    mitigation_lambda: float = 0.75  # what is kept of each intruder component: 0 removes it, 1 keeps it
-    rank: str = "r+intruders"  # r+intruders: dW' exactly; r: truncated to the adapter's rank (peft); auto
+    mitigation_lambda: float = field(default=0.75, metadata=declare(
+        "What is kept of each intruder component of W: 0 removes it, 1 keeps it.", commands=("mitigate",),
+        flag="--lambda", identity=True, controls="out/adapter/, mitigation.intruders_after"))
+    rank: str = field(default="r+intruders", metadata=declare(
+        "Rank of the written factors: r+intruders keeps dW' exactly (rank_pattern per module); r keeps the "
+        "adapter's rank (as peft's reduce_intruder_dimension: dW' truncated); auto dW''s numerical rank.",
+        commands=("mitigate",), parse="choice", choices=RANK_MODES, identity=True,
+        controls="out/adapter/, mitigation.rank_after"))
 
     def __post_init__(self) -> None:
         value = self.mitigation_lambda
@@ -268,14 +316,16 @@ class RunRequest:
     execution: Execution = field(default_factory=Execution)
     output: Output | None = None
     mitigation: Mitigation | None = None  # set: `lorascale mitigate` (one adapter, rewritten)
+    # What the environment says (the cache, RAY_ADDRESS), read at the edge: settings.run_environment().
+    environment: RunEnvironment = field(default_factory=RunEnvironment)
 
     def __post_init__(self) -> None:
         if self.mitigation is not None:
             self._check_mitigation()
-        if self.references.scratch_dir is not None and self.execution.wants_ray:
+        if self.references.scratch_dir is not None and self.wants_ray:
             raise OptionError(f"{option('scratch_dir')} applies to in-process runs: Ray workers fetch hub files "
                               "into their own node's hub cache", fix=f"drop {option('scratch_dir')}, or run in-process")
-        if not self.execution.wants_ray and (self.execution.cpus_per_worker is not None
+        if not self.wants_ray and (self.execution.cpus_per_worker is not None
                                              or self.execution.gpus_per_worker is not None):
             raise OptionError(f"{option('cpus_per_worker')} / {option('gpus_per_worker')} apply to Ray workers, "
                               "and this run is in-process",
@@ -292,120 +342,30 @@ class RunRequest:
             raise OptionError(f"{option('scratch_dir')} deletes the downloaded adapter, which mitigation copies into "
                               "the output", fix=f"drop {option('scratch_dir')}")
 
-    def manifest_options(self) -> dict[str, Any]:
-        """The manifest's `options`: the request as a run records it (and a rerun must match, for the keys
-        store/run_directory.py compares).  `rename` only when given, so runs written before it keep their
-        identity; `top_k` only in topk mode; `cache_dir` as the run resolved it (None: no cache)."""
-        analysis, selection, execution = self.analysis, self.selection, self.execution
-        options: dict[str, Any] = {
-            "k": analysis.k, "epsilon": analysis.epsilon, "side": analysis.side, "precision": analysis.precision,
-            "include": list(selection.include), "exclude": list(selection.exclude)}
-        if selection.rename:
-            options["rename"] = list(selection.rename)
-        options.update({"driver": execution.driver, "backend": execution.backend, "mode": analysis.mode,
-                        "top_k": analysis.top_vectors if analysis.mode == "topk" else None,
-                        "cache_dir": str(self.cache_dir) if self.cache_dir is not None else None})
-        if self.references.scratch_dir is not None:
-            options["scratch_dir"] = str(self.references.scratch_dir)  # where files went; not the run's identity
-        if self.mitigation is not None:
-            options.update(mitigation_lambda=self.mitigation.mitigation_lambda, rank=self.mitigation.rank)
-        return options
-
     @property
     def cache_dir(self) -> Path | None:
-        """The base-SVD cache this run reads and writes: the one given, else settings.cache_dir(); None with
+        """The base-SVD cache this run reads and writes: the one given, else the environment's; None with
         use_cache=False."""
-        from lorascale import settings
-
         if not self.execution.use_cache:
             return None
-        return self.execution.cache_dir or settings.cache_dir()
+        return self.execution.cache_dir or self.environment.cache_dir
 
     @property
     def cache_max_size(self) -> int | None:
-        """The bound on the base-SVD cache, in bytes: the one given, else settings.cache_max_size()."""
-        from lorascale import settings
-
+        """The bound on the base-SVD cache, in bytes: the one given, else the environment's."""
         given = self.execution.cache_max_size
-        return int(given) if given is not None else settings.cache_max_size()
+        return int(given) if given is not None else self.environment.cache_max_size
 
-    def keywords(self) -> dict[str, Any]:
-        """Every option that differs from its default, by field name: base, tuned and out first, then the
-        analysis, selection, execution, references and output records in field order.  What reproduces
-        this request through build_request(), and what a recorded command shows."""
-        given: dict[str, Any] = {"base": _labelled(self.references.base),
-                                 "tuned": [_labelled(t) for t in self.references.tuned]}
-        if self.output is not None:
-            given["out"] = str(self.output.out)
-        for record in (self.mitigation, self.analysis, self.selection, self.execution, self.references,
-                       self.output):
-            if record is None:
-                continue
-            for f in fields(record):
-                if f.name in ("base", "tuned", "out"):
-                    continue
-                value = getattr(record, f.name)
-                default = f.default_factory() if f.default_factory is not MISSING else f.default
-                if value != default:
-                    given[f.name] = list(value) if isinstance(value, tuple) else (
-                        str(value) if isinstance(value, Path) else value)
-        return given
+    @property
+    def ray_address(self) -> str | None:
+        """The Ray address: as given, else the environment's (RAY_ADDRESS)."""
+        return self.execution.ray_address or self.environment.ray_address
 
+    @property
+    def wants_ray(self) -> bool:
+        """Ray runs the job when an address is given (here or as RAY_ADDRESS) or more than one worker."""
+        return self.ray_address is not None or (self.execution.workers or 1) > 1
 
-def python_command(request: RunRequest) -> str:
-    """How a manifest records a run started from Python: `lorascale.compare(base='...', tuned=[...],
-    out='...', k=20)`, with every option that differs from its default (RunRequest.keywords), a Ray address
-    without its credentials."""
-    given = request.keywords()
-    if "ray_address" in given:
-        given["ray_address"] = public_address(given["ray_address"])
-    return f"lorascale.compare({', '.join(f'{name}={value!r}' for name, value in given.items())})"
-
-
-def public_address(address: str | None) -> str | None:
-    """The address without user, password, query or fragment: safe for manifests and messages.
-
-    >>> public_address("ray://me:s3cret@head:10001/?token=x")
-    'ray://head:10001/'
-    """
-    if not address or "://" not in address:
-        return address
-    parts = urlsplit(address)
-    return f"{parts.scheme}://{parts.hostname or ''}{f':{parts.port}' if parts.port else ''}{parts.path}"
-
-
-@dataclass(frozen=True)
-class JobOptions:
-    """What every matrix job of a run is computed with, as it travels from the driver to the workers: the
-    analysis, and where and how.  `device`, `backend` and `driver` are as asked until execute/routes.resolve()
-    settles them on the machine that computes; `routes` once settled there, or pinned for the whole run (by a
-    Ray driver, or from a resumed run's manifest); `cache_dir` the base-SVD cache (None: none)."""
-
-    analysis: Analysis = field(default_factory=Analysis)
-    device: str = "cpu"
-    backend: str = "torch"
-    driver: str | None = None
-    routes: Routes | None = None
-    cache_dir: str | None = None
-    mitigation: Mitigation | None = None  # set: each job also rewrites its adapter's factors
-    cache_max_size: int | None = None  # bytes the base-SVD cache may hold (None: no bound)
-    # one per run (job_options): the workers' cache object is per run, so a run protects the entries it wrote
-    # from its own eviction and warns about the cache at most once
-    cache_run: str | None = None
-
-
-def job_options(request: RunRequest, *, routes: Routes | None = None) -> JobOptions:
-    """The JobOptions of `request` as asked for; `routes`: CPU routes a resumed run keeps."""
-    execution = request.execution
-    cache = request.cache_dir
-    return JobOptions(analysis=request.analysis, device=execution.device, backend=execution.backend,
-                      driver=execution.driver, routes=routes, cache_dir=str(cache) if cache is not None else None,
-                      mitigation=request.mitigation, cache_max_size=request.cache_max_size if cache else None,
-                      cache_run=uuid.uuid4().hex if cache is not None else None)
-
-
-def _labelled(reference: NamedReference) -> str:
-    return f"{reference.label}={reference.reference}" if reference.explicit else reference.reference
 
 
 def _flag(name: str, value: object) -> None:
@@ -413,17 +373,20 @@ def _flag(name: str, value: object) -> None:
         raise OptionError(f"{option(name)} must be True or False, got {value!r}")
 
 
-_RECORDS = {"references": References, "selection": Selection, "analysis": Analysis, "execution": Execution,
-            "output": Output, "mitigation": Mitigation}
-KEYWORDS: dict[str, str] = {f.name: record for record, cls in _RECORDS.items() for f in fields(cls)
+# The sub-records by RunRequest field name: their declared fields are the options (optionspec.declared).
+RECORDS = {"references": References, "selection": Selection, "analysis": Analysis, "execution": Execution,
+           "output": Output, "mitigation": Mitigation}
+KEYWORDS: dict[str, str] = {f.name: record for record, cls in RECORDS.items() for f in fields(cls)
                             if f.name not in ("base", "tuned", "out")}
 
 
 def build_request(base: str | Mapping[str, str], tuned: str | Sequence[str] | Mapping[str, str],
-                  out: str | os.PathLike | None = None, *, mitigate: bool = False, **options: Any) -> RunRequest:
+                  out: str | os.PathLike | None = None, *, mitigate: bool = False,
+                  environment: RunEnvironment | None = None, **options: Any) -> RunRequest:
     """The RunRequest for `lorascale.compare(base, tuned, out, **options)` (or, with `mitigate=True`,
     `lorascale.mitigate(base, adapter, out, **options)`): every keyword is a field of one sub-record; an
-    unknown one is an OptionError listing the known ones.  `out=None`: a dry run's request.
+    unknown one is an OptionError listing the known ones.  `out=None`: a dry run's request.  `environment`:
+    what the edge read (settings.run_environment()); None: nothing (no default cache, no RAY_ADDRESS).
 
     >>> build_request("org/base", "lora=org/adapter", "results", k=20).analysis.k
     20
@@ -432,7 +395,7 @@ def build_request(base: str | Mapping[str, str], tuned: str | Sequence[str] | Ma
     unknown = sorted(set(options) - set(known))
     if unknown:
         raise OptionError(f"unexpected keyword argument {unknown[0]!r}", fix=f"keywords: {', '.join(known)}")
-    grouped: dict[str, dict[str, Any]] = {record: {} for record in _RECORDS}
+    grouped: dict[str, dict[str, Any]] = {record: {} for record in RECORDS}
     for name, value in options.items():
         grouped[KEYWORDS[name]][name] = value
     base_name, tuned_names = name_references(_reference(base, "base"), _reference(tuned, "tuned"))
@@ -443,7 +406,8 @@ def build_request(base: str | Mapping[str, str], tuned: str | Sequence[str] | Ma
                           fix=f"pass {option('out')}")
     return RunRequest(references=references, selection=Selection(**grouped["selection"]),
                       analysis=Analysis(**grouped["analysis"]), execution=Execution(**grouped["execution"]),
-                      output=output, mitigation=Mitigation(**grouped["mitigation"]) if mitigate else None)
+                      output=output, mitigation=Mitigation(**grouped["mitigation"]) if mitigate else None,
+                      environment=environment or RunEnvironment())
 
 
 def _reference(given: Any, role: str) -> Any:

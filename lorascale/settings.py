@@ -118,3 +118,18 @@ def progress_seconds() -> float:
 def ray_address() -> str | None:
     """RAY_ADDRESS, as Ray users expect."""
     return _env("RAY_ADDRESS")
+
+
+@dataclass(frozen=True)
+class RunEnvironment:
+    """The environment's part in a run request, read once at the edge (the CLI, the Python API) and carried by the
+    request (request.RunRequest.environment), so that nothing below the edge reads the environment for a run."""
+
+    cache_dir: Path | None = None  # the base-SVD cache when none is given (cache_dir()); None: no cache
+    ray_address: str | None = None  # the Ray address when none is given (RAY_ADDRESS)
+    cache_max_size: int | None = DEFAULT_CACHE_MAX_SIZE  # the cache's bound when none is given (cache_max_size())
+
+
+def run_environment() -> RunEnvironment:
+    """The environment of a run started now: cache_dir(), ray_address() and cache_max_size()."""
+    return RunEnvironment(cache_dir=cache_dir(), ray_address=ray_address(), cache_max_size=cache_max_size())

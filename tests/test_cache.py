@@ -16,7 +16,7 @@ from safetensors.torch import save
 
 import oracle
 from lorascale.store.svd_cache import BaseSpectrumCache, compact
-from lorascale.execute import worker
+from lorascale.analyses import compare as worker
 from lorascale.numerics.compare import BaseSpectrum, base_spectrum
 from runs import compare
 from lorascale.records import TensorEntry

@@ -27,7 +27,7 @@ from lorascale.numerics.merge import dora_merge
 from runs import compare
 from lorascale.records import AdapterSettings, TensorEntry
 from lorascale.store.schema import MANIFEST, MATRICES, SPECTRA
-from test_formats import C, K, UNIT, Full, OracleMatrix, by_key, check_run, intruder_bounds, read_table, safe_epsilon
+from test_formats import C, K, UNIT, OracleMatrix, by_key, check_run, intruder_bounds, read_table, safe_epsilon
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -132,6 +132,8 @@ def _rewrite_header(shard: Path, edit) -> None:
     (lambda h: h.rstrip()[:-1] + b', "' + Q_PROJ.encode() + b'": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}',
      f"key {Q_PROJ!r} twice"),
     (lambda h: h.rstrip()[:-1] + b', "x": ' + b"[" * 50_000 + b"]" * 50_000 + b"}", "nested too deeply"),
+    # A megabyte-long tensor name: refused at header parse, before any --rename/--include pattern meets it.
+    (lambda h: h.replace(Q_PROJ.encode(), b"model." + b"a." * 500_000 + b"weight"), "longer than the 1024 bytes"),
 ])
 def test_hostile_header(llama, tmp_path, edit, words):
     tuned = checkpoints.copy_checkpoint(llama.tuned["fp32"], tmp_path / "tuned")
@@ -152,6 +154,32 @@ def test_hostile_hub_reference(llama, tmp_path, reference, words):
     line = assert_one_line_error(done, 2, words)
     assert "\x1b" not in done.stderr and "hf_secretTOKEN123" not in done.stderr + line
     assert not (tmp_path / "hub-cache").exists() and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("rule, words", [
+    ("a{4294967296}=x", "OverflowError"),  # was exit 70, "internal error"
+    ("(" * 1500 + "a" + ")" * 1500 + "=x", "RecursionError"),  # likewise
+    ("a{1001}=x", "does not compile as an RE2 pattern"),  # RE2's own refusal: it must not print a log line
+    (r"(\w+)\1=x", "a backreference"),
+])
+def test_a_rename_that_does_not_compile_is_exit_2(llama, tmp_path, rule, words):
+    done = run(run_args(llama.base["fp32"], [llama.tuned["fp32"]], tmp_path / "out", "--rename", rule), tmp_path)
+    assert_one_line_error(done, 2, "--rename", words)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_nested_quantifier_over_long_tensor_names_finishes(llama, tmp_path):
+    r"""`(a+)+$` and `^(.+\.)+q_proj\.weight$` (replaced by the whole match: names unchanged) over a name of
+    1,000 bytes: Python's re never finished (run()'s subprocess timeout fails the test); RE2 is linear."""
+    tuned = checkpoints.copy_checkpoint(llama.tuned["fp32"], tmp_path / "tuned")
+    shard = shard_of(tuned, "model.norm.weight")
+    long_name = "a." * 480 + "q_projXweight" + "a" * 20
+    _rewrite_header(shard, lambda h: h.replace(b"model.norm.weight", long_name.encode()))
+    (tuned / "model.safetensors.index.json").write_text(
+        (tuned / "model.safetensors.index.json").read_text().replace("model.norm.weight", long_name))
+    done = run(run_args(llama.base["fp32"], [tuned], tmp_path / "out", "--rename", "(a+)+$=x", "--rename",
+                        r"^(.+\.)+q_proj\.weight$=\g<0>", "--quiet", "--include", Q_PROJ), tmp_path)
+    assert done.returncode == 0, done.stderr
 
 
 def _nan_alpha(llama, tmp: Path) -> tuple[list[str], Path, str]:

@@ -305,7 +305,7 @@ def test_cli_mitigate_rerun_overwrite_and_refusals(llama, tmp_path):
 
 def test_failed_mitigation_leaves_no_adapter_and_resumes(llama, tmp_path, monkeypatch):
     """A run that fails part-way serves no adapter; --resume finishes it and the result equals a clean run."""
-    import lorascale.execute.mitigation as job
+    import lorascale.analyses.mitigate as job
 
     base, adapter = llama.base["fp32"], llama.lora.path
     real, calls = job.mitigate_update, []

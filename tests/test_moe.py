@@ -21,7 +21,7 @@ from lorascale.errors import MismatchError, UnsupportedAdapterError
 from lorascale.io.moe_layouts import SAVED_EXPERT_LAYOUTS
 from runs import compare
 from lorascale.store.schema import MATRICES, SIMILARITY, SPECTRA
-from test_formats import Full, OracleMatrix, by_key, check_run, read_table, safe_epsilon
+from test_formats import OracleMatrix, by_key, check_run, read_table, safe_epsilon
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 R = 2
@@ -177,14 +177,14 @@ def test_fused_gpt_oss_full_and_expert_adapter_match_oracle(tmp_path):
             merged = _units(name, peft_merged[name])[expert or 0][2]
             if not np.array_equal(merged, w0_unit):  # adapted by the LoRA (q_proj and the experts)
                 expected[str(tmp_path / "lora"), unit] = OracleMatrix(w0_unit, merged, None, "lora")
-    for key, matrix in expected.items():
+    for matrix in expected.values():
         matrix.delta = matrix.w - matrix.w0
     lora_units = {unit for (model, unit) in expected if model == str(tmp_path / "lora")}
     assert lora_units == {"model.layers.0.self_attn.q_proj.weight",
                           *(f"model.layers.0.mlp.experts.{p}[{e}]" for p in ("gate_up_proj", "down_proj")
                             for e in range(3))}
     # peft merged in fp32: drop its round-off from the oracle's delta by rebuilding the LoRA delta at rank R.
-    for (model, unit), matrix in expected.items():
+    for (_model, unit), matrix in expected.items():
         if matrix.update == "lora":
             u, s, vt = np.linalg.svd(matrix.delta, full_matrices=False)
             assert s[R] < 1e-5 * s[0], f"{unit}: peft's merge is not a rank-{R} update"
@@ -197,7 +197,7 @@ def test_fused_gpt_oss_full_and_expert_adapter_match_oracle(tmp_path):
     check_run(out, str(base), expected, epsilon=epsilon, strict_intruders=True)
 
     rows = by_key(read_table(out, MATRICES), "model", "matrix")
-    for (model, unit), (row,) in rows.items():
+    for (_model, unit), (row,) in rows.items():
         assert row["expert"] == experts_seen[unit]
         if experts_seen[unit] is not None:
             assert (row["layer"], row["module"]) == (0, unit.split(".")[-1].split("[")[0])

@@ -185,7 +185,7 @@ def test_the_default_run_is_topk_with_exact_counts_and_top_k_rows(clear_and_flat
     base, tuned = clear_and_flat
     common = {"use_cache": False, "device": "cpu"}
     exact = compare(base, [tuned], tmp_path / "exact", mode="exact", **common)
-    with caplog.at_level(logging.INFO, logger="lorascale.execute.worker"):
+    with caplog.at_level(logging.INFO, logger="lorascale.analyses.compare"):
         top = compare(base, [tuned], tmp_path / "topk", top_k=TOP_K, **common)  # topk: the default mode
     # The documented record of a fallback: exactly one, for the flat matrix.
     fallbacks = [r.getMessage() for r in caplog.records if "guard failed" in r.getMessage()]

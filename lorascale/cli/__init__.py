@@ -14,14 +14,14 @@ from typing import Any
 
 import click
 
-from lorascale import __version__, settings
-from lorascale.cli.flags import command_line, message
+from lorascale import settings
+from lorascale.cli.flags import FLAGS, OPTIONS, command_line, flag_of, message
 from lorascale.cli.progress import Progress
 from lorascale.errors import LorascaleError
-from lorascale.numerics.backends import BACKEND_CHOICES, DEVICE_CHOICES
-from lorascale.request import DEFAULT_TOP_K, MODES, PRECISIONS, RANK_MODES, SIDES, Analysis, Mitigation
+from lorascale.optionspec import OptionSpec, declared, default_of
+from lorascale.request import RECORDS
+from lorascale.version import __version__
 
-_ANALYSIS, _MITIGATION = Analysis(), Mitigation()  # the defaults, written once (request.py)
 
 
 class Terminated(KeyboardInterrupt):
@@ -126,81 +126,76 @@ def _print_summary(out: Path) -> None:
     click.echo(format_summary(summary_rows(out), "table"))
 
 
-_COMMON_OPTIONS = [
-    click.option("--k", default=_ANALYSIS.k, show_default=True, help="Top tuned singular vectors checked for intruders."),
-    click.option("--epsilon", default=_ANALYSIS.epsilon, show_default=True, help="Intruder threshold on max |cos|."),
-    click.option("--precision", type=click.Choice(PRECISIONS), default=_ANALYSIS.precision, show_default=True,
-                  help="Arithmetic of the SVDs; weights are read as stored.  fp64 for ill-conditioned matrices."),
-    click.option("--device", default="auto", show_default=True, help=f"{DEVICE_CHOICES}."),
-    click.option("--backend", type=click.Choice(BACKEND_CHOICES), default="auto", show_default=True,
-                  help="SVD backend: torch (LAPACK; cuSOLVER gesvd on CUDA), cupy (CUDA), or gram (float64 "
-                       "Gram-matrix eigensolver, see benchmarks/README.md).  auto: torch on CUDA and at fp64; on a "
-                       "CPU at fp32 a table keyed by the BLAS picks torch or gram per quantity (manifest.json "
-                       "\"routes\")."),
-    click.option("--mode", type=click.Choice(MODES), default=_ANALYSIS.mode, show_default=True,
-                  help="topk: the top --top-k tuned singular triplets by block Krylov iteration, each counted vector's "
-                       "angle bounded a posteriori (the exact SVD where the bound fails).  exact: every tuned singular "
-                       "value and vector (the full spectrum)."),
-    click.option("--top-k", "top_k", type=click.IntRange(min=1), default=None,
-                  help=f"Tuned singular triplets computed in --mode topk, at least --k (default {DEFAULT_TOP_K}, or --k when "
-                       "larger); `lorascale summary --k` re-thresholds up to it."),
-    click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
-                  help="Cache of base SVDs, reused across runs (default: $LORASCALE_CACHE_DIR or ~/.cache/lorascale)."),
-    click.option("--no-cache", "use_cache", flag_value=False, default=True,
-                  help="Neither read nor write the base-SVD cache."),
-    click.option("--cache-max-size", default=None, metavar="SIZE",
-                  help="Bound on the base-SVD cache (50GB, 500MiB, bytes); least recently used entries are evicted "
-                       "to stay under it (default: $LORASCALE_CACHE_MAX_SIZE, else 50GB).  See `lorascale cache`."),
-    click.option("--no-pickle", is_flag=True,
-                  help="Refuse pickled .bin weights (read otherwise, only when a checkpoint has no safetensors, "
-                       "with torch's restricted weights_only loader)."),
-    click.option("--include", multiple=True, help="Glob on base tensor names to analyse (repeatable)."),
-    click.option("--exclude", multiple=True, help="Glob on base tensor names to skip (repeatable)."),
-    click.option("--rename", multiple=True, metavar="FROM=TO",
-                  help="Regex rewrite of tuned tensor names before matching them to the base's (repeatable, in order)."),
-    click.option("--overwrite", is_flag=True, help="Replace a different earlier run in --out."),
-    click.option("--resume", is_flag=True, help="Require an earlier run in --out and continue it."),
-    click.option("--quiet", is_flag=True, help="No progress or stage lines on stderr; warnings and errors still show."),
-    click.option("--ray-address", default=None,
-                  help="Run on Ray: auto, ray://host:10001, host:port, or local (default: $RAY_ADDRESS; else in-process)."),
-    click.option("--workers", type=click.IntRange(min=1), default=None,
-                  help="Ray workers (more than 1 starts a local Ray when no address is given). "
-                       "Default: one per GPU of the cluster, else its CPUs / --cpus-per-worker."),
-    click.option("--cpus-per-worker", type=click.FloatRange(min=0, min_open=True), default=None,
-                  help="CPUs (and torch threads) per Ray worker."),
-    click.option("--gpus-per-worker", type=click.FloatRange(min=0), default=None,
-                  help="GPUs per Ray worker (default 1 when the cluster has GPUs; 0.5 shares a GPU by two)."),
-]
+# Options that are not request options (request.py declares those once; _options() makes them click options).
+_QUIET = click.option("--quiet", is_flag=True, help="No progress or stage lines on stderr; warnings and errors still show.")
+_REFERENCES = {
+    "run": {
+        "base": click.option("--base", required=True, metavar="REF",
+                             help="Base checkpoint: directory, .safetensors or .bin file, or org/name[@rev]; NAME=REF "
+                                  "labels it."),
+        "tuned": click.option("--tuned", "tuned", multiple=True, required=True, metavar="REF",
+                              help="A fine-tune of --base, full or LoRA adapter, as for --base; repeatable.  NAME=REF "
+                                   "labels it in tables, legends and the summary: NAME is letters, digits, _ . + -, "
+                                   "and the text is split on its first '=' only when it is not an existing path."),
+        "out": click.option("--out", type=click.Path(path_type=Path), required=True, metavar="DIR",
+                            help="Results directory."),
+        "dry_run": click.option("--dry-run", is_flag=True,
+                                help="Resolve, read headers, match names and print the plan: matrices per model, "
+                                     "tensors not analysed and why, bytes to read, estimated SVD time.  Nothing is "
+                                     "computed or written."),
+    },
+    "mitigate": {
+        "base": click.option("--base", required=True, metavar="REF",
+                             help="The base checkpoint the adapter was trained on (as for run)."),
+        "tuned": click.option("--adapter", "tuned", required=True, metavar="REF",
+                              help="The PEFT LoRA adapter to mitigate: directory, adapter file, or org/name[@rev]."),
+        "out": click.option("--out", type=click.Path(path_type=Path), required=True, metavar="DIR",
+                            help="Output: DIR/adapter (the mitigated adapter), DIR/mitigation (what was done), and the "
+                                 "tables."),
+    },
+}
+_TYPES = {"choice": None, "path": click.Path(path_type=Path), "int>=1": click.IntRange(min=1),
+          "number>0": click.FloatRange(min=0, min_open=True), "number>=0": click.FloatRange(min=0)}
 
 
-def _common_options(command: Any) -> Any:
-    """The options `run` and `mitigate` share (the analysis, execution and output ones), in help order."""
-    for option_ in reversed(_COMMON_OPTIONS):
-        command = option_(command)
-    return command
+def _click_option(name: str, spec: OptionSpec, default: Any) -> Any:
+    """The click option of a declared request option (optionspec.OptionSpec.parse says how it is parsed)."""
+    flag = flag_of(name, spec)
+    if spec.parse == "flag":
+        if spec.false_flag:
+            return click.option(flag, name, flag_value=False, default=True, help=spec.help)
+        if spec.off_flag:
+            return click.option(f"{flag}/{spec.off_flag}", name, default=None, help=spec.help)
+        return click.option(flag, name, is_flag=True, help=spec.help)
+    extra: dict[str, Any] = {"metavar": spec.metavar} if spec.metavar else {}
+    if spec.parse == "multiple":
+        return click.option(flag, name, multiple=True, help=spec.help, **extra)
+    if spec.parse == "choice":
+        extra["type"] = click.Choice(list(spec.choices))
+    elif spec.parse in _TYPES:
+        extra["type"] = _TYPES[spec.parse]
+    return click.option(flag, name, default=default, show_default=default is not None, help=spec.help, **extra)
+
+
+def _options(command: str) -> Any:
+    """Every option of `command`: its references, then the request options that it takes, in FLAGS order, then
+    --quiet.  A request option declared in request.py appears here without another edit."""
+    defaults = {f.name: default_of(f) for _, f, _ in declared(RECORDS)}
+    own = _REFERENCES[command]
+    decorators = [own[name] if name in own else _click_option(name, OPTIONS[name], defaults[name])
+                  for name in FLAGS if name in own or (name in OPTIONS and command in OPTIONS[name].commands)]
+    decorators.append(_QUIET)
+
+    def apply(function: Any) -> Any:
+        for decorator in reversed(decorators):
+            function = decorator(function)
+        return function
+
+    return apply
 
 
 @main.command()
-@click.option("--base", required=True, metavar="REF",
-              help="Base checkpoint: directory, .safetensors or .bin file, or org/name[@rev]; NAME=REF labels it.")
-@click.option("--tuned", "tuned", multiple=True, required=True, metavar="REF",
-              help="A fine-tune of --base, full or LoRA adapter, as for --base; repeatable.  NAME=REF labels it in "
-                   "tables, legends and the summary: NAME is letters, digits, _ . + -, and the text is split on "
-                   "its first '=' only when it is not an existing path.")
-@click.option("--out", type=click.Path(path_type=Path), required=True, metavar="DIR", help="Results directory.")
-@click.option("--side", type=click.Choice(list(SIDES)), default=_ANALYSIS.side, show_default=True,
-              help="Singular vectors compared: left (output space, as in the paper), right, or both.")
-@click.option("--scratch-dir", type=click.Path(path_type=Path), default=None,
-              help="Disk-light hub runs: download hub weight files here instead of the hub cache and delete each "
-                   "once its matrices are done (files already in the hub cache are read there, never deleted).")
-@click.option("--report", is_flag=True, help="Also write RESULTS/report/ (figures + index.html).")
-@click.option("--series/--no-series", "series", default=None,
-              help="Draw the tuned models as a checkpoint series in the --report (default: only when their names "
-                   "are checkpoints of one run, e.g. run/checkpoint-200 or org/name@step1000).")
-@click.option("--dry-run", is_flag=True,
-              help="Resolve, read headers, match names and print the plan: matrices per model, tensors not "
-                   "analysed and why, bytes to read, estimated SVD time.  Nothing is computed or written.")
-@_common_options
+@_options("run")
 def run(quiet: bool, dry_run: bool, **options: Any) -> None:
     """Compare the --base checkpoint with each --tuned checkpoint and write Parquet tables to --out.
 
@@ -210,7 +205,8 @@ def run(quiet: bool, dry_run: bool, **options: Any) -> None:
     from lorascale.pipeline import compare, plan_run
     from lorascale.request import build_request
 
-    request = build_request(options.pop("base"), list(options.pop("tuned")), options.pop("out"), **options)
+    request = build_request(options.pop("base"), list(options.pop("tuned")), options.pop("out"),
+                            environment=settings.run_environment(), **options)
     if not settings.debug():  # huggingface_hub's retry warnings would break the one-line error (progress shows it)
         from huggingface_hub.utils import logging as hub_logging
 
@@ -246,19 +242,7 @@ def run(quiet: bool, dry_run: bool, **options: Any) -> None:
 
 
 @main.command()
-@click.option("--base", required=True, metavar="REF",
-              help="The base checkpoint the adapter was trained on (as for run).")
-@click.option("--adapter", "tuned", required=True, metavar="REF",
-              help="The PEFT LoRA adapter to mitigate: directory, adapter file, or org/name[@rev].")
-@click.option("--out", type=click.Path(path_type=Path), required=True, metavar="DIR",
-              help="Output: DIR/adapter (the mitigated adapter), DIR/mitigation (what was done), and the tables.")
-@click.option("--lambda", "mitigation_lambda", type=float, default=_MITIGATION.mitigation_lambda, show_default=True,
-              help="What is kept of each intruder component of W: 0 removes it, 1 keeps it.")
-@click.option("--rank", type=click.Choice(RANK_MODES), default=_MITIGATION.rank, show_default=True,
-              help="Rank of the written factors: r+intruders keeps dW' exactly (rank_pattern per module); r keeps "
-                   "the adapter's rank (as peft's reduce_intruder_dimension: dW' truncated); auto dW''s numerical "
-                   "rank.")
-@_common_options
+@_options("mitigate")
 def mitigate(quiet: bool, **options: Any) -> None:
     """Scale down the intruder dimensions of a LoRA adapter and write the result as a PEFT adapter.
 
@@ -270,7 +254,8 @@ def mitigate(quiet: bool, **options: Any) -> None:
     from lorascale.report.mitigation import format_mitigation, mitigation_summary
     from lorascale.request import build_request
 
-    request = build_request(options.pop("base"), options.pop("tuned"), options.pop("out"), mitigate=True, **options)
+    request = build_request(options.pop("base"), options.pop("tuned"), options.pop("out"), mitigate=True,
+                            environment=settings.run_environment(), **options)
     if not settings.debug():
         from huggingface_hub.utils import logging as hub_logging
 
@@ -319,7 +304,8 @@ def demo(out: Path, quiet: bool) -> None:
     from lorascale.request import build_request
 
     paths = build_checkpoints(out / "checkpoints")
-    request = build_request(paths["base"], [paths["full"], paths["lora"]], out / "results", overwrite=True)
+    request = build_request(paths["base"], [paths["full"], paths["lora"]], out / "results", overwrite=True,
+                            environment=settings.run_environment())
     progress = Progress(enabled=not quiet)
     try:
         compare(request, progress=progress, command=command_line(request))

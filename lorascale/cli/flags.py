@@ -9,26 +9,38 @@ import shlex
 from typing import Any
 
 from lorascale.errors import NO_VALUE, LorascaleError, keyword_spelling
-from lorascale.request import RunRequest, public_address
+from lorascale.optionspec import OptionSpec, declared
+from lorascale.request import RECORDS, RunRequest
+from lorascale.run_identity import keywords
+from lorascale.scrub import public_address
 
-# Field -> flag, in the order `lorascale run --help` lists them (the order of a recorded command).
-FLAGS: dict[str, str] = {
-    "base": "--base", "tuned": "--tuned", "out": "--out", "k": "--k", "epsilon": "--epsilon", "side": "--side",
-    "precision": "--precision", "device": "--device", "backend": "--backend", "mode": "--mode", "top_k": "--top-k",
-    "cache_dir": "--cache-dir", "use_cache": "--no-cache", "cache_max_size": "--cache-max-size", "no_pickle": "--no-pickle", "scratch_dir": "--scratch-dir",
-    "include": "--include", "exclude": "--exclude", "rename": "--rename", "overwrite": "--overwrite",
-    "resume": "--resume", "report": "--report", "series": "--series", "dry_run": "--dry-run",
-    "ray_address": "--ray-address", "workers": "--workers", "cpus_per_worker": "--cpus-per-worker",
-    "gpus_per_worker": "--gpus-per-worker",
-    # lorascale mitigate (its --adapter is the request's one tuned reference)
-    "mitigation_lambda": "--lambda", "rank": "--rank",
-    # lorascale summary / report
-    "partial": "--partial", "matrix": "--matrix", "order": "--order", "by": "--by", "format": "--format",
-}
+# The options of the request (request.py, each declared once: optionspec.py) that the CLI takes, by field.
+OPTIONS: dict[str, OptionSpec] = {f.name: spec for _, f, spec in declared(RECORDS) if spec.commands}
+# The order `lorascale run --help` lists the options in, and a recorded command writes them in: these names
+# first, then any option declared since, in declaration order.
+ORDER = ("base", "tuned", "out", "k", "epsilon", "side", "precision", "device", "backend", "mode", "top_k",
+         "cache_dir", "use_cache", "no_pickle", "scratch_dir", "include", "exclude", "rename", "overwrite", "resume",
+         "report", "series", "dry_run", "ray_address", "workers", "cpus_per_worker", "gpus_per_worker",
+         "mitigation_lambda", "rank")
+# Flags that are not request options: the references (mitigate's --adapter is the one tuned reference), the dry
+# run, and `lorascale summary` / `report`.
+_OTHER_FLAGS = {"base": "--base", "tuned": "--tuned", "out": "--out", "dry_run": "--dry-run", "partial": "--partial",
+                "matrix": "--matrix", "order": "--order", "by": "--by", "format": "--format"}
+
+
+def flag_of(name: str, spec: OptionSpec) -> str:
+    """A declared option's flag: its own, else --name-with-dashes."""
+    return spec.flag or "--" + name.replace("_", "-")
+
+
+# Field -> flag, in ORDER.
+FLAGS: dict[str, str] = {name: flag_of(name, OPTIONS[name]) if name in OPTIONS else _OTHER_FLAGS[name]
+                         for name in (*ORDER, *(n for n in OPTIONS if n not in ORDER),
+                                      *(n for n in _OTHER_FLAGS if n not in ORDER))}
 # Booleans whose flag sets them False (use_cache=False is --no-cache), and the flag that sets a default-None
 # boolean False (series=False is --no-series).
-FALSE_FLAGS = {"use_cache"}
-OFF_FLAGS = {"series": "--no-series"}
+FALSE_FLAGS = {name for name, spec in OPTIONS.items() if spec.false_flag}
+OFF_FLAGS = {name: spec.off_flag for name, spec in OPTIONS.items() if spec.off_flag}
 
 
 def flag_spelling(name: str, value: object) -> str:
@@ -57,8 +69,8 @@ def command_line(request: RunRequest, *, command: str = "run") -> str:
     """The `lorascale run ...` line that reproduces `request`, in one normalised form whatever way it was
     typed (a venv's script path, `python -m`, `--k=5`, a default given): every option that differs from its
     default, in the order of FLAGS, spelled with its long flag.  Credentials in a Ray address are left out
-    (request.public_address)."""
-    given = request.keywords()
+    (scrub.public_address)."""
+    given = keywords(request)
     words = ["lorascale", command]
     for name in FLAGS:
         if name not in given:

@@ -10,7 +10,7 @@ from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from lorascale.records import MatrixJob, MatrixResult
-from lorascale.request import JobOptions
+from lorascale.analyses.options import JobOptions
 
 if TYPE_CHECKING:
     from lorascale.execute.streaming import StreamedFiles

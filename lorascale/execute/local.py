@@ -14,11 +14,11 @@ import torch
 
 from lorascale.execute.executor import Executor
 from lorascale.execute.streaming import StreamedFiles
-from lorascale.execute.worker import TensorLoader, analyse_job, job_entries
+from lorascale.analyses import TensorLoader, analysis_for, job_entries
 from lorascale.io.tensors import load_tensor
 from lorascale.execute.routes import resolve
 from lorascale.records import MatrixJob, MatrixResult, TensorEntry
-from lorascale.request import JobOptions
+from lorascale.analyses.options import JobOptions
 
 
 class TensorPrefetcher:
@@ -92,13 +92,8 @@ def run_local(jobs: Iterable[MatrixJob], options: JobOptions, *, prefetch: bool 
 
 
 def job_function(options: JobOptions):
-    """What each job runs: the analysis (execute/worker.py), or the mitigation (execute/mitigation.py),
-    which also analyses."""
-    if options.mitigation is not None:
-        from lorascale.execute.mitigation import mitigate_job
-
-        return mitigate_job
-    return analyse_job
+    """What each job runs: the analysis `options` asks for (analyses.analysis_for)."""
+    return analysis_for(options)
 
 
 class LocalExecutor(Executor):

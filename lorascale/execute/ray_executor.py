@@ -34,7 +34,9 @@ from lorascale.errors import CheckpointReferenceError, ExecutionError, Lorascale
 from lorascale.execute.executor import Executor
 from lorascale.execute.routes import cluster_routes, describe as describe_routes, is_cuda
 from lorascale.records import HubFile, MatrixJob, MatrixResult, TensorEntry, TunedSource
-from lorascale.request import Execution, JobOptions, public_address
+from lorascale.analyses.options import JobOptions
+from lorascale.request import Execution
+from lorascale.scrub import public_address
 
 log = logging.getLogger("lorascale")  # stages for the CLI's stderr (pipeline.log)
 
@@ -372,7 +374,7 @@ class _MatrixWorker:
                 self._executor.close()  # its prefetch thread ends with the job
 
     def _localized(self, job: MatrixJob) -> MatrixJob:
-        """The job with every tensor it reads (worker.job_entries) found on this node."""
+        """The job with every tensor it reads (analyses.job_entries) found on this node."""
         def source(s: TunedSource) -> TunedSource:
             if s.full is not None:
                 return replace(s, full=self._local(s.full))
@@ -401,7 +403,7 @@ class _MatrixWorker:
 
 def _warm_page_cache(job: MatrixJob) -> None:
     """Read the job's byte ranges once, discarding them, so that the real load finds them in the page cache."""
-    from lorascale.execute.worker import job_entries
+    from lorascale.analyses import job_entries
 
     chunk = memoryview(bytearray(8 << 20))
     for entry in job_entries(job):

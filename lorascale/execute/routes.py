@@ -25,7 +25,7 @@ from dataclasses import replace
 
 from lorascale.errors import OptionError, option
 from lorascale.numerics.backends import AUTO, AUTO_BACKEND, BACKENDS, DEFAULT_CUDA_DRIVER, Routes, installed
-from lorascale.request import JobOptions
+from lorascale.analyses.options import JobOptions
 
 PROBE_REASON = "auto: probe"  # routes timed by a run-time probe (runs written before the CPU table)
 TABLE_REASON = "auto: CPU table"

@@ -24,7 +24,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from lorascale.errors import CheckpointFormatError
-from lorascale.execute.worker import job_entries
+from lorascale.analyses import job_entries
 from lorascale.io.downloads import Downloads, StatusCallback
 from lorascale.io.safetensors_header import read_raw_header
 from lorascale.records import HubFile, MatrixJob, RemoteFile, TensorEntry

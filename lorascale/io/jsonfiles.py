@@ -12,6 +12,7 @@ import json
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from lorascale.errors import CheckpointFormatError
+from lorascale.io.tensor_names import check_tensor_name
 
 
 class _DuplicateKey(ValueError):
@@ -68,7 +69,8 @@ def read_weight_map(path: Path) -> dict[str, str]:
     path relative to its folder.  Shards must have the index's kind: .safetensors, or .bin for a .bin index.
 
     Shard paths are joined to the checkpoint directory, so anything that could point outside it (absolute,
-    drive-letter or `..` paths, backslashes) is refused, as are non-string names and an empty map.
+    drive-letter or `..` paths, backslashes) is refused, as are non-string names, names longer than
+    tensor_names.MAX_TENSOR_NAME_BYTES and an empty map.
     """
     data = read_json_file(path, what="index JSON", fix=_INDEX_FIX)
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
@@ -76,6 +78,7 @@ def read_weight_map(path: Path) -> dict[str, str]:
         raise CheckpointFormatError("index JSON has no 'weight_map' object", path=path, fix=_INDEX_FIX)
     suffix = ".bin" if path.name.endswith(".bin.index.json") else ".safetensors"
     for name, shard in weight_map.items():
+        check_tensor_name(path, name)
         if not isinstance(shard, str) or not _safe_shard(shard, suffix):
             raise CheckpointFormatError(f"weight_map gives tensor {name!r} the invalid shard {shard!r}", path=path,
                                         fix=f"shards must be {suffix} files inside the checkpoint directory; "

@@ -16,11 +16,13 @@ import re
 
 from fnmatch import fnmatchcase
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
 
 from huggingface_hub import (get_hf_file_metadata, hf_hub_download, hf_hub_url, list_repo_files, snapshot_download,
                              try_to_load_from_cache)
-from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
+from huggingface_hub.utils import HFValidationError, build_hf_headers, get_session, hf_raise_for_status, validate_repo_id
 
 try:  # huggingface_hub >= 0.25 keeps every exception class in `errors`
     from huggingface_hub.errors import (DisabledRepoError, EntryNotFoundError, GatedRepoError, HFValidationError,
@@ -52,9 +54,7 @@ PLAIN_BIN = "pytorch_model.bin"
 _META_FILES = ("config.json", "adapter_config.json", INDEX, BIN_INDEX)
 _PICKLE_PATTERNS = ("pytorch_model*.bin", "*.pt", "*.pth", "adapter_model.bin")
 _REPO_RE = re.compile(r"(?P<repo>[A-Za-z0-9._-]+/[A-Za-z0-9._-]+)(?:@(?P<rev>.*))?", re.DOTALL)
-# huggingface_hub's validate_repo_id: word characters, '-', '.'; no '--' or '..'; no '-'/'.' at either end.
-_REPO_PART_RE = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9._-]*[A-Za-z0-9_])?")
-_MAX_REPO_ID = 96
+_MAX_REPO_ID = 96  # the whole id (validate_repo_id bounds the name after the '/')
 _MAX_REVISION = 255
 # What `git check-ref-format` refuses in a branch or tag name (a 40-hex commit passes these rules too).
 _REF_FORBIDDEN_RE = re.compile(r"[\x00-\x20\x7f~^:?*\[\\]|\.\.|@\{|//")
@@ -146,10 +146,9 @@ def resolve(reference: str, *, headers_only: bool = False, allow_pickle: bool = 
     """
     if not reference or not reference.strip():
         raise CheckpointReferenceError("empty checkpoint reference")
-    expanded = os.path.expanduser(reference)
-    # Explicit path syntax wins, then anything that exists: a local folder named like `org/name` is a path.
-    if reference.startswith(("/", "./", "../", "~")) or os.path.isabs(reference) or os.path.lexists(expanded):
-        return _resolve_local(reference, Path(os.path.abspath(expanded)), allow_pickle=allow_pickle)
+    path = local_path(reference)
+    if path is not None:
+        return _resolve_local(reference, path, allow_pickle=allow_pickle)
     match = _REPO_RE.fullmatch(reference)
     if match:
         _check_repo_id(reference, match["repo"])
@@ -161,10 +160,24 @@ def resolve(reference: str, *, headers_only: bool = False, allow_pickle: bool = 
                                    fix="give a local path, or a Hugging Face repo id as org/name[@revision]")
 
 
+def local_path(reference: str) -> Path | None:
+    """The local path (absolute, links not followed) that `reference` names, or None for a Hub reference.
+    Explicit path syntax wins, then anything that exists: a local folder named like `org/name` is a path."""
+    expanded = os.path.expanduser(reference)
+    if reference.startswith(("/", "./", "../", "~")) or os.path.isabs(reference) or os.path.lexists(expanded):
+        return Path(os.path.abspath(expanded))
+    return None
+
+
 def _check_repo_id(reference: str, repo_id: str) -> None:
-    """Refuse repo ids the Hub cannot have, before they become cache folder names or URLs."""
-    if len(repo_id) > _MAX_REPO_ID or not all(
-            _REPO_PART_RE.fullmatch(part) and "--" not in part and ".." not in part for part in repo_id.split("/")):
+    """Refuse repo ids the Hub cannot have (huggingface_hub's validate_repo_id), before they become cache folder
+    names or URLs; the error is lorascale's, naming the reference and the rule."""
+    try:
+        validate_repo_id(repo_id)
+        valid = len(repo_id) <= _MAX_REPO_ID
+    except HFValidationError:
+        valid = False
+    if not valid:
         raise CheckpointReferenceError(
             "not a valid Hugging Face repo id, and no such file or directory", path=_printable(reference),
             fix="a repo id is org/name of letters, digits, '_', '-', '.'; no '--' or '..', no '-' or '.' at either end")
@@ -336,63 +349,100 @@ def _resolve_dir(reference: str, root: Path, *, allow_pickle: bool = True) -> Re
 
 # --- Hugging Face Hub -------------------------------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class _HubMetadata:
+    """What a hub snapshot's metadata files say about its weights (the first of _resolve_hub's two rounds)."""
+
+    adapter: Path | None  # adapter_config.json
+    index: Path | None  # the safetensors index (not for an adapter)
+    config: Path | None
+    shards: list[str] | None  # the index's shards
+    bin_index: Path | None  # the .bin index, when there is no safetensors one
+    allow_pickle: bool
+
+    @classmethod
+    def read(cls, snap: Path, *, allow_pickle: bool) -> _HubMetadata:
+        adapter, index, config = (_existing(snap, n) for n in ("adapter_config.json", INDEX, "config.json"))
+        index = None if adapter else index
+        return cls(adapter=adapter, index=index, config=config, shards=_read_index(index) if index else None,
+                   bin_index=None if adapter or index else _existing(snap, BIN_INDEX), allow_pickle=allow_pickle)
+
+    @property
+    def rules(self) -> dict[str, Any]:
+        """The keywords of _choose_weights that the metadata decides."""
+        bin_index = self.bin_index
+        return {"adapter": self.adapter is not None, "bin_shards": (lambda: _read_index(bin_index)) if bin_index else None,
+                "allow_pickle": self.allow_pickle}
+
+    def checkpoint(self, reference: str, repo_id: str, commit: str, snap: Path, wanted: list[str],
+                   **more: Any) -> ResolvedCheckpoint:
+        """The ResolvedCheckpoint of `wanted` in `snap`; `more`: index_file (default: the safetensors index),
+        headers_only, file_hashes."""
+        more.setdefault("index_file", self.index)
+        return ResolvedCheckpoint(reference=reference, source="hub", kind="lora" if self.adapter else "full",
+                                  root=snap, weight_files=tuple(snap / n for n in wanted), adapter_config=self.adapter,
+                                  config=self.config, repo_id=repo_id, revision=commit, **more)
+
+
 def _resolve_hub(reference: str, repo_id: str, revision: str | None, settings: HubSettings, *,
                  headers_only: bool = False, allow_pickle: bool = True) -> ResolvedCheckpoint:
     # Two rounds so that only what is needed is fetched: the small metadata decides which weights to get.
     snap = _snapshot(reference, repo_id, revision, _META_FILES, settings)
     commit = snap.name  # snapshot folders are named by commit hash, whatever revision was asked for
-    adapter, index, config = (_existing(snap, n) for n in ("adapter_config.json", INDEX, "config.json"))
-    index = None if adapter else index
-    shards = _read_index(index) if index else None
-    bin_index = None if adapter or index else _existing(snap, BIN_INDEX)
-    bin_shards = (lambda: _read_index(bin_index)) if bin_index else None
-    rules = {"adapter": adapter is not None, "bin_shards": bin_shards, "allow_pickle": allow_pickle}
+    meta = _HubMetadata.read(snap, allow_pickle=allow_pickle)
     # Safetensors first: .bin weights are fetched only when a listing (or, offline, the cache) shows nothing else.
-    wanted = [ADAPTER_WEIGHTS] if adapter else shards or ["model.safetensors"]
+    wanted = [ADAPTER_WEIGHTS] if meta.adapter else meta.shards or ["model.safetensors"]
     if headers_only and not settings.offline:  # (offline, the cache is all there is: read it as usual)
-        if not (adapter or shards):  # which single file: a listing, not a download
-            names = set(_hub_call(reference, commit, settings, list_repo_files, repo_id, revision=commit))
-            wanted = _choose_weights(reference, names, shards=None, **rules)
-        elif adapter and not _hub_has(reference, repo_id, commit, ADAPTER_WEIGHTS, settings):
-            names = {ADAPTER_BIN} if _hub_has(reference, repo_id, commit, ADAPTER_BIN, settings) else set()
-            wanted = _choose_weights(reference, names, shards=None, **rules)
+        wanted = _remote_weights(reference, repo_id, commit, meta, settings) or wanted
         if not wanted[0].endswith(".bin"):  # a .bin's index is inside the file: it is downloaded below
-            return ResolvedCheckpoint(reference=reference, source="hub", kind="lora" if adapter else "full",
-                                      root=snap, weight_files=tuple(snap / n for n in wanted), index_file=index,
-                                      adapter_config=adapter, config=config, repo_id=repo_id, revision=commit,
-                                      headers_only=True)
+            return meta.checkpoint(reference, repo_id, commit, snap, wanted, headers_only=True)
     snap = _snapshot(reference, repo_id, commit, wanted, settings)
     if missing := [n for n in wanted if not (snap / n).is_file()]:
         # Only now pay for a listing: the rest of the directory rules, or the precise reason for the failure.
-        if settings.offline:  # all we know is what the cache holds
-            names = {p.relative_to(snap).as_posix() for p in snap.rglob("*") if p.is_file()}
-            lone = sorted(n for n in names if "/" not in n and n.endswith(".safetensors"))
-            pickled = (ADAPTER_BIN in names if adapter else
-                       not (shards or lone) and (bin_index is not None or bool(_pickles(names))))
-            if pickled:  # the cached .bin weights (or the refusal: --no-pickle, .pt files)
-                chosen = _choose_weights(reference, names | set(bin_shards() if bin_shards else ()), shards=None,
-                                         **rules)
-            elif adapter or shards or len(lone) != 1:
-                raise _cache_miss(reference, missing, settings.cache_dir, offline=True)
-            else:
-                chosen = lone
-        else:
-            names = set(_hub_call(reference, commit, settings, list_repo_files, repo_id, revision=commit))
-            chosen = _choose_weights(reference, names, shards=shards, **rules)
-            if chosen == wanted:  # the repo has them, yet the download left them out
-                raise _cache_miss(reference, missing, settings.cache_dir, offline=False)
-        wanted = chosen
+        wanted = _weights_after_miss(reference, repo_id, snap, meta, missing, wanted, settings)
         snap = _snapshot(reference, repo_id, commit, wanted, settings)
         if missing := [n for n in wanted if not (snap / n).is_file()]:
             raise _cache_miss(reference, missing, settings.cache_dir, offline=settings.offline)
-    if bin_index is not None and wanted[0].endswith(".bin"):
-        index = bin_index
+    index = meta.bin_index if meta.bin_index is not None and wanted[0].endswith(".bin") else meta.index
     hashes = {n: h for n in wanted if (h := _lfs_sha256(snap / n, snap)) is not None}
     _log.debug("resolved %s to %s (%d weight files)", reference, snap, len(wanted))
-    return ResolvedCheckpoint(reference=reference, source="hub", kind="lora" if adapter else "full", root=snap,
-                              weight_files=tuple(snap / n for n in wanted), index_file=index,
-                              adapter_config=adapter, config=config, repo_id=repo_id, revision=commit,
-                              file_hashes=hashes)
+    return meta.checkpoint(reference, repo_id, commit, snap, wanted, index_file=index, file_hashes=hashes)
+
+
+def _remote_weights(reference: str, repo_id: str, commit: str, meta: _HubMetadata,
+                    settings: HubSettings) -> list[str] | None:
+    """For a headers-only look (online): which weight files, when the metadata alone does not say; None when it
+    does (an index's shards, an adapter's safetensors)."""
+    if not (meta.adapter or meta.shards):  # which single file: a listing, not a download
+        names = set(_hub_call(reference, commit, settings, list_repo_files, repo_id, revision=commit))
+        return _choose_weights(reference, names, shards=None, **meta.rules)
+    if meta.adapter and not _hub_has(reference, repo_id, commit, ADAPTER_WEIGHTS, settings):
+        names = {ADAPTER_BIN} if _hub_has(reference, repo_id, commit, ADAPTER_BIN, settings) else set()
+        return _choose_weights(reference, names, shards=None, **meta.rules)
+    return None
+
+
+def _weights_after_miss(reference: str, repo_id: str, snap: Path, meta: _HubMetadata, missing: list[str],
+                        wanted: list[str], settings: HubSettings) -> list[str]:
+    """The weight files to fetch when the first guess (`wanted`) was not all there: offline, what the cache
+    holds; online, what the repo's listing shows.  Raises the cache miss when nothing else can be chosen."""
+    commit = snap.name
+    if settings.offline:  # all we know is what the cache holds
+        names = {p.relative_to(snap).as_posix() for p in snap.rglob("*") if p.is_file()}
+        lone = sorted(n for n in names if "/" not in n and n.endswith(".safetensors"))
+        pickled = (ADAPTER_BIN in names if meta.adapter else
+                   not (meta.shards or lone) and (meta.bin_index is not None or bool(_pickles(names))))
+        if pickled:  # the cached .bin weights (or the refusal: --no-pickle, .pt files)
+            listed = set(_read_index(meta.bin_index)) if meta.bin_index else set()
+            return _choose_weights(reference, names | listed, shards=None, **meta.rules)
+        if meta.adapter or meta.shards or len(lone) != 1:
+            raise _cache_miss(reference, missing, settings.cache_dir, offline=True)
+        return lone
+    names = set(_hub_call(reference, commit, settings, list_repo_files, repo_id, revision=commit))
+    chosen = _choose_weights(reference, names, shards=meta.shards, **meta.rules)
+    if chosen == wanted:  # the repo has them, yet the download left them out
+        raise _cache_miss(reference, missing, settings.cache_dir, offline=False)
+    return chosen
 
 
 def _snapshot(reference: str, repo_id: str, revision: str | None, files: Iterable[str],

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from lorascale.errors import CheckpointFormatError
 from lorascale.io.jsonfiles import parse_json
+from lorascale.io.tensor_names import check_tensor_name
 from lorascale.records import TensorEntry
 
 # Bits per element of the dtypes safetensors defines (the sub-byte and E8M0 ones are recent).  A dtype not
@@ -111,6 +112,7 @@ def parse_header(path: Path, raw: bytes, size: int) -> tuple[dict[str, TensorEnt
     buffer_len = size - data_start
     entries: dict[str, TensorEntry] = {}
     for name, info in header.items():
+        check_tensor_name(path, name)
         entries[name] = _entry(path, name, info, data_start, buffer_len)
     # As safetensors itself requires: the tensors tile the data buffer, no overlap and no hole.
     covered = 0

@@ -49,7 +49,7 @@ def intruder_directions(update: LowRankUpdate, u: torch.Tensor, s: torch.Tensor)
 
 
 def mitigate_update(update: LowRankUpdate, u: torch.Tensor, s: torch.Tensor, v: torch.Tensor,
-                    mitigation_lambda: float, *, rank: RankMode = "r+intruders") -> MitigatedFactors:
+                    mitigation_lambda: float, *, rank: RankMode) -> MitigatedFactors:
     """New factors for dW' = dW + (lambda - 1) U S V^T, with U (m, q), S (q,), V (n, q) the intruders'
     singular triplets of W = update (W0 stored, so m x n as stored; q may be 0).
 

@@ -11,7 +11,8 @@ from lorascale.io.adapter import ParameterFactors, rank_for, scale_for
 from lorascale.io.checkpoint import Checkpoint
 from lorascale.io.moe_layouts import TRANSPOSED_EXPERT_MODEL_TYPES, saved_expert_parts
 from lorascale.plan.experts import PerExpertBase, expert_of, match_per_expert
-from lorascale.plan.names import BaseMatrices, renamed_names
+from lorascale.plan.names import BaseMatrices
+from lorascale.plan.rename import renamed_names
 from lorascale.records import LoraFactors, Skipped, TensorEntry, TunedSource
 
 Unit = tuple[str, int | None]  # (base tensor name, expert slice or None)

@@ -14,7 +14,8 @@ from dataclasses import dataclass, replace
 from lorascale.errors import MismatchError
 from lorascale.io.moe_layouts import saved_expert_parts
 from lorascale.io.safetensors_header import DTYPE_BITS
-from lorascale.plan.names import BaseMatrices, renamed_names
+from lorascale.plan.names import BaseMatrices
+from lorascale.plan.rename import renamed_names
 from lorascale.records import TensorEntry
 
 _EXPERTS = re.compile(r"(?:^|\.)experts(?:\.|$)")

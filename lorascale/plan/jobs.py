@@ -15,7 +15,8 @@ from lorascale.io.checkpoint import Checkpoint
 from lorascale.io.safetensors_header import DTYPE_BITS, dtype_not_analysed
 from lorascale.plan.adapters import Unit, match_adapter
 from lorascale.plan.experts import is_fused_experts, unit_name, units
-from lorascale.plan.names import BaseMatrices, NameMatcher, Rename, renamed_names
+from lorascale.plan.names import BaseMatrices, NameMatcher
+from lorascale.plan.rename import Rename, renamed_names
 from lorascale.records import MatrixJob, Skipped, TensorEntry, TunedSource
 
 # Embeddings and output heads are tables of vectors, not linear maps between hidden states: the paper

@@ -2,54 +2,20 @@
 
 `bert.encoder.layer.0.attention.self.query.weight` (a task head's model), `transformer.h.0...` against
 `model.h.0...`, or a PEFT module path `base_model.model.model.layers.0.self_attn.q_proj` find the base's
-tensor; `--rename` rewrites tuned names first for anything else.
+tensor; `--rename` (plan/rename.py) rewrites tuned names first for anything else.
 """
 
 from __future__ import annotations
 
-import re
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 
-from lorascale.errors import MismatchError, OptionError, option
+from lorascale.errors import MismatchError, option
+from lorascale.plan.rename import Rename, parse_renames, renamed, renamed_names
 from lorascale.records import TensorEntry
 
-Rename = tuple[re.Pattern[str], str]
-
-
-def parse_renames(specs: Sequence[str]) -> tuple[Rename, ...]:
-    """The rename rules "FROM=TO" (FROM a Python regex, TO its replacement with \\1 groups), in the order given."""
-    rules = []
-    for spec in specs:
-        source, sep, target = spec.partition("=")
-        if not sep or not source:
-            raise OptionError(f"{option('rename', spec)} is not FROM=TO",
-                              fix="e.g. " + option("rename", "^transformer\\.=model."))
-        try:
-            pattern = re.compile(source)
-            _check_template(pattern, target)
-        except (re.error, IndexError) as exc:
-            raise OptionError(f"{option('rename', spec)}: invalid regular expression or replacement ({exc})",
-                              fix="FROM is a Python regular expression, TO may use \\1 for its groups") from None
-        rules.append((pattern, target))
-    return tuple(rules)
-
-
-def _check_template(pattern: re.Pattern[str], target: str) -> None:
-    """Group references in `target` must exist in `pattern` (re only finds out on the first match)."""
-    for match in re.finditer(r"\\(\d+)|\\g<([^>]*)>", target):
-        group = match[1] or match[2]
-        if group.isdigit() and int(group) > pattern.groups:
-            raise re.error(f"invalid group reference {group}")
-        if not group.isdigit() and group not in pattern.groupindex:
-            raise re.error(f"unknown group name {group!r}")
-
-
-def renamed(name: str, rules: Sequence[Rename]) -> str:
-    for pattern, target in rules:
-        name = pattern.sub(target, name)
-    return name
+__all__ = ["BaseMatrices", "NameMatcher", "Rename", "parse_renames", "renamed", "renamed_names"]
 
 
 def _suffixes(name: str) -> list[str]:
@@ -150,18 +116,6 @@ class NameMatcher:
                     path=where, tensor=subject,
                     fix=f"say which one with {option('rename')} FROM=TO, a regex on the tuned names")
         return result
-
-
-def renamed_names(reference: str, names: Iterable[str], rules: Sequence[Rename]) -> dict[str, str]:
-    """renamed name -> stored name for the names of checkpoint `reference`; two renamed alike are refused."""
-    out: dict[str, str] = {}
-    for name in names:
-        new = renamed(name, rules)
-        if new in out:
-            raise MismatchError(f"{option('rename')} maps both {out[new]!r} and {name!r} to {new!r}", path=reference,
-                                fix=f"make the {option('rename')} patterns more specific")
-        out[new] = name
-    return out
 
 
 @dataclass(frozen=True)

@@ -16,12 +16,12 @@ import pyarrow as pa
 
 from lorascale.errors import OptionError, OutputError, option
 from lorascale.report import queries
-from lorascale.report.labels import slug
+from lorascale.labels import slug
 from lorascale.report.series import Series, detect_series
 from lorascale.report.page import FigureEntry, PageContent, render_page
 from lorascale.report.summary import rows_for_run
 from lorascale.report.tables import Order, Run, open_run
-from lorascale.results import unreadable
+from lorascale.store.reader import unreadable
 from lorascale.store.schema import is_report_directory
 
 INDEX = "index.html"
@@ -129,7 +129,7 @@ def build_report(results: str | Path, out: str | Path | None = None, *,
     not complete unless `allow_partial` (the page then carries a warning), and OptionError for matrix
     names the run does not have.
 
-    >>> build_report("results/")  # doctest: +SKIP
+    >>> build_report("results/")
     PosixPath('results/report/index.html')
     """
     run = open_run(results, order=order, allow_partial=allow_partial)

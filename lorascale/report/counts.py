@@ -17,7 +17,7 @@ import pyarrow.dataset as ds
 
 from lorascale.errors import OptionError, OutputError, option
 from lorascale.numerics.intruders import is_intruder
-from lorascale.report.queries import _plain
+from lorascale.report.queries import plain
 from lorascale.report.tables import Run
 from lorascale.request import SIDES, check_epsilon, check_k, check_side
 from lorascale.store.schema import SPECTRA
@@ -102,13 +102,13 @@ def _from_spectra(run: Run, k: int, epsilon: float, sides: tuple[str, ...]) -> I
         raise OutputError("the run has no spectra table, which re-thresholding reads", path=run.root,
                           fix="summarise at the run's own k and epsilon, or rerun the comparison")
     options = run.manifest.options
-    top_k = options.get("top_k")
+    top_k = options["top_k"]
     vectors = pc.min_element_wise(run.matrices.column("rows"), run.matrices.column("cols")).to_numpy()
-    if options.get("mode") == "topk" and isinstance(top_k, int) and k > top_k and (vectors > top_k).any():
+    if options["mode"] == "topk" and isinstance(top_k, int) and k > top_k and (vectors > top_k).any():
         # A topk run stores its top --top-k triplets only (older ones stored null max_cos beyond them).
         _refuse_beyond_stored(run, k, top_k, run.matrices.column("matrix")[int((vectors > top_k).argmax())].as_py())
     condition = (ds.field("role") == "tuned") & (ds.field("rank") < k) & ds.field("side").isin(list(sides))
-    top = _plain(dataset.to_table(columns=["model", "matrix", "side", "rank", "max_cos"], filter=condition))
+    top = plain(dataset.to_table(columns=["model", "matrix", "side", "rank", "max_cos"], filter=condition))
     unknown = top.filter(pc.is_null(top.column("max_cos"), nan_is_null=True))
     if unknown.num_rows:  # a topk run of an earlier version: null max_cos beyond its top --top-k
         _refuse_beyond_stored(run, k, int(pc.min(unknown.column("rank")).as_py()), unknown.column("matrix")[0].as_py())

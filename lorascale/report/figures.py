@@ -15,10 +15,11 @@ from matplotlib.axes import Axes
 from matplotlib.ticker import MaxNLocator
 
 from lorascale.report import queries, series
-from lorascale.report.labels import short_matrix
+from lorascale.labels import short_matrix
 from lorascale.report.page import FigureEntry
 from lorascale.report.style import ModelStyle, legend_below, log_y, new_figure, save, styled
 from lorascale.report.tables import Run
+from lorascale.request import Analysis
 
 Styles = dict[str, ModelStyle]
 _COUNTS = "Intruder dimensions"
@@ -54,7 +55,7 @@ def _panels(n: int, height: float) -> tuple[object, list[Axes]]:
 
 
 @styled
-def intruders_vs_epsilon(run: Run, styles: Styles, out: Path, *, k: int = 10) -> FigureEntry | None:
+def intruders_vs_epsilon(run: Run, styles: Styles, out: Path, *, k: int = Analysis.k) -> FigureEntry | None:
     """Paper Fig. 5: summed intruder count among each matrix's top k vectors as ε sweeps 0..0.99,
     one line per model, one panel per side, with the chance level and the run's ε marked."""
     # Stop short of 1: at ε = 1 every vector counts, which says nothing about the fine-tune.
@@ -95,7 +96,7 @@ def intruders_vs_epsilon(run: Run, styles: Styles, out: Path, *, k: int = 10) ->
 
 
 @styled
-def intruders_vs_k(run: Run, styles: Styles, out: Path, *, epsilon: float = 0.5) -> FigureEntry | None:
+def intruders_vs_k(run: Run, styles: Styles, out: Path, *, epsilon: float = Analysis.epsilon) -> FigureEntry | None:
     """Paper Fig. 11, as a share: of the top k% of each matrix's singular vectors, the fraction that are
     intruders at fixed ε, next to the fraction random directions would give (the chance line)."""
     fractions = np.linspace(0.0, 1.0, 101)

@@ -14,7 +14,7 @@ import numpy as np
 from matplotlib.lines import Line2D
 
 from lorascale.report import queries
-from lorascale.report.labels import kind_label, short_matrix
+from lorascale.labels import kind_label, short_matrix
 from lorascale.report.page import FigureEntry
 from lorascale.report.style import WIDTH, ModelStyle, legend_below, log_y, new_figure, save, styled
 from lorascale.report.tables import Run

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from lorascale.results import load
+from lorascale.store.reader import load
 from lorascale.store.schema import ADAPTER_DIR, MITIGATED, UNCHANGED
 
 
@@ -27,7 +27,7 @@ def mitigation_summary(results: str | Path) -> dict[str, Any]:
     after = [intruders_left(r) for r in rows]
     return {
         "adapter": str(Path(results) / ADAPTER_DIR), "model": rows[0]["model"] if rows else None,
-        "mitigation_lambda": run.manifest.options.get("mitigation_lambda"), "rank": run.manifest.options.get("rank"),
+        "mitigation_lambda": run.manifest.options["mitigation_lambda"], "rank": run.manifest.options["rank"],
         "matrices": len(rows), "mitigated": len(mitigated), "unchanged": sum(r["status"] == UNCHANGED for r in rows),
         "not_mitigated": reasons, "intruders_before": sum(r["intruders_before"] for r in rows),
         "intruders_after": sum(after),

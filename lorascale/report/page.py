@@ -57,7 +57,7 @@ def _e(value: object) -> str:
 def _facts(run: Run) -> str:
     manifest = run.manifest
     options = manifest.options
-    side = options.get("side", "/".join(run.sides))
+    side = options["side"]
     facts = [
         ("Base model", f'{_e(run.base_label)}' + ("" if run.base_label == run.base else
                                                      f' <span class="ref">{_e(run.base)}</span>')),

@@ -39,7 +39,7 @@ def ordered_modules(run: Run) -> list[str]:
     return sorted(set(run.matrices.column("module").to_pylist()), key=_module_rank)
 
 
-def _plain(table: pa.Table) -> pa.Table:
+def plain(table: pa.Table) -> pa.Table:
     """Decode dictionary columns so `to_numpy`/`to_pylist` see plain values."""
     return table.cast(pa.schema([pa.field(f.name, f.type.value_type if pa.types.is_dictionary(f.type)
                                           else f.type, f.nullable) for f in table.schema]))
@@ -49,7 +49,7 @@ def _scan(run: Run, table: str, columns: list[str], condition: ds.Expression | N
     dataset = run.dataset(table)
     if dataset is None:
         return None
-    return _plain(dataset.to_table(columns=columns, filter=condition))
+    return plain(dataset.to_table(columns=columns, filter=condition))
 
 
 def _group_indices(table: pa.Table, keys: tuple[str, ...]) -> dict[tuple[str, ...], np.ndarray]:
@@ -98,7 +98,7 @@ def null_level(run: Run) -> NullLevel:
     return NullLevel(mean=float(np.nanmean(values)), max=float(np.nanmax(values)))
 
 
-def intruders_vs_epsilon(run: Run, epsilons: np.ndarray, *, k: int = 10) -> dict[Key, np.ndarray]:
+def intruders_vs_epsilon(run: Run, epsilons: np.ndarray, *, k: int = Analysis.k) -> dict[Key, np.ndarray]:
     """Total intruder count of each (model, side) among the top-k vectors of every matrix, per epsilon.
 
     A vector counts at epsilon when max_cos < epsilon (Definition 1 of the paper).
@@ -137,7 +137,7 @@ def intruders_vs_k_fraction(run: Run, fractions: np.ndarray, *, epsilon: float =
                                  filter=(ds.field("role") == "tuned") & ds.field("max_cos").is_valid(),
                                  batch_size=1 << 20)
     for batch in batches:
-        table = _plain(pa.Table.from_batches([batch]))
+        table = plain(pa.Table.from_batches([batch]))
         if table.num_rows == 0:
             continue
         top = table.group_by(["model", "matrix", "side"]).aggregate([("rank", "max")])

@@ -19,7 +19,7 @@ matplotlib.use("Agg")  # never open windows or need a display, also on headless 
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from lorascale.report.labels import kind_label, short_labels  # noqa: E402
+from lorascale.labels import kind_label, short_labels  # noqa: E402
 
 P = ParamSpec("P")
 R = TypeVar("R")

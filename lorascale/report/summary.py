@@ -150,9 +150,10 @@ def summary_rows(results: str | Path, *, order: Order = "as-given", allow_partia
     Raises OutputError when `results` is not a lorascale run with results, or (unless `allow_partial`)
     when the run is not complete; OptionError for a k, epsilon or side the stored tables cannot answer.
 
-    >>> summary_rows("results/")[0]["intruders"]  # doctest: +SKIP
-    42
-    >>> summary_rows("results/", epsilon=0.7, by="layer")  # doctest: +SKIP
+    >>> [(row["label"], row["intruders"]) for row in summary_rows("results/")]
+    [('org/full-ft', 0), ('…/lora-r4/final', 20)]
+    >>> [(row["layer"], row["intruders"]) for row in summary_rows("results/", epsilon=0.7, by="layer")]
+    [(0, 0), (1, 0), (0, 18), (1, 22)]
     """
     return summarise(results, order=order, allow_partial=allow_partial, k=k, epsilon=epsilon, side=side,
                      by=by).rows

@@ -1,5 +1,5 @@
 """A results directory as the report sees it: model order, labels, the run's k / epsilon / sides, table access
-(a view of results.Results, the one reader of a results directory).
+(a view of store/reader.Results, the one reader of a results directory).
 
 Only the manifest and the small `matrices` table are read eagerly; `spectra` and `similarity` can hold
 millions of rows for a 7B model, so queries scan them with column projection and filters instead.
@@ -17,15 +17,13 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 
 from lorascale.errors import OptionError, OutputError, option
-from lorascale.report.labels import short_labels
-from lorascale.request import SIDES, Analysis
-from lorascale.results import Results, load
+from lorascale.labels import short_labels
+from lorascale.request import SIDES
 from lorascale.store.manifest import Manifest
+from lorascale.store.reader import Results, load
 from lorascale.store.schema import MATRICES, SIMILARITY, SPECTRA
 
 Order = Literal["as-given", "name"]
-_DEFAULTS = Analysis()  # what a manifest without these options (an old run) was computed with
-
 
 
 def natural_key(text: str) -> tuple[Any, ...]:
@@ -41,7 +39,7 @@ def natural_key(text: str) -> tuple[Any, ...]:
 
 @dataclass(frozen=True)
 class Run:
-    """One results directory, ready for queries: a view of results.Results.
+    """One results directory, ready for queries: a view of store/reader.Results.
 
     `models` is the display order of the tuned models (manifest order, or natural name order).
     `matrices` is the whole matrices table (one row per tuned model and matrix; small).
@@ -95,9 +93,9 @@ def _model_order(manifest: Manifest, present: list[str], order: Order) -> tuple[
 
 
 def _display_labels(manifest: Manifest, models: tuple[str, ...]) -> dict[str, str]:
-    """Each model's label from the manifest; short names for models without one (runs written before
-    labels), and the full reference wherever a short name would repeat another model's label."""
-    given = {str(t.get("reference")): t["label"] for t in manifest.tuned if isinstance(t.get("label"), str)}
+    """Each model's label from the manifest; short names for models without one (`label: None`: store/manifest.py
+    upgrade()), and the full reference wherever a short name would repeat another model's label."""
+    given = {str(t["reference"]): t["label"] for t in manifest.tuned if t["label"] is not None}
     defaults = short_labels(models)
     labels = {model: given.get(model, defaults[model]) for model in models}
     repeated = {label for label in labels.values() if list(labels.values()).count(label) > 1}
@@ -106,7 +104,7 @@ def _display_labels(manifest: Manifest, models: tuple[str, ...]) -> dict[str, st
 
 
 def open_run(results: str | Path, *, order: Order = "as-given", allow_partial: bool = False) -> Run:
-    """Open `results` (results.load: the same checks and errors as `lorascale.load`) and load what every
+    """Open `results` (store/reader.load: the same checks and errors as `lorascale.load`) and load what every
     report needs.
 
     Raises OptionError when `results` is missing or not a run's directory (no manifest) and for an unknown
@@ -132,16 +130,14 @@ def run_view(results: Results, *, order: Order = "as-given") -> Run:
     models = _model_order(manifest, present, order)
     kinds = {m: u for m, u in zip(matrices.column("model").to_pylist(), matrices.column("update").to_pylist())}
     for entry in manifest.tuned:
-        if entry.get("reference") in kinds and entry.get("kind"):
+        if entry["reference"] in kinds:
             kinds[str(entry["reference"])] = str(entry["kind"])
     options = manifest.options
-    sides = SIDES.get(str(options.get("side", _DEFAULTS.side)), SIDES[_DEFAULTS.side])
-    base_reference = str(manifest.base.get("reference", "base model"))
-    base_label = manifest.base.get("label")
-    if not isinstance(base_label, str):
-        base_label = short_labels([base_reference])[base_reference]
+    sides = SIDES[options["side"]]
+    base_reference = str(manifest.base["reference"])
+    base_label = manifest.base["label"] or short_labels([base_reference])[base_reference]
     missing = tuple(t for t in (SPECTRA, SIMILARITY) if not results.has(t))
     return Run(results=results, base=base_reference, models=models, kinds=kinds,
-               k=int(options.get("k", _DEFAULTS.k)), epsilon=float(options.get("epsilon", _DEFAULTS.epsilon)),
+               k=int(options["k"]), epsilon=float(options["epsilon"]),
                sides=sides, matrices=matrices,
                missing_tables=missing, labels=_display_labels(manifest, models), base_label=base_label)

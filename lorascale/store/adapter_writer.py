@@ -40,6 +40,15 @@ def staged_factors(out: Path) -> dict[str, torch.Tensor]:
     return factors
 
 
+def refuse_foreign_adapter(out: Path) -> None:
+    """out/adapter/ may only be replaced when lorascale wrote it (its marker file), never through a link;
+    checked before a mitigation starts (store/run_directory.py) and again before the directory is replaced."""
+    final = out / ADAPTER_DIR
+    if final.is_symlink() or (final.exists() and not is_mitigated_adapter(final)):
+        raise OutputError("is not an adapter lorascale wrote; lorascale never replaces it", path=final,
+                          fix=f"move it away, or choose another {option('out')}")
+
+
 def write_adapter(out: Path, adapter: Checkpoint, ranks: dict[str, int], *, record: dict[str, Any]) -> Path:
     """Write out/adapter/ from the input `adapter`, the staged factors and `ranks` (module -> new rank, for
     the modules whose rank changed); `record` goes to lorascale-mitigation.json.  Returns the directory."""
@@ -49,9 +58,7 @@ def write_adapter(out: Path, adapter: Checkpoint, ranks: dict[str, int], *, reco
     config = json.loads(adapter.resolved.adapter_config.read_text(encoding="utf-8"))
     _set_patterns(config, adapter, ranks)
     final = out / ADAPTER_DIR
-    if final.is_symlink() or (final.exists() and not is_mitigated_adapter(final)):
-        raise OutputError("is not an adapter lorascale wrote; lorascale never replaces it", path=final,
-                          fix=f"move it away, or choose another {option('out')}")
+    refuse_foreign_adapter(out)
     staging = out / f"{TMP_PREFIX}adapter-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         ensure_directory(staging)

@@ -2,12 +2,16 @@
 
 `Manifest` is the typed record the pipeline writes and the report reads; `manifest.json` is its JSON form.
 Fields the record does not know (from a newer lorascale) are kept in `extra` and written back unchanged.
+
+The layout has a version (`format_version`, FORMAT_VERSION).  `upgrade()` is the one place that knows the
+older layouts: every manifest is read through it, so no reader (summary, report, `lorascale.load`, resume)
+guesses which layout it holds.  tests/fixtures/manifests/ keeps one manifest of each layout ever written.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,6 +21,14 @@ from lorascale.store.schema import MANIFEST
 
 Status = Literal["running", "complete", "failed", "interrupted"]
 STATUSES = ("running", "complete", "failed", "interrupted")
+# 1: every manifest written before the layout had a version (2026-11-23 .. 2026-12-05); 2: `format_version`,
+# every option that shapes the tables recorded (mode, top_k), `label` in every base/tuned entry, `routes`.
+FORMAT_VERSION = 2
+# What an unversioned run was computed with when its manifest lacks the option: the defaults of the versions
+# that wrote such manifests (before 2026-11-23's top-k mode every run was exact), not today's defaults.
+_UNVERSIONED_OPTIONS = {"k": 10, "epsilon": 0.5, "side": "left", "mode": "exact", "top_k": None}
+_UNVERSIONED_FIELDS = {"lorascale_version": "", "command": "", "options": {}, "base": {}, "tuned": [], "device": "",
+                       "precision": "", "torch": "", "matrices_planned": 0, "execution": {}, "routes": {}}
 # The fix for a path that is not a results directory (every reader of one says it the same way).
 RUN_FIX = f"pass the {option('out')} directory of a lorascale run, the one holding manifest.json and matrices/"
 
@@ -45,6 +57,7 @@ class Manifest:
     routes: dict[str, Any] = field(default_factory=dict)
     sessions: list[dict[str, Any]] = field(default_factory=list)
     error: str | None = None
+    format_version: int = FORMAT_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -69,9 +82,11 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, path: Path) -> Manifest:
-        """Build the record from parsed JSON; raise OutputError for anything that is not a lorascale manifest."""
+        """Build the record from parsed JSON in any layout (upgrade()); raise OutputError for anything that is not
+        a lorascale manifest."""
         if not isinstance(data, dict) or "lorascale_version" not in data:
             raise OutputError("manifest.json is not a lorascale manifest", path=path, fix=RUN_FIX)
+        data = upgrade(data)
         known = {f.name for f in fields(cls)} - {"extra"}
         values = {k: v for k, v in data.items() if k in known}
         checks = {"options": dict, "base": dict, "tuned": list, "skipped": list, "execution": dict,
@@ -83,12 +98,40 @@ class Manifest:
         if values.get("status") not in STATUSES:
             raise OutputError(f"manifest.json has an unknown status {values.get('status')!r}", path=path,
                               fix=f"the manifest was edited or corrupted; re-run with {option('overwrite', True)}")
-        defaults = {"lorascale_version": "", "command": "", "options": {}, "base": {}, "tuned": [], "device": "",
-                    "precision": "", "torch": "", "matrices_planned": 0}
-        manifest = cls(**{**defaults, **values})
+        missing = [f.name for f in fields(cls) if f.name not in values and f.default is MISSING
+                   and f.default_factory is MISSING]
+        if missing:
+            raise OutputError(f"manifest.json has no {missing[0]!r}", path=path,
+                              fix=f"the manifest was edited or corrupted; re-run with {option('overwrite', True)}")
+        manifest = cls(**values)
         manifest.tuned = [t for t in manifest.tuned if isinstance(t, dict)]
         manifest.extra = {k: v for k, v in data.items() if k not in known}
         return manifest
+
+
+def upgrade(data: dict[str, Any]) -> dict[str, Any]:
+    """`data` (a parsed manifest.json of any version) in the current layout; a newer version is returned as it is
+    (its unknown fields travel in Manifest.extra).  The only reader of older layouts:
+
+    - version 1 (no `format_version`): options written before they existed take the value those runs used
+      (_UNVERSIONED_OPTIONS: `mode`/`top_k` before the top-k mode, 2026-11-23); `execution` and `routes` before
+      they were recorded are empty; a base/tuned entry from before labels (2026-11-27) gets `label: None` (no
+      label recorded: readers show the reference's short name).
+
+    >>> upgrade({"lorascale_version": "0.1.0", "options": {"k": 5}})["options"]["mode"]
+    'exact'
+    """
+    version = data.get("format_version", 1)
+    if not isinstance(version, int) or isinstance(version, bool) or version >= FORMAT_VERSION:
+        return data
+    upgraded = {**_UNVERSIONED_FIELDS, **data, "format_version": FORMAT_VERSION}
+    if isinstance(upgraded["options"], dict):
+        upgraded["options"] = {**_UNVERSIONED_OPTIONS, **upgraded["options"]}
+    if isinstance(upgraded["base"], dict):
+        upgraded["base"] = {"label": None, **upgraded["base"]}
+    if isinstance(upgraded["tuned"], list):
+        upgraded["tuned"] = [{"label": None, **t} if isinstance(t, dict) else t for t in upgraded["tuned"]]
+    return upgraded
 
 
 def read_manifest(out: Path) -> Manifest | None:

@@ -27,6 +27,8 @@ from pathlib import Path
 from lorascale.errors import OutputError, option
 from lorascale.io.identity import changed_since
 from lorascale.records import MatrixJob
+from lorascale.store.adapter_writer import refuse_foreign_adapter
+from lorascale.run_identity import RUN_OPTIONS
 from lorascale.store.atomic import TMP_PREFIX, write_failure
 from lorascale.store.lock import LOCK_NAME, PID_NAME, OutputLock, held_by, is_locked
 from lorascale.store.manifest import Manifest, Status, read_manifest, write_manifest
@@ -38,10 +40,6 @@ from lorascale.store.writer import (ResultWriter, completed_pairs, factor_files,
 # The directories of part files lorascale writes in --out (the tables; mitigate's table and factors).
 _DIRECTORIES = (*TABLES, *OPTIONAL_TABLES, FACTORS_DIR)
 
-# Options that change the numbers: a rerun with other values is another run, not a continuation.
-# "rename" is recorded only when given, so runs written before the option existed keep their identity.
-_RUN_OPTIONS = ("k", "epsilon", "side", "precision", "include", "exclude", "mode", "top_k", "rename",
-                "mitigation_lambda", "rank")
 
 
 def now() -> str:
@@ -58,22 +56,39 @@ class RunDirectory:
 
     @classmethod
     @contextlib.contextmanager
-    def open(cls, out: Path, manifest: Manifest, *, overwrite: bool = False,
-             resume: bool = False) -> Iterator[RunDirectory]:
-        """Lock `out` (creating it), then check that `manifest`'s run may start or continue there.
+    def open(cls, out: Path, manifest: Manifest, *, overwrite: bool = False, resume: bool = False,
+             inputs: tuple[Path, ...] = (), writes_adapter: bool = False) -> Iterator[RunDirectory]:
+        """Check that `manifest`'s run may start or continue in `out`, then lock `out` (creating it) and check
+        again under the lock (another process may have changed it in between).
 
         Raises OutputError (exit 6) when `out` cannot be used: not a directory, unwritable, locked by a
-        running process, holding another run or foreign files, or holding rows of inputs that changed.
+        running process, holding another run or foreign files (or, when the run `writes_adapter`, an adapter/
+        lorascale did not write), or holding rows of inputs that changed.  Every such refusal is made before
+        the lock is taken or anything is created or deleted, so a refused run leaves `out` as it found it
+        (unless another process changes `out` between the two checks).  `inputs`: the checkpoints' files and
+        directories, which --overwrite never deletes (pipeline refuses an --out that holds one anyway).
         A directory this call created is removed again if nothing was written to it.
         """
+        cls.check(out, manifest, overwrite=overwrite, resume=resume, writes_adapter=writes_adapter)
         created = _create(out)
         try:
             with OutputLock(out):
-                previous = _prepare(out, manifest, overwrite=overwrite, resume=resume)
+                previous = _prepare(out, manifest, overwrite=overwrite, resume=resume, keep=inputs)
                 yield cls(out, manifest, previous)
         finally:
             if created:
-                _remove_if_unused(out)
+                _remove_if_unused(out, created)
+
+    @staticmethod
+    def check(out: Path, manifest: Manifest, *, overwrite: bool = False, resume: bool = False,
+              writes_adapter: bool = False) -> None:
+        """Every refusal `open` would make, read-only: nothing created, deleted or locked (pipeline calls it
+        before it creates a scratch directory, so that a refused run creates nothing at all)."""
+        _create_refusal(out)
+        if out.is_dir():
+            _prepare(out, manifest, overwrite=overwrite, resume=resume, dry_run=True)
+            if writes_adapter:
+                refuse_foreign_adapter(out)
 
     def pending(self, jobs: tuple[MatrixJob, ...]) -> list[MatrixJob]:
         """The jobs with at least one (model, matrix) pair whose rows are not written yet."""
@@ -126,20 +141,30 @@ class RunDirectory:
             _write_in_place(self.out / MANIFEST, manifest)
 
 
-def _create(out: Path) -> bool:
+def _create_refusal(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise OutputError("exists and is not a directory", path=out, fix=f"choose a directory for {option('out')}")
+
+
+def _create(out: Path) -> list[Path]:
+    """Create `out` and its missing parents; the directories created, deepest first (none if it existed)."""
+    _create_refusal(out)
     if out.is_dir():
-        return False
+        return []
+    missing = [out, *(parent for parent in out.parents if not parent.exists())]
     try:
         out.mkdir(parents=True)
     except OSError as exc:
+        for directory in missing:  # whatever part of the chain was made: gone again
+            with contextlib.suppress(OSError):
+                directory.rmdir()
         raise write_failure(out, exc) from None
-    return True
+    return missing
 
 
-def _remove_if_unused(out: Path) -> None:
-    """Remove `out` again when this run created it and wrote no result (it failed before the first part)."""
+def _remove_if_unused(out: Path, created: list[Path]) -> None:
+    """Remove `out` (and the parents this run created) again when nothing was written to it (the run failed
+    before the first part)."""
     if any(part_numbers(out / table) for table in TABLES) or (out / MANIFEST).exists():
         return
     with contextlib.suppress(OSError):
@@ -149,27 +174,32 @@ def _remove_if_unused(out: Path) -> None:
                 target.rmdir()
             elif target.exists():
                 target.unlink()
-        out.rmdir()
+        for directory in created:
+            directory.rmdir()
 
 
-def _contents(out: Path) -> list[str]:
-    """What is in `out` besides the lock; temporary files a killed lorascale left there are removed."""
+def _contents(out: Path, *, dry_run: bool = False) -> list[str]:
+    """What is in `out` besides the lock; temporary files a killed lorascale left there are removed (only
+    looked past when `dry_run`: that check runs before the lock is held)."""
     names = []
     for path in out.iterdir():
         if path.name.startswith(TMP_PREFIX) and path.is_file() and not path.is_symlink():
-            path.unlink()  # we hold the lock: no other lorascale is writing it
+            if not dry_run:
+                path.unlink()  # we hold the lock: no other lorascale is writing it
         elif path.name not in (LOCK_NAME, PID_NAME):
             names.append(path.name)
     return sorted(names)
 
 
-def _prepare(out: Path, manifest: Manifest, *, overwrite: bool, resume: bool) -> Manifest | None:
-    """Return the earlier manifest when this run continues it; refuse to mix unrelated or stale runs."""
+def _prepare(out: Path, manifest: Manifest, *, overwrite: bool, resume: bool, dry_run: bool = False,
+             keep: tuple[Path, ...] = ()) -> Manifest | None:
+    """Return the earlier manifest when this run continues it; refuse to mix unrelated or stale runs.
+    `dry_run`: only the refusals, nothing removed (before the lock).  `keep`: paths --overwrite never removes."""
     for name in (*_DIRECTORIES, REPORT_DIR, ADAPTER_DIR):
         if (out / name).is_symlink():
             raise OutputError(f"is a symbolic link; lorascale never writes through links inside {option('out')}",
                               path=out / name, fix=f"remove the link, or choose another {option('out')}")
-    entries = _contents(out)
+    entries = _contents(out, dry_run=dry_run)
     previous = read_manifest(out) if MANIFEST in entries else None
     if previous is None and entries:
         # A run writes its manifest before any table, so nothing here can be a run's leftovers.
@@ -180,13 +210,14 @@ def _prepare(out: Path, manifest: Manifest, *, overwrite: bool, resume: bool) ->
             raise OutputError("nothing to resume: no earlier run here", path=out, fix=f"drop {option('resume', True)}")
         return None
     if overwrite:
-        _remove_ours(out)
+        if not dry_run:
+            _remove_ours(out, keep)
         return None
     if _run_identity(previous) != _run_identity(manifest):
         raise OutputError("directory holds a different run (other checkpoints or options)", path=out,
                           fix=f"choose another {option('out')}, or pass {option('overwrite', True)} to replace it")
     earlier, labels = _labels(previous), _labels(manifest)
-    # Rows carry their model's label; a run written before labels existed has none to disagree with.
+    # Rows carry their model's label; a run written before labels existed (label None) has none to disagree with.
     if any(label is not None for label in earlier) and earlier != labels:
         raise OutputError(f"directory holds this run under other labels: {', '.join(map(str, earlier))}",
                           path=out, fix=f"use the same NAME=REF labels, or pass {option('overwrite', True)} to recompute")
@@ -198,33 +229,41 @@ def _prepare(out: Path, manifest: Manifest, *, overwrite: bool, resume: bool) ->
 
 
 def _labels(manifest: Manifest) -> tuple:
-    """The base's and each tuned model's label (None in manifests written before labels)."""
-    return tuple(entry.get("label") for entry in (manifest.base, *manifest.tuned))
+    """The base's and each tuned model's label (None in manifests written before labels: manifest.upgrade)."""
+    return tuple(entry["label"] for entry in (manifest.base, *manifest.tuned))
 
 
 def _run_identity(manifest: Manifest) -> tuple:
     """What must match for a rerun on the same --out to continue the earlier run."""
     options = manifest.options
     return (manifest.base.get("reference"), manifest.references,
-            tuple(sorted((k, str(v)) for k, v in options.items() if k in _RUN_OPTIONS)))
+            tuple(sorted((k, str(v)) for k, v in options.items() if k in RUN_OPTIONS)))
 
 
-def _remove_ours(out: Path) -> None:
-    """Delete what lorascale wrote in `out` (see the module docstring), nothing else."""
+def _holds_input(path: Path, keep: tuple[Path, ...]) -> bool:
+    """True when `path` is, or contains, one of the inputs `keep` (both taken through symbolic links)."""
+    real = Path(os.path.realpath(path))
+    return any(real == kept or real in kept.parents for kept in (Path(os.path.realpath(k)) for k in keep))
+
+
+def _remove_ours(out: Path, keep: tuple[Path, ...] = ()) -> None:
+    """Delete what lorascale wrote in `out` (see the module docstring), nothing else, and never an input."""
     for table in _DIRECTORIES:
         directory = out / table
         if not directory.is_dir() or directory.is_symlink():
             continue
         for path in directory.iterdir():
-            if path.name.startswith(TMP_PREFIX) or is_part_file(path.name) or path in factor_files(out):
+            if ((path.name.startswith(TMP_PREFIX) or is_part_file(path.name) or path in factor_files(out))
+                    and not _holds_input(path, keep)):
                 path.unlink()
         with contextlib.suppress(OSError):
             directory.rmdir()  # kept if the user put files of their own there
     report = out / REPORT_DIR
-    if report.is_dir() and not report.is_symlink() and is_report_directory(report):
+    if report.is_dir() and not report.is_symlink() and is_report_directory(report) and not _holds_input(report, keep):
         shutil.rmtree(report)
     adapter = out / ADAPTER_DIR
-    if adapter.is_dir() and not adapter.is_symlink() and is_mitigated_adapter(adapter):
+    if (adapter.is_dir() and not adapter.is_symlink() and is_mitigated_adapter(adapter)
+            and not _holds_input(adapter, keep)):
         shutil.rmtree(adapter)
     for name in (MANIFEST,):
         with contextlib.suppress(FileNotFoundError):

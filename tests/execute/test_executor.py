@@ -21,7 +21,9 @@ from lorascale.execute.executor import Executor
 from lorascale.execute.local import LocalExecutor
 from lorascale.execute.ray_executor import RayExecutor, _MatrixWorker
 from lorascale.records import MatrixJob, MatrixResult
-from lorascale.request import Execution, JobOptions, build_request, job_options
+from lorascale.analyses.options import JobOptions, job_options
+from lorascale import settings
+from lorascale.request import build_request
 
 NO_CUDA = not torch.cuda.is_available()
 
@@ -50,12 +52,16 @@ def test_both_executors_satisfy_the_protocol():
 
 def test_make_executor_owns_the_ray_choice(monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    assert isinstance(make_executor(Execution()), LocalExecutor)
-    assert isinstance(make_executor(Execution(workers=1)), LocalExecutor)
-    assert isinstance(make_executor(Execution(workers=2)), RayExecutor)
-    assert isinstance(make_executor(Execution(ray_address="auto")), RayExecutor)
+
+    def request(**options):
+        return build_request("b", "t", "o", environment=settings.run_environment(), **options)
+
+    assert isinstance(make_executor(request()), LocalExecutor)
+    assert isinstance(make_executor(request(workers=1)), LocalExecutor)
+    assert isinstance(make_executor(request(workers=2)), RayExecutor)
+    assert isinstance(make_executor(request(ray_address="auto")), RayExecutor)
     monkeypatch.setenv("RAY_ADDRESS", "auto")
-    assert isinstance(make_executor(Execution()), RayExecutor)
+    assert isinstance(make_executor(request()), RayExecutor)
     monkeypatch.delenv("RAY_ADDRESS")
     with pytest.raises(OptionError, match="in-process") as raised:
         build_request("b", "t", "o", cpus_per_worker=2)  # worker resources without Ray: refused by the request

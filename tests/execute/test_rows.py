@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 import oracle
-from lorascale.execute.worker import Columns
+from lorascale.analyses.compare import Columns
 from runs import compare
 from lorascale.report import format_summary, summary_rows
 from lorascale.report.tables import open_run
@@ -193,6 +193,7 @@ def test_runs_written_before_labels_and_right_counts_still_read(clear_and_flat, 
     for part in (out / MATRICES).glob("*.parquet"):  # as the previous release wrote them
         pq.write_table(pq.read_table(part).drop_columns(["label", "intruders_right"]), part)
     manifest = json.loads((out / "manifest.json").read_text())
+    del manifest["format_version"]  # the previous release's manifests had no version (store/manifest.upgrade)
     for entry in (manifest["base"], *manifest["tuned"]):
         del entry["label"]
     (out / "manifest.json").write_text(json.dumps(manifest))

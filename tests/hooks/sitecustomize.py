@@ -14,7 +14,7 @@ _FAULT = os.environ.get("LORASCALE_TEST_FAULT", "")
 if _FAULT:
     import time
 
-    import lorascale.execute.worker as _worker
+    import lorascale.analyses.compare as _worker
 
     _original = _worker.analyse_job
     _calls = [0]

@@ -9,7 +9,6 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
-import sys
 import traceback
 from pathlib import Path
 from types import SimpleNamespace
@@ -389,6 +388,7 @@ def no_hub_call(monkeypatch):
 
 @pytest.mark.parametrize("reference", [
     "org/name--x", "org/-name", "org/name-", "org/.name", "org/name.", "org/na..me", "-org/name", "org/" + "n" * 96,
+    "o" * 60 + "/" + "n" * 40, "org/name.git",  # the whole id over 96; a name the Hub refuses (validate_repo_id)
 ])
 def test_bad_repo_ids_never_reach_the_hub(offline_hub, no_hub_call, reference):
     with pytest.raises(CheckpointReferenceError, match="not a valid Hugging Face repo id") as info:

@@ -120,8 +120,8 @@ def test_core_imports_without_cupy():
     import subprocess
     import sys
 
-    code = ("import sys, lorascale.pipeline, lorascale.execute.worker, lorascale.numerics.backends as b; "
-            "from lorascale.execute.routes import resolve; from lorascale.request import JobOptions; "
+    code = ("import sys, lorascale.pipeline, lorascale.analyses.compare, lorascale.numerics.backends as b; "
+            "from lorascale.execute.routes import resolve; from lorascale.analyses.options import JobOptions; "
             "resolve(JobOptions(device='cpu', backend='auto')); b.cupy_available(); assert 'cupy' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
 

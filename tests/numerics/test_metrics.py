@@ -28,8 +28,10 @@ def test_large_rank_one_update_creates_an_intruder():
     # Paper Section 5: W0 + lambda u v^T with lambda above sigma_max and random u, v adds a top singular
     # vector nearly orthogonal to every base vector.
     w0 = oracle.separated(96, 64, RNG)
-    u = RNG.standard_normal(96); u /= np.linalg.norm(u)
-    v = RNG.standard_normal(64); v /= np.linalg.norm(v)
+    u = RNG.standard_normal(96)
+    u /= np.linalg.norm(u)
+    v = RNG.standard_normal(64)
+    v /= np.linalg.norm(v)
     lam = 3.0 * np.linalg.svd(w0, compute_uv=False)[0]
     w = w0 + lam * np.outer(u, v)
     base = base_spectrum(_t(w0), ("left",), backend="torch")
@@ -90,7 +92,8 @@ def test_null_max_cos_matches_direct_simulation_and_scale(dim, n):
     if dim <= 1536:  # direct simulation with a real random basis, for the small cases
         rng = np.random.default_rng(7)
         basis = np.linalg.qr(rng.standard_normal((dim, n)))[0]
-        x = rng.standard_normal((dim, 400)); x /= np.linalg.norm(x, axis=0)
+        x = rng.standard_normal((dim, 400))
+        x /= np.linalg.norm(x, axis=0)
         direct = np.abs(basis.T @ x).max(axis=0).mean()
         assert value == pytest.approx(direct, rel=0.03)
 

@@ -167,7 +167,8 @@ def test_one_run_one_route_decision_for_every_ray_worker(monkeypatch):
     has: otherwise rows of one run would mix two decisions (different fp32 rounding)."""
     from lorascale.execute.local import LocalExecutor
     from lorascale.execute.ray_executor import RayExecutor
-    from lorascale.request import Analysis, JobOptions
+    from lorascale.analyses.options import JobOptions
+    from lorascale.request import Analysis
 
     _blas(monkeypatch, OPENBLAS)  # the driver: LAPACK everywhere
     prepared = RayExecutor(workers=2).prepare(JobOptions(device="cpu", backend="auto"))
@@ -217,7 +218,7 @@ def test_routes_pinned_by_a_run_of_an_earlier_version_are_kept():
 _ROUTES_SCRIPT = """
 import json
 from lorascale.execute.routes import describe, resolve
-from lorascale.request import JobOptions
+from lorascale.analyses.options import JobOptions
 print(json.dumps(describe(resolve(JobOptions(device="cpu", backend="auto")).routes)))
 """
 

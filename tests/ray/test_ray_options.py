@@ -16,10 +16,12 @@ from rayhelpers import demo_args, free_port
 
 from lorascale.cli import main
 from lorascale.errors import CheckpointReferenceError, ExecutionError, OptionError
-from lorascale.request import public_address
+from lorascale.scrub import public_address
 from lorascale.execute.ray_executor import RayExecutor, _MatrixWorker
 from lorascale.records import HubFile, TensorEntry
-from lorascale.request import Execution, JobOptions, build_request
+from lorascale.analyses.options import JobOptions
+from lorascale import settings
+from lorascale.request import build_request
 
 
 def test_public_address_drops_credentials_and_query():
@@ -32,13 +34,18 @@ def test_public_address_drops_credentials_and_query():
 
 def test_ray_is_used_only_when_asked(monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    assert not Execution().wants_ray
-    assert not Execution(workers=1).wants_ray
-    assert Execution(workers=2).wants_ray
-    assert Execution(ray_address="auto").wants_ray
-    assert Execution(ray_address="local", workers=1).wants_ray
+
+    def request(**options):
+        return build_request("b", "t", "o", environment=settings.run_environment(), **options)
+
+    assert not request().wants_ray
+    assert not request(workers=1).wants_ray
+    assert request(workers=2).wants_ray
+    assert request(ray_address="auto").wants_ray
+    assert request(ray_address="local", workers=1).wants_ray
     monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")  # as Ray users expect
-    assert Execution().wants_ray and Execution().address == "ray://head:10001"
+    assert request().wants_ray and request().ray_address == "ray://head:10001"
+    assert not build_request("b", "t", "o").wants_ray  # the environment is read at the edge, not below it
 
 
 @pytest.mark.parametrize("kwargs", [{"workers": 0}, {"cpus_per_worker": 0}, {"gpus_per_worker": -1}])
@@ -139,7 +146,7 @@ def test_worker_finds_every_tensor_of_a_dora_job_in_its_own_cache(offline_hub: P
 
     from hubcache import make_hub_cache
 
-    from lorascale.execute.worker import job_entries
+    from lorascale.analyses import job_entries
     from lorascale.records import LoraFactors, MatrixJob, TunedSource
 
     commit = make_hub_cache(offline_hub, "org/tiny", {"model.safetensors": b"x" * 64,

@@ -11,7 +11,7 @@ import pytest
 from report_fixtures import Tuned
 
 from lorascale.report import queries, series
-from lorascale.report.labels import short_labels, slug
+from lorascale.labels import short_labels, slug
 from lorascale.report.tables import natural_key, open_run
 
 

@@ -1,4 +1,5 @@
-"""Analyse one matrix job: load W0 and each tuned W, compare, and shape the rows of the three tables.
+"""The compare analysis (lorascale run), one matrix job: load W0 and each tuned W, compare, and shape the rows of
+the three tables.
 
 The rows take their column names from store/schema.py (the output contract), never from a list here.
 
@@ -10,11 +11,12 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
 
+from lorascale.analyses import TensorLoader
+from lorascale.analyses.options import JobOptions
 from lorascale.errors import NumericalError, option
 from lorascale.io.tensors import load_tensor, to_compute
 from lorascale.numerics.compare import (BaseSpectrum, ComparisonSettings, TunedComparison, base_spectrum,
@@ -24,16 +26,14 @@ from lorascale.numerics.operators import Dense, LowRankUpdate
 from lorascale.numerics.intruders import intruder_count
 from lorascale.numerics.metrics import lora_delta_singular_values
 from lorascale.records import LoraFactors, MatrixJob, MatrixResult, TensorEntry, TunedSource
-from lorascale.request import Analysis, JobOptions
+from lorascale.request import Analysis
 from lorascale.store.svd_cache import BaseSpectrumCache, compact
 from lorascale.store.schema import (MATRICES, METHOD_EXACT, METHOD_TOPK, METHOD_TOPK_FALLBACK, SCHEMAS, SIMILARITY,
                                     SPECTRA)
 
 COMPUTE_DTYPES = {"fp32": torch.float32, "fp64": torch.float64}
-# Reads one tensor in its stored dtype (io/tensors.load_tensor, or the local executor's prefetcher).
-TensorLoader = Callable[[TensorEntry], torch.Tensor]
 _LOG = logging.getLogger(__name__)
-_OVERFLOW_FIX = f"try {option('precision', 'fp64')}, or leave this matrix out with {option('exclude')}"
+OVERFLOW_FIX = f"try {option('precision', 'fp64')}, or leave this matrix out with {option('exclude')}"
 
 
 @functools.lru_cache(maxsize=4)
@@ -41,19 +41,6 @@ def _cache(directory: str, max_bytes: int | None, run: str | None) -> BaseSpectr
     """One cache object per run (JobOptions.cache_run) and process: it warns at most once, and never evicts
     the entries the run wrote to make room for the run's next ones."""
     return BaseSpectrumCache(directory, max_bytes=max_bytes)
-
-
-def job_entries(job: MatrixJob) -> Iterator[TensorEntry]:
-    """The tensors analyse_job reads, in the order it reads them (what a prefetcher should read ahead)."""
-    yield job.base
-    for source in job.tuned:
-        if source.full is not None:
-            yield source.full
-        elif source.lora is not None:
-            yield source.lora.a
-            yield source.lora.b
-            if source.lora.magnitude is not None:
-                yield source.lora.magnitude
 
 
 def analyse_job(job: MatrixJob, options: JobOptions, *, load: TensorLoader = load_tensor) -> MatrixResult:
@@ -80,7 +67,7 @@ def analyse_job(job: MatrixJob, options: JobOptions, *, load: TensorLoader = loa
                 raise
             # Inputs were finite (checked on load), so arithmetic overflowed: W - W0, or the LoRA core.
             raise NumericalError(f"{exc.text} while comparing {source.model}", path=source.model, tensor=job.matrix,
-                                 fix=_OVERFLOW_FIX) from exc
+                                 fix=OVERFLOW_FIX) from exc
         if comparison.top_check is not None and not comparison.top_check.passed:
             check = comparison.top_check
             _LOG.info("%s / %s: top-%d guard failed (angle bound %.1e after %d blocks, %d columns; residual "
@@ -118,7 +105,7 @@ class MatrixWork:
                 if exc.path is not None:
                     raise
                 raise NumericalError(exc.text, path=job.base.location, tensor=job.base.name,
-                                     fix=_OVERFLOW_FIX) from exc
+                                     fix=OVERFLOW_FIX) from exc
             if cache is not None and key is not None:
                 base = compact(base)  # compute with what the entry holds: cold and warm runs agree
                 cache.store(key, base, label=cache.label(job.base, analysis, routes.base))
@@ -144,7 +131,7 @@ class MatrixWork:
             # W0, A and B were checked finite on load: the adapter's merge itself overflows.
             raise NumericalError(f"{exc.text} although W0 and the LoRA factors are finite; the adapter's scale or "
                                  "factors are the cause", path=factors.a.location, tensor=self.job.matrix,
-                                 fix=_OVERFLOW_FIX) from exc
+                                 fix=OVERFLOW_FIX) from exc
         delta = lora_delta_singular_values(a, b, factors.scale)
         return compare_to_base(self.base, tuned, self.settings, delta_singular_values=delta)
 

@@ -1,8 +1,8 @@
-"""`lorascale mitigate`, one matrix job: the adapter's intruders among W's top k, W' = W + (lambda - 1) times
+"""The mitigate analysis (`lorascale mitigate`), one matrix job: the adapter's intruders among W's top k, W' = W + (lambda - 1) times
 their components, and the new lora_A / lora_B that give W' (numerics/mitigate.py); with the analysis rows of
 the adapter as it was (the run's tables), one row of the mitigation table, and the new factors.
 
-Shared by the in-process executor and the Ray actors (execute/local.run_local dispatches on JobOptions).
+Run by the in-process executor and the Ray actors alike (analyses.analysis_for picks it from JobOptions).
 """
 
 from __future__ import annotations
@@ -12,8 +12,10 @@ from dataclasses import replace
 
 import torch
 
+from lorascale.analyses.options import JobOptions
 from lorascale.errors import NumericalError
-from lorascale.execute.worker import _OVERFLOW_FIX, Columns, MatrixWork, RowBuilder, TensorLoader
+from lorascale.analyses import TensorLoader
+from lorascale.analyses.compare import OVERFLOW_FIX, Columns, MatrixWork, RowBuilder
 from lorascale.io.adapter import module_of
 from lorascale.io.tensors import TORCH_DTYPES, load_tensor
 from lorascale.numerics.compare import Triplets, summarise, tuned_triplets
@@ -22,7 +24,6 @@ from lorascale.numerics.metrics import lora_delta_singular_values, max_cos
 from lorascale.numerics.mitigate import intruder_directions, mitigate_update
 from lorascale.numerics.operators import LowRankUpdate
 from lorascale.records import LoraFactors, MatrixJob, MatrixResult, TunedSource
-from lorascale.request import JobOptions
 from lorascale.store.schema import MITIGATED, MITIGATION, UNCHANGED
 
 
@@ -71,7 +72,7 @@ def _mitigate(matrix: MatrixWork, source: TunedSource, factors: LoraFactors, opt
     except NumericalError as exc:
         raise NumericalError(f"{exc.text} although W0 and the LoRA factors are finite; the adapter's scale or factors "
                              "are the cause", path=factors.a.location, tensor=matrix.job.matrix,
-                             fix=_OVERFLOW_FIX) from exc
+                             fix=OVERFLOW_FIX) from exc
     triplets = tuned_triplets(matrix.base, update, matrix.settings)
     comparison = summarise(matrix.base, update, triplets, matrix.settings,
                            delta_singular_values=lora_delta_singular_values(a, b, factors.scale))

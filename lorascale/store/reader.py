@@ -1,5 +1,7 @@
-"""`lorascale.load(out)`: a results directory as pyarrow tables and a typed manifest, for notebooks, and the one
-reader of a results directory that `lorascale summary` and `lorascale report` open too (report/tables.py).
+"""The reading side of a results directory (store/writer.py is the writing side): `load(out)` gives its tables as
+pyarrow and its typed, upgraded manifest (manifest.py).  Every consumer reads through here: `lorascale.load`
+(api.py), `lorascale summary` and `lorascale report` (report/tables.py), mitigate (report/mitigation.py,
+pipeline.py).
 
 The tables are the output contract of store/schema.py, read with that schema (plain types, every part
 file alike).  `matrices` is small and read on first access; `spectra` and `similarity` hold one row per
@@ -110,13 +112,6 @@ class Results:
                               fix="pip install polars, or use the pyarrow table itself") from None
         return polars.from_arrow(self.table(name))
 
-    def summary(self) -> list[dict[str, Any]]:
-        """One row per tuned model: what `lorascale summary` prints (report/summary.py)."""
-        from lorascale.report.summary import rows_for_run
-        from lorascale.report.tables import run_view
-
-        return rows_for_run(run_view(self))
-
 
 def unreadable(path: Path, exc: BaseException) -> OutputError:
     """The error for a Parquet table that exists but cannot be read (truncated part, foreign file)."""
@@ -136,8 +131,8 @@ def load(out: str | Path, *, partial: bool = False) -> Results:
     usage error); a run that is not complete (running, failed, interrupted) holds partial tables and is
     refused (OutputError, exit 6) unless `partial=True`.
 
-    >>> results = lorascale.load("results/")  # doctest: +SKIP
-    >>> results.matrices.to_pandas()           # doctest: +SKIP
+    >>> load("results/").matrices.column("model").unique().to_pylist()
+    ['org/full-ft', '/scratch/runs/lora-r4/final']
     """
     root = Path(out)
     if not root.is_dir():
