@@ -91,16 +91,17 @@ def method_family(backend: str) -> str:
     return BACKENDS[backend].family
 
 
-def entry_nbytes(shape: tuple[int, int], sides: Iterable[str], *, precision: str = "fp32") -> int:
+def entry_nbytes(shape: tuple[int, int], sides: Iterable[str], *, precision: str | None = None) -> int:
     """Bytes one entry for a base matrix of `shape` takes on disk, header excluded: S (p,) in the compute
-    precision and each side's vectors, U0 (m, p) / V0 (n, p), in their stored dtype (p = min(m, n)).
+    precision (None: the default's, request.Analysis) and each side's vectors, U0 (m, p) / V0 (n, p), in their
+    stored dtype (p = min(m, n)).
 
     >>> entry_nbytes((4096, 4096), ["left"])  # fp16 U0 and fp32 S
     33570816
     """
     m, n = shape
     p = min(m, n)
-    compute = _COMPUTE[precision]
+    compute = _COMPUTE[precision or Analysis().precision]
     rows = {"left": m, "right": n}
     return p * compute.itemsize + sum(rows[side] * p * STORED_VECTOR_DTYPES[compute].itemsize for side in set(sides))
 
