@@ -62,7 +62,7 @@ def compare(base: str | os.PathLike | Mapping[str, str] | None, tuned: str | os.
     `"NAME=REF"`, a dict `{"NAME": "REF"}` or `label=[...]` (one per tuned model) labels a model in the tables
     and figures.  `base=None`: the base the adapters name (adapter_config.json base_model_name_or_path).
     Every other keyword is an option of the run, a field of request.RunRequest (k, epsilon, side, precision,
-    mode, top_k, include, exclude, rename, device, backend, driver, cache_dir, use_cache, workers,
+    mode, top_k, include, exclude, rename, device, backend, driver, cache_dir, use_cache, cache_max_size, workers,
     ray_address, no_pickle, scratch_dir, overwrite, resume, report, series, ...); see `lorascale run --help`
     for their meaning.  `report=True` also writes out/report/ (figures and index.html).  `progress=True`
     shows a progress bar (tqdm: a widget in Jupyter, a text bar in a terminal); `executor` (an

@@ -207,6 +207,11 @@ class Execution:
         parse="path", controls="the base-SVD cache read and written"))  # None: RunRequest.cache_dir
     use_cache: bool = field(default=True, metadata=declare(
         "Neither read nor write the base-SVD cache.", flag="--no-cache", parse="flag", false_flag=True))
+    # None: the environment's (LORASCALE_CACHE_MAX_SIZE, else settings.DEFAULT_CACHE_MAX_SIZE); not the run's identity
+    cache_max_size: int | str | None = field(default=None, metadata=declare(
+        "Bound on the base-SVD cache (50GB, 500MiB, bytes); least recently used entries are evicted to stay under "
+        "it (default: $LORASCALE_CACHE_MAX_SIZE, else 50GB).  See `lorascale cache` and docs/CACHE.md.",
+        metavar="SIZE", controls="the base-SVD cache's size"))
     ray_address: str | None = field(default=None, metadata=declare(
         "Run on Ray: auto, ray://host:10001, host:port, or local (default: $RAY_ADDRESS; else in-process).",
         controls="manifest.json execution"))
@@ -232,6 +237,13 @@ class Execution:
             raise OptionError(f"{option('backend', self.backend)} needs a CUDA device",
                               fix=f"use {option('device', 'cuda')}, or {option('backend', 'torch')}")
         _flag("use_cache", self.use_cache)
+        if self.cache_max_size is not None:
+            from lorascale.sizes import parse_size
+
+            try:
+                object.__setattr__(self, "cache_max_size", parse_size(self.cache_max_size))
+            except ValueError as exc:
+                raise OptionError(f"{option('cache_max_size')}: {exc}", fix="e.g. 50GB or 500MiB") from None
         object.__setattr__(self, "cache_dir", _optional_path(self.cache_dir))
         for name, low, inclusive in (("workers", 1, True), ("cpus_per_worker", 0, False), ("gpus_per_worker", 0, True)):
             value = getattr(self, name)
@@ -341,6 +353,12 @@ class RunRequest:
         if not self.execution.use_cache:
             return None
         return self.execution.cache_dir or self.environment.cache_dir
+
+    @property
+    def cache_max_size(self) -> int | None:
+        """The bound on the base-SVD cache, in bytes: the one given, else the environment's."""
+        given = self.execution.cache_max_size
+        return int(given) if given is not None else self.environment.cache_max_size
 
     @property
     def ray_address(self) -> str | None:

@@ -79,6 +79,31 @@ def cache_dir() -> Path:
     return Path(_cache_home()) / "lorascale"
 
 
+# The base-SVD cache's bound when neither --cache-max-size nor LORASCALE_CACHE_MAX_SIZE says: a fixed size, the
+# same on every machine (docs/CACHE.md says why 50 GB).
+DEFAULT_CACHE_MAX_SIZE = 50 * 10**9
+
+
+def cache_max_size() -> int | None:
+    """LORASCALE_CACHE_MAX_SIZE in bytes (`50GB`, `500MiB`, a number of bytes), else DEFAULT_CACHE_MAX_SIZE.
+
+    An unparseable value is an OptionError naming the variable (not a silent default: a bound the user set
+    and lorascale ignored would fill their disk).  Never None today; typed so for callers that treat None as
+    no bound.
+    """
+    from lorascale.errors import OptionError
+    from lorascale.sizes import parse_size
+
+    value = _env("LORASCALE_CACHE_MAX_SIZE")
+    if value is None:
+        return DEFAULT_CACHE_MAX_SIZE
+    try:
+        return parse_size(value)
+    except ValueError as exc:
+        raise OptionError(f"LORASCALE_CACHE_MAX_SIZE: {exc}",
+                          fix="set it to e.g. 50GB or 500MiB, or unset it for the default of 50GB") from None
+
+
 def progress_seconds() -> float:
     """LORASCALE_PROGRESS_SECONDS: at most this long between progress lines when stderr is not a terminal
     (default 30; stages are shown once they last 2 s or this long, whichever is shorter)."""
@@ -102,8 +127,9 @@ class RunEnvironment:
 
     cache_dir: Path | None = None  # the base-SVD cache when none is given (cache_dir()); None: no cache
     ray_address: str | None = None  # the Ray address when none is given (RAY_ADDRESS)
+    cache_max_size: int | None = DEFAULT_CACHE_MAX_SIZE  # the cache's bound when none is given (cache_max_size())
 
 
 def run_environment() -> RunEnvironment:
-    """The environment of a run started now: cache_dir() and ray_address()."""
-    return RunEnvironment(cache_dir=cache_dir(), ray_address=ray_address())
+    """The environment of a run started now: cache_dir(), ray_address() and cache_max_size()."""
+    return RunEnvironment(cache_dir=cache_dir(), ray_address=ray_address(), cache_max_size=cache_max_size())

@@ -102,7 +102,7 @@ def test_library_errors_name_options_not_flags():
 # errors/records/version/settings/labels are the foundations; numerics imports none of the other packages;
 # cli, api and the package's own __init__ sit on top.  Adding a package means adding it here, on purpose.
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("errors", "records", "version", "settings", "labels", "scrub", "optionspec", "extras"),
+    ("errors", "records", "version", "settings", "labels", "scrub", "optionspec", "extras", "sizes"),
     ("numerics",),
     ("io",),
     ("plan",),
@@ -213,7 +213,7 @@ def test_imports_follow_the_layer_order():
 # Who may read the environment (settings.py): the edge, and two readers that run where the files are, which is a
 # Ray worker's node as often as the driver's machine.  Everything else gets what it needs in the request.
 SETTINGS_READERS = {
-    "lorascale.cli", "lorascale.cli.progress", "lorascale.api",  # the edge
+    "lorascale.cli", "lorascale.cli.progress", "lorascale.cli.cache", "lorascale.api",  # the edge
     "lorascale.request",  # the type RunEnvironment only: the values come from the edge (test below)
     "lorascale.io.resolve",  # the hub settings, on whichever node fetches the files (not yet carried in the request)
     "lorascale.store.overlap",  # the hub cache an --out must not lie in (the same hub settings as io.resolve)

@@ -3,6 +3,7 @@ and how a request becomes one (job_options)."""
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass, field
 
 from lorascale.numerics.backends import Routes
@@ -23,6 +24,10 @@ class JobOptions:
     routes: Routes | None = None
     cache_dir: str | None = None
     mitigation: Mitigation | None = None  # set: each job also rewrites its adapter's factors
+    cache_max_size: int | None = None  # bytes the base-SVD cache may hold (None: no bound)
+    # one per run (job_options): the workers' cache object is per run, so a run protects the entries it wrote
+    # from its own eviction and warns about the cache at most once
+    cache_run: str | None = None
 
 
 def job_options(request: RunRequest, *, routes: Routes | None = None) -> JobOptions:
@@ -31,4 +36,5 @@ def job_options(request: RunRequest, *, routes: Routes | None = None) -> JobOpti
     cache = request.cache_dir
     return JobOptions(analysis=request.analysis, device=execution.device, backend=execution.backend,
                       driver=execution.driver, routes=routes, cache_dir=str(cache) if cache is not None else None,
-                      mitigation=request.mitigation)
+                      mitigation=request.mitigation, cache_max_size=request.cache_max_size if cache else None,
+                      cache_run=uuid.uuid4().hex if cache is not None else None)

@@ -400,3 +400,8 @@ def report(results: Path, out: Path | None, matrices: tuple[str, ...], **options
     if options["allow_partial"]:
         _warn_if_partial(results)
     click.echo(str(index))
+
+
+from lorascale.cli.cache import cache as _cache_commands  # noqa: E402  (lorascale cache ls | rm | prune)
+
+main.add_command(_cache_commands)
