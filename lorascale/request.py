@@ -37,6 +37,7 @@ SIDES: dict[str, tuple[str, ...]] = {"left": ("left",), "right": ("right",), "bo
 PRECISIONS = ("fp32", "fp64")
 MODES = ("topk", "exact")
 RANK_MODES = ("r+intruders", "r", "auto")  # how mitigation writes dW' back (numerics/mitigate.py)
+DEFAULT_AMPLIFICATION_RANK = 16  # Hu et al.'s r of the amplification factor for a full fine-tune's dW
 DEFAULT_TOP_K = 64  # tuned triplets a topk run computes unless told (or k, when larger): re-thresholding up to it
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
@@ -132,9 +133,12 @@ class Analysis:
     precision: Literal["fp32", "fp64"] = "fp32"  # arithmetic of the decompositions; weights are read as stored
     mode: Literal["exact", "topk"] = "topk"  # topk: the top `top_k` tuned triplets, guarded; exact: all of them
     top_k: int | None = None  # tuned triplets a topk run computes; None: DEFAULT_TOP_K, or k when larger
+    # r of the amplification factor (numerics/spectral.py) for a full fine-tune's dW; adapters use their rank
+    amplification_rank: int = DEFAULT_AMPLIFICATION_RANK
 
     def __post_init__(self) -> None:
         check_k(self.k)
+        check_k(self.amplification_rank, "amplification_rank")
         object.__setattr__(self, "epsilon", check_epsilon(self.epsilon))
         check_side(self.side)
         _choice("precision", self.precision, PRECISIONS)
@@ -283,14 +287,16 @@ class RunRequest:
 
     def manifest_options(self) -> dict[str, Any]:
         """The manifest's `options`: the request as a run records it (and a rerun must match, for the keys
-        store/run_directory.py compares).  `rename` only when given, so runs written before it keep their
-        identity; `top_k` only in topk mode; `cache_dir` as the run resolved it (None: no cache)."""
+        store/run_directory.py compares).  `rename` and `amplification_rank` only when given (not the
+        default), so runs written before them keep their identity; `top_k` only in topk mode; `cache_dir` as the run resolved it (None: no cache)."""
         analysis, selection, execution = self.analysis, self.selection, self.execution
         options: dict[str, Any] = {
             "k": analysis.k, "epsilon": analysis.epsilon, "side": analysis.side, "precision": analysis.precision,
             "include": list(selection.include), "exclude": list(selection.exclude)}
         if selection.rename:
             options["rename"] = list(selection.rename)
+        if analysis.amplification_rank != DEFAULT_AMPLIFICATION_RANK:
+            options["amplification_rank"] = analysis.amplification_rank
         options.update({"driver": execution.driver, "backend": execution.backend, "mode": analysis.mode,
                         "top_k": analysis.top_vectors if analysis.mode == "topk" else None,
                         "cache_dir": str(self.cache_dir) if self.cache_dir is not None else None})

@@ -187,6 +187,10 @@ def _common_options(command: Any) -> Any:
 @click.option("--out", type=click.Path(path_type=Path), required=True, metavar="DIR", help="Results directory.")
 @click.option("--side", type=click.Choice(list(SIDES)), default=_ANALYSIS.side, show_default=True,
               help="Singular vectors compared: left (output space, as in the paper), right, or both.")
+@click.option("--amplification-rank", "amplification_rank", type=click.IntRange(min=1),
+              default=_ANALYSIS.amplification_rank, show_default=True,
+              help="r of the amplification factor (matrices.amplification) for a full fine-tune's dW; an adapter "
+                   "uses its own rank.")
 @click.option("--scratch-dir", type=click.Path(path_type=Path), default=None,
               help="Disk-light hub runs: download hub weight files here instead of the hub cache and delete each "
                    "once its matrices are done (files already in the hub cache are read there, never deleted).")

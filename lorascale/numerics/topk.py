@@ -16,7 +16,10 @@ W^T u_j = s_j v_j exactly, and the iteration stops as soon as the guard passes:
 - Wedin's theorem: the angles of u_j and v_j to the true singular vectors are at most ||r_j|| / delta_j.
 The guard passes when that bound is <= `tolerance` (1e-4: max_cos is then within ~1e-4 of the exact SVD's,
 docs/METHOD.md section 9) for each of the first `counted` vectors (the top k whose intruder status is
-counted), and the top Ritz values moved by less than `tolerance` (relative) since the previous block.  The
+counted), every returned value's residual is <= `SIGMA_TOLERANCE` * s_0 (Weyl: each stored singular value,
+not only the counted ones, is then within 1e-5 of sigma_max of a true one; issue 25), and the top Ritz values
+moved by less than `tolerance` (relative) since the previous block.  The per-vector bounds of every returned
+vector (beyond the counted ones too) come back in `TopSingular.angle_bounds`.  The
 bound assumes that the basis has not missed a singular value between the Ritz values it bounds, which a
 Gaussian part of the start block makes a probability-zero event; the stability test catches one found late.
 When the guard does not pass within `max_iterations` blocks, the caller uses the exact SVD (matrices.method
@@ -36,6 +39,7 @@ DEFAULT_OVERSAMPLE = 16  # block columns beyond K: the Ritz values just below th
 RANDOM_COLUMNS = 8  # Gaussian columns in every start block, whatever the warm columns
 MAX_ITERATIONS = 16  # blocks added to the start block before giving up (then: the exact SVD)
 ANGLE_TOLERANCE = 1e-4  # bound on sin(angle) of each counted vector
+SIGMA_TOLERANCE = 1e-5  # bound on |s_j - sigma| / s_0 of every returned value (Weyl: ||r_j|| / s_0)
 
 Operator = Dense | LowRankUpdate
 
@@ -49,6 +53,7 @@ class TopCheck:
     iterations: int  # Krylov blocks after the start block
     basis: int  # columns of the final basis
     passed: bool
+    sigma_bound: float = 0.0  # max over the top K of ||r_j|| / s_0: each value is within this of a true one
 
 
 @dataclass(frozen=True)
@@ -59,6 +64,8 @@ class TopSingular:
     s: torch.Tensor  # (K,) descending
     vh: torch.Tensor  # (K, n)
     check: TopCheck
+    # (K,) float64: ||r_j|| / delta_j, the Wedin bound on sin(angle) of each returned vector (inf: no gap)
+    angle_bounds: torch.Tensor | None = None
 
 
 def _orthonormal(columns: torch.Tensor) -> torch.Tensor:
@@ -190,14 +197,21 @@ def _triplets(operator: Operator, blocks: list[torch.Tensor], ritz: _Ritz, value
     # for singular vectors): a vector of a close pair is held to that, not to more than exact mode delivers.
     floor = math.sqrt(min(operator.shape)) * torch.finfo(dtype).eps * float(s[0]) if wanted else 0.0
     bounds, passed = [], True
-    for j in range(counted):
+    for j in range(min(rank, wanted)):  # every returned vector's bound; the counted ones decide the guard
         above = s[j - 1] - residuals[j - 1] - s[j] if j > 0 else math.inf
         below = s[j] - s[j + 1] - residuals[j + 1] if j + 1 < wanted else math.inf
         gap = min(float(above), float(below))
         bound = float(residuals[j]) / gap if gap > 0 else math.inf
         bounds.append(bound)
-        passed = passed and bound <= max(tolerance, floor / gap if gap > 0 else 0.0)
-    angle = max(bounds, default=0.0)
+        if j < counted:
+            passed = passed and bound <= max(tolerance, floor / gap if gap > 0 else 0.0)
+    angle = max(bounds[:counted], default=0.0)
     residual = float((residuals[:rank] / s[:rank].clamp_min(tiny)).max()) if rank else 0.0
-    check = TopCheck(angle_bound=angle, residual=residual, iterations=iteration, basis=basis, passed=passed)
-    return TopSingular(u=u[:, :rank], s=s[:rank].to(dtype), vh=v[:, :rank].T.contiguous(), check=check)
+    # Every returned value within SIGMA_TOLERANCE * s_0 of a true one (Weyl), or the exact SVD is used.
+    # (An fp32 residual is itself only good to about sqrt(p) eps s_0: that floor where it is the larger.)
+    sigma_bound = float(residuals[:rank].max() / s[0].clamp_min(tiny)) if rank else 0.0
+    passed = passed and sigma_bound <= max(SIGMA_TOLERANCE, floor / max(float(s[0]), tiny))
+    check = TopCheck(angle_bound=angle, residual=residual, iterations=iteration, basis=basis, passed=passed,
+                     sigma_bound=sigma_bound)
+    return TopSingular(u=u[:, :rank], s=s[:rank].to(dtype), vh=v[:, :rank].T.contiguous(), check=check,
+                       angle_bounds=torch.tensor(bounds, dtype=torch.float64))

@@ -4,6 +4,7 @@ What lorascale writes in --out, and so all that `--overwrite` ever removes:
     manifest.json, .lorascale.lock, .lorascale.pid,
     matrices/ spectra/ similarity/  holding part-NNNNNN.parquet and .tmp-* files,
     mitigation/ factors/ adapter/  for `lorascale mitigate` (adapter/ when it carries lorascale's marker),
+    pairs/  for a run of two or more tuned models,
     report/  when it carries lorascale's report marker.
 Anything else in --out is the user's and is left alone; a non-empty directory without a lorascale
 manifest is refused, with or without --overwrite.
@@ -40,8 +41,9 @@ _DIRECTORIES = (*TABLES, *OPTIONAL_TABLES, FACTORS_DIR)
 
 # Options that change the numbers: a rerun with other values is another run, not a continuation.
 # "rename" is recorded only when given, so runs written before the option existed keep their identity.
+# So is "amplification_rank" (issue 25), recorded only when not the default: older runs used the default.
 _RUN_OPTIONS = ("k", "epsilon", "side", "precision", "include", "exclude", "mode", "top_k", "rename",
-                "mitigation_lambda", "rank")
+                "mitigation_lambda", "rank", "amplification_rank")
 
 
 def now() -> str:
