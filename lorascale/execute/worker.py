@@ -226,7 +226,9 @@ class RowBuilder:
             max_cos=max_cos if max_cos is not None else np.full(p, np.nan),
             argmax=argmax.astype(np.int32) if argmax is not None else np.full(p, -1, np.int32),
             expert=np.full(p, self.job.expert, dtype=object),
-            sigma_ratio=ratio, angle_bound=angle_bound[:p] if angle_bound is not None else nulls)
+            sigma_ratio=ratio,  # an unbounded angle (no gap known) is stored as null, never inf
+            angle_bound=np.where(np.isfinite(angle_bound[:p]), angle_bound[:p], np.nan) if angle_bound is not None
+            else nulls)
 
     def add_base(self, base: BaseSpectrum) -> None:
         """The base's spectrum rows, one block per side, labelled with the job's base_model."""

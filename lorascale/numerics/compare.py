@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -110,7 +111,8 @@ def compare_to_base(base: BaseSpectrum, tuned: Operator | torch.Tensor, settings
     `settings.top_k=None` (exact mode): the full SVD of W; max_cos and singular values of every tuned vector.
     `top_k=K` (topk mode): the top K triplets from top_singular(), warm-started from the base's top vectors
     (and an adapter's B), when its guard passes at `topk_tolerance` for the first `separated` vectors (those
-    whose intruder status is counted), else from the exact SVD; values, max_cos and argmax of those K only.
+    whose intruder status is counted), else from the exact SVD; values, max_cos and argmax of those K only,
+    or of the leading K' < K whose values are guarded to 1e-5 sigma_max (topk.TopSingular.guarded_count).
     """
     if isinstance(tuned, torch.Tensor):
         tuned = Dense(tuned)
@@ -178,7 +180,12 @@ def tuned_triplets(base: BaseSpectrum, tuned: Operator, settings: ComparisonSett
     top = top_singular(tuned, top_k, counted=settings.separated, warm=_warm_columns(base, tuned, top_k),
                        tolerance=settings.topk_tolerance)
     if top.check.passed:
-        return Triplets(top.u, top.s, top.vh, top.check, top.angle_bounds)
+        # Store what is claimed (issue 25): the leading values within 1e-5 sigma_max of true ones (fp32's
+        # residual floor where larger), at least the counted k (their angle guard bounds them far tighter).
+        floor = math.sqrt(min(tuned.shape)) * torch.finfo(top.s.dtype).eps
+        keep = max(top.guarded_count(floor), min(settings.separated, top.s.numel()))
+        bounds = top.angle_bounds[:keep] if top.angle_bounds is not None else None
+        return Triplets(top.u[:, :keep], top.s[:keep], top.vh[:keep], top.check, bounds)
     u, s, vh = svd(tuned.dense(), driver=driver, backend=routes.tuned)
     return Triplets(u[:, :top_k], s[:top_k], vh[:top_k], top.check)
 

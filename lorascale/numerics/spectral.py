@@ -33,6 +33,7 @@ class UpdateSpectrum:
     s: torch.Tensor  # every singular value of dW, descending: r of them for an adapter, min(m, n) otherwise
     amplification: float | None  # None: dW = 0, or W0 vanishes on dW's top subspace
     amplification_rank: int  # the r of U_r, V_r: the adapter's rank, or the run's amplification_rank
+    tuned_fro_squared: float | None = None  # ||W||_F^2 where computed on the way (an adapter's, from its factors)
 
 
 @dataclass(frozen=True)
@@ -94,19 +95,27 @@ def update_factors(update: LowRankUpdate) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def lowrank_update_spectrum(update: LowRankUpdate) -> UpdateSpectrum:
-    """An adapter's dW = s L R^T from its r x r core: the singular values (as numerics.metrics computes them)
-    and the amplification at r = the adapter's rank, with U_r = Q_L U_c, V_r = Q_R V_c."""
+    """An adapter's dW = s L R^T from its r x r core: the singular values (as numerics.metrics computes them),
+    the amplification at r = the adapter's rank with U_r = Q_L U_c, V_r = Q_R V_c, and ||W||_F^2, all from one
+    product of W0 with r columns (Y = W0 Q_R): U_r^T W0 V_r = U_c^T (Q_L^T Y) V_c and <W0, L R^T> = tr(L^T Y R_R)."""
     values = lora_delta_singular_values(update.a, update.b, update.scale)  # (r,)
     left, right = update_factors(update)
     rank = min(left.shape[1], left.shape[0], right.shape[0])  # the vectors U_r, V_r can have
-    if values.numel() == 0 or not float(values.max()) > 0.0:  # dW = 0: amplification undefined
-        return UpdateSpectrum(s=values, amplification=None, amplification_rank=rank)
-    q_left, r_left = torch.linalg.qr(left)  # (m, r), (r, r)
-    q_right, r_right = torch.linalg.qr(right)  # (n, r), (r, r)
-    u_core, _, vh_core = torch.linalg.svd(update.scale * (r_left @ r_right.T))  # (r, r) core
-    u_r, v_r = q_left @ u_core[:, :rank], q_right @ vh_core[:rank].T  # (m, r), (n, r)
-    fro = float(torch.linalg.vector_norm(values.double()))
-    return UpdateSpectrum(s=values, amplification=amplification(update.w0, u_r, v_r, fro), amplification_rank=rank)
+    q_left, r_left = torch.linalg.qr(left)  # (m, r'), (r', r)
+    q_right, r_right = torch.linalg.qr(right)  # (n, r''), (r'', r)
+    y = update.w0 @ q_right  # (m, n) @ (n, r'') -> (m, r''): the one product with W0
+    cross = float(((left.T @ y).double() * r_right.T.double()).sum())  # tr((r, m) @ (m, r'') @ (r'', r))
+    delta_squared = float((values.double() ** 2).sum())
+    tuned_squared = (float(torch.linalg.vector_norm(update.w0, dtype=torch.float64)) ** 2
+                     + 2.0 * update.scale * cross + delta_squared)
+    if not delta_squared > 0.0:  # dW = 0: amplification undefined
+        return UpdateSpectrum(s=values, amplification=None, amplification_rank=rank, tuned_fro_squared=tuned_squared)
+    u_core, _, vh_core = torch.linalg.svd(update.scale * (r_left @ r_right.T))  # (r', r'') core
+    projected = u_core[:, :rank].T @ (q_left.T @ y) @ vh_core[:rank].T  # U_r^T W0 V_r, (r, r)
+    norm = float(torch.linalg.vector_norm(projected.double()))
+    value = math.sqrt(delta_squared) / norm if norm > 0.0 else math.inf
+    return UpdateSpectrum(s=values, amplification=value if math.isfinite(value) else None, amplification_rank=rank,
+                          tuned_fro_squared=tuned_squared)
 
 
 def dense_update_spectrum(w0: torch.Tensor, delta: torch.Tensor, rank: int, *, driver: str | None = None,
@@ -124,13 +133,13 @@ def dense_update_spectrum(w0: torch.Tensor, delta: torch.Tensor, rank: int, *, d
 
 
 def _top_subspace(delta: torch.Tensor, values: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """dW's top-`rank` left and right singular subspaces (m, r), (n, r).  Krylov triplets satisfy
-    dW^T U = V S exactly, so Wedin bounds the subspace angle by ||dW V - U S||_F / (s_r - sigma_{r+1})."""
+    """dW's top-`rank` left and right singular subspaces (m, r), (n, r): block Krylov until Wedin's bound on the
+    subspace, ||dW V - U S||_F / (s_r - sigma_{r+1}), is <= SUBSPACE_TOLERANCE (sigma_{r+1} known from the
+    values); the exact SVD of dW where it is not reached (no gap after r)."""
     if rank < values.numel():
-        top = top_singular(Dense(delta), rank, counted=0)  # its value guard bounds every residual
-        residual = float(torch.linalg.vector_norm((delta @ top.vh.T - top.u * top.s).double()))
-        gap = float(top.s[-1]) - float(values[rank])
-        if gap > 0 and residual / gap <= SUBSPACE_TOLERANCE:
+        top = top_singular(Dense(delta), rank, counted=0, tolerance=SUBSPACE_TOLERANCE,
+                           next_value=float(values[rank]))
+        if top.check.passed:
             return top.u, top.vh.T
     u, _, vh = torch.linalg.svd(delta, full_matrices=False)
     return u[:, :rank], vh[:rank].T
@@ -178,7 +187,8 @@ def update_measures(*, base_s: torch.Tensor, update: UpdateSpectrum | None, delt
         delta_rank_90=energy_rank(delta_s, 0.90), delta_rank_99=energy_rank(delta_s, 0.99),
         base_rank_90=energy_rank(base_s, 0.90),
         delta_stable_rank=stable_rank(fro_squared, top) if fro_squared > 0 else None,
-        tuned_stable_rank=stable_rank(tuned_fro_squared(tuned), tuned_top),
+        tuned_stable_rank=stable_rank(update.tuned_fro_squared if update is not None and update.tuned_fro_squared
+                                      is not None else tuned_fro_squared(tuned), tuned_top),
         amplification=update.amplification if update is not None else None,
         amplification_rank=update.amplification_rank if update is not None else None,
         subspace_overlap=overlaps.get("left"), subspace_overlap_right=overlaps.get("right"))

@@ -84,6 +84,7 @@ def test_adapter_spectrum_and_amplification_from_the_core(transposed, scale):
     np.testing.assert_allclose(got.s.numpy(), want_s[:r], rtol=1e-10)
     assert got.amplification_rank == r
     assert got.amplification == pytest.approx(np_amplification(w0, delta, r), rel=1e-10)
+    assert got.tuned_fro_squared == pytest.approx(np.linalg.norm(w0 + delta) ** 2, rel=1e-12)
 
 
 def test_adapter_with_zero_update_has_no_amplification():
@@ -205,23 +206,41 @@ def _rank_one_tuned(m: int, n: int, rng: np.random.Generator) -> tuple[np.ndarra
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_every_returned_singular_value_is_within_the_tolerance_of_the_exact_one(dtype):
+@pytest.mark.parametrize("blocks", [0, 1, 16], ids=["start block only", "one block", "converged"])
+def test_value_and_angle_bounds_hold_for_every_returned_triplet(dtype, blocks):
+    """Whatever the iteration reached, each value is within its stored bound of the exact one and each vector
+    within its angle bound; the guarded prefix (what a run stores) is within 1e-5 sigma_max.  Stopped early,
+    the tail is not converged (the MiniLM r=1 case of issue 25: rank 61 off by 1.5e-4 sigma_max) and the
+    guarded prefix is shorter than K: a run then stores fewer values, never a wrong one."""
     rng = np.random.default_rng(10)
     w0, w = _rank_one_tuned(384, 256, rng)
-    exact = np.linalg.svd(w, compute_uv=False)
+    exact_u, exact, _ = np.linalg.svd(w, full_matrices=False)
     u0 = np.linalg.svd(w0, full_matrices=False)[0]
-    top = top_singular(Dense(t(w).to(dtype)), 64, counted=10, warm=t(u0[:, :80]).to(dtype))
-    assert top.check.passed
+    top = top_singular(Dense(t(w).to(dtype)), 64, counted=10, warm=t(u0[:, :80]).to(dtype), max_iterations=blocks)
     got = top.s.double().numpy()
-    assert np.abs(got - exact[:64]).max() <= SIGMA_TOLERANCE * exact[0]  # all 64, not only the counted 10
-    assert top.check.sigma_bound <= SIGMA_TOLERANCE
-    # Each vector's stored angle bound holds: sin(angle to the exact vector) <= bound (where it is finite).
-    uu = np.linalg.svd(w, full_matrices=False)[0]
+    noise = 1e-6 * exact[0] if dtype == torch.float32 else 1e-12 * exact[0]
+    assert (np.abs(got - exact[:64]) <= top.value_bounds.numpy() + noise).all()
+    kept = top.guarded_count(math.sqrt(256) * torch.finfo(dtype).eps)
+    assert (np.abs(got[:kept] - exact[:kept]) <= SIGMA_TOLERANCE * exact[0]).all()
+    if blocks == 0:
+        assert kept < 64 and np.abs(got - exact[:64]).max() > SIGMA_TOLERANCE * exact[0]  # the tail is off
     got_u = top.u.double().numpy()
     got_u = got_u / np.linalg.norm(got_u, axis=0)
-    along = (got_u * uu[:, :64]).sum(axis=0)  # sin = the part of u_j orthogonal to the exact vector
-    sines = np.linalg.norm(got_u - uu[:, :64] * along, axis=0)
+    along = (got_u * exact_u[:, :64]).sum(axis=0)  # sin = the part of u_j orthogonal to the exact vector
+    sines = np.linalg.norm(got_u - exact_u[:, :64] * along, axis=0)
     bounds = top.angle_bounds.numpy()
-    assert bounds.shape == (64,) and (bounds[:10] <= 1e-4).all()
     finite = np.isfinite(bounds)
+    assert bounds.shape == (64,)
     assert (sines[finite] <= bounds[finite] + (1e-6 if dtype == torch.float32 else 1e-12)).all()
+
+
+def test_the_subspace_guard_bounds_the_top_r_subspace():
+    rng = np.random.default_rng(11)
+    delta = oracle.separated(200, 120, rng, top=1.0, gap=0.97)
+    s = np.linalg.svd(delta, compute_uv=False)
+    top = top_singular(Dense(t(delta)), 16, counted=0, next_value=float(s[16]))
+    assert top.check.passed
+    u = np.linalg.svd(delta, full_matrices=False)[0][:, :16]
+    # sin of the largest principal angle between the two 16-dimensional subspaces
+    sin = np.linalg.norm(top.u.numpy() - u @ (u.T @ top.u.numpy()), 2)
+    assert sin <= 1e-4
