@@ -22,8 +22,10 @@ from lorascale.numerics.topk import ANGLE_TOLERANCE, top_singular
 
 Operator = Dense | LowRankUpdate
 # Subspace angle (sin) the Krylov top-r vectors of a full fine-tune's dW are held to before amplification uses
-# them; beyond it, the exact SVD of dW gives them.
+# them (or the dtype's floor); where that is not reached, the amplification is null (see _top_subspace).
 SUBSPACE_TOLERANCE = ANGLE_TOLERANCE
+SUBSPACE_GAP = 1e-3  # (s_r - s_{r+1}) / s_1 below which dW's top-r subspace counts as undetermined
+SUBSPACE_BLOCKS = 8  # Krylov blocks tried for it (each: two products of dW with r + 16 columns)
 
 
 @dataclass(frozen=True)
@@ -31,7 +33,7 @@ class UpdateSpectrum:
     """dW's singular values and its amplification factor (Hu et al., 7.3)."""
 
     s: torch.Tensor  # every singular value of dW, descending: r of them for an adapter, min(m, n) otherwise
-    amplification: float | None  # None: dW = 0, or W0 vanishes on dW's top subspace
+    amplification: float | None  # None: dW = 0, W0 vanishes on dW's top subspace, or that is undetermined
     amplification_rank: int  # the r of U_r, V_r: the adapter's rank, or the run's amplification_rank
     tuned_fro_squared: float | None = None  # ||W||_F^2 where computed on the way (an adapter's, from its factors)
 
@@ -121,28 +123,34 @@ def lowrank_update_spectrum(update: LowRankUpdate) -> UpdateSpectrum:
 def dense_update_spectrum(w0: torch.Tensor, delta: torch.Tensor, rank: int, *, driver: str | None = None,
                           backend: str = "torch") -> UpdateSpectrum:
     """A full fine-tune's (or DoRA's) dW (m, n): every singular value (svdvals, the run's delta route) and the
-    amplification at `rank` from dW's top-`rank` singular vectors (block Krylov, held to SUBSPACE_TOLERANCE
-    with the true gap s_r - s_{r+1} known from the values; else the exact SVD of dW)."""
+    amplification at `rank` from dW's top-`rank` singular subspace (block Krylov, `_top_subspace`); None where
+    that subspace is not determined (s_r ~ s_{r+1})."""
     values = svdvals(delta, driver=driver, backend=backend)  # (p,)
     rank = max(0, min(rank, values.numel()))
     fro = float(torch.linalg.vector_norm(values.double()))
     if not fro > 0.0 or rank == 0:
         return UpdateSpectrum(s=values, amplification=None, amplification_rank=rank)
-    u_r, v_r = _top_subspace(delta, values, rank)
-    return UpdateSpectrum(s=values, amplification=amplification(w0, u_r, v_r, fro), amplification_rank=rank)
+    subspace = _top_subspace(delta, values, rank)
+    value = amplification(w0, *subspace, fro) if subspace is not None else None
+    return UpdateSpectrum(s=values, amplification=value, amplification_rank=rank)
 
 
-def _top_subspace(delta: torch.Tensor, values: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """dW's top-`rank` left and right singular subspaces (m, r), (n, r): block Krylov until Wedin's bound on the
-    subspace, ||dW V - U S||_F / (s_r - sigma_{r+1}), is <= SUBSPACE_TOLERANCE (sigma_{r+1} known from the
-    values); the exact SVD of dW where it is not reached (no gap after r)."""
-    if rank < values.numel():
-        top = top_singular(Dense(delta), rank, counted=0, tolerance=SUBSPACE_TOLERANCE,
-                           next_value=float(values[rank]))
-        if top.check.passed:
-            return top.u, top.vh.T
-    u, _, vh = torch.linalg.svd(delta, full_matrices=False)
-    return u[:, :rank], vh[:rank].T
+def _top_subspace(delta: torch.Tensor, values: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """dW's top-`rank` left and right singular subspaces (m, r), (n, r), or None where they are not determined.
+
+    The exact SVD when r = min(m, n).  Else block Krylov until Wedin's bound on the subspace, ||dW V - U S||_F /
+    (s_r - sigma_{r+1}), is <= SUBSPACE_TOLERANCE or what an exact SVD in this dtype delivers (sigma_{r+1} is
+    known from the values), within SUBSPACE_BLOCKS blocks; a relative gap below SUBSPACE_GAP is not tried.  A
+    full fine-tune's dW is often noise-flat after a few directions: its top-16 subspace is then arbitrary (any
+    r of a cluster), and so would the amplification be.  Bounded work: never an m x n SVD for this number."""
+    if rank >= values.numel():
+        u, _, vh = torch.linalg.svd(delta, full_matrices=False)
+        return u, vh.T
+    if float(values[rank - 1] - values[rank]) < SUBSPACE_GAP * float(values[0]):
+        return None
+    top = top_singular(Dense(delta), rank, counted=0, tolerance=SUBSPACE_TOLERANCE,
+                       next_value=float(values[rank]), max_iterations=SUBSPACE_BLOCKS)
+    return (top.u, top.vh.T) if top.check.passed else None
 
 
 def amplification(w0: torch.Tensor, u_r: torch.Tensor, v_r: torch.Tensor, delta_fro: float) -> float | None:

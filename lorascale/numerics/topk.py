@@ -23,7 +23,8 @@ Jordan-Wielandt matrix [[0, W], [W^T, 0]], where (u_j, v_j) / sqrt(2) has residu
 Rayleigh quotient s_j).  `guarded_count` says how many leading values are within SIGMA_TOLERANCE * s_0 of
 true ones: what a caller may store as singular values (issue 25).  With `next_value` (the true singular value
 just below the top `rank`, when known) the guard also bounds the top-`rank` subspace as a whole:
-||R||_F / (s_rank - next_value) <= tolerance (Wedin), for callers that need the subspace, not each vector.  The
+||R||_F / (s_rank - next_value) <= max(tolerance, the dtype's floor / gap) (Wedin), for callers that need the
+subspace, not each vector.  The
 bound assumes that the basis has not missed a singular value between the Ritz values it bounds, which a
 Gaussian part of the start block makes a probability-zero event; the stability test catches one found late.
 When the guard does not pass within `max_iterations` blocks, the caller uses the exact SVD (matrices.method
@@ -222,8 +223,9 @@ def _triplets(operator: Operator, blocks: list[torch.Tensor], ritz: _Ritz, value
         if j < counted:
             passed = passed and bound <= max(tolerance, floor / gap if gap > 0 else 0.0)
     if next_value is not None and rank:  # the top-`rank` subspace as a whole (Wedin), see the module doc
-        gap = float(s[rank - 1]) - next_value
-        passed = passed and gap > 0 and float(torch.linalg.vector_norm(residuals[:rank])) / gap <= tolerance
+        gap = float(s[rank - 1]) - next_value  # held to what an exact SVD in this dtype delivers, as above
+        passed = passed and gap > 0 and float(torch.linalg.vector_norm(residuals[:rank])) / gap <= max(
+            tolerance, floor / gap)
     angle = max(bounds[:counted], default=0.0)
     residual = float((residuals[:rank] / s[:rank].clamp_min(tiny)).max()) if rank else 0.0
     check = TopCheck(angle_bound=angle, residual=residual, iterations=iteration, basis=basis, passed=passed)
