@@ -157,6 +157,7 @@ def top_singular(operator: Operator, rank: int, *, counted: int, warm: torch.Ten
     start from (the base's top left singular vectors, an adapter's B), Gaussian columns completing the start
     block.  Deterministic: the Gaussian columns come from a generator seeded with `seed` on W's device.
     `next_value`: the true singular value below the top `rank` (see the module doc: the subspace guard).
+    Many parameters because each keyword-only one is a knob of the method with its default, set by few callers.
     """
     m, n = operator.shape
     p = min(m, n)
