@@ -75,7 +75,7 @@ def _mitigate(matrix: MatrixWork, source: TunedSource, factors: LoraFactors, opt
                              fix=_OVERFLOW_FIX) from exc
     triplets = tuned_triplets(matrix.base, update, matrix.settings)
     comparison = summarise(matrix.base, update, triplets, matrix.settings,
-                           update=lowrank_update_spectrum(update))  # issue 25: with the amplification
+                           update=lowrank_update_spectrum(update, base_fro=matrix.base.fro))  # issue 25: with the amplification
     analysis = options.analysis
     chosen = [j for j in range(min(analysis.k, len(triplets.s)))
               if is_intruder(float(comparison.sides["left"].max_cos[j]), analysis.epsilon)]

@@ -146,7 +146,7 @@ class MatrixWork:
             raise NumericalError(f"{exc.text} although W0 and the LoRA factors are finite; the adapter's scale or "
                                  "factors are the cause", path=factors.a.location, tensor=self.job.matrix,
                                  fix=_OVERFLOW_FIX) from exc
-        update = lowrank_update_spectrum(tuned)  # issue 25: dW's values and amplification from the r x r core
+        update = lowrank_update_spectrum(tuned, base_fro=self.base.fro)  # issue 25: dW's values and amplification from the r x r core
         return compare_to_base(self.base, tuned, self.settings, update=update)
 
     def _factors(self, factors: LoraFactors) -> tuple[torch.Tensor, torch.Tensor]:

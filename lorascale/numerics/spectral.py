@@ -15,7 +15,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from lorascale.numerics.metrics import lora_delta_singular_values
 from lorascale.numerics.operators import Dense, LowRankUpdate
 from lorascale.numerics.svd import svdvals
 from lorascale.numerics.topk import ANGLE_TOLERANCE, top_singular
@@ -96,20 +95,24 @@ def update_factors(update: LowRankUpdate) -> tuple[torch.Tensor, torch.Tensor]:
     return update.b, update.a.T  # dW = s B A: B (m, r), A (r, n)
 
 
-def lowrank_update_spectrum(update: LowRankUpdate) -> UpdateSpectrum:
+def lowrank_update_spectrum(update: LowRankUpdate, *, base_fro: float | None = None) -> UpdateSpectrum:
     """An adapter's dW = s L R^T from its r x r core: the singular values (as numerics.metrics computes them),
     the amplification at r = the adapter's rank with U_r = Q_L U_c, V_r = Q_R V_c, and ||W||_F^2, all from one
-    product of W0 with r columns (Y = W0 Q_R): U_r^T W0 V_r = U_c^T (Q_L^T Y) V_c and <W0, L R^T> = tr(L^T Y R_R)."""
-    values = lora_delta_singular_values(update.a, update.b, update.scale)  # (r,)
+    product of W0 with r columns (Y = W0 Q_R): U_r^T W0 V_r = U_c^T (Q_L^T Y) V_c and <W0, L R^T> = tr(L^T Y R_R).
+    `base_fro`: ||W0||_F when known (the base spectrum's), else computed."""
+    # The QRs and core of numerics.metrics.lora_delta_singular_values, done once: the same values, bit for bit.
+    q_b, r_b = torch.linalg.qr(update.b)  # B (., r)
+    q_a, r_a = torch.linalg.qr(update.a.T)  # A^T (., r)
+    values = svdvals(update.scale * (r_b @ r_a.T), backend="torch")  # (r,)
     left, right = update_factors(update)
     rank = min(left.shape[1], left.shape[0], right.shape[0])  # the vectors U_r, V_r can have
-    q_left, r_left = torch.linalg.qr(left)  # (m, r'), (r', r)
-    q_right, r_right = torch.linalg.qr(right)  # (n, r''), (r'', r)
+    (q_left, r_left), (q_right, r_right) = ((q_a, r_a), (q_b, r_b)) if update.transposed else ((q_b, r_b), (q_a, r_a))
     y = update.w0 @ q_right  # (m, n) @ (n, r'') -> (m, r''): the one product with W0
     cross = float(((left.T @ y).double() * r_right.T.double()).sum())  # tr((r, m) @ (m, r'') @ (r'', r))
     delta_squared = float((values.double() ** 2).sum())
-    tuned_squared = (float(torch.linalg.vector_norm(update.w0, dtype=torch.float64)) ** 2
-                     + 2.0 * update.scale * cross + delta_squared)
+    if base_fro is None:
+        base_fro = float(torch.linalg.vector_norm(update.w0, dtype=torch.float64))
+    tuned_squared = base_fro ** 2 + 2.0 * update.scale * cross + delta_squared
     if not delta_squared > 0.0:  # dW = 0: amplification undefined
         return UpdateSpectrum(s=values, amplification=None, amplification_rank=rank, tuned_fro_squared=tuned_squared)
     u_core, _, vh_core = torch.linalg.svd(update.scale * (r_left @ r_right.T))  # (r', r'') core
