@@ -181,6 +181,7 @@ class MatrixResult:
     # input's (stored name -> CPU tensor in the adapter's dtype); None in an analysis run.
     mitigation: dict[str, list] | None = None
     factors: dict[str, object] | None = None
+    pairs: dict[str, list] | None = None  # rows of the pairs table (two or more tuned models), else None
 
 
 @dataclass(frozen=True)

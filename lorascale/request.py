@@ -42,6 +42,7 @@ SIDES: dict[str, tuple[str, ...]] = {"left": ("left",), "right": ("right",), "bo
 PRECISIONS = ("fp32", "fp64")
 MODES = ("topk", "exact")
 RANK_MODES = ("r+intruders", "r", "auto")  # how mitigation writes dW' back (numerics/mitigate.py)
+DEFAULT_AMPLIFICATION_RANK = 16  # Hu et al.'s r of the amplification factor for a full fine-tune's dW
 DEFAULT_TOP_K = 64  # tuned triplets a topk run computes unless told (or k, when larger): re-thresholding up to it
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
@@ -166,9 +167,14 @@ class Analysis:
         f"Tuned singular triplets computed in --mode topk, at least --k (default {DEFAULT_TOP_K}, or --k when "
         "larger); `lorascale summary --k` re-thresholds up to it.", parse="int>=1", identity=True,
         controls="the tuned rows of spectra (topk mode)"))
+    amplification_rank: int = field(default=DEFAULT_AMPLIFICATION_RANK, metadata=declare(
+        "r of the amplification factor (matrices.amplification) for a full fine-tune's dW; an adapter uses its own "
+        "rank.", commands=("run",), parse="int>=1", identity=True,
+        controls="matrices.amplification, matrices.amplification_rank (full fine-tunes)"))
 
     def __post_init__(self) -> None:
         check_k(self.k)
+        check_k(self.amplification_rank, "amplification_rank")
         object.__setattr__(self, "epsilon", check_epsilon(self.epsilon))
         check_side(self.side)
         _choice("precision", self.precision, PRECISIONS)

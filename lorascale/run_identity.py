@@ -13,7 +13,7 @@ from typing import Any
 
 from lorascale.records import NamedReference
 from lorascale.optionspec import declared
-from lorascale.request import RECORDS, RunRequest
+from lorascale.request import DEFAULT_AMPLIFICATION_RANK, RECORDS, RunRequest
 from lorascale.scrub import public_address
 
 # Options that change the numbers (declared with identity=True): a rerun with other values is another run, not a
@@ -21,19 +21,21 @@ from lorascale.scrub import public_address
 RUN_OPTIONS = tuple(f.name for _, f, spec in declared(RECORDS) if spec.identity)
 # The options manifest_options() records in its own way (below); any other identity option is recorded as it is.
 _RECORDED = {"k", "epsilon", "side", "precision", "include", "exclude", "rename", "mode", "top_k", "mitigation_lambda",
-             "rank"}
+             "rank", "amplification_rank"}
 
 
 def manifest_options(request: RunRequest) -> dict[str, Any]:
     """The manifest's `options`: the request as a run records it (and a rerun must match, for the keys
     store/run_directory.py compares).  `rename` only when given, so runs written before it keep their
-    identity; `top_k` only in topk mode; `cache_dir` as the run resolved it (None: no cache)."""
+    identity (and `amplification_rank` only when not the default); `top_k` only in topk mode; `cache_dir` as the run resolved it (None: no cache)."""
     analysis, selection, execution = request.analysis, request.selection, request.execution
     options: dict[str, Any] = {
         "k": analysis.k, "epsilon": analysis.epsilon, "side": analysis.side, "precision": analysis.precision,
         "include": list(selection.include), "exclude": list(selection.exclude)}
     if selection.rename:
         options["rename"] = list(selection.rename)
+    if analysis.amplification_rank != DEFAULT_AMPLIFICATION_RANK:  # as rename: runs written before it keep their identity
+        options["amplification_rank"] = analysis.amplification_rank
     options.update({"driver": execution.driver, "backend": execution.backend, "mode": analysis.mode,
                     "top_k": analysis.top_vectors if analysis.mode == "topk" else None,
                     "cache_dir": str(request.cache_dir) if request.cache_dir is not None else None})

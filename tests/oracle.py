@@ -55,3 +55,27 @@ def singular_value_gaps(s: np.ndarray, complement: bool) -> np.ndarray:
     if complement:
         gap = np.minimum(gap, s)
     return np.maximum(gap, 1e-300)
+
+
+# --- docs/METHOD.md, "The other standard questions about an update" (issue 25) --------------------------------
+
+
+def np_energy_rank(s: np.ndarray, fraction: float) -> int:
+    energy = np.sort(np.asarray(s, np.float64))[::-1] ** 2
+    total = energy.sum()
+    if total == 0:
+        return 0
+    return next(k for k in range(1, len(energy) + 1) if energy[:k].sum() >= fraction * total)
+
+
+def np_amplification(w0: np.ndarray, delta: np.ndarray, r: int) -> float:
+    u, _, vt = np.linalg.svd(delta, full_matrices=False)
+    return float(np.linalg.norm(delta) / np.linalg.norm(u[:, :r].T @ w0 @ vt[:r].T))
+
+
+def np_phi(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(a.T @ b) ** 2 / min(a.shape[1], b.shape[1]))
+
+
+def np_agreement(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a.T @ b).max(axis=1).mean())

@@ -354,7 +354,7 @@ def test_output_contract(llama, tmp_path, monkeypatch):
     base_rows = [r for r in spectra if r["model"] == base_ref]
     assert base_rows and all(r["role"] == "base" and r["max_cos"] is None and r["argmax"] is None
                              for r in base_rows)
-    assert {r["role"] for r in spectra if r["model"] != base_ref} == {"tuned"}
+    assert {r["role"] for r in spectra if r["model"] != base_ref} == {"tuned", "delta"}  # delta: dW (issue 25)
     assert {r["model"] for r in read_table(out, SIMILARITY)} == {full_ref, lora_ref}
     # Default selection: the 14 layer matrices, no embeddings or head.
     names = {r["matrix"] for r in matrices}

@@ -8,6 +8,7 @@ Shared by the in-process executor and the Ray actors, so both produce identical 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import time
@@ -24,12 +25,13 @@ from lorascale.numerics.compare import (BaseSpectrum, ComparisonSettings, TunedC
 from lorascale.numerics.merge import dora_merge
 from lorascale.numerics.operators import Dense, LowRankUpdate
 from lorascale.numerics.intruders import intruder_count
-from lorascale.numerics.metrics import lora_delta_singular_values
+from lorascale.numerics.pairs import pair_rows  # issue 25
+from lorascale.numerics.spectral import lowrank_update_spectrum, sigma_ratio  # issue 25
 from lorascale.records import LoraFactors, MatrixJob, MatrixResult, TensorEntry, TunedSource
 from lorascale.request import Analysis
 from lorascale.store.svd_cache import BaseSpectrumCache, compact
-from lorascale.store.schema import (MATRICES, METHOD_EXACT, METHOD_TOPK, METHOD_TOPK_FALLBACK, SCHEMAS, SIMILARITY,
-                                    SPECTRA)
+from lorascale.store.schema import (MATRICES, METHOD_EXACT, METHOD_TOPK, METHOD_TOPK_FALLBACK, PAIRS, SCHEMAS,
+                                    SIMILARITY, SPECTRA)
 
 COMPUTE_DTYPES = {"fp32": torch.float32, "fp64": torch.float64}
 _LOG = logging.getLogger(__name__)
@@ -92,7 +94,8 @@ class MatrixWork:
         routes = options.routes
         analysis = options.analysis
         self.settings = ComparisonSettings(routes=routes, driver=options.driver, separated=analysis.k,
-                                           top_k=analysis.top_vectors if analysis.mode == "topk" else None)
+                                           top_k=analysis.top_vectors if analysis.mode == "topk" else None,
+                                           amplification_rank=analysis.amplification_rank)  # issue 25
         raw = load(job.base)
         cache = _cache(options.cache_dir, options.cache_max_size, options.cache_run) if options.cache_dir else None
         key = cache.key(raw, job.base, analysis, routes.base) if cache is not None else None
@@ -133,8 +136,8 @@ class MatrixWork:
             raise NumericalError(f"{exc.text} although W0 and the LoRA factors are finite; the adapter's scale or "
                                  "factors are the cause", path=factors.a.location, tensor=self.job.matrix,
                                  fix=OVERFLOW_FIX) from exc
-        delta = lora_delta_singular_values(a, b, factors.scale)
-        return compare_to_base(self.base, tuned, self.settings, delta_singular_values=delta)
+        update = lowrank_update_spectrum(tuned, base_fro=self.base.fro)  # issue 25: dW's values and amplification from the r x r core
+        return compare_to_base(self.base, tuned, self.settings, update=update)
 
     def _factors(self, factors: LoraFactors) -> tuple[torch.Tensor, torch.Tensor]:
         """A (r, n) and B (m, r) of this matrix on the device: one expert's, one part's rows of B."""
@@ -160,7 +163,9 @@ class MatrixWork:
                                  path=factors.magnitude.location, tensor=self.job.matrix,
                                  fix=f"check that the adapter was trained on this base; {option('precision', 'fp64')} "
                                      f"helps an overflow, {option('exclude')} leaves the matrix out") from exc
-        return compare_to_base(self.base, Dense(w), self.settings, w0=self.w0)
+        # issue 25: DoRA's amplification uses the adapter's rank (of its low-rank part), not the run's option
+        settings = dataclasses.replace(self.settings, amplification_rank=factors.rank)
+        return compare_to_base(self.base, Dense(w), settings, w0=self.w0)
 
 
 def _method(comparison: TunedComparison) -> str:
@@ -196,21 +201,29 @@ class RowBuilder:
     def __init__(self, job: MatrixJob, analysis: Analysis) -> None:
         self.job, self.analysis = job, analysis
         self.matrices, self.spectra, self.similarity = Columns(MATRICES), Columns(SPECTRA), Columns(SIMILARITY)
+        self.pairs, self.top_vectors, self.base_s = Columns(PAIRS), {}, np.zeros(0)  # issue 25
 
     def _spectrum(self, model: str, role: str, side: str, sigma: np.ndarray,
-                  max_cos: np.ndarray | None, argmax: np.ndarray | None) -> None:
+                  max_cos: np.ndarray | None, argmax: np.ndarray | None, *,
+                  angle_bound: np.ndarray | None = None) -> None:
         p = len(sigma)
+        nulls = np.full(p, np.nan)
+        ratio = sigma_ratio(sigma, self.base_s, argmax) if argmax is not None else nulls  # issue 25
         self.spectra.add(
             model=np.full(p, model, dtype=object), role=np.full(p, role, dtype=object),
             matrix=np.full(p, self.job.matrix, dtype=object), side=np.full(p, side, dtype=object),
             rank=np.arange(p, dtype=np.int32), sigma=sigma.astype(np.float64),
             max_cos=max_cos if max_cos is not None else np.full(p, np.nan),
             argmax=argmax.astype(np.int32) if argmax is not None else np.full(p, -1, np.int32),
-            expert=np.full(p, self.job.expert, dtype=object))
+            expert=np.full(p, self.job.expert, dtype=object),
+            sigma_ratio=ratio,  # an unbounded angle (no gap known) is stored as null, never inf
+            angle_bound=np.where(np.isfinite(angle_bound[:p]), angle_bound[:p], np.nan) if angle_bound is not None
+            else nulls)
 
     def add_base(self, base: BaseSpectrum) -> None:
         """The base's spectrum rows, one block per side, labelled with the job's base_model."""
         sigma = base.s.detach().to("cpu", torch.float64).numpy()
+        self.base_s = sigma  # issue 25: sigma_ratio's denominators
         for side in self.analysis.sides:
             self._spectrum(self.job.base_model, "base", side, sigma, None, None)
 
@@ -228,9 +241,13 @@ class RowBuilder:
             delta_fro=comparison.delta_fro, delta_rel=comparison.delta_rel,
             delta_effective_rank=comparison.delta_effective_rank,
             intruders=counts[first_side], null_max_cos=base.null_max_cos[first_side], seconds=seconds,
-            method=_method(comparison), label=source.label, intruders_right=counts.get("right"), expert=self.job.expert)
+            method=_method(comparison), label=source.label, intruders_right=counts.get("right"), expert=self.job.expert,
+            **comparison.measures.columns())  # issue 25 (numerics/spectral.py)
+        self.top_vectors[source.model] = comparison.top_vectors  # issue 25: for the pairs table, this matrix only
         for side, result in comparison.sides.items():
-            self._spectrum(source.model, "tuned", side, comparison.s, result.max_cos, result.argmax)
+            self._spectrum(source.model, "delta", side, comparison.delta_s, None, None)  # issue 25: dW's values
+            self._spectrum(source.model, "tuned", side, comparison.s, result.max_cos, result.argmax,
+                           angle_bound=comparison.angle_bounds)
             b = result.block.shape[0]
             tuned_rank, base_rank = np.divmod(np.arange(b * result.block.shape[1]), result.block.shape[1])
             self.similarity.add(
@@ -242,5 +259,10 @@ class RowBuilder:
 
     def result(self) -> MatrixResult:
         """The rows gathered so far, as one MatrixResult."""
+        for row in pair_rows(self.top_vectors):  # issue 25: fine-tune vs fine-tune (two or more tuned models)
+            self.pairs.add(model_a=row.model_a, model_b=row.model_b, matrix=self.job.matrix, side=row.side,
+                           agreement=row.agreement, subspace_overlap=row.subspace_overlap, expert=self.job.expert)
+        self.top_vectors = {}
         return MatrixResult(matrix=self.job.matrix, matrices=self.matrices.values,
-                            spectra=self.spectra.stacked(), similarity=self.similarity.stacked())
+                            spectra=self.spectra.stacked(), similarity=self.similarity.stacked(),
+                            pairs=self.pairs.values if self.pairs.values["model_a"] else None)

@@ -20,9 +20,10 @@ from lorascale.io.adapter import module_of
 from lorascale.io.tensors import TORCH_DTYPES, load_tensor
 from lorascale.numerics.compare import Triplets, summarise, tuned_triplets
 from lorascale.numerics.intruders import intruder_count, is_intruder
-from lorascale.numerics.metrics import lora_delta_singular_values, max_cos
+from lorascale.numerics.metrics import max_cos
 from lorascale.numerics.mitigate import intruder_directions, mitigate_update
 from lorascale.numerics.operators import LowRankUpdate
+from lorascale.numerics.spectral import lowrank_update_spectrum
 from lorascale.records import LoraFactors, MatrixJob, MatrixResult, TunedSource
 from lorascale.store.schema import MITIGATED, MITIGATION, UNCHANGED
 
@@ -76,7 +77,7 @@ def _mitigate(matrix: MatrixWork, source: TunedSource, factors: LoraFactors, opt
                              fix=OVERFLOW_FIX) from exc
     triplets = tuned_triplets(matrix.base, update, matrix.settings)
     comparison = summarise(matrix.base, update, triplets, matrix.settings,
-                           delta_singular_values=lora_delta_singular_values(a, b, factors.scale))
+                           update=lowrank_update_spectrum(update, base_fro=matrix.base.fro))  # issue 25: with the amplification
     analysis = options.analysis
     chosen = [j for j in range(min(analysis.k, len(triplets.s)))
               if is_intruder(float(comparison.sides["left"].max_cos[j]), analysis.epsilon)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -10,7 +11,9 @@ import torch
 from lorascale.numerics.backends import Routes
 from lorascale.numerics.metrics import SIMILARITY_BLOCK, effective_rank, max_cos, null_max_cos, similarity_block
 from lorascale.numerics.operators import Dense, LowRankUpdate
-from lorascale.numerics.svd import left_svd, svd, svdvals
+from lorascale.numerics.spectral import (UpdateMeasures, UpdateSpectrum, dense_update_spectrum, subspace_overlap,
+                                         update_measures)
+from lorascale.numerics.svd import left_svd, svd
 from lorascale.numerics.topk import ANGLE_TOLERANCE, DEFAULT_OVERSAMPLE, TopCheck, top_singular
 
 Operator = Dense | LowRankUpdate
@@ -43,6 +46,12 @@ class TunedComparison:
     delta_rel: float
     delta_effective_rank: float | None
     top_check: TopCheck | None = None  # topk mode: the guard's verdict (failed: exact SVD was used)
+    # Issue 25 (numerics/spectral.py): dW's singular values, the per-matrix measures, the top-k tuned vectors
+    # per side (for fine-tune vs fine-tune pairs), and each stored vector's angle bound (topk mode, guard passed).
+    delta_s: np.ndarray | None = None
+    measures: UpdateMeasures | None = None
+    top_vectors: dict[str, torch.Tensor] | None = None
+    angle_bounds: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -56,6 +65,7 @@ class ComparisonSettings:
     separated: int = 10  # the first vectors (the top k counted for intruders) whose angle the topk guard bounds
     block: int = SIMILARITY_BLOCK  # the similarity block is block x block
     topk_tolerance: float = ANGLE_TOLERANCE
+    amplification_rank: int = 16  # r of the amplification factor for a dense dW (the run's: request.Analysis)
 
 
 def base_spectrum(w0: torch.Tensor, sides: tuple[str, ...], *, backend: str,
@@ -89,24 +99,25 @@ def base_spectrum(w0: torch.Tensor, sides: tuple[str, ...], *, backend: str,
 
 
 def compare_to_base(base: BaseSpectrum, tuned: Operator | torch.Tensor, settings: ComparisonSettings, *,
-                    delta_singular_values: torch.Tensor | None = None,
-                    w0: torch.Tensor | None = None) -> TunedComparison:
+                    delta_singular_values: torch.Tensor | None = None, w0: torch.Tensor | None = None,
+                    update: UpdateSpectrum | None = None) -> TunedComparison:
     """The tuned W's singular vectors and their similarity to the base spectrum; metrics of dW = W - W0.
 
     `tuned` is W (a tensor), or W as an operator (numerics/operators.py): an adapter's W0 + s B A is formed
     only where an exact SVD needs it.  Pass `w0` for a full fine-tune (dW's singular values come from
-    svdvals(W - W0)), or `delta_singular_values` for an adapter (from the r x r core, see
-    lora_delta_singular_values).
+    svdvals(W - W0), plus the amplification), or `update` for an adapter (numerics/spectral.
+    lowrank_update_spectrum: its r x r core; `delta_singular_values` alone leaves the amplification null).
 
     `settings.top_k=None` (exact mode): the full SVD of W; max_cos and singular values of every tuned vector.
     `top_k=K` (topk mode): the top K triplets from top_singular(), warm-started from the base's top vectors
     (and an adapter's B), when its guard passes at `topk_tolerance` for the first `separated` vectors (those
-    whose intruder status is counted), else from the exact SVD; values, max_cos and argmax of those K only.
+    whose intruder status is counted), else from the exact SVD; values, max_cos and argmax of those K only,
+    or of the leading K' < K whose values are guarded to 1e-5 sigma_max (topk.TopSingular.guarded_count).
     """
     if isinstance(tuned, torch.Tensor):
         tuned = Dense(tuned)
     return summarise(base, tuned, tuned_triplets(base, tuned, settings), settings,
-                     delta_singular_values=delta_singular_values, w0=w0)
+                     delta_singular_values=delta_singular_values, w0=w0, update=update)
 
 
 @dataclass(frozen=True)
@@ -117,29 +128,42 @@ class Triplets:
     s: torch.Tensor  # (q,)
     vh: torch.Tensor | None  # (q, n); None when only left vectors were needed (exact mode, left side)
     check: TopCheck | None = None  # topk mode only
+    angle_bounds: torch.Tensor | None = None  # (q,) topk mode, guard passed: each vector's sin(angle) bound
 
 
 def summarise(base: BaseSpectrum, tuned: Operator, triplets: Triplets, settings: ComparisonSettings, *,
-              delta_singular_values: torch.Tensor | None = None, w0: torch.Tensor | None = None) -> TunedComparison:
+              delta_singular_values: torch.Tensor | None = None, w0: torch.Tensor | None = None,
+              update: UpdateSpectrum | None = None) -> TunedComparison:
     """The comparison's numbers from W's triplets: max_cos, argmax and the similarity block per side, and
-    dW's metrics (from `delta_singular_values`, or from svdvals(W - W0) with `w0`)."""
+    dW's metrics (from `update` or `delta_singular_values` for an adapter, or from W - W0 with `w0`: its
+    singular values and amplification, numerics/spectral.dense_update_spectrum)."""
     u, s, vh, check = triplets.u, triplets.s, triplets.vh, triplets.check
     tuned_vectors = {"left": u, "right": vh.T if vh is not None else None}
-    sides = {}
+    sides, top_vectors = {}, {}
     for side, base_vectors in base.vectors.items():
         values, index = max_cos(tuned_vectors[side], base_vectors)
         sides[side] = SideComparison(max_cos=_np(values), argmax=index.cpu().numpy(),
                                      block=_np(similarity_block(tuned_vectors[side], base_vectors, settings.block)))
-    if delta_singular_values is None:
+        top_vectors[side] = tuned_vectors[side][:, :settings.separated].contiguous()  # a copy: (d, k) only
+    if update is None and delta_singular_values is None:
         if w0 is None:
             raise ValueError("pass w0 (full fine-tune) or delta_singular_values (adapter)")
-        delta_singular_values = svdvals(tuned.dense() - w0, driver=settings.driver, backend=settings.routes.delta)
+        update = dense_update_spectrum(w0, tuned.dense() - w0, settings.amplification_rank, driver=settings.driver,
+                                       backend=settings.routes.delta)
+    delta_singular_values = update.s if update is not None else delta_singular_values
+    assert delta_singular_values is not None
     delta_fro = float(torch.linalg.norm(delta_singular_values.double()))
+    overlaps = {side: subspace_overlap(top_vectors[side], base.vectors[side][:, :settings.separated])
+                for side in sides}
+    measures = update_measures(base_s=base.s, update=update, delta_s=delta_singular_values, tuned=tuned,
+                               tuned_top=float(s[0]) if s.numel() else 0.0, overlaps=overlaps)
+    bounds = triplets.angle_bounds
     return TunedComparison(
         s=_np(s), sides=sides, delta_fro=delta_fro,
         delta_rel=delta_fro / base.fro if base.fro > 0 else float("inf"),
         delta_effective_rank=effective_rank(delta_singular_values) if delta_fro > 0 else None,
-        top_check=check,
+        top_check=check, delta_s=_np(delta_singular_values), measures=measures, top_vectors=top_vectors,
+        angle_bounds=bounds.numpy() if bounds is not None and check is not None and check.passed else None,
     )
 
 
@@ -156,7 +180,12 @@ def tuned_triplets(base: BaseSpectrum, tuned: Operator, settings: ComparisonSett
     top = top_singular(tuned, top_k, counted=settings.separated, warm=_warm_columns(base, tuned, top_k),
                        tolerance=settings.topk_tolerance)
     if top.check.passed:
-        return Triplets(top.u, top.s, top.vh, top.check)
+        # Store what is claimed (issue 25): the leading values within 1e-5 sigma_max of true ones (fp32's
+        # residual floor where larger), at least the counted k (their angle guard bounds them far tighter).
+        floor = math.sqrt(min(tuned.shape)) * torch.finfo(top.s.dtype).eps
+        keep = max(top.guarded_count(floor), min(settings.separated, top.s.numel()))
+        bounds = top.angle_bounds[:keep] if top.angle_bounds is not None else None
+        return Triplets(top.u[:, :keep], top.s[:keep], top.vh[:keep], top.check, bounds)
     u, s, vh = svd(tuned.dense(), driver=driver, backend=routes.tuned)
     return Triplets(u[:, :top_k], s[:top_k], vh[:top_k], top.check)
 

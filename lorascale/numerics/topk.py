@@ -17,6 +17,14 @@ W^T u_j = s_j v_j exactly, and the iteration stops as soon as the guard passes:
 The guard passes when that bound is <= `tolerance` (1e-4: max_cos is then within ~1e-4 of the exact SVD's,
 docs/METHOD.md section 9) for each of the first `counted` vectors (the top k whose intruder status is
 counted), and the top Ritz values moved by less than `tolerance` (relative) since the previous block.  The
+per-vector bounds of every returned vector (beyond the counted ones too) come back in `angle_bounds`, and each
+value's error bound in `value_bounds`: min(||r_j||, ||r_j||^2 / delta_j) (Weyl; and Kato-Temple on the
+Jordan-Wielandt matrix [[0, W], [W^T, 0]], where (u_j, v_j) / sqrt(2) has residual ||r_j|| / sqrt(2) and
+Rayleigh quotient s_j).  `guarded_count` says how many leading values are within SIGMA_TOLERANCE * s_0 of
+true ones: what a caller may store as singular values (issue 25).  With `next_value` (the true singular value
+just below the top `rank`, when known) the guard also bounds the top-`rank` subspace as a whole:
+||R||_F / (s_rank - next_value) <= max(tolerance, the dtype's floor / gap) (Wedin), for callers that need the
+subspace, not each vector.  The
 bound assumes that the basis has not missed a singular value between the Ritz values it bounds, which a
 Gaussian part of the start block makes a probability-zero event; the stability test catches one found late.
 When the guard does not pass within `max_iterations` blocks, the caller uses the exact SVD (matrices.method
@@ -36,6 +44,7 @@ DEFAULT_OVERSAMPLE = 16  # block columns beyond K: the Ritz values just below th
 RANDOM_COLUMNS = 8  # Gaussian columns in every start block, whatever the warm columns
 MAX_ITERATIONS = 16  # blocks added to the start block before giving up (then: the exact SVD)
 ANGLE_TOLERANCE = 1e-4  # bound on sin(angle) of each counted vector
+SIGMA_TOLERANCE = 1e-5  # |s_j - sigma| / s_0 a stored singular value is held to (see value_bounds)
 
 Operator = Dense | LowRankUpdate
 
@@ -59,6 +68,17 @@ class TopSingular:
     s: torch.Tensor  # (K,) descending
     vh: torch.Tensor  # (K, n)
     check: TopCheck
+    # (K,) float64: ||r_j|| / delta_j, the Wedin bound on sin(angle) of each returned vector (inf: no gap)
+    angle_bounds: torch.Tensor | None = None
+    value_bounds: torch.Tensor | None = None  # (K,) float64: |s_j - sigma| <= it for a true singular value sigma
+
+    def guarded_count(self, floor: float = 0.0) -> int:
+        """How many leading values are within max(SIGMA_TOLERANCE, floor) * s_0 of true singular values."""
+        if self.value_bounds is None or self.s.numel() == 0:
+            return int(self.s.numel())
+        limit = max(SIGMA_TOLERANCE, floor) * float(self.s[0])
+        bad = torch.nonzero(self.value_bounds > limit)
+        return int(bad[0, 0]) if bad.numel() else int(self.s.numel())
 
 
 def _orthonormal(columns: torch.Tensor) -> torch.Tensor:
@@ -129,12 +149,15 @@ class _Ritz:
 
 def top_singular(operator: Operator, rank: int, *, counted: int, warm: torch.Tensor | None = None,
                  tolerance: float = ANGLE_TOLERANCE, oversample: int = DEFAULT_OVERSAMPLE,
-                 max_iterations: int = MAX_ITERATIONS, seed: int = 0) -> TopSingular:
+                 max_iterations: int = MAX_ITERATIONS, seed: int = 0,
+                 next_value: float | None = None) -> TopSingular:
     """The top `rank` singular triplets of the operator W (m, n), guarded (see the module doc).
 
     `counted`: how many of them the angle bound must cover (the run's k); `warm`: left-space columns (m, c) to
     start from (the base's top left singular vectors, an adapter's B), Gaussian columns completing the start
     block.  Deterministic: the Gaussian columns come from a generator seeded with `seed` on W's device.
+    `next_value`: the true singular value below the top `rank` (see the module doc: the subspace guard).
+    Many parameters because each keyword-only one is a knob of the method with its default, set by few callers.
     """
     m, n = operator.shape
     p = min(m, n)
@@ -152,7 +175,8 @@ def top_singular(operator: Operator, rank: int, *, counted: int, warm: torch.Ten
         complete = basis >= m  # the basis spans the whole left space: Rayleigh-Ritz is the exact SVD
         stable = previous is not None and _stable(values, previous, counted + 1, tolerance)
         if stable or complete or iteration == max_iterations:
-            result = _triplets(operator, blocks, ritz, values, vectors, rank, counted, iteration, basis, tolerance)
+            result = _triplets(operator, blocks, ritz, values, vectors, rank, counted, iteration, basis, tolerance,
+                               next_value)
             if result.check.passed or complete:  # a complete basis cannot improve: the bound holds or never will
                 return result
         previous = values
@@ -172,7 +196,7 @@ def _stable(values: torch.Tensor, previous: torch.Tensor, count: int, tolerance:
 
 def _triplets(operator: Operator, blocks: list[torch.Tensor], ritz: _Ritz, values: torch.Tensor,
               vectors: torch.Tensor, rank: int, counted: int, iteration: int, basis: int,
-              tolerance: float) -> TopSingular:
+              tolerance: float, next_value: float | None = None) -> TopSingular:
     """The top Ritz triplets, their residuals and the guard (the module doc's bound).
 
     Many parameters because it is the loop's state at one step, passed once rather than kept in an object."""
@@ -189,15 +213,23 @@ def _triplets(operator: Operator, blocks: list[torch.Tensor], ritz: _Ritz, value
     # An exact SVD in this dtype is itself only accurate to ~sqrt(p) eps ||W|| / gap (LAPACK's error bound
     # for singular vectors): a vector of a close pair is held to that, not to more than exact mode delivers.
     floor = math.sqrt(min(operator.shape)) * torch.finfo(dtype).eps * float(s[0]) if wanted else 0.0
-    bounds, passed = [], True
-    for j in range(counted):
+    bounds, value_bounds, passed = [], [], True
+    for j in range(min(rank, wanted)):  # every returned vector's bound; the counted ones decide the guard
         above = s[j - 1] - residuals[j - 1] - s[j] if j > 0 else math.inf
         below = s[j] - s[j + 1] - residuals[j + 1] if j + 1 < wanted else math.inf
-        gap = min(float(above), float(below))
-        bound = float(residuals[j]) / gap if gap > 0 else math.inf
+        gap, residual_j = min(float(above), float(below)), float(residuals[j])
+        bound = residual_j / gap if gap > 0 else math.inf
         bounds.append(bound)
-        passed = passed and bound <= max(tolerance, floor / gap if gap > 0 else 0.0)
-    angle = max(bounds, default=0.0)
+        value_bounds.append(min(residual_j, residual_j * residual_j / gap) if gap > 0 else residual_j)
+        if j < counted:
+            passed = passed and bound <= max(tolerance, floor / gap if gap > 0 else 0.0)
+    if next_value is not None and rank:  # the top-`rank` subspace as a whole (Wedin), see the module doc
+        gap = float(s[rank - 1]) - next_value  # held to what an exact SVD in this dtype delivers, as above
+        passed = passed and gap > 0 and float(torch.linalg.vector_norm(residuals[:rank])) / gap <= max(
+            tolerance, floor / gap)
+    angle = max(bounds[:counted], default=0.0)
     residual = float((residuals[:rank] / s[:rank].clamp_min(tiny)).max()) if rank else 0.0
     check = TopCheck(angle_bound=angle, residual=residual, iterations=iteration, basis=basis, passed=passed)
-    return TopSingular(u=u[:, :rank], s=s[:rank].to(dtype), vh=v[:, :rank].T.contiguous(), check=check)
+    return TopSingular(u=u[:, :rank], s=s[:rank].to(dtype), vh=v[:, :rank].T.contiguous(), check=check,
+                       angle_bounds=torch.tensor(bounds, dtype=torch.float64),
+                       value_bounds=torch.tensor(value_bounds, dtype=torch.float64))

@@ -87,6 +87,14 @@ def _render(run: Run, chosen: list[queries.ChosenMatrix], chosen_series: Series 
     add(figures_matrix.spectra(run, styles, chosen, directory), f"Spectra: {no_spectra} for the chosen matrices.")
     add(figures.effective_rank(run, styles, directory),
         "Effective rank of dW: no matrix has both a layer index and a changed weight.")
+    from lorascale.report import figures_update  # issue 25: the update's spectral measures, fine-tune vs fine-tune
+
+    add(figures_update.energy_rank(run, styles, directory),
+        "Rank explaining 90% of dW: no matrix has a layer index and the column (runs before it lack it).")
+    add(figures_update.amplification(run, styles, directory),
+        "Amplification factor: no changed matrix has a layer index (or the run predates the column).")
+    if len(run.models) >= 2:
+        add(figures_update.agreement_heatmap(run, directory), "Agreement between fine-tunes: no pairs table rows.")
     if len(run.models) < 2:
         content.notes.append("Checkpoint series: needs at least two tuned models.")
     elif chosen_series is None:

@@ -45,7 +45,13 @@ COLUMNS: dict[str, str] = {
     "side": "side",  # left, right or both (then `intruders` is the left side and `*_right` the right)
     "intruders_right": "right intruders",  # null unless the right side is summarised
     "matrices_with_intruders_right": "matrices w/ right intruders",
+    # Issue 25: medians over the model's (group's) matrices; null for runs written before the columns.
+    "median_delta_rank_90": "median dW rank 90%",
+    "median_amplification": "median amplification",
+    "median_subspace_overlap": "median top-k overlap",
 }
+MEDIANS = {"median_delta_rank_90": "delta_rank_90", "median_amplification": "amplification",
+           "median_subspace_overlap": "subspace_overlap"}
 BY_COLUMNS = ("module", "layer")  # the key of a `--by` breakdown, after `update`
 
 
@@ -61,6 +67,12 @@ def _mean(values: Any) -> float | None:
     """Mean of the non-null values, or None when there are none (e.g. W == W0 everywhere)."""
     result = pc.mean(values).as_py()
     return None if result is None or (isinstance(result, float) and math.isnan(result)) else float(result)
+
+
+def _median(values: Any) -> float | None:
+    """Median of the non-null values, or None when there are none (an older run, or dW = 0 everywhere)."""
+    present = [v for v in values.to_pylist() if v is not None]
+    return float(np.median(present)) if present else None
 
 
 def _fallbacks(table: Any) -> int | None:
@@ -122,6 +134,7 @@ def rows_for_run(run: Run, counts: IntruderCounts | None = None, *, by: By | Non
             "intruders_right": None if right is None else int(right[idx].sum()),
             "matrices_with_intruders_right": None if right is None else int(np.count_nonzero(right[idx])),
             "topk_fallbacks": _fallbacks(table),
+            **{key: _median(table.column(column)) for key, column in MEDIANS.items()},
         })
         rows.append(row)
     return rows
@@ -142,7 +155,8 @@ def summary_rows(results: str | Path, *, order: Order = "as-given", allow_partia
     """One dict per tuned model: model (the reference), label, update, matrices, intruders,
     matrices_with_intruders, mean_effective_rank (of dW; None if W == W0), mean_delta_rel, k, epsilon,
     seconds, side, intruders_right, matrices_with_intruders_right, topk_fallbacks (matrices whose top-K
-    result fell back to the exact SVD; None for runs written before the `method` column).
+    result fell back to the exact SVD; None for runs written before the `method` column), and the medians
+    median_delta_rank_90, median_amplification, median_subspace_overlap (None for runs written before them).
 
     Intruders count the run's sides at its k and epsilon; `k`, `epsilon` and `side` re-threshold from
     spectra/ without recomputing (report/counts.py).  `side` is "left", "right" or "both"; `intruders`
@@ -176,7 +190,9 @@ def table_columns(rows: list[dict[str, Any]], *, epsilon_symbol: str = "eps") ->
     columns.append(("matrices_with_intruders", f"matrices w/ {prefix}intruders"))
     if side == "both":
         columns.append(("matrices_with_intruders_right", "matrices w/ right intruders"))
-    columns += [(key, COLUMNS[key]) for key in ("mean_effective_rank", "mean_delta_rel", "seconds")]
+    columns += [(key, COLUMNS[key]) for key in ("mean_effective_rank", "mean_delta_rel")]
+    columns += [(key, COLUMNS[key]) for key in MEDIANS if any(row.get(key) is not None for row in rows)]
+    columns.append(("seconds", COLUMNS["seconds"]))
     if any(row.get("label", row["model"]) != row["model"] for row in rows):
         columns.append(("model", "reference"))
     return columns

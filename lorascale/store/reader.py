@@ -21,10 +21,11 @@ import pyarrow.dataset as ds
 from lorascale.errors import OptionError, OutputError
 from lorascale.store.manifest import RUN_FIX, Manifest, read_manifest
 from lorascale.store.run_directory import check_complete, effective_status
-from lorascale.store.schema import MANIFEST, MATRICES, MITIGATION, SCHEMAS, SIMILARITY, SPECTRA
+from lorascale.store.schema import MANIFEST, MATRICES, MITIGATION, PAIRS, SCHEMAS, SIMILARITY, SPECTRA
 from lorascale.store.writer import part_files
 
-TABLES = (MATRICES, SPECTRA, SIMILARITY, MITIGATION)  # mitigation: `lorascale mitigate` runs only
+# mitigation: `lorascale mitigate` runs only; pairs: runs of two or more tuned models (issue 25)
+TABLES = (MATRICES, SPECTRA, SIMILARITY, MITIGATION, PAIRS)
 # Columns that repeat a handful of values millions of times: reading them dictionary-encoded keeps a
 # 7B run's spectra table in memory at a fraction of the plain-string size (report queries ask for it).
 DEMO_RESULTS = "results"  # `lorascale demo --out DIR` writes DIR/checkpoints and DIR/results
@@ -102,6 +103,12 @@ class Results:
     def mitigation(self) -> pa.Table:
         """What `lorascale mitigate` did to each matrix (empty for a comparison run)."""
         return self.table(MITIGATION)
+
+    @property
+    def pairs(self) -> pa.Table:
+        """Fine-tune vs fine-tune per matrix and side (agreement, subspace_overlap): one row per ordered pair of
+        tuned models; empty for a run of one tuned model, or one written before the table existed."""
+        return self.table(PAIRS)
 
     def to_pandas(self, name: str = MATRICES) -> Any:
         """Table `name` as a pandas DataFrame (needs pandas)."""

@@ -4,6 +4,7 @@ What lorascale writes in --out, and so all that `--overwrite` ever removes:
     manifest.json, .lorascale.lock, .lorascale.pid,
     matrices/ spectra/ similarity/  holding part-NNNNNN.parquet and .tmp-* files,
     mitigation/ factors/ adapter/  for `lorascale mitigate` (adapter/ when it carries lorascale's marker),
+    pairs/  for a run of two or more tuned models,
     report/  when it carries lorascale's report marker.
 Anything else in --out is the user's and is left alone; a non-empty directory without a lorascale
 manifest is refused, with or without --overwrite.

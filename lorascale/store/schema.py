@@ -31,6 +31,20 @@ METHODS = (METHOD_EXACT, METHOD_TOPK, METHOD_TOPK_FALLBACK)
 # and nullable in every table, so older readers keep working and runs written before it read as null.
 EXPERT_FIELD = pa.field("expert", pa.int32())
 
+# The spectral measures of an update (issue 25, numerics/spectral.py; docs/METHOD.md "The other standard
+# questions about an update"), appended to the matrices table: null where undefined (dW = 0) or not computed.
+UPDATE_FIELDS = (
+    pa.field("delta_rank_90", pa.int32()),  # energy rank of dW at 90%: 0 for dW = 0
+    pa.field("delta_rank_99", pa.int32()),  # ... at 99%
+    pa.field("base_rank_90", pa.int32()),  # energy rank of W0 at 90%
+    pa.field("delta_stable_rank", pa.float64()),  # ||dW||_F^2 / s_1(dW)^2; null for dW = 0
+    pa.field("tuned_stable_rank", pa.float64()),  # ||W||_F^2 / s_1(W)^2
+    pa.field("amplification", pa.float64()),  # Hu et al. 7.3: ||dW||_F / ||U_r^T W0 V_r||_F; null for dW = 0
+    pa.field("amplification_rank", pa.int32()),  # the r used: the adapter's rank, or the run's amplification_rank
+    pa.field("subspace_overlap", pa.float64()),  # phi(top-k left vectors of W, of W0); null without the left side
+    pa.field("subspace_overlap_right", pa.float64()),  # the same on the right side, where the run computed it
+)
+
 # One row per (tuned model, matrix).
 MATRICES_SCHEMA = pa.schema(
     [
@@ -59,6 +73,8 @@ MATRICES_SCHEMA = pa.schema(
         pa.field("intruders_right", pa.int32()),
         # and the expert of a mixture-of-experts matrix (null otherwise).
         EXPERT_FIELD,
+        # Added with issue 25, last and nullable (older runs read as null); docs/REFERENCE.md, "Columns".
+        *UPDATE_FIELDS,
     ]
 )
 
@@ -74,6 +90,12 @@ SPECTRA_SCHEMA = pa.schema(
         pa.field("max_cos", pa.float64()),  # max_i |cos(tuned_j, base_i)| over ALL base vectors
         pa.field("argmax", pa.int32()),  # the base rank i reaching it
         EXPERT_FIELD,
+        # Added with issue 25, last and nullable (older runs read as null).  Role "delta" rows (dW's singular
+        # values, one block per side like the base's) came with them.
+        pa.field("sigma_ratio", pa.float64()),  # tuned rows: s_j(W) / s_argmax(W0) (rescale vs rotate)
+        # tuned rows of a topk run whose guard passed: the Wedin bound on sin(angle) of vector j to the true one
+        # (<= 1e-4 for the counted top k; |max_cos_j - exact| <= it); null where the exact SVD gave the vectors.
+        pa.field("angle_bound", pa.float64()),
     ]
 )
 
@@ -86,6 +108,20 @@ SIMILARITY_SCHEMA = pa.schema(
         pa.field("tuned_rank", pa.int32(), nullable=False),
         pa.field("base_rank", pa.int32(), nullable=False),
         pa.field("cos", pa.float64(), nullable=False),
+        EXPERT_FIELD,
+    ]
+)
+
+# Issue 25: with two or more tuned models, one row per ordered pair of distinct models, matrix and side computed.
+PAIRS = "pairs"
+PAIRS_SCHEMA = pa.schema(
+    [
+        pa.field("model_a", pa.string(), nullable=False),  # tuned references exactly as given
+        pa.field("model_b", pa.string(), nullable=False),
+        pa.field("matrix", pa.string(), nullable=False),
+        pa.field("side", pa.string(), nullable=False),
+        pa.field("agreement", pa.float64()),  # mean over j < k of max_{j' < k} |cos(u_j^A, u_j'^B)|
+        pa.field("subspace_overlap", pa.float64()),  # phi of A's and B's top-k subspaces (symmetric)
         EXPERT_FIELD,
     ]
 )
@@ -115,13 +151,15 @@ MITIGATION_SCHEMA = pa.schema(
 )
 FACTORS_DIR = "factors"  # mitigate: the new lora_A / lora_B of each part, as safetensors, until the adapter is whole
 ADAPTER_DIR = "adapter"  # mitigate: the mitigated PEFT adapter, written once every matrix is done
-OPTIONAL_TABLES = (MITIGATION,)
+# Tables written only by runs that have rows for them (older readers never see them).
+OPTIONAL_TABLES = (MITIGATION, PAIRS)
 
 SCHEMAS: dict[str, pa.Schema] = {
     MATRICES: MATRICES_SCHEMA,
     SPECTRA: SPECTRA_SCHEMA,
     SIMILARITY: SIMILARITY_SCHEMA,
     MITIGATION: MITIGATION_SCHEMA,
+    PAIRS: PAIRS_SCHEMA,
 }
 
 

@@ -21,8 +21,8 @@ from safetensors.torch import save as save_tensors
 from lorascale.errors import OutputError, option
 from lorascale.records import MatrixResult
 from lorascale.store.atomic import TMP_PREFIX, ensure_directory, write_atomic
-from lorascale.store.schema import (FACTORS_DIR, MATRICES, MITIGATION, OPTIONAL_TABLES, SCHEMAS, SIMILARITY,
-                                    SPECTRA, TABLES)
+from lorascale.store.schema import (FACTORS_DIR, MATRICES, MITIGATION, OPTIONAL_TABLES, PAIRS, SCHEMAS,
+                                    SIMILARITY, SPECTRA, TABLES)
 
 _PART = re.compile(r"^part-(\d{6})\.parquet$")
 _FACTORS = re.compile(r"^part-(\d{6})\.safetensors$")
@@ -134,9 +134,11 @@ class ResultWriter:
             write_atomic(self.out / FACTORS_DIR / f"part-{self._next:06d}.safetensors",
                          save_tensors({k: v.contiguous() for k, v in factors.items()}))  # type: ignore[union-attr]
         # matrices last: its part is what marks these matrices as done.
+        paired = any(r.pairs for r in self._pending)
         for table, pick in ((SPECTRA, lambda r: r.spectra), (SIMILARITY, lambda r: r.similarity),
-                            (MITIGATION, lambda r: r.mitigation), (MATRICES, lambda r: r.matrices)):
-            if table == MITIGATION and not mitigated:
+                            (MITIGATION, lambda r: r.mitigation), (PAIRS, lambda r: r.pairs),
+                            (MATRICES, lambda r: r.matrices)):
+            if (table == MITIGATION and not mitigated) or (table == PAIRS and not paired):
                 continue
             columns: dict[str, list[object]] = {f.name: [] for f in SCHEMAS[table]}
             for result in self._pending:
