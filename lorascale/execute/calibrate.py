@@ -12,9 +12,11 @@ precision, sides, k and top-K, on synthetic matrices of the shape with a weight-
 rank-256 part over a Gaussian bulk, as benchmarks/make_synthetic_llama.py builds: the top-K iteration count
 depends on the spectrum, and a flat Gaussian one would make it fail its guard).
 
-Shapes above `DIRECT` on their long side are timed scaled down, aspect kept, at two scales (long side
-DIRECT and DIRECT / 2), and extrapolated as t = t_2 * (1 / f_2) ** a with the exponent a fitted to the two
-(bounded below by the route's asymptotic order, EXPONENTS).  Each point is the median
+Shapes above `DIRECT` on their long side are timed scaled down (scaled_point: aspect kept, the short side
+not below 512) and scaled up by the route's work (`work`: m n p for an SVD, m n for an adapter's top-K
+products).  An exponent fitted to two scaled points was tried first and dropped: on this shared 2-core
+machine the fitted exponents ranged from 2.3 to 5 between calls, while the exact base SVD's measured growth
+from 2048^2 to 4096^2 on a quiet machine is 2^3.0 (benchmarks/README.md, "Dry-run estimates").  Each point is the median
 of repeated timings, repeated until two consecutive medians agree within `AGREE` (at least 3, at most
 `MAX_REPEATS` timings, or `BUDGET` seconds).  Reading is timed per byte as the worker pays it in memory (copy, sha256 of the
 base, upcast and finiteness check); a cached base costs the load of its entry.  Start-up (interpreter,
@@ -56,11 +58,7 @@ MAX_REPEATS = 7
 MIN_REPEATS = 3
 POINT_BUDGET = 5.0  # seconds of timing per point after which its median so far is taken, stable or not
 TOTAL_BUDGET = 30.0  # seconds of measuring per dry run; past it, a shape is scaled from a measured one
-# Exponent of time against scale: fitted, within these bounds.  The floor is the route's asymptotic order:
-# an SVD (base) is O(m n p) in every term, so a smaller fitted slope comes from lower-order terms that fade
-# with size; a full fine-tune adds O(mn) products to its O(mnp) svdvals; an adapter's top-K is O(mn) products.
-# The ceiling allows for caches overflowing on the way up.
-EXPONENTS = {"base": (3.0, 3.5), "full": (2.5, 3.5), "lora": (1.0, 3.5)}
+SHORT = 512  # a scaled point keeps at least this much of its short side
 COMPUTE_DTYPES = {"fp32": torch.float32, "fp64": torch.float64}
 
 
@@ -115,7 +113,7 @@ class Calibrator:
         return float(self._figure(route_key(route, shape, self.options), lambda: self._route(route, shape))["seconds"])
 
     def fit(self, route: str, shape: tuple[int, int]) -> dict:
-        """The stored figure behind seconds(): the points timed and the exponent fitted."""
+        """The stored figure behind seconds(): the point timed and the seconds scaled from it."""
         self.seconds(route, shape)
         return self.figures[route_key(route, shape, self.options)]
 
@@ -130,42 +128,20 @@ class Calibrator:
         return self._figure("overhead", self._overhead)
 
     def _route(self, route: str, shape: tuple[int, int]) -> dict:
-        """Time `route` at `shape`, directly or at two scales with a fitted exponent (module doc); past the
-        dry run's TOTAL_BUDGET, scale the figure of a shape measured for the same route instead."""
-        if time.perf_counter() > self._deadline:
-            scaled = self._scaled(route, shape)
-            if scaled is not None:
-                return scaled
-        self._warm_up()
-        m, n = shape
-        long = max(m, n)
-        if long <= DIRECT:
-            return {"seconds": self._stable(route, shape), "points": [[m, n]], "exponent": None}
-        scales = (DIRECT / 2 / long, DIRECT / long)
-        shapes = [(max(1, round(m * f)), max(1, round(n * f))) for f in scales]
-        times = [self._stable(route, s) for s in shapes]
-        exponent = math.log(max(times[1], 1e-9) / max(times[0], 1e-9)) / math.log(2)
-        low, high = EXPONENTS[route.partition(":")[0]]
-        exponent = min(max(exponent, low), high)
-        return {"seconds": times[1] * (1 / scales[1]) ** exponent, "exponent": exponent,
-                "points": [[*s, t] for s, t in zip(shapes, times)]}
-
-    def _scaled(self, route: str, shape: tuple[int, int]) -> dict | None:
-        """A measured figure of `route` at the closest shape, scaled by its exponent (or 3, an SVD's order)
-        along the geometric mean of the two sides; None when none was measured yet."""
+        """Time `route` at `shape`, or at a scaled-down point and scale by the route's work (module doc); past
+        the dry run's TOTAL_BUDGET, scale the point of another shape measured for the same route instead."""
         suffix = route_key(route, shape, self.options).split("|", 2)[2]
-        size = math.sqrt(shape[0] * shape[1])
-        known = []
-        for key, figure in self.figures.items():
-            parts = key.split("|", 2)
-            if len(parts) == 3 and parts[0] == route and parts[2] == suffix and "scaled_from" not in figure:
-                m, n = map(int, parts[1].split("x"))
-                known.append((abs(math.log(size / math.sqrt(m * n))), key, figure, math.sqrt(m * n)))
-        if not known:
-            return None
-        _, key, figure, measured = min(known)
-        exponent = figure.get("exponent") or EXPONENTS[route.partition(":")[0]][0]
-        return {"seconds": figure["seconds"] * (size / measured) ** exponent, "exponent": exponent, "scaled_from": key}
+        if time.perf_counter() > self._deadline:
+            for key, figure in self.figures.items():
+                parts = key.split("|", 2)
+                if len(parts) == 3 and parts[0] == route and parts[2] == suffix and "scaled_from" not in figure:
+                    m, n, seconds = figure["points"][0]
+                    return {"seconds": seconds * work(route, shape) / work(route, (m, n)),
+                            "points": figure["points"], "scaled_from": key}
+        self._warm_up()
+        point = scaled_point(shape)
+        seconds = self._stable(route, point)
+        return {"seconds": seconds * work(route, shape) / work(route, point), "points": [[*point, seconds]]}
 
     def _warm_up(self) -> None:
         """Library loading and thread pools, once, before anything is timed (a run pays them at start-up)."""
@@ -247,6 +223,22 @@ class Calibrator:
         except ValueError:
             rss = None
         return {"startup": total, "startup_rss": rss, "job": _job_overhead(self.options)}
+
+
+def scaled_point(shape: tuple[int, int]) -> tuple[int, int]:
+    """The shape timed for `shape`: itself up to DIRECT on the long side, else scaled down to it, aspect
+    kept, but the short side not below min(its size, SHORT) (a tiny matrix times its overheads, not its work)."""
+    m, n = shape
+    factor = min(1.0, DIRECT / max(m, n))
+    short = min(min(m, n), SHORT)
+    return (max(round(m * factor), short if m <= n else 1), max(round(n * factor), short if n < m else 1))
+
+
+def work(route: str, shape: tuple[int, int]) -> float:
+    """The work a route's time is proportional to at large sizes: m n p for an SVD (base) and a full
+    fine-tune's svdvals(W - W0), m n for an adapter's top-K (products with W0 and the factors)."""
+    m, n = shape
+    return float(m) * n * (1 if route.startswith("lora") else min(m, n))
 
 
 def _job_overhead(options: JobOptions) -> float:
