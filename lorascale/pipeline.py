@@ -340,7 +340,8 @@ def _costs(calibration: Calibrator) -> Costs:
                  startup=overhead["startup"], job=overhead["job"])
 
 
-def _cache_plan(request: RunRequest, prepared: Prepared) -> tuple[CachePlan, set[str], Callable[[tuple[int, int]], int]]:
+def _cache_plan(request: RunRequest,
+                prepared: Prepared) -> tuple[CachePlan, set[str], Callable[[tuple[int, int]], int]]:
     """The base-SVD cache's side of the plan: (its CachePlan, the matrices whose base SVD it holds, the bytes
     of an entry by shape).  Through store/svd_cache's index (entry_nbytes, find, total_bytes) where it has
     one; otherwise (a cache keyed by content alone) entries are sized as written today and hits are unknown."""

@@ -34,7 +34,8 @@ def format_plan(run_plan: RunPlan) -> str:
                  f"{duration(estimate.overhead)}); calibration {estimate.calibrated}")
     if run_plan.ray:
         lines.append("  on Ray, each worker as fast as this machine, Ray start-up not included: "
-                     + ", ".join(f"{n} worker{'s' if n > 1 else ''} {duration(s)}" for n, s in estimate.workers.items()))
+                     + ", ".join(f"{n} worker{'s' if n > 1 else ''} {duration(seconds)}"
+                                 for n, seconds in estimate.workers.items()))
     lines.append("dry run: nothing computed or written")
     return "\n".join(lines)
 
@@ -57,7 +58,8 @@ def _format_cache(run_plan: RunPlan) -> str:
     if cache.directory is None:
         return "base-SVD cache: off (--no-cache)"
     cached = "unknown" if cache.cached is None else f"{cache.cached} of {run_plan.jobs}"
-    text = f"base-SVD cache {cache.directory}: {cached} cached; +{size(cache.bytes_added)}, {size(cache.bytes_after)} after"
+    text = (f"base-SVD cache {cache.directory}: {cached} cached; +{size(cache.bytes_added)}, "
+            f"{size(cache.bytes_after)} after")
     if cache.max_size is not None:
         text += f" of {size(cache.max_size)} allowed" + ("" if cache.fits_bound else " (OVER the bound: evicts)")
     if cache.disk_free is not None:

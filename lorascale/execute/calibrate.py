@@ -13,12 +13,13 @@ rank-256 part over a Gaussian bulk, as benchmarks/make_synthetic_llama.py builds
 depends on the spectrum, and a flat Gaussian one would make it fail its guard).
 
 Shapes above `DIRECT` on their long side are timed scaled down (scaled_point: aspect kept, the short side
-not below 512) and scaled up by the route's work (`work`: m n p for an SVD, m n for an adapter's top-K
+not below 384) and scaled up by the route's work (`work`: m n p for an SVD, m n for an adapter's top-K
 products).  An exponent fitted to two scaled points was tried first and dropped: on this shared 2-core
 machine the fitted exponents ranged from 2.3 to 5 between calls, while the exact base SVD's measured growth
 from 2048^2 to 4096^2 on a quiet machine is 2^3.0 (benchmarks/README.md, "Dry-run estimates").  Each point is the median
 of repeated timings, repeated until two consecutive medians agree within `AGREE` (at least 3, at most
-`MAX_REPEATS` timings, or `BUDGET` seconds).  Reading is timed per byte as the worker pays it in memory (copy, sha256 of the
+`MAX_REPEATS` timings; no more once a point took POINT_BUDGET seconds).  Reading is timed per byte as the
+worker pays it in memory (copy, sha256 of the
 base, upcast and finiteness check); a cached base costs the load of its entry.  Start-up (interpreter,
 imports: a child process) and per-job overhead (analyse_job on a tiny job, its rows written as Parquet to
 memory) are measured, not guessed.  Disk and network speed are not measured: reads are assumed to come
@@ -52,13 +53,13 @@ from lorascale.numerics.operators import Dense, LowRankUpdate
 from lorascale.request import JobOptions
 from lorascale.store.calibration import CalibrationStore
 
-DIRECT = 1536  # long side up to which a shape is timed as it is; larger ones are scaled down to it
+DIRECT = 1024  # long side up to which a shape is timed as it is; larger ones are scaled down to it
 AGREE = 0.05  # two consecutive medians within 5%: the point is stable
 MAX_REPEATS = 7
 MIN_REPEATS = 3
 POINT_BUDGET = 5.0  # seconds of timing per point after which its median so far is taken, stable or not
 TOTAL_BUDGET = 30.0  # seconds of measuring per dry run; past it, a shape is scaled from a measured one
-SHORT = 512  # a scaled point keeps at least this much of its short side
+SHORT = 384  # a scaled point keeps at least this much of its short side
 COMPUTE_DTYPES = {"fp32": torch.float32, "fp64": torch.float64}
 
 
@@ -132,12 +133,16 @@ class Calibrator:
         the dry run's TOTAL_BUDGET, scale the point of another shape measured for the same route instead."""
         suffix = route_key(route, shape, self.options).split("|", 2)[2]
         if time.perf_counter() > self._deadline:
+            known = []
             for key, figure in self.figures.items():
                 parts = key.split("|", 2)
                 if len(parts) == 3 and parts[0] == route and parts[2] == suffix and "scaled_from" not in figure:
                     m, n, seconds = figure["points"][0]
-                    return {"seconds": seconds * work(route, shape) / work(route, (m, n)),
-                            "points": figure["points"], "scaled_from": key}
+                    distance = abs(math.log((m / n) / (shape[0] / shape[1])))  # the closest aspect first
+                    known.append((distance, key, seconds * work(route, shape) / work(route, (m, n)), figure))
+            if known:
+                _, key, seconds, figure = min(known, key=lambda k: k[0])
+                return {"seconds": seconds, "points": figure["points"], "scaled_from": key}
         self._warm_up()
         point = scaled_point(shape)
         seconds = self._stable(route, point)
@@ -153,9 +158,7 @@ class Calibrator:
     def _stable(self, route: str, shape: tuple[int, int]) -> float:
         """Median seconds of `route` at `shape`, repeated until two consecutive medians agree (module doc)."""
         task = self._task(route, shape)
-        times = [_timed(task)]
-        while len(times) < MIN_REPEATS and sum(times) < POINT_BUDGET:
-            times.append(_timed(task))
+        times = [_timed(task) for _ in range(MIN_REPEATS)]  # one timing on a loaded machine can be 10x off
         median = statistics.median(times)
         while len(times) < MAX_REPEATS and sum(times) < POINT_BUDGET:
             times.append(_timed(task))
