@@ -17,7 +17,7 @@ import torch
 from lorascale import __version__, settings
 from lorascale.errors import LorascaleError, OptionError, option
 from lorascale.execute import Executor, make_executor
-from lorascale.execute.calibrate import Calibrator, machine_key
+from lorascale.execute.calibrate import Calibrator, load, machine_key
 from lorascale.execute.routes import describe as describe_routes, pinned_routes, resolve as resolve_compute
 from lorascale.execute.streaming import StreamedFiles, stream_order
 from lorascale.io.checkpoint import Checkpoint, open_checkpoint
@@ -316,7 +316,7 @@ def plan_run(request: RunRequest) -> RunPlan:
                    routes=tuple(groups), cache=cache[0],
                    estimate=Estimate(seconds=startup + reading + compute + overhead, startup=startup, read=reading,
                                      compute=compute, overhead=overhead, workers=workers, peak_rss=rss,
-                                     largest=largest, calibrated=measured),
+                                     largest=largest, calibrated=measured, load=load()),
                    device=options.device,
                    ray=execution.ray_address is not None or (execution.workers or 1) > 1 or settings.ray_address()
                    is not None)

@@ -16,9 +16,12 @@ Shapes above `DIRECT` on their long side are timed scaled down (scaled_point: as
 not below 384) and scaled up by the route's work (`work`: m n p for an SVD, m n for an adapter's top-K
 products).  An exponent fitted to two scaled points was tried first and dropped: on this shared 2-core
 machine the fitted exponents ranged from 2.3 to 5 between calls, while the exact base SVD's measured growth
-from 2048^2 to 4096^2 on a quiet machine is 2^3.0 (benchmarks/README.md, "Dry-run estimates").  Each point is the median
-of repeated timings, repeated until two consecutive medians agree within `AGREE` (at least 3, at most
-`MAX_REPEATS` timings; no more once a point took POINT_BUDGET seconds).  Reading is timed per byte as the
+from 2048^2 to 4096^2 on a quiet machine is 2^3.0 (benchmarks/README.md, "Dry-run estimates").  Each point is the fastest
+of repeated timings, repeated until one more timing lowers it by less than `AGREE` (at least 3, at most
+`MAX_REPEATS` timings; no more once a point took POINT_BUDGET seconds).  The fastest, not the median: other
+processes only ever add time, and on a shared machine a median of a few timings swings 5x between calls
+(measured while writing this); the estimate is therefore for this machine without competing load, and
+the dry run says how loaded the machine is now (`load`).  Reading is timed per byte as the
 worker pays it in memory (copy, sha256 of the
 base, upcast and finiteness check); a cached base costs the load of its entry.  Start-up (interpreter,
 imports: a child process) and per-job overhead (analyse_job on a tiny job, its rows written as Parquet to
@@ -37,7 +40,6 @@ import io
 import math
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import time
@@ -54,10 +56,10 @@ from lorascale.request import JobOptions
 from lorascale.store.calibration import CalibrationStore
 
 DIRECT = 1024  # long side up to which a shape is timed as it is; larger ones are scaled down to it
-AGREE = 0.05  # two consecutive medians within 5%: the point is stable
+AGREE = 0.05  # one more timing lowers the fastest by less than 5%: the point is stable
 MAX_REPEATS = 7
 MIN_REPEATS = 3
-POINT_BUDGET = 5.0  # seconds of timing per point after which its median so far is taken, stable or not
+POINT_BUDGET = 5.0  # seconds of timing per point after which its fastest so far is taken, stable or not
 TOTAL_BUDGET = 30.0  # seconds of measuring per dry run; past it, a shape is scaled from a measured one
 SHORT = 384  # a scaled point keeps at least this much of its short side
 COMPUTE_DTYPES = {"fp32": torch.float32, "fp64": torch.float64}
@@ -156,16 +158,16 @@ class Calibrator:
             self._warm = True
 
     def _stable(self, route: str, shape: tuple[int, int]) -> float:
-        """Median seconds of `route` at `shape`, repeated until two consecutive medians agree (module doc)."""
+        """The fastest of repeated timings of `route` at `shape`, repeated until it is stable (module doc)."""
         task = self._task(route, shape)
-        times = [_timed(task) for _ in range(MIN_REPEATS)]  # one timing on a loaded machine can be 10x off
-        median = statistics.median(times)
+        times = [_timed(task) for _ in range(MIN_REPEATS)]
+        best = min(times)
         while len(times) < MAX_REPEATS and sum(times) < POINT_BUDGET:
             times.append(_timed(task))
-            previous, median = median, statistics.median(times)
-            if abs(median - previous) <= AGREE * previous:
+            previous, best = best, min(times)
+            if previous - best <= AGREE * previous:
                 break
-        return median
+        return best
 
     def _task(self, route: str, shape: tuple[int, int]) -> Callable[[], object]:
         """A call that does what the worker does for `route` on a synthetic (m, n) matrix."""
@@ -209,7 +211,7 @@ class Calibrator:
         def entry() -> None:
             torch.frombuffer(bytearray(data), dtype=torch.uint8).to(self.options.device)
 
-        return {name: _median(task) / nbytes for name, task in (("read", read), ("hash", digest), ("entry", entry))}
+        return {name: _fastest(task) / nbytes for name, task in (("read", read), ("hash", digest), ("entry", entry))}
 
     def _overhead(self) -> dict:
         """Start-up of a fresh interpreter (a child process importing what a run imports) and per-job cost."""
@@ -225,7 +227,15 @@ class Calibrator:
             rss = int(rss_kb) * 1024
         except ValueError:
             rss = None
-        return {"startup": total, "startup_rss": rss, "job": _job_overhead(self.options)}
+        return {"startup": total, "startup_rss": rss, "job": _job_overhead(self.options), "load": load()}
+
+
+def load() -> dict:
+    """The 1-minute load average and the CPUs it competes for (None where the OS does not say)."""
+    try:
+        return {"average": os.getloadavg()[0], "cpus": os.cpu_count()}
+    except OSError:
+        return {"average": None, "cpus": os.cpu_count()}
 
 
 def scaled_point(shape: tuple[int, int]) -> tuple[int, int]:
@@ -273,7 +283,7 @@ def _job_overhead(options: JobOptions) -> float:
                            pa.BufferOutputStream())
 
     run()
-    return _median(run)
+    return _fastest(run)
 
 
 def _weight_like(m: int, n: int, generator: torch.Generator) -> torch.Tensor:
@@ -299,5 +309,5 @@ def _timed(task: Callable[[], object]) -> float:
     return time.perf_counter() - started
 
 
-def _median(task: Callable[[], object], repeats: int = 5) -> float:
-    return statistics.median(_timed(task) for _ in range(repeats))
+def _fastest(task: Callable[[], object], repeats: int = 5) -> float:
+    return min(_timed(task) for _ in range(repeats))
