@@ -62,7 +62,7 @@ def compare(base: str | os.PathLike | Mapping[str, str], tuned: str | os.PathLik
     References are local directories, .safetensors or .bin files, or hub repo ids `org/name[@revision]`;
     `"NAME=REF"` or a dict `{"NAME": "REF"}` labels a model in the tables and figures.
     Every other keyword is an option of the run, a field of request.RunRequest (k, epsilon, side, precision,
-    mode, top_k, include, exclude, rename, device, backend, driver, cache_dir, use_cache, workers,
+    mode, top_k, include, exclude, rename, device, backend, driver, cache_dir, use_cache, cache_max_size, workers,
     ray_address, no_pickle, scratch_dir, overwrite, resume, report, series, ...); see `lorascale run --help`
     for their meaning.  `report=True` also writes out/report/ (figures and index.html).  `progress=True`
     shows a progress bar (tqdm: a widget in Jupyter, a text bar in a terminal); `executor` (an

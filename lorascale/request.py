@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
@@ -165,6 +166,9 @@ class Execution:
     driver: str | None = None  # cuSOLVER driver on CUDA (gesvd unless told); not a CLI option
     cache_dir: Path | None = None  # base-SVD cache; None: settings.cache_dir() (Ray: each node's own)
     use_cache: bool = True  # read and write the base-SVD cache
+    # bound on the cache's size in bytes (or "50GB", "500MiB"), least recently used entries evicted to keep
+    # under it; None: settings.cache_max_size().  Not the run's identity: a resume with another bound is the same run
+    cache_max_size: int | str | None = None
     ray_address: str | None = None  # run on Ray (auto, ray://host:10001, host:port, local); None: RAY_ADDRESS
     workers: int | None = None  # Ray workers; more than 1 starts a local Ray when no address is given
     cpus_per_worker: float | None = None
@@ -183,6 +187,13 @@ class Execution:
             raise OptionError(f"{option('backend', self.backend)} needs a CUDA device",
                               fix=f"use {option('device', 'cuda')}, or {option('backend', 'torch')}")
         _flag("use_cache", self.use_cache)
+        if self.cache_max_size is not None:
+            from lorascale.sizes import parse_size
+
+            try:
+                object.__setattr__(self, "cache_max_size", parse_size(self.cache_max_size))
+            except ValueError as exc:
+                raise OptionError(f"{option('cache_max_size')}: {exc}", fix="e.g. 50GB or 500MiB") from None
         object.__setattr__(self, "cache_dir", _optional_path(self.cache_dir))
         for name, low, inclusive in (("workers", 1, True), ("cpus_per_worker", 0, False), ("gpus_per_worker", 0, True)):
             value = getattr(self, name)
@@ -310,6 +321,14 @@ class RunRequest:
             return None
         return self.execution.cache_dir or settings.cache_dir()
 
+    @property
+    def cache_max_size(self) -> int | None:
+        """The bound on the base-SVD cache, in bytes: the one given, else settings.cache_max_size()."""
+        from lorascale import settings
+
+        given = self.execution.cache_max_size
+        return int(given) if given is not None else settings.cache_max_size()
+
     def keywords(self) -> dict[str, Any]:
         """Every option that differs from its default, by field name: base, tuned and out first, then the
         analysis, selection, execution, references and output records in field order.  What reproduces
@@ -369,6 +388,10 @@ class JobOptions:
     routes: Routes | None = None
     cache_dir: str | None = None
     mitigation: Mitigation | None = None  # set: each job also rewrites its adapter's factors
+    cache_max_size: int | None = None  # bytes the base-SVD cache may hold (None: no bound)
+    # one per run (job_options): the workers' cache object is per run, so a run protects the entries it wrote
+    # from its own eviction and warns about the cache at most once
+    cache_run: str | None = None
 
 
 def job_options(request: RunRequest, *, routes: Routes | None = None) -> JobOptions:
@@ -377,7 +400,8 @@ def job_options(request: RunRequest, *, routes: Routes | None = None) -> JobOpti
     cache = request.cache_dir
     return JobOptions(analysis=request.analysis, device=execution.device, backend=execution.backend,
                       driver=execution.driver, routes=routes, cache_dir=str(cache) if cache is not None else None,
-                      mitigation=request.mitigation)
+                      mitigation=request.mitigation, cache_max_size=request.cache_max_size if cache else None,
+                      cache_run=uuid.uuid4().hex if cache is not None else None)
 
 
 def _labelled(reference: NamedReference) -> str:

@@ -79,6 +79,31 @@ def cache_dir() -> Path:
     return Path(_cache_home()) / "lorascale"
 
 
+# The base-SVD cache's bound when neither --cache-max-size nor LORASCALE_CACHE_MAX_SIZE says: a fixed size, the
+# same on every machine (docs/CACHE.md says why 50 GB).
+DEFAULT_CACHE_MAX_SIZE = 50 * 10**9
+
+
+def cache_max_size() -> int | None:
+    """LORASCALE_CACHE_MAX_SIZE in bytes (`50GB`, `500MiB`, a number of bytes), else DEFAULT_CACHE_MAX_SIZE.
+
+    An unparseable value is an OptionError naming the variable (not a silent default: a bound the user set
+    and lorascale ignored would fill their disk).  Never None today; typed so for callers that treat None as
+    no bound.
+    """
+    from lorascale.errors import OptionError
+    from lorascale.sizes import parse_size
+
+    value = _env("LORASCALE_CACHE_MAX_SIZE")
+    if value is None:
+        return DEFAULT_CACHE_MAX_SIZE
+    try:
+        return parse_size(value)
+    except ValueError as exc:
+        raise OptionError(f"LORASCALE_CACHE_MAX_SIZE: {exc}",
+                          fix="set it to e.g. 50GB or 500MiB, or unset it for the default of 50GB") from None
+
+
 def progress_seconds() -> float:
     """LORASCALE_PROGRESS_SECONDS: at most this long between progress lines when stderr is not a terminal
     (default 30; stages are shown once they last 2 s or this long, whichever is shorter)."""

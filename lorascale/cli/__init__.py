@@ -148,6 +148,9 @@ _COMMON_OPTIONS = [
                   help="Cache of base SVDs, reused across runs (default: $LORASCALE_CACHE_DIR or ~/.cache/lorascale)."),
     click.option("--no-cache", "use_cache", flag_value=False, default=True,
                   help="Neither read nor write the base-SVD cache."),
+    click.option("--cache-max-size", default=None, metavar="SIZE",
+                  help="Bound on the base-SVD cache (50GB, 500MiB, bytes); least recently used entries are evicted "
+                       "to stay under it (default: $LORASCALE_CACHE_MAX_SIZE, else 50GB).  See `lorascale cache`."),
     click.option("--no-pickle", is_flag=True,
                   help="Refuse pickled .bin weights (read otherwise, only when a checkpoint has no safetensors, "
                        "with torch's restricted weights_only loader)."),
@@ -394,3 +397,8 @@ def report(results: Path, out: Path | None, matrices: tuple[str, ...], order: st
     if allow_partial:
         _warn_if_partial(results)
     click.echo(str(index))
+
+
+from lorascale.cli.cache import cache as _cache_commands  # noqa: E402  (lorascale cache ls | rm | prune)
+
+main.add_command(_cache_commands)

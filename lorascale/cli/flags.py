@@ -15,7 +15,7 @@ from lorascale.request import RunRequest, public_address
 FLAGS: dict[str, str] = {
     "base": "--base", "tuned": "--tuned", "out": "--out", "k": "--k", "epsilon": "--epsilon", "side": "--side",
     "precision": "--precision", "device": "--device", "backend": "--backend", "mode": "--mode", "top_k": "--top-k",
-    "cache_dir": "--cache-dir", "use_cache": "--no-cache", "no_pickle": "--no-pickle", "scratch_dir": "--scratch-dir",
+    "cache_dir": "--cache-dir", "use_cache": "--no-cache", "cache_max_size": "--cache-max-size", "no_pickle": "--no-pickle", "scratch_dir": "--scratch-dir",
     "include": "--include", "exclude": "--exclude", "rename": "--rename", "overwrite": "--overwrite",
     "resume": "--resume", "report": "--report", "series": "--series", "dry_run": "--dry-run",
     "ray_address": "--ray-address", "workers": "--workers", "cpus_per_worker": "--cpus-per-worker",

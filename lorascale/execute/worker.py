@@ -25,7 +25,7 @@ from lorascale.numerics.intruders import intruder_count
 from lorascale.numerics.metrics import lora_delta_singular_values
 from lorascale.records import LoraFactors, MatrixJob, MatrixResult, TensorEntry, TunedSource
 from lorascale.request import Analysis, JobOptions
-from lorascale.store.svd_cache import BaseSpectrumCache
+from lorascale.store.svd_cache import BaseSpectrumCache, compact
 from lorascale.store.schema import (MATRICES, METHOD_EXACT, METHOD_TOPK, METHOD_TOPK_FALLBACK, SCHEMAS, SIMILARITY,
                                     SPECTRA)
 
@@ -37,9 +37,10 @@ _OVERFLOW_FIX = f"try {option('precision', 'fp64')}, or leave this matrix out wi
 
 
 @functools.lru_cache(maxsize=4)
-def _cache(directory: str) -> BaseSpectrumCache:
-    """One cache object per directory and process, so that an unwritable cache warns once per run."""
-    return BaseSpectrumCache(directory)
+def _cache(directory: str, max_bytes: int | None, run: str | None) -> BaseSpectrumCache:
+    """One cache object per run (JobOptions.cache_run) and process: it warns at most once, and never evicts
+    the entries the run wrote to make room for the run's next ones."""
+    return BaseSpectrumCache(directory, max_bytes=max_bytes)
 
 
 def job_entries(job: MatrixJob) -> Iterator[TensorEntry]:
@@ -105,7 +106,7 @@ class MatrixWork:
         self.settings = ComparisonSettings(routes=routes, driver=options.driver, separated=analysis.k,
                                            top_k=analysis.top_vectors if analysis.mode == "topk" else None)
         raw = load(job.base)
-        cache = _cache(options.cache_dir) if options.cache_dir else None
+        cache = _cache(options.cache_dir, options.cache_max_size, options.cache_run) if options.cache_dir else None
         key = cache.key(raw, job.base, analysis, routes.base) if cache is not None else None
         self.w0 = self._to_compute(raw, job.base)
         del raw
@@ -119,7 +120,8 @@ class MatrixWork:
                 raise NumericalError(exc.text, path=job.base.location, tensor=job.base.name,
                                      fix=_OVERFLOW_FIX) from exc
             if cache is not None and key is not None:
-                cache.store(key, base)
+                base = compact(base)  # compute with what the entry holds: cold and warm runs agree
+                cache.store(key, base, label=cache.label(job.base, analysis, routes.base))
         self.base: BaseSpectrum = base
 
     def _to_compute(self, tensor: torch.Tensor, entry: TensorEntry) -> torch.Tensor:
