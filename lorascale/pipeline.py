@@ -24,7 +24,7 @@ from lorascale.io.checkpoint import Checkpoint, open_checkpoint
 from lorascale.io.downloads import StatusCallback
 from lorascale.io.identity import describe
 from lorascale.io.resolve import resolve
-from lorascale.numerics.backends import BACKENDS, Routes
+from lorascale.numerics.backends import Routes
 from lorascale.plan import Plan, plan_jobs
 from lorascale.plan.estimate import (CachePlan, Costs, Estimate, RouteGroup, bytes_to_read, estimate, peak_rss,
                                      route_counts, route_groups)
@@ -343,49 +343,32 @@ def _costs(calibration: Calibrator) -> Costs:
 def _cache_plan(request: RunRequest,
                 prepared: Prepared) -> tuple[CachePlan, set[str], Callable[[tuple[int, int]], int]]:
     """The base-SVD cache's side of the plan: (its CachePlan, the matrices whose base SVD it holds, the bytes
-    of an entry by shape).  Through store/svd_cache's index (entry_nbytes, find, total_bytes) where it has
-    one; otherwise (a cache keyed by content alone) entries are sized as written today and hits are unknown."""
+    of an entry by shape), through store/svd_cache's index: entries are found from headers alone (by source
+    model, tensor, shape and settings; the weights are not hashed, so this is the cache's own guess)."""
     from lorascale.store import svd_cache
 
     analysis, directory = request.analysis, request.cache_dir
     sides = tuple(analysis.sides)
 
     def entry_bytes(shape: tuple[int, int]) -> int:
-        if hasattr(svd_cache, "entry_nbytes"):
-            return int(svd_cache.entry_nbytes(shape, sides))
-        p = min(shape)
-        return 4 * p * (1 + sum(shape[0] if side == "left" else shape[1] for side in sides)) + 1024
+        return svd_cache.entry_nbytes(shape, sides, precision=analysis.precision)
 
     if directory is None:
         return CachePlan(None, None, 0, 0, None, None), set(), entry_bytes
-    cached, bytes_now = _cached_bases(svd_cache.BaseSpectrumCache(directory), prepared, request)
-    missing = [job for job in prepared.plan.jobs if job.matrix not in (cached or set())]
-    max_size = settings.cache_max_size() if hasattr(settings, "cache_max_size") else None
-    plan = CachePlan(directory=str(directory), cached=len(cached) if cached is not None else None,
-                     bytes_now=bytes_now, bytes_added=sum(entry_bytes((j.rows, j.cols)) for j in missing),
-                     max_size=max_size, disk_free=_disk_free(directory))
-    return plan, cached or set(), entry_bytes
-
-
-def _cached_bases(cache: object, prepared: Prepared, request: RunRequest) -> tuple[set[str] | None, int]:
-    """(the plan's matrices whose base SVD the cache holds, or None when it cannot tell from headers; the
-    cache's size now).  The one place that speaks to the cache's index (store/svd_cache.py)."""
-    find, total = getattr(cache, "find", None), getattr(cache, "total_bytes", None)
-    if total is not None:
-        bytes_now = int(total())
-    else:
-        root = Path(cache.directory) / "base-svd"  # type: ignore[attr-defined]
-        bytes_now = sum(p.stat().st_size for p in root.rglob("*.safetensors")) if root.is_dir() else 0
-    if find is None:
-        return None, bytes_now
-    analysis = request.analysis
+    cache = svd_cache.BaseSpectrumCache(directory)
     options = _resolved_here(prepared.options)
     assert options.routes is not None
-    method = BACKENDS[options.routes.base].family
-    hits = {job.matrix for job in prepared.plan.jobs
-            if find(prepared.base.reference, job.base.name, (job.rows, job.cols), analysis.precision,
-                    tuple(analysis.sides), method) is not None}
-    return hits, bytes_now
+    method = svd_cache.method_family(options.routes.base)
+    cached = {job.matrix for job in prepared.plan.jobs
+              if cache.find(svd_cache.entry_source(job.base), svd_cache.entry_tensor(job.base), (job.rows, job.cols),
+                            analysis.precision, sides, method) is not None}
+    missing = [job for job in prepared.plan.jobs if job.matrix not in cached]
+    bound = request.execution.cache_max_size
+    max_size = bound if isinstance(bound, int) else settings.cache_max_size()
+    plan = CachePlan(directory=str(directory), cached=len(cached), bytes_now=cache.total_bytes(),
+                     bytes_added=sum(entry_bytes((j.rows, j.cols)) for j in missing), max_size=max_size,
+                     disk_free=_disk_free(directory))
+    return plan, cached, entry_bytes
 
 
 def _disk_free(directory: Path) -> int | None:

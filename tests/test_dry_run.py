@@ -163,3 +163,19 @@ def test_routes_count_cached_bases_and_memory_grows_with_the_largest_job(headers
     assert max(sizes) == job_bytes(largest, precision="fp32", sides=("left",), gram=True)
     assert job_bytes(largest, precision="fp64", sides=("left",), gram=False) > \
         job_bytes(largest, precision="fp32", sides=("left",), gram=False)
+
+
+def test_dry_run_counts_the_base_svds_a_run_cached(llama, tmp_path, monkeypatch):
+    from runs import compare, plan_run
+
+    monkeypatch.setenv("LORASCALE_CACHE_DIR", str(tmp_path / "calibration"))
+    base, lora, cache = str(llama.base["fp32"]), str(llama.lora.path), tmp_path / "cache"
+    before = plan_run(base, [lora], device="cpu", cache_dir=cache)
+    assert before.cache.cached == 0 and before.cache.bytes_now == 0 and before.cache.bytes_added > 0
+    compare(base, [lora], tmp_path / "out", device="cpu", cache_dir=cache)
+    after = plan_run(base, [lora], device="cpu", cache_dir=cache)
+    assert after.cache.cached == after.jobs and after.cache.bytes_added == 0
+    # entry_nbytes sizes what the run wrote, but for each entry's header (under 1 kB)
+    assert before.cache.bytes_added <= after.cache.bytes_now <= before.cache.bytes_added + 1024 * after.jobs
+    assert all(g.cached == g.count for g in after.routes if g.route == "base")
+    assert after.estimate.compute < before.estimate.compute  # a cached base costs its load only

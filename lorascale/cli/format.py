@@ -65,7 +65,11 @@ def _format_cache(run_plan: RunPlan) -> str:
     text = (f"base-SVD cache {cache.directory}: {cached} cached; +{size(cache.bytes_added)}, "
             f"{size(cache.bytes_after)} after")
     if cache.max_size is not None:
-        text += f" of {size(cache.max_size)} allowed" + ("" if cache.fits_bound else " (OVER the bound: evicts)")
+        text += f" of {size(cache.max_size)} allowed"
+        if cache.bytes_added > cache.max_size:
+            text += " (the run's entries alone exceed the bound: it stops caching once they fill it)"
+        elif not cache.fits_bound:
+            text += " (older entries are evicted to stay under it)"
     if cache.disk_free is not None:
         text += f"; {size(cache.disk_free)} free on its disk" + ("" if cache.fits_disk else " (DOES NOT FIT)")
     return text
