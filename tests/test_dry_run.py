@@ -133,7 +133,7 @@ def test_calibration_file_unreadable_or_foreign_is_ignored_and_rewritten(tmp_pat
     store = CalibrationStore(tmp_path, {"cpu": "x"})
     store.path.parent.mkdir(parents=True)
     for content in ("{truncated", json.dumps({"format": "other", "key": {"cpu": "x"}, "figures": {"a": 1}}),
-                    json.dumps({"format": "lorascale-calibration/1", "key": {"cpu": "y"}, "figures": {"a": 1}})):
+                    json.dumps({"format": "lorascale-calibration/2", "key": {"cpu": "y"}, "figures": {"a": 1}})):
         store.path.write_text(content)
         assert store.load() == {}
     store.save({"a": {"seconds": 1.0}})

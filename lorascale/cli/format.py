@@ -34,8 +34,8 @@ def format_plan(run_plan: RunPlan) -> str:
                  f"{duration(estimate.overhead)}); calibration {estimate.calibrated}")
     average, cpus = estimate.load.get("average"), estimate.load.get("cpus") or 1
     if average is not None and average > cpus:
-        lines.append(f"  this machine is loaded now (load average {average:.1f} on {cpus} CPUs): the estimate is for "
-                     f"it without competing load; expect up to ~{average / cpus:.0f}x longer")
+        lines.append(f"  this machine is loaded now (load average {average:.1f} on {cpus} CPUs): its timings, the "
+                     "calibration's and the run's, swing with that load; read the estimate as rough")
     if run_plan.ray:
         lines.append("  on Ray, each worker as fast as this machine, Ray start-up not included: "
                      + ", ".join(f"{n} worker{'s' if n > 1 else ''} {duration(seconds)}"

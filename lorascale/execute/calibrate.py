@@ -28,6 +28,12 @@ imports: a child process) and per-job overhead (analyse_job on a tiny job, its r
 memory) are measured, not guessed.  Disk and network speed are not measured: reads are assumed to come
 at memory speed (page cache), downloads are counted in bytes only.
 
+Threads: on a CPU the routes are timed on one thread and divided by the threads the run uses (ideal
+scaling, an assumption: not measured on an idle machine here).  Timed on the run's two threads, a point on
+the shared 2-core machine this was written on stalled at every barrier where the threads meet: a 1024 x 1024
+base SVD took 20-28 s on 2 threads and 2-3 s on 1 (load average 15), and scaled up by the work it
+over-estimated a real 7B layer 17x; the real matrices, 16-40x the work per barrier, stall far less.
+
 Every figure is stored per machine (store/calibration.py: keyed by CPU model and count, torch threads and
 version, BLAS and device) so that the next dry run reuses it: calibrating takes seconds to ~30 s once,
 then nothing.
@@ -158,8 +164,19 @@ class Calibrator:
             self._warm = True
 
     def _stable(self, route: str, shape: tuple[int, int]) -> float:
-        """The fastest of repeated timings of `route` at `shape`, repeated until it is stable (module doc)."""
+        """The fastest of repeated timings of `route` at `shape`, repeated until it is stable (module doc),
+        on one CPU thread and divided by the run's threads (module doc: `Threads`)."""
         task = self._task(route, shape)
+        if self.options.device == "cpu":
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                return self._fastest_stable(task) / threads
+            finally:
+                torch.set_num_threads(threads)
+        return self._fastest_stable(task)
+
+    def _fastest_stable(self, task: Callable[[], object]) -> float:
         times = [_timed(task) for _ in range(MIN_REPEATS)]
         best = min(times)
         while len(times) < MAX_REPEATS and sum(times) < POINT_BUDGET:

@@ -67,7 +67,7 @@ class Estimate:
     peak_rss: int  # bytes (peak_rss() below)
     largest: str  # the job that sets peak_rss
     calibrated: str  # "measured now in 12.3 s" or "stored"
-    load: dict  # {"average": 1-minute load average now, "cpus": CPUs}: the estimate assumes no competing load
+    load: dict  # {"average": 1-minute load average now, "cpus": CPUs}: timings swing with it
 
 
 def route(source: TunedSource) -> str:

@@ -16,7 +16,7 @@ from pathlib import Path
 from lorascale.errors import OutputError
 from lorascale.store.atomic import write_atomic
 
-FORMAT = "lorascale-calibration/1"
+FORMAT = "lorascale-calibration/2"  # /2: routes timed on one thread
 _LOG = logging.getLogger(__name__)
 
 
