@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -16,6 +17,7 @@ import torch
 from lorascale.version import __version__
 from lorascale.errors import LorascaleError, OptionError, option
 from lorascale.execute import Executor, make_executor
+from lorascale.calibrate import Calibrator, load, machine_key
 from lorascale.execute.routes import describe as describe_routes, pinned_routes, resolve as resolve_compute
 from lorascale.execute.streaming import StreamedFiles, stream_order
 from lorascale.io.checkpoint import Checkpoint, open_checkpoint
@@ -25,10 +27,13 @@ from lorascale.io.resolve import resolve
 from lorascale.numerics.backends import Routes
 from lorascale.plan import Plan, plan_jobs
 from lorascale.labels import short_labels
-from lorascale.records import HubFile, NamedReference, RemoteFile, Skipped, TensorEntry
+from lorascale.records import HubFile, NamedReference, RemoteFile, Skipped
 from lorascale.analyses.options import JobOptions, job_options
 from lorascale.request import RunRequest
 from lorascale.run_identity import manifest_options, python_command
+from lorascale.plan.estimate import (CachePlan, Costs, Estimate, RouteGroup, bytes_to_read, estimate, peak_rss,
+                                     route_counts, route_groups)
+from lorascale.store.calibration import CalibrationStore
 from lorascale.store.manifest import Manifest, read_manifest
 from lorascale.store.overlap import checkpoint_inputs, reference_inputs, refuse_overlap
 from lorascale.store.run_directory import RunDirectory
@@ -328,76 +333,133 @@ def _warn_same_checkpoints(base: Checkpoint, tuned: list[Checkpoint]) -> None:
 
 @dataclass(frozen=True)
 class RunPlan:
-    """What `compare()` with the same arguments would do (plan_run): nothing computed, nothing written."""
+    """What `compare()` with the same arguments would do and cost (plan_run): nothing computed, no tensor read,
+    nothing written but the calibration file (calibrate.py, store/calibration.py)."""
 
     base: str
     tuned: tuple[str, ...]
-    updates: dict[str, str]  # tuned reference -> full / lora
+    updates: dict[str, str]  # tuned reference -> full / lora / dora
     matrices: dict[str, int]  # tuned reference -> matrices analysed for it
     jobs: int  # base matrices analysed (one job each)
     skipped: tuple[Skipped, ...]  # the 2-D tensors not analysed, and why
     bytes_to_read: int  # tensor bytes the run reads (base matrices once, every tuned version)
-    svds: int  # full SVDs: one per base matrix plus one per tuned version
-    svd_seconds: float  # estimate from a timed probe on `device`
+    bytes_to_download: int  # weight files of hub references not on this machine yet (streamed while it runs)
+    routes: tuple[RouteGroup, ...]  # matrices per route and shape, with their calibrated seconds
+    cache: CachePlan
+    estimate: Estimate
     device: str
-    probe: str  # what was timed
+    ray: bool  # a Ray run: estimate.workers is the figure to read
+
+    def record(self) -> dict:
+        """The plan as JSON-able data (`lorascale run --dry-run --json`); seconds and bytes as numbers."""
+        record = asdict(self)
+        record["skipped"] = [asdict(s) for s in self.skipped]
+        record["cache"].update(bytes_after=self.cache.bytes_after, fits_bound=self.cache.fits_bound,
+                               fits_disk=self.cache.fits_disk)
+        record["estimate"]["workers"] = {str(n): s for n, s in self.estimate.workers.items()}
+        return record
 
 
 def plan_run(request: RunRequest) -> RunPlan:
     """The dry run of compare(): the same checks, resolution, header indexing and name matching, then the
-    plan; no weight file is downloaded, no tensor read, no output written and no Ray started.  The SVD time
-    is estimated from one SVD timed on this machine's device (for a Ray run: the driver's device)."""
+    plan and its cost; no weight file is downloaded, no tensor read, no output written and no Ray started.
+    Times come from the routes the run takes, timed on this machine at the run's shapes (calibrate.py;
+    for a Ray run this machine stands for each worker), stored per machine in the cache directory."""
+    started = time.perf_counter()
     prepared = prepare(request)
     prepared.executor.close()
+    prepare_seconds = time.perf_counter() - started
     plan = prepared.plan
+    options = _resolved_here(prepared.options)
+    directory = request.execution.cache_dir or request.environment.cache_dir  # the calibration's home
+    calibration = Calibrator(options, CalibrationStore(directory, machine_key(options.device))
+                             if directory is not None else None)
+    cache = _cache_plan(request, prepared)
+    read = bytes_to_read(plan.jobs)
+    costs = _costs(calibration)
+    groups = route_groups(route_counts(plan.jobs, cache[1]), costs, entry_bytes=cache[2])
+    startup, reading, compute, overhead, workers = estimate(
+        groups, costs, jobs=len(plan.jobs), read=read, cache=request.cache_dir is not None,
+        prepare_seconds=prepare_seconds)
+    analysis = options.analysis
+    assert options.routes is not None
+    rss, largest = peak_rss(list(plan.jobs), int(calibration.overhead()["startup_rss"] or 0),
+                            precision=analysis.precision, sides=analysis.sides,
+                            gram=options.routes.base == "gram" and options.device == "cpu")
+    measured = f"measured now in {time.perf_counter() - started - prepare_seconds:.1f} s" if calibration.measured \
+        else f"stored in {calibration.store.path if calibration.store else '-'}"
     per_model: Counter[str] = Counter(s.model for job in plan.jobs for s in job.tuned)
-    read = 0
-    for job in plan.jobs:
-        read += _nbytes(job.base)
-        for source in job.tuned:
-            read += _nbytes(source.full) if source.full is not None else (
-                _nbytes(source.lora.a) + _nbytes(source.lora.b))  # type: ignore[union-attr]
-    seconds_per_unit, device_used, probe = _svd_speed(prepared.options)
     tuned = prepared.tuned
     return RunPlan(base=prepared.base.reference, tuned=tuple(c.reference for c in tuned),
                    updates={c.reference: c.update for c in tuned},
                    matrices={c.reference: per_model[c.reference] for c in tuned},
-                   jobs=len(plan.jobs), skipped=plan.skipped, bytes_to_read=read,
-                   svds=sum(1 + len(job.tuned) for job in plan.jobs),
-                   svd_seconds=seconds_per_unit * sum(job.cost for job in plan.jobs), device=device_used, probe=probe)
+                   jobs=len(plan.jobs), skipped=plan.skipped, bytes_to_read=read[0],
+                   bytes_to_download=sum(f.size for f in streamed_files([prepared.base, *tuned]).values()),
+                   routes=tuple(groups), cache=cache[0],
+                   estimate=Estimate(seconds=startup + reading + compute + overhead, startup=startup, read=reading,
+                                     compute=compute, overhead=overhead, workers=workers, peak_rss=rss,
+                                     largest=largest, calibrated=measured, load=load()),
+                   device=options.device,
+                   ray=request.wants_ray)
 
 
-def _nbytes(entry: TensorEntry) -> int:
-    return entry.data_end - entry.data_start
-
-
-PROBE_SIZE = 384
-
-
-def _svd_speed(options: JobOptions) -> tuple[float, str, str]:
-    """Seconds per unit of MatrixJob.cost (m * n * min(m, n) per SVD), from a PROBE_SIZE square SVD timed on
-    this machine's device with the run's tuned route and precision (best of three after a warm-up)."""
-    from lorascale.numerics.svd import svd
-
+def _resolved_here(options: JobOptions) -> JobOptions:
+    """The run's options settled on this machine; a Ray run's GPU request, on a driver without one, is timed
+    on this machine's default device.  Options an in-process executor settled already are kept as they are
+    (settling them again would read their concrete backend as an explicit --backend)."""
+    if options.routes is not None and options.device != "auto" and options.backend != "auto":
+        return options
     try:
-        compute = resolve_compute(options)
-    except OptionError:  # a Ray run's GPU request, on a driver without one: time this machine's default
-        compute = resolve_compute(replace(options, device="auto", backend="auto", routes=None))
-    assert compute.routes is not None
-    dtype = torch.float64 if options.analysis.precision == "fp64" else torch.float32
-    generator = torch.Generator().manual_seed(0)
-    matrix = torch.randn(PROBE_SIZE, PROBE_SIZE, generator=generator, dtype=dtype).to(compute.device)
-    best = float("inf")
-    for attempt in range(4):
-        start = time.perf_counter()
-        svd(matrix, driver=compute.driver, backend=compute.routes.tuned)
-        if compute.device.startswith("cuda"):
-            torch.cuda.synchronize()
-        if attempt:  # the first call pays for library loading and workspace allocation
-            best = min(best, time.perf_counter() - start)
-    probe = (f"{PROBE_SIZE}x{PROBE_SIZE} {options.analysis.precision} SVD with {compute.routes.tuned} in "
-             f"{best * 1e3:.1f} ms")
-    return best / PROBE_SIZE ** 3, compute.device, probe
+        return resolve_compute(options)
+    except OptionError:
+        return resolve_compute(replace(options, device="auto", backend="auto", routes=None))
+
+
+def _costs(calibration: Calibrator) -> Costs:
+    per_byte, overhead = calibration.per_byte(), calibration.overhead()
+    return Costs(seconds=calibration.seconds, read=per_byte["read"], hash=per_byte["hash"], entry=per_byte["entry"],
+                 startup=overhead["startup"], job=overhead["job"])
+
+
+def _cache_plan(request: RunRequest,
+                prepared: Prepared) -> tuple[CachePlan, set[str], Callable[[tuple[int, int]], int]]:
+    """The base-SVD cache's side of the plan: (its CachePlan, the matrices whose base SVD it holds, the bytes
+    of an entry by shape), through store/svd_cache's index: entries are found from headers alone (by source
+    model, tensor, shape and settings; the weights are not hashed, so this is the cache's own guess)."""
+    from lorascale.store import svd_cache
+
+    analysis, directory = request.analysis, request.cache_dir
+    sides = tuple(analysis.sides)
+
+    def entry_bytes(shape: tuple[int, int]) -> int:
+        return svd_cache.entry_nbytes(shape, sides, precision=analysis.precision)
+
+    if directory is None:
+        return CachePlan(None, None, 0, 0, None, None), set(), entry_bytes
+    cache = svd_cache.BaseSpectrumCache(directory)
+    options = _resolved_here(prepared.options)
+    assert options.routes is not None
+    method = svd_cache.method_family(options.routes.base)
+    cached = {job.matrix for job in prepared.plan.jobs
+              if cache.find(svd_cache.entry_source(job.base), svd_cache.entry_tensor(job.base), (job.rows, job.cols),
+                            analysis.precision, sides, method) is not None}
+    missing = [job for job in prepared.plan.jobs if job.matrix not in cached]
+    max_size = request.cache_max_size
+    plan = CachePlan(directory=str(directory), cached=len(cached), bytes_now=cache.total_bytes(),
+                     bytes_added=sum(entry_bytes((j.rows, j.cols)) for j in missing), max_size=max_size,
+                     disk_free=_disk_free(directory))
+    return plan, cached, entry_bytes
+
+
+def _disk_free(directory: Path) -> int | None:
+    """Free bytes on the filesystem that holds `directory` (or its nearest existing parent)."""
+    path = Path(directory).expanduser()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return None
 
 
 def streamed_files(checkpoints: Sequence[Checkpoint]) -> dict[HubFile, RemoteFile]:

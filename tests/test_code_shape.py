@@ -110,7 +110,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("store",),
     ("analyses",),
     ("execute",),
-    ("report", "inspect", "demo"),
+    ("report", "inspect", "demo", "calibrate"),
     ("pipeline",),
     ("api", "cli", "__init__"),
 )

@@ -59,7 +59,8 @@ def analyse_job(job: MatrixJob, options: JobOptions, *, load: TensorLoader = loa
     matrix = MatrixWork(job, options, load)
     base_seconds = time.perf_counter() - started
     builder = RowBuilder(job, options.analysis)
-    if job.base_rows:
+    builder.set_base(matrix.base)
+    if job.base_rows:  # a run that grows has them already (runs that grow: RunDirectory.pending)
         builder.add_base(matrix.base)
     for source in job.tuned:
         t0 = time.perf_counter()
@@ -220,12 +221,15 @@ class RowBuilder:
             angle_bound=np.where(np.isfinite(angle_bound[:p]), angle_bound[:p], np.nan) if angle_bound is not None
             else nulls)
 
+    def set_base(self, base: BaseSpectrum) -> None:
+        """The base's singular values, sigma_ratio's denominators (issue 25), whether or not its rows are written."""
+        self.base_s = base.s.detach().to("cpu", torch.float64).numpy()
+
     def add_base(self, base: BaseSpectrum) -> None:
         """The base's spectrum rows, one block per side, labelled with the job's base_model."""
-        sigma = base.s.detach().to("cpu", torch.float64).numpy()
-        self.base_s = sigma  # issue 25: sigma_ratio's denominators
+        self.set_base(base)
         for side in self.analysis.sides:
-            self._spectrum(self.job.base_model, "base", side, sigma, None, None)
+            self._spectrum(self.job.base_model, "base", side, self.base_s, None, None)
 
     def add_tuned(self, source: TunedSource, comparison: TunedComparison, base: BaseSpectrum,
                   seconds: float) -> None:

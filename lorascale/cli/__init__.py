@@ -17,7 +17,7 @@ import click
 from lorascale import settings
 from lorascale.cli.flags import FLAGS, OPTIONS, command_line, flag_of, message
 from lorascale.cli.progress import Progress
-from lorascale.errors import LorascaleError
+from lorascale.errors import LorascaleError, OptionError
 from lorascale.optionspec import OptionSpec, declared, default_of
 from lorascale.request import RECORDS
 from lorascale.version import __version__
@@ -147,8 +147,12 @@ _REFERENCES = {
                             help="Results directory."),
         "dry_run": click.option("--dry-run", is_flag=True,
                                 help="Resolve, read headers, match names and print the plan: matrices per model, "
-                                     "tensors not analysed and why, bytes to read, estimated SVD time.  Nothing is "
-                                     "computed or written."),
+                                     "tensors not analysed and why, matrices per route, bytes to read and download, "
+                                     "the base-SVD cache after the run, peak memory and a time estimate calibrated on "
+                                     "this machine (stored in the cache directory, the one file a dry run writes).  "
+                                     "Nothing is computed."),
+        "as_json": click.option("--json", "as_json", is_flag=True,
+                                help="With --dry-run: print the plan as JSON (seconds, bytes)."),
     },
     "mitigate": {
         "base": click.option("--base", default=None, metavar="REF",
@@ -203,7 +207,7 @@ def _options(command: str) -> Any:
 
 @main.command()
 @_options("run")
-def run(quiet: bool, dry_run: bool, **options: Any) -> None:
+def run(quiet: bool, dry_run: bool, as_json: bool, **options: Any) -> None:
     """Compare the --base checkpoint with each --tuned checkpoint and write Parquet tables to --out.
 
     A checkpoint is a directory, a .safetensors or .bin file, or a Hugging Face repo org/name[@revision].
@@ -212,6 +216,8 @@ def run(quiet: bool, dry_run: bool, **options: Any) -> None:
     from lorascale.pipeline import compare, plan_run
     from lorascale.request import build_request
 
+    if as_json and not dry_run:
+        raise OptionError("--json prints a dry run's plan", fix="add --dry-run, or leave --json out")
     request = build_request(options.pop("base"), list(options.pop("tuned")), options.pop("out"),
                             environment=settings.run_environment(), **options)
     if not settings.debug():  # huggingface_hub's retry warnings would break the one-line error (progress shows it)
@@ -224,7 +230,7 @@ def run(quiet: bool, dry_run: bool, **options: Any) -> None:
             planned = plan_run(request)
         finally:
             progress.close()
-        click.echo(format_plan(planned))
+        click.echo(json.dumps(planned.record(), indent=1) if as_json else format_plan(planned))
         return
     try:
         result = compare(request, progress=progress, download_progress=progress.downloads,

@@ -20,11 +20,11 @@ OPTIONS: dict[str, OptionSpec] = {f.name: spec for _, f, spec in declared(RECORD
 # first, then any option declared since, in declaration order.
 ORDER = ("base", "tuned", "label", "out", "k", "epsilon", "side", "precision", "device", "backend", "mode", "top_k",
          "cache_dir", "use_cache", "no_pickle", "scratch_dir", "include", "exclude", "rename", "overwrite", "resume",
-         "report", "series", "dry_run", "ray_address", "workers", "cpus_per_worker", "gpus_per_worker",
+         "report", "series", "dry_run", "as_json", "ray_address", "workers", "cpus_per_worker", "gpus_per_worker",
          "mitigation_lambda", "rank")
 # Flags that are not request options: the references (mitigate's --adapter is the one tuned reference), the dry
 # run, and `lorascale summary` / `report`.
-_OTHER_FLAGS = {"base": "--base", "tuned": "--tuned", "label": "--label", "out": "--out", "dry_run": "--dry-run", "partial": "--partial",
+_OTHER_FLAGS = {"base": "--base", "tuned": "--tuned", "label": "--label", "out": "--out", "dry_run": "--dry-run", "as_json": "--json", "partial": "--partial",
                 "matrix": "--matrix", "order": "--order", "by": "--by", "format": "--format"}
 
 

@@ -22,11 +22,57 @@ def format_plan(run_plan: RunPlan) -> str:
                  else "not analysed: none")
     for (model, reason), names in groups.items():
         lines.append(f"  {model}: {len(names)} {reason}, e.g. {names[0]}")
-    lines.append(f"to read: {size(run_plan.bytes_to_read)} of tensors")
-    lines.append(f"SVDs: {run_plan.svds}, estimated {duration(run_plan.svd_seconds)} on {run_plan.device} of this "
-                 f"machine; a rough figure from one {run_plan.probe}")
+    lines.append(f"to read: {size(run_plan.bytes_to_read)} of tensors"
+                 + (f"; to download: {size(run_plan.bytes_to_download)}" if run_plan.bytes_to_download else ""))
+    lines += _format_routes(run_plan)
+    lines.append(_format_cache(run_plan))
+    estimate = run_plan.estimate
+    lines.append(f"peak memory: ~{size(estimate.peak_rss)} host RSS (largest job: {estimate.largest})")
+    where = f"on {run_plan.device} of this machine"
+    lines.append(f"estimated time: {duration(estimate.seconds)} {where} (start-up {duration(estimate.startup)}, "
+                 f"reading {duration(estimate.read)}, decompositions {duration(estimate.compute)}, per-job "
+                 f"{duration(estimate.overhead)}); calibration {estimate.calibrated}")
+    average, cpus = estimate.load.get("average"), estimate.load.get("cpus") or 1
+    if average is not None and average > cpus:
+        lines.append(f"  this machine is loaded now (load average {average:.1f} on {cpus} CPUs): its timings, the "
+                     "calibration's and the run's, swing with that load; read the estimate as rough")
+    if run_plan.ray:
+        lines.append("  on Ray, each worker as fast as this machine, Ray start-up not included: "
+                     + ", ".join(f"{n} worker{'s' if n > 1 else ''} {duration(seconds)}"
+                                 for n, seconds in estimate.workers.items()))
     lines.append("dry run: nothing computed or written")
     return "\n".join(lines)
+
+
+def _format_routes(run_plan: RunPlan) -> list[str]:
+    """One line per route and shape: how many matrices, the cached ones, the calibrated time."""
+    names = {"base": "base SVD (exact)", "full": "full: top-K + dW values"}
+    lines = ["matrices per route:"]
+    for group in run_plan.routes:
+        name = names.get(group.route) or f"LoRA r{group.route.partition(':')[2]}: top-K"
+        cached = f", {group.cached} cached" if group.cached else ""
+        lines.append(f"  {name:<26} {group.rows}x{group.cols:<6} {group.count:>5}{cached}  "
+                     f"{duration(group.seconds_each)} each, {duration(group.seconds)}")
+    return lines
+
+
+def _format_cache(run_plan: RunPlan) -> str:
+    """The base-SVD cache line: entries already there, size after the run against its bound and the disk."""
+    cache = run_plan.cache
+    if cache.directory is None:
+        return "base-SVD cache: off (--no-cache)"
+    cached = "unknown" if cache.cached is None else f"{cache.cached} of {run_plan.jobs}"
+    text = (f"base-SVD cache {cache.directory}: {cached} cached; +{size(cache.bytes_added)}, "
+            f"{size(cache.bytes_after)} after")
+    if cache.max_size is not None:
+        text += f" of {size(cache.max_size)} allowed"
+        if cache.bytes_added > cache.max_size:
+            text += " (the run's entries alone exceed the bound: it stops caching once they fill it)"
+        elif not cache.fits_bound:
+            text += " (older entries are evicted to stay under it)"
+    if cache.disk_free is not None:
+        text += f"; {size(cache.disk_free)} free on its disk" + ("" if cache.fits_disk else " (DOES NOT FIT)")
+    return text
 
 
 def size(n: int) -> str:
