@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -11,11 +12,12 @@ import pyarrow.dataset as ds
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import save
 
 import oracle
-from lorascale.store.svd_cache import BaseSpectrumCache
+from lorascale.store.svd_cache import BaseSpectrumCache, compact
 from lorascale.execute import worker
-from lorascale.numerics.compare import base_spectrum
+from lorascale.numerics.compare import BaseSpectrum, base_spectrum
 from runs import compare
 from lorascale.records import TensorEntry
 from lorascale.request import Analysis
@@ -64,10 +66,32 @@ def test_second_comparison_with_the_same_base_recomputes_no_base_svd(llama, tmp_
     assert count_base_svds == []  # every base SVD came from the cache
     assert hit.manifest["options"]["cache_dir"] == str(cache)
 
-    miss = compare(base, [str(llama.lora.path)], tmp_path / "miss", use_cache=False)
+    cold = compare(base, [str(llama.lora.path)], tmp_path / "cold", cache_dir=tmp_path / "cold-cache")
     assert len(count_base_svds) == planned
+    assert _tables(hit.out) == _tables(cold.out)  # a hit and a miss that writes: identical, bit for bit
+
+    miss = compare(base, [str(llama.lora.path)], tmp_path / "miss", use_cache=False)
+    assert len(count_base_svds) == 2 * planned
     assert miss.manifest["options"]["cache_dir"] is None
-    assert _tables(hit.out) == _tables(miss.out)  # identical results, bit for bit
+    _assert_within_fp16_rounding(_tables(hit.out), _tables(miss.out))
+
+
+def _assert_within_fp16_rounding(cached: dict[str, list[dict]], exact: dict[str, list[dict]]) -> None:
+    """Without the cache the base vectors are not rounded to fp16: every |cos| within 2^-11 (rounding moves each
+    entry of a unit vector by at most 2^-11 of itself, so a |cos| by at most 2^-11; typically 2^-11 / sqrt(m)),
+    singular values to 1e-5 relative, the same rows and intruder counts.  The
+    top-k guard may decide differently on the two starts (`method` topk or topk->exact): both are exact to
+    its tolerance."""
+    for name, rows in cached.items():
+        assert len(rows) == len(exact[name]), name
+        for row, other in zip(rows, exact[name]):
+            for column, value in row.items():
+                if column in ("max_cos", "cos", "null_max_cos"):
+                    assert value == pytest.approx(other[column], abs=2.0 ** -11), (name, column)
+                elif isinstance(value, float):
+                    assert value == pytest.approx(other[column], rel=1e-5, abs=1e-6), (name, column)
+                elif column not in ("method", "argmax"):
+                    assert value == other[column], (name, column)
 
 
 def _entry(raw: torch.Tensor, dtype: str = "F16") -> TensorEntry:
@@ -94,18 +118,62 @@ def test_key_follows_content_precision_sides_and_method(tmp_path):
 def test_entry_round_trips_as_safetensors_without_pickle(tmp_path):
     cache = BaseSpectrumCache(tmp_path)
     w0 = torch.from_numpy(oracle.separated(50, 30, np.random.default_rng(1))).float()
-    base = base_spectrum(w0, ("left", "right"), backend="torch")
+    base = compact(base_spectrum(w0, ("left", "right"), backend="torch"))
     cache.store("ab" * 32, base)
     path = cache.path("ab" * 32)
     with safe_open(path, framework="pt") as handle:  # a plain safetensors file
         assert set(handle.keys()) == {"s", "left", "right"}
         assert handle.metadata()["format"].startswith("lorascale-base-svd/")
+        assert handle.get_tensor("left").dtype == torch.float16  # fp32 runs store their vectors in fp16
     loaded = cache.load("ab" * 32, "cpu")
     assert loaded is not None
     assert torch.equal(loaded.s, base.s) and loaded.fro == base.fro and loaded.null_max_cos == base.null_max_cos
-    for side in ("left", "right"):
+    for side in ("left", "right"):  # what the run that wrote the entry computed with, bit for bit
+        assert loaded.vectors[side].dtype == torch.float32
         assert torch.equal(loaded.vectors[side], base.vectors[side])
     assert cache.load("cd" * 32, "cpu") is None
+
+
+@pytest.mark.parametrize("m", [64, 4096])
+def test_compact_vectors_move_a_cos_by_at_most_2_to_the_minus_11(m):
+    """fp16 rounding moves each entry of a unit vector by <= 2^-11 of itself, so |cos| with any unit vector by
+    <= 2^-11; for spread-out vectors by about 2^-11 / sqrt(m) (float64 oracle)."""
+    rng = np.random.default_rng(m)
+    q, _ = np.linalg.qr(rng.standard_normal((m, 16)))
+    u = torch.from_numpy(q).float()
+    rounded = compact(BaseSpectrum(s=torch.ones(16), vectors={"left": u}, fro=1.0,
+                                   null_max_cos={"left": 0.0})).vectors["left"].double().numpy()
+    probes = rng.standard_normal((m, 200))
+    probes /= np.linalg.norm(probes, axis=0)
+    moved = np.abs(np.abs(q.T @ probes) - np.abs(rounded.T @ probes)).max()
+    assert moved <= 2.0 ** -11
+    assert moved <= 8 * 2.0 ** -11 / np.sqrt(m)
+
+
+def test_fp64_entries_keep_their_precision(tmp_path):
+    cache = BaseSpectrumCache(tmp_path)
+    w0 = torch.from_numpy(oracle.separated(40, 30, np.random.default_rng(2)))
+    base = base_spectrum(w0, ("left",), backend="torch")
+    assert torch.equal(compact(base).vectors["left"], base.vectors["left"])
+    cache.store("ab" * 32, base)
+    loaded = cache.load("ab" * 32, "cpu")
+    assert loaded is not None and torch.equal(loaded.vectors["left"], base.vectors["left"])
+
+
+def test_entry_of_the_fp32_format_is_never_read_as_compact(tmp_path, caplog):
+    """An entry whose vectors are not in the stored dtype (e.g. written by the fp32 format under a colliding
+    name) is a miss, never misread."""
+    cache = BaseSpectrumCache(tmp_path)
+    w0 = torch.from_numpy(oracle.separated(30, 20, np.random.default_rng(3))).float()
+    base = base_spectrum(w0, ("left",), backend="torch")
+    key = "ef" * 32
+    cache.path(key).parent.mkdir(parents=True)
+    metadata = {"format": "lorascale-base-svd/2", "key": key, "fro": repr(base.fro),
+                "null_max_cos": json.dumps(base.null_max_cos)}
+    cache.path(key).write_bytes(save({"s": base.s, "left": base.vectors["left"]}, metadata=metadata))
+    with caplog.at_level(logging.WARNING):
+        assert cache.load(key, "cpu") is None
+    assert "unreadable" in caplog.text
 
 
 def test_unreadable_entry_is_a_miss(tmp_path, caplog):

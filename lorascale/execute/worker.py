@@ -25,7 +25,7 @@ from lorascale.numerics.intruders import intruder_count
 from lorascale.numerics.metrics import lora_delta_singular_values
 from lorascale.records import LoraFactors, MatrixJob, MatrixResult, TensorEntry, TunedSource
 from lorascale.request import Analysis, JobOptions
-from lorascale.store.svd_cache import BaseSpectrumCache
+from lorascale.store.svd_cache import BaseSpectrumCache, compact
 from lorascale.store.schema import (MATRICES, METHOD_EXACT, METHOD_TOPK, METHOD_TOPK_FALLBACK, SCHEMAS, SIMILARITY,
                                     SPECTRA)
 
@@ -119,6 +119,7 @@ class MatrixWork:
                 raise NumericalError(exc.text, path=job.base.location, tensor=job.base.name,
                                      fix=_OVERFLOW_FIX) from exc
             if cache is not None and key is not None:
+                base = compact(base)  # compute with what the entry holds: cold and warm runs agree
                 cache.store(key, base)
         self.base: BaseSpectrum = base
 

@@ -7,12 +7,20 @@ cuSOLVER driver are not in the key: every exact backend agrees to rounding, so a
 machine serves another.  A run over the same base with other fine-tunes, another --out, or a resumed run
 therefore hits.
 
-Each entry is one safetensors file (never pickle) holding S (p,) and the singular vectors each side needs,
-U0 (m, p) and/or V0 (n, p), in the compute precision, with the null level and ||W0||_F as metadata.  It is
+Each entry is one safetensors file (never pickle) holding S (p,) in the compute precision and the singular
+vectors each side needs, U0 (m, p) and/or V0 (n, p), with the null level and ||W0||_F as metadata.  It is
 written to a temporary name and renamed, so readers only ever see whole files, and concurrent writers of
 the same key (Ray actors on one node) just replace identical content.  A file that cannot be read as an
-entry of this format is a miss and is rewritten.  Size: U0 in fp32 is 64 MB for a 4096 x 4096 matrix, so
-the left side of every Llama-2-7B matrix takes about 22 GB; `--no-cache` turns the cache off.
+entry of this format is a miss and is rewritten.
+
+The vectors of an fp32 run are stored in fp16 (`compact`): half the bytes of fp32 (32 MB for a 4096 x 4096
+matrix, about 11 GB for the left side of every Llama-2-7B matrix instead of 22 GB).  Rounding an orthonormal
+column to fp16 moves each entry by at most 2^-11 of itself, so a |cos| against it moves by about
+eps_fp16 / sqrt(m) (~1e-5 at m = 4096, measured in docs/CACHE.md), far below any epsilon a user thresholds
+at.  A run that uses the cache computes with the compacted vectors whether it wrote the entry or read it, so a
+cold run and a warm run give identical numbers; `--no-cache` computes with the unrounded vectors.  fp64 runs
+keep their vectors in fp64: they asked for the precision.  Entries of the earlier fp32 format
+("lorascale-base-svd/1") have other keys, so they are never read as this format; they are misses.
 """
 
 from __future__ import annotations
@@ -34,7 +42,9 @@ from lorascale.records import TensorEntry
 from lorascale.request import Analysis
 from lorascale.store.atomic import write_atomic
 
-FORMAT = "lorascale-base-svd/1"
+FORMAT = "lorascale-base-svd/2"
+# How the vectors of each compute precision are stored (see the module docstring).
+STORED_VECTOR_DTYPES = {torch.float32: torch.float16, torch.float64: torch.float64}
 _LOG = logging.getLogger(__name__)
 
 
@@ -42,6 +52,13 @@ def content_digest(raw: torch.Tensor) -> str:
     """sha256 of a tensor's bytes as stored (before any upcast)."""
     data = raw.detach().contiguous().reshape(-1).view(torch.uint8).cpu().numpy()
     return hashlib.sha256(memoryview(data)).hexdigest()
+
+
+def compact(base: BaseSpectrum) -> BaseSpectrum:
+    """`base` as a cache entry holds it: the vectors rounded to their stored dtype and back, so that a run
+    computes with the same numbers whether its entry was just written or read back."""
+    vectors = {side: v.to(STORED_VECTOR_DTYPES[v.dtype]).to(v.dtype) for side, v in base.vectors.items()}
+    return BaseSpectrum(s=base.s, vectors=vectors, fro=base.fro, null_max_cos=base.null_max_cos)
 
 
 def method_family(backend: str) -> str:
@@ -80,7 +97,11 @@ class BaseSpectrumCache:
             null_levels = json.loads(metadata["null_max_cos"])
             if not isinstance(null_levels, dict):
                 raise ValueError("null_max_cos is not a JSON object")
-            vectors = {side: tensors[side].to(device) for side in null_levels}
+            dtype = tensors["s"].dtype  # the compute precision (part of the key)
+            if dtype not in STORED_VECTOR_DTYPES or any(tensors[side].dtype != STORED_VECTOR_DTYPES[dtype]
+                                                        for side in null_levels):
+                raise ValueError("vectors not in the stored dtype of this format")
+            vectors = {side: tensors[side].to(device=device, dtype=dtype) for side in null_levels}
             return BaseSpectrum(s=tensors["s"].to(device), vectors=vectors, fro=float(metadata["fro"]),
                                 null_max_cos={side: float(v) for side, v in null_levels.items()})
         except (OSError, ValueError, KeyError, TypeError, SafetensorError, CheckpointFormatError) as exc:
@@ -92,7 +113,8 @@ class BaseSpectrumCache:
         it must never fail the analysis."""
         path = self.path(key)
         tensors = {"s": base.s.detach().cpu().contiguous()}
-        tensors.update({side: v.detach().cpu().contiguous() for side, v in base.vectors.items()})
+        tensors.update({side: v.detach().to(STORED_VECTOR_DTYPES[v.dtype]).cpu().contiguous()
+                        for side, v in base.vectors.items()})
         metadata = {"format": FORMAT, "key": key, "fro": repr(base.fro),
                     "null_max_cos": json.dumps(base.null_max_cos)}
         try:
