@@ -240,12 +240,22 @@ def _writers(out: Path, parts: list[str], shape: Shape, layers: int) -> dict[str
     return writers
 
 
+PARTS = ("base", "full-ft", *ADAPTERS)
+
+
+def missing_parts(out: Path, *, layers: int = 32, shape: str = "7b", seed: int = 0,
+                  parts: tuple[str, ...] = PARTS) -> list[str]:
+    """The parts a build with these arguments would write: those without a matching BUILD.json."""
+    record = {"layers": layers, "shape": asdict(SHAPES[shape]), "seed": seed, "dtype": "bfloat16"}
+    return [p for p in parts if not _built(out / p, record)]
+
+
 def build(out: Path, *, layers: int = 32, shape: str = "7b", seed: int = 0,
-          parts: tuple[str, ...] = ("base", "full-ft", *ADAPTERS)) -> dict[str, Path]:
+          parts: tuple[str, ...] = PARTS) -> dict[str, Path]:
     """Write the parts missing under `out` (a part is there when its BUILD.json matches these arguments) in one
     streaming pass over the layers; return every part's path."""
     record = {"layers": layers, "shape": asdict(SHAPES[shape]), "seed": seed, "dtype": "bfloat16"}
-    missing = [p for p in parts if not _built(out / p, record)]
+    missing = missing_parts(out, layers=layers, shape=shape, seed=seed, parts=parts)
     if missing:
         writers = _writers(out, missing, SHAPES[shape], layers)
         _write_all(writers, SHAPES[shape], layers, seed)

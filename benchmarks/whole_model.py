@@ -44,6 +44,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 from common import RESULTS, command_line, machine, markdown_table, write_results  # noqa: E402
+from synthetic_whole import missing_parts  # noqa: E402
 
 RUNS = {  # label -> (tuned part, what the cache holds when it starts)
     "cold": ("lora-r16", "empty"),
@@ -324,7 +325,12 @@ def _matrices(out: Path) -> int:
 
 
 def build_measured(args: argparse.Namespace) -> dict:
-    """The checkpoints, built by synthetic_whole.py in its own process (its peak RSS is the builder's)."""
+    """The checkpoints, built by synthetic_whole.py in its own process (its peak RSS is the builder's).  The
+    measurement of the build that wrote them is kept in <work>/build_measured.json and reported again when a
+    later run reuses them."""
+    record_file = args.work / "build_measured.json"
+    if not missing_parts(args.work, layers=args.layers, shape=args.shape) and record_file.exists():
+        return {**json.loads(record_file.read_text()), "reused": True}
     command = [sys.executable, str(HERE / "synthetic_whole.py"), "--out", str(args.work), "--layers",
                str(args.layers), "--shape", args.shape]
     result = measure(command, {**os.environ, "PYTHONPATH": str(REPO)}, args.log)
@@ -332,6 +338,7 @@ def build_measured(args: argparse.Namespace) -> dict:
         raise SystemExit(f"building the checkpoints failed; see {args.log}")
     del result["events"], result["rss_series"]
     result["bytes"] = {part: du(args.work / part) for part in ("base", "full-ft", "lora-r16", "lora-r64")}
+    record_file.write_text(json.dumps(result, indent=2) + "\n")
     return result
 
 
@@ -369,8 +376,10 @@ def table(payload: dict) -> str:
              "", markdown_table(header, rows), ""]
     build_rec = payload.get("build")
     if build_rec:
-        lines.append(f"Checkpoints built in {_clock(build_rec['wall_seconds'])}, builder peak RSS "
-                     f"{build_rec['peak_rss_sampled_bytes'] / GB:.2f} GB; on disk: "
+        lines.append(("Checkpoints (reused from an earlier build) built" if build_rec.get("reused") else
+                      "Checkpoints built") + f" in {_clock(build_rec['wall_seconds'])}, builder peak RSS "
+                     f"{build_rec['peak_rss_sampled_bytes'] / GB:.2f} GB (kernel high-water mark "
+                     f"{build_rec['vm_hwm_bytes'] / GB:.2f} GB); on disk: "
                      + ", ".join(f"{k} {v / GB:.2f} GB" for k, v in build_rec["bytes"].items()) + ".")
     reference = payload.get("one_layer_peak_rss_bytes")
     for label, r in payload["runs"].items():
@@ -422,9 +431,10 @@ def main() -> None:
                                                json.loads(one_layer.read_text())["runs"].items()}
     print(f"building {args.layers} layer(s) under {args.work} ...", file=sys.stderr, flush=True)
     payload["build"] = build_measured(args)
+    save(payload, tag)
     paths = {part: args.work / part for part in ("base", "full-ft", "lora-r16", "lora-r64")}
     cache = args.work / f"cache-{time.strftime('%Y%m%d-%H%M%S')}"  # empty: the cold run starts cold
-    for label in args.runs.split(","):
+    for label in [label for label in args.runs.split(",") if label]:
         payload["runs"][label] = run_one(label, args, paths, cache)
         payload["machine"]["date_end"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
         save(payload, tag)
