@@ -403,6 +403,14 @@ def _clock(seconds: float) -> str:
 
 
 def save(payload: dict, tag: str) -> None:
+    """Results files, rewritten after each run; a deeper run quotes the 1-layer result as it is now (it may have
+    been rerun meanwhile)."""
+    one_layer = RESULTS / "whole_model-L1.json"
+    if payload["layers"] > 1 and payload["shape"] == "7b" and one_layer.exists():
+        reference = json.loads(one_layer.read_text())
+        payload["one_layer_peak_rss_bytes"] = {label: r["peak_rss_sampled_bytes"] for label, r in
+                                               reference["runs"].items()}
+        payload["one_layer_git"] = reference["git"]
     text = table(payload) + ("\n\nThe machine is shared (2 cores, other jobs beside this one): wall times are "
                             "inflated by its load; CPU seconds are the steadier figure.")
     write_results(f"whole_model-{tag}", payload, text)
@@ -425,10 +433,6 @@ def main() -> None:
     tag = args.tag or f"L{args.layers}" + ("" if args.shape == "7b" else f"-{args.shape}")
     payload = {"machine": machine(), "command": command_line(), "git": git_state(), "layers": args.layers,
                "shape": args.shape, "work": str(args.work), "runs": {}}
-    one_layer = RESULTS / "whole_model-L1.json"
-    if args.layers > 1 and args.shape == "7b" and one_layer.exists():
-        payload["one_layer_peak_rss_bytes"] = {label: r["peak_rss_sampled_bytes"] for label, r in
-                                               json.loads(one_layer.read_text())["runs"].items()}
     print(f"building {args.layers} layer(s) under {args.work} ...", file=sys.stderr, flush=True)
     payload["build"] = build_measured(args)
     save(payload, tag)
