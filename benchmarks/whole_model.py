@@ -198,13 +198,15 @@ def _find_estimate(value: object) -> float | None:
     return None
 
 
-def measure(command: list[str], env: dict[str, str], log: Path) -> dict:
+PARTIAL_SECONDS = 120.0  # how often a running measurement is handed to `on_progress`
+
+
+def measure(command: list[str], env: dict[str, str], log: Path, on_progress=None) -> dict:
     """Run `command`, sampling its process tree; its stderr goes to `log`, each line stamped with the seconds
-    since start.  Returns the figures and the progress events (seconds, matrix) a per-layer series needs."""
-    load_start = os.getloadavg()
-    events: list[tuple[float, str]] = []
-    startup: float | None = None  # seconds to the "computing N of N matrices" line
-    started = time.monotonic()
+    since start.  Returns the figures and the progress events (seconds, matrix) a per-layer series needs;
+    while it runs, `on_progress` gets the same record so far (status "running") every PARTIAL_SECONDS."""
+    state = {"load_average_start": [round(x, 2) for x in os.getloadavg()], "events": [], "startup_seconds": None}
+    started = last_partial = time.monotonic()
     with open(log, "a") as log_file:
         log_file.write(f"$ {' '.join(command)}\n")
         log_file.flush()
@@ -218,22 +220,42 @@ def measure(command: list[str], env: dict[str, str], log: Path) -> dict:
             log_file.flush()
             match = PROGRESS.search(line)
             if match:
-                events.append((now, match.group(3)))
-            elif startup is None and STARTED.search(line):
-                startup = now
+                state["events"].append((now, match.group(3)))
+            elif state["startup_seconds"] is None and STARTED.search(line):
+                state["startup_seconds"] = now
+            if on_progress is not None and time.monotonic() - last_partial > PARTIAL_SECONDS:
+                last_partial = time.monotonic()
+                on_progress(_so_far(state, sampler, now, _tree_cpu(sampler.root)))
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.monotonic() - started
         proc.returncode = os.waitstatus_to_exitcode(status)
         sampler.stop.set()
         sampler.join()
-    return {"returncode": proc.returncode, "wall_seconds": wall, "cpu_seconds": usage.ru_utime + usage.ru_stime,
-            "user_seconds": usage.ru_utime, "system_seconds": usage.ru_stime,
+    result = _so_far(state, sampler, wall, usage.ru_utime + usage.ru_stime)
+    result.update({"status": "done", "returncode": proc.returncode, "user_seconds": usage.ru_utime,
+                   "system_seconds": usage.ru_stime, "wait4_read_bytes": usage.ru_inblock * 512,
+                   "wait4_written_bytes": usage.ru_oublock * 512})
+    return result
+
+
+def _so_far(state: dict, sampler: TreeSampler, wall: float, cpu: float) -> dict:
+    return {"status": "running", "returncode": None, "wall_seconds": wall, "cpu_seconds": cpu,
             "peak_rss_sampled_bytes": sampler.peak(), "vm_hwm_bytes": max(sampler.hwm.values(), default=0),
-            "io": sampler.io_total(), "wait4_read_bytes": usage.ru_inblock * 512,
-            "wait4_written_bytes": usage.ru_oublock * 512,
-            "load_average_start": [round(x, 2) for x in load_start],
-            "load_average_end": [round(x, 2) for x in os.getloadavg()],
-            "rss_series": _downsample(sampler.series), "events": events, "startup_seconds": startup}
+            "io": sampler.io_total(), "load_average_start": state["load_average_start"],
+            "load_average_end": [round(x, 2) for x in os.getloadavg()], "rss_series": list(sampler.series),
+            "events": list(state["events"]), "startup_seconds": state["startup_seconds"]}
+
+
+def _tree_cpu(root: psutil.Process) -> float:
+    """User + system seconds of a running process tree so far."""
+    total = 0.0
+    try:
+        for proc in [root, *root.children(recursive=True)]:
+            times = proc.cpu_times()
+            total += times.user + times.system
+    except psutil.Error:
+        pass
+    return total
 
 
 def _downsample(series: list[tuple[float, int]], points: int = 1500) -> list[tuple[float, int]]:
@@ -252,9 +274,12 @@ def per_layer(result: dict, out: Path) -> list[dict]:
     import pyarrow.dataset as ds
 
     compute: dict[int, float] = {}
-    if (out / "matrices").exists():
-        table = ds.dataset(out / "matrices", format="parquet").to_table(columns=["matrix", "seconds"])
-        for row in table.to_pylist():
+    try:  # a running run's parts: some may be mid-write
+        rows = ds.dataset(out / "matrices", format="parquet").to_table(columns=["matrix", "seconds"]).to_pylist()
+    except (OSError, ValueError, FileNotFoundError):
+        rows = []
+    if rows:
+        for row in rows:
             match = LAYER.search(row["matrix"])
             if match:
                 compute[int(match.group(1))] = compute.get(int(match.group(1)), 0.0) + row["seconds"]
@@ -290,7 +315,7 @@ def depth_summary(layers: list[dict]) -> dict:
             if body[0]["peak_rss_bytes"] else None}
 
 
-def run_one(label: str, args: argparse.Namespace, paths: dict[str, Path], cache: Path) -> dict:
+def run_one(label: str, args: argparse.Namespace, paths: dict[str, Path], cache: Path, on_partial=None) -> dict:
     """Dry run(s), then the measured run, of one of RUNS; its --out is emptied first."""
     tuned, cache_state = RUNS[label]
     out = args.work / f"out-{label}"
@@ -304,15 +329,22 @@ def run_one(label: str, args: argparse.Namespace, paths: dict[str, Path], cache:
     dropped = drop_page_cache([paths["base"], paths[tuned]])
     cache_before = du(cache)
     print(f"{label}: lorascale run {' '.join(run_args)} ...", file=sys.stderr, flush=True)
-    result = measure(cli("run", *run_args), env, args.log)
-    result.update({"label": label, "tuned": tuned, "cache_at_start": cache_state, "command": cli("run", *run_args),
-                   "dry_run": dry, "page_cache_dropped_bytes": dropped, "cache_bytes_before": cache_before,
-                   "cache_bytes_after": du(cache), "out_bytes": du(out), "cache_dir": str(cache), "out": str(out)})
-    result["cache_bytes_written"] = result["cache_bytes_after"] - cache_before
-    result["layers"] = per_layer(result, out)
-    result["depth"] = depth_summary(result["layers"])
-    result["matrices"] = _matrices(out)
-    return result
+    def finish(result: dict) -> dict:
+        result.update({"label": label, "tuned": tuned, "cache_at_start": cache_state, "dry_run": dry,
+                       "command": cli("run", *run_args), "page_cache_dropped_bytes": dropped,
+                       "cache_bytes_before": cache_before, "cache_bytes_after": du(cache), "out_bytes": du(out),
+                       "cache_dir": str(cache), "out": str(out)})
+        result["cache_bytes_written"] = result["cache_bytes_after"] - cache_before
+        result["layers"] = per_layer(result, out)
+        result["depth"] = depth_summary(result["layers"])
+        result["matrices"] = _matrices(out) if result["status"] == "done" else len(result["events"])
+        return result
+
+    def partial(result: dict) -> None:
+        if on_partial is not None:
+            on_partial(finish(result))
+
+    return finish(measure(cli("run", *run_args), env, args.log, on_progress=partial))
 
 
 def _matrices(out: Path) -> int:
@@ -360,12 +392,15 @@ def table(payload: dict) -> str:
         depth = r["depth"]
         per_layer_wall = (f"{depth['first']['wall_seconds']:.0f} / {depth['last']['wall_seconds']:.0f} / "
                           f"{depth['mean_wall_seconds']:.0f}") if depth else ""
-        rows.append([label, f"{payload['layers']} layers, {r['matrices']} matrices", r["tuned"], r["cache_at_start"],
+        running = r.get("status") == "running"
+        name = f"{label} (**running**: {r['matrices']} matrices done)" if running else label
+        size = f"{payload['layers']} layers" + ("" if running else f", {r['matrices']} matrices")
+        rows.append([name, size, r["tuned"], r["cache_at_start"],
                      _clock(r["wall_seconds"]), round(r["cpu_seconds"]), f"{r['peak_rss_sampled_bytes'] / GB:.2f}",
                      f"{r['io']['read_bytes'] / GB:.1f} / {r['io']['rchar'] / GB:.1f}",
                      f"{r['out_bytes'] / 1e6:.1f} MB", f"{r['cache_bytes_written'] / GB:.2f} GB",
                      f"{r['cache_bytes_after'] / GB:.2f} GB", _clock(est) if est else "n/a",
-                     f"{est / r['wall_seconds']:.2f}" if est else "", per_layer_wall,
+                     f"{est / r['wall_seconds']:.2f}" if est and not running else "", per_layer_wall,
                      f"{r['load_average_start'][0]} - {r['load_average_end'][0]}"])
     header = ["run", "size", "tuned", "cache at start", "wall", "CPU s", "peak RSS GB", "read GB (device / read())",
               "written to --out", "written to cache", "cache size after", "dry-run estimate", "estimate / wall",
@@ -402,9 +437,21 @@ def _clock(seconds: float) -> str:
     return f"{h} h {m:02d} min {s:02d} s" if h else f"{m} min {s:02d} s"
 
 
+def compact(result: dict, points: int = 300) -> None:
+    """What the JSON keeps of a run's samples: the RSS series at `points` (bucket maxima, MB, 0.1 s), not the
+    progress events (the per-layer series holds what they say)."""
+    result.pop("events", None)
+    series = result.get("rss_series")
+    if series and isinstance(series[0], (list, tuple)):
+        result["rss_series"] = {"seconds": [round(t, 1) for t, _ in _downsample(series, points)],
+                                "rss_mb": [round(rss / 1e6) for _, rss in _downsample(series, points)]}
+
+
 def save(payload: dict, tag: str) -> None:
     """Results files, rewritten after each run; a deeper run quotes the 1-layer result as it is now (it may have
     been rerun meanwhile)."""
+    for result in payload["runs"].values():
+        compact(result)
     one_layer = RESULTS / "whole_model-L1.json"
     if payload["layers"] > 1 and payload["shape"] == "7b" and one_layer.exists():
         reference = json.loads(one_layer.read_text())
@@ -426,11 +473,17 @@ def main() -> None:
     parser.add_argument("--full-layers", type=int, default=None, help="the full run analyses only these first N "
                         "layers (when the whole model would take too long)")
     parser.add_argument("--tag", default=None, help="results name: whole_model-<tag> (default L<layers>)")
+    parser.add_argument("--render", action="store_true", help="only rewrite results/whole_model-<tag>.md (and "
+                        "compact its JSON) from the JSON")
     args = parser.parse_args()
+    tag = args.tag or f"L{args.layers}" + ("" if args.shape == "7b" else f"-{args.shape}")
+    if args.render:
+        save(json.loads((RESULTS / f"whole_model-{tag}.json").read_text()), tag)
+        print((RESULTS / f"whole_model-{tag}.md").read_text())
+        return
     args.work = args.work or Path(f"/work/bench/whole-L{args.layers}")
     args.work.mkdir(parents=True, exist_ok=True)
     args.log = args.work / "whole_model.log"
-    tag = args.tag or f"L{args.layers}" + ("" if args.shape == "7b" else f"-{args.shape}")
     payload = {"machine": machine(), "command": command_line(), "git": git_state(), "layers": args.layers,
                "shape": args.shape, "work": str(args.work), "runs": {}}
     print(f"building {args.layers} layer(s) under {args.work} ...", file=sys.stderr, flush=True)
@@ -439,7 +492,11 @@ def main() -> None:
     paths = {part: args.work / part for part in ("base", "full-ft", "lora-r16", "lora-r64")}
     cache = args.work / f"cache-{time.strftime('%Y%m%d-%H%M%S')}"  # empty: the cold run starts cold
     for label in [label for label in args.runs.split(",") if label]:
-        payload["runs"][label] = run_one(label, args, paths, cache)
+        def partial(result: dict, label: str = label) -> None:
+            payload["runs"][label] = result
+            save(payload, tag)
+
+        payload["runs"][label] = run_one(label, args, paths, cache, on_partial=partial)
         payload["machine"]["date_end"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
         save(payload, tag)
         print(Path(RESULTS / f"whole_model-{tag}.md").read_text(), file=sys.stderr, flush=True)

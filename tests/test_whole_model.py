@@ -104,8 +104,13 @@ def test_runner_measures_a_real_cold_run(tiny, tmp_path, monkeypatch):
     import argparse
 
     args = argparse.Namespace(work=tmp_path, full_layers=None, log=tmp_path / "log")
-    result = whole_model.run_one("cold", args, tiny, tmp_path / "cache")
-    assert result["returncode"] == 0, (tmp_path / "log").read_text()[-3000:]
+    monkeypatch.setattr(whole_model, "PARTIAL_SECONDS", 0.0)  # a record after every line, as a long run has
+    partials: list[dict] = []
+    result = whole_model.run_one("cold", args, tiny, tmp_path / "cache", on_partial=partials.append)
+    assert result["returncode"] == 0 and result["status"] == "done", (tmp_path / "log").read_text()[-3000:]
+    assert partials and all(p["status"] == "running" for p in partials)
+    assert [p["matrices"] for p in partials] == sorted(p["matrices"] for p in partials)
+    assert max(p["matrices"] for p in partials) >= 7 * LAYERS - 1
     assert "SVDs" in result["dry_run"]["text"]["stdout"] and result["dry_run"]["estimate_seconds"] is not None
     assert result["cache_bytes_before"] == 0 < result["cache_bytes_written"] == result["cache_bytes_after"]
     assert result["out_bytes"] > 0 and result["cpu_seconds"] > 0 and result["io"]["rchar"] > 0
