@@ -411,7 +411,7 @@ def table(payload: dict) -> str:
              "", markdown_table(header, rows), ""]
     build_rec = payload.get("build")
     if build_rec:
-        lines.append(("Checkpoints (reused from an earlier build) built" if build_rec.get("reused") else
+        lines.append(("Checkpoints reused; when they were built: " if build_rec.get("reused") else
                       "Checkpoints built") + f" in {_clock(build_rec['wall_seconds'])}, builder peak RSS "
                      f"{build_rec['peak_rss_sampled_bytes'] / GB:.2f} GB (kernel high-water mark "
                      f"{build_rec['vm_hwm_bytes'] / GB:.2f} GB); on disk: "
