@@ -438,9 +438,11 @@ def _clock(seconds: float) -> str:
 
 
 def compact(result: dict, points: int = 300) -> None:
-    """What the JSON keeps of a run's samples: the RSS series at `points` (bucket maxima, MB, 0.1 s), not the
-    progress events (the per-layer series holds what they say)."""
-    result.pop("events", None)
+    """What the JSON keeps of a run's samples: the RSS series at `points` (bucket maxima, MB, 0.1 s) and the
+    progress events as "seconds matrix" lines (the per-matrix record behind the per-layer series)."""
+    events = result.get("events")
+    if events and isinstance(events[0], (list, tuple)):
+        result["events"] = [f"{t:.1f} {matrix}" for t, matrix in events]
     series = result.get("rss_series")
     if series and isinstance(series[0], (list, tuple)):
         result["rss_series"] = {"seconds": [round(t, 1) for t, _ in _downsample(series, points)],
