@@ -38,8 +38,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from make_synthetic_llama import (  # noqa: E402
-    MODULES, _generator, base_weight, full_update, lora_factors,
+from make_synthetic_llama import (
+    MODULES,
+    _generator,
+    base_weight,
+    full_update,
+    lora_factors,
 )
 
 SHARD_BYTES = 2 * 10**9  # ~2 GB shards, as Hugging Face writes 7B checkpoints
@@ -97,7 +101,7 @@ class StreamingSafetensors:
             offset += nbytes
         header = json.dumps({"__metadata__": {"format": "pt"}, **entries}, separators=(",", ":")).encode()
         header += b" " * (-len(header) % 8)  # the data starts 8-byte aligned, as safetensors writes it
-        self.handle = open(self.directory / f"shard-{index}.tmp", "wb")
+        self.handle = open(self.directory / f"shard-{index}.tmp", "wb")  # noqa: SIM115 (open across write calls)
         self.handle.write(struct.pack("<Q", len(header)) + header)
         self.open_index = index
         self.total += offset

@@ -43,8 +43,8 @@ import psutil
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
-from common import RESULTS, command_line, machine, markdown_table, write_results  # noqa: E402
-from synthetic_whole import missing_parts  # noqa: E402
+from common import RESULTS, command_line, machine, markdown_table, write_results
+from synthetic_whole import missing_parts
 
 RUNS = {  # label -> (tuned part, what the cache holds when it starts)
     "cold": ("lora-r16", "empty"),
@@ -155,13 +155,13 @@ def child_env(cache: Path) -> dict[str, str]:
 def dry_runs(run_args: list[str], env: dict[str, str]) -> dict:
     """`--dry-run` (and `--dry-run --json` where the CLI has it): raw output, exit code, seconds, estimate."""
     record: dict = {}
-    help_text = subprocess.run(cli("run", "--help"), env=env, capture_output=True, text=True).stdout
+    help_text = subprocess.run(cli("run", "--help"), env=env, capture_output=True, text=True, check=False).stdout
     variants = {"text": ["--dry-run"]}
     if "--json" in help_text:
         variants["json"] = ["--dry-run", "--json"]
     for name, flags in variants.items():
         started = time.perf_counter()
-        done = subprocess.run(cli("run", *run_args, *flags), env=env, capture_output=True, text=True)
+        done = subprocess.run(cli("run", *run_args, *flags), env=env, capture_output=True, text=True, check=False)
         record[name] = {"returncode": done.returncode, "stdout": done.stdout, "stderr": done.stderr[-4000:],
                         "seconds": time.perf_counter() - started}
     record["estimate_seconds"] = estimate_seconds(record)
@@ -306,7 +306,7 @@ def depth_summary(layers: list[dict]) -> dict:
     if len(layers) < 3:
         return {}
     body = layers[1:]  # layer 0's first matrix waits for the first read, and the routes are settled in it
-    mean = lambda key: sum(l[key] or 0 for l in body) / len(body)  # noqa: E731
+    mean = lambda key: sum(l[key] or 0 for l in body) / len(body)
     return {"first": body[0], "last": body[-1], "mean_wall_seconds": mean("wall_seconds"),
             "mean_compute_seconds": mean("compute_seconds"),
             "last_over_first_wall": body[-1]["wall_seconds"] / body[0]["wall_seconds"],
@@ -376,7 +376,7 @@ def build_measured(args: argparse.Namespace) -> dict:
 
 def git_state() -> dict:
     def git(*a: str) -> str:
-        return subprocess.run(["git", "-C", str(REPO), *a], capture_output=True, text=True).stdout.strip()
+        return subprocess.run(["git", "-C", str(REPO), *a], capture_output=True, text=True, check=False).stdout.strip()
 
     return {"commit": git("rev-parse", "HEAD"), "subject": git("log", "-1", "--format=%s"),
             "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}

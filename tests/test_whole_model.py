@@ -15,9 +15,9 @@ from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-import synthetic_whole  # noqa: E402
-import whole_model  # noqa: E402
-from synthetic_whole import ADAPTERS, SHAPES, StreamingSafetensors, base_layout, build  # noqa: E402
+import synthetic_whole
+import whole_model
+from synthetic_whole import ADAPTERS, SHAPES, StreamingSafetensors, base_layout, build
 
 LAYERS = 2
 
