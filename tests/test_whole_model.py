@@ -27,6 +27,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return build(tmp_path_factory.mktemp("whole"), layers=LAYERS, shape="tiny")
 
 
+@pytest.mark.slow
 def test_base_is_a_llama_transformers_loads_whole(tiny):
     transformers = pytest.importorskip("transformers")
     model, info = transformers.LlamaForCausalLM.from_pretrained(tiny["base"], output_loading_info=True)
@@ -98,6 +99,7 @@ def test_rebuild_reuses_a_finished_part_and_not_a_changed_one(tiny):
     assert not synthetic_whole._built(tiny["base"], {"layers": LAYERS + 1})
 
 
+@pytest.mark.slow
 def test_runner_measures_a_real_cold_run(tiny, tmp_path, monkeypatch):
     """One measured `lorascale run` (cold, tiny): the dry run is kept with its estimate, the cache was empty and
     is filled, every layer has a series entry, and the sampled peak RSS is a process's, not zero."""
