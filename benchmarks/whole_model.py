@@ -411,7 +411,7 @@ def table(payload: dict) -> str:
              "", markdown_table(header, rows), ""]
     build_rec = payload.get("build")
     if build_rec:
-        lines.append(("Checkpoints reused; when they were built: " if build_rec.get("reused") else
+        lines.append(("Checkpoints reused, built earlier" if build_rec.get("reused") else
                       "Checkpoints built") + f" in {_clock(build_rec['wall_seconds'])}, builder peak RSS "
                      f"{build_rec['peak_rss_sampled_bytes'] / GB:.2f} GB (kernel high-water mark "
                      f"{build_rec['vm_hwm_bytes'] / GB:.2f} GB); on disk: "
@@ -441,10 +441,10 @@ def compact(result: dict, points: int = 300) -> None:
     """What the JSON keeps of a run's samples: the RSS series at `points` (bucket maxima, MB, 0.1 s) and the
     progress events as "seconds matrix" lines (the per-matrix record behind the per-layer series)."""
     events = result.get("events")
-    if events and isinstance(events[0], (list, tuple)):
+    if isinstance(events, list) and events and isinstance(events[0], (list, tuple)):
         result["events"] = [f"{t:.1f} {matrix}" for t, matrix in events]
     series = result.get("rss_series")
-    if series and isinstance(series[0], (list, tuple)):
+    if isinstance(series, list) and series:
         result["rss_series"] = {"seconds": [round(t, 1) for t, _ in _downsample(series, points)],
                                 "rss_mb": [round(rss / 1e6) for _, rss in _downsample(series, points)]}
 
