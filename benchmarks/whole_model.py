@@ -65,6 +65,7 @@ class TreeSampler(threading.Thread):
         super().__init__(daemon=True)
         self.root = psutil.Process(pid)
         self.series: list[tuple[float, int]] = []  # (seconds since start, RSS bytes of the tree)
+        self.cpu_series: list[tuple[float, float]] = []  # (seconds since start, user + sys seconds of the tree)
         self.io: dict[int, dict[str, int]] = {}
         self.hwm: dict[int, int] = {}
         self.started = time.monotonic()
@@ -80,17 +81,21 @@ class TreeSampler(threading.Thread):
             procs = [self.root, *self.root.children(recursive=True)]
         except psutil.Error:
             return
-        rss = 0
+        rss, cpu = 0, 0.0
         for proc in procs:
             try:
                 rss += proc.memory_info().rss
+                times = proc.cpu_times()
+                cpu += times.user + times.system
                 # counters only grow; a zombie's read as zero or not at all, so keep the largest seen
                 io, seen = _proc_io(proc.pid), self.io.get(proc.pid, {})
                 self.io[proc.pid] = {key: max(value, seen.get(key, 0)) for key, value in io.items()}
                 self.hwm[proc.pid] = max(_vm_hwm(proc.pid), self.hwm.get(proc.pid, 0))
             except (psutil.Error, OSError):
                 continue
-        self.series.append((time.monotonic() - self.started, rss))
+        now = time.monotonic() - self.started
+        self.series.append((now, rss))
+        self.cpu_series.append((now, cpu))
 
     def peak(self) -> int:
         return max((rss for _, rss in self.series), default=0)
@@ -243,6 +248,7 @@ def _so_far(state: dict, sampler: TreeSampler, wall: float, cpu: float) -> dict:
             "peak_rss_sampled_bytes": sampler.peak(), "vm_hwm_bytes": max(sampler.hwm.values(), default=0),
             "io": sampler.io_total(), "load_average_start": state["load_average_start"],
             "load_average_end": [round(x, 2) for x in os.getloadavg()], "rss_series": list(sampler.series),
+            "cpu_series": list(sampler.cpu_series),
             "events": list(state["events"]), "startup_seconds": state["startup_seconds"]}
 
 
@@ -288,16 +294,29 @@ def per_layer(result: dict, out: Path) -> list[dict]:
     for seconds, matrix in result["events"]:
         match = LAYER.search(matrix)
         window = [rss for t, rss in result["rss_series"] if previous <= t <= seconds]
+        cpu = _cpu_at(result.get("cpu_series") or [], seconds) - _cpu_at(result.get("cpu_series") or [], previous)
         if match:
             entry = layers.setdefault(int(match.group(1)), {"layer": int(match.group(1)), "matrices": 0,
-                                                            "wall_seconds": 0.0, "peak_rss_bytes": 0})
+                                                            "wall_seconds": 0.0, "peak_rss_bytes": 0,
+                                                            "cpu_seconds": 0.0})
             entry["matrices"] += 1
+            entry["cpu_seconds"] += cpu
             entry["wall_seconds"] += seconds - previous
             entry["peak_rss_bytes"] = max(entry["peak_rss_bytes"], max(window, default=0))
         previous = seconds
     for layer, entry in layers.items():
         entry["compute_seconds"] = compute.get(layer)
     return [layers[layer] for layer in sorted(layers)]
+
+
+def _cpu_at(series: list[tuple[float, float]], seconds: float) -> float:
+    """The tree's CPU seconds at the last sample taken by `seconds` (0 before the first)."""
+    value = 0.0
+    for t, cpu in series:
+        if t > seconds:
+            break
+        value = cpu
+    return value
 
 
 def depth_summary(layers: list[dict]) -> dict:
@@ -311,6 +330,8 @@ def depth_summary(layers: list[dict]) -> dict:
             "mean_compute_seconds": mean("compute_seconds"),
             "last_over_first_wall": body[-1]["wall_seconds"] / body[0]["wall_seconds"],
             "last_over_first_compute": (body[-1]["compute_seconds"] or 0) / (body[0]["compute_seconds"] or 1),
+            "last_over_first_cpu": body[-1]["cpu_seconds"] / body[0]["cpu_seconds"]
+            if body[0].get("cpu_seconds") else None,
             "last_over_first_rss": body[-1]["peak_rss_bytes"] / body[0]["peak_rss_bytes"]
             if body[0]["peak_rss_bytes"] else None}
 
@@ -425,9 +446,10 @@ def table(payload: dict) -> str:
         if r["depth"]:
             d = r["depth"]
             rss = f"{d['last_over_first_rss']:.2f}x" if d["last_over_first_rss"] else "n/a"
+            cpu = f"{d['last_over_first_cpu']:.2f}x" if d.get("last_over_first_cpu") else "not sampled"
             lines.append(f"{label}: start-up {r['startup_seconds'] or 0:.1f} s; last layer against the 2nd: wall "
                          f"{d['last_over_first_wall']:.2f}x, compute {d['last_over_first_compute']:.2f}x, "
-                         f"peak RSS {rss}.")
+                         f"CPU {cpu}, peak RSS {rss}.")
     return "\n".join(line for line in lines if line is not None)
 
 
@@ -440,6 +462,7 @@ def _clock(seconds: float) -> str:
 def compact(result: dict, points: int = 300) -> None:
     """What the JSON keeps of a run's samples: the RSS series at `points` (bucket maxima, MB, 0.1 s) and the
     progress events as "seconds matrix" lines (the per-matrix record behind the per-layer series)."""
+    result.pop("cpu_series", None)  # the per-layer CPU seconds hold what it says
     events = result.get("events")
     if isinstance(events, list) and events and isinstance(events[0], (list, tuple)):
         result["events"] = [f"{t:.1f} {matrix}" for t, matrix in events]

@@ -119,6 +119,7 @@ def test_runner_measures_a_real_cold_run(tiny, tmp_path, monkeypatch):
     assert result["peak_rss_sampled_bytes"] > 50e6
     assert [entry["layer"] for entry in result["layers"]] == list(range(LAYERS))
     assert all(entry["matrices"] == 7 and entry["compute_seconds"] > 0 for entry in result["layers"])
+    assert 0 < sum(entry["cpu_seconds"] for entry in result["layers"]) <= result["cpu_seconds"]
     assert result["matrices"] == 7 * LAYERS
 
 
