@@ -430,6 +430,10 @@ def table(payload: dict) -> str:
              f"lorascale at {payload['git']['commit'][:10]} ({payload['git']['subject']})"
              + (", with uncommitted changes" if payload["git"]["dirty"] else "") + ".",
              "", markdown_table(header, rows), ""]
+    for label, r in payload["runs"].items():
+        if r.get("git") and r["git"]["commit"] != payload["git"]["commit"]:
+            lines.append(f"{label} ran earlier, at {r['git']['commit'][:10]} ({r['git']['subject']}), started "
+                         f"{r.get('machine', {}).get('date', '?')}.")
     build_rec = payload.get("build")
     if build_rec:
         lines.append(("Checkpoints reused, built earlier" if build_rec.get("reused") else
@@ -488,6 +492,23 @@ def save(payload: dict, tag: str) -> None:
     write_results(f"whole_model-{tag}", payload, text)
 
 
+def earlier_runs(tag: str, args: argparse.Namespace) -> dict:
+    """The finished runs of an earlier invocation with these checkpoints, each with the commit and machine
+    record it ran with, to be kept beside the runs this one (re)does."""
+    path = RESULTS / f"whole_model-{tag}.json"
+    if not path.exists():
+        return {}
+    earlier = json.loads(path.read_text())
+    if earlier.get("work") != str(args.work) or earlier.get("layers") != args.layers:
+        return {}
+    rerun = set(args.runs.split(","))
+    kept = {}
+    for label, run in earlier["runs"].items():
+        if label not in rerun and run.get("status", "done") == "done":
+            kept[label] = {"git": earlier["git"], "machine": earlier["machine"], **run}
+    return kept
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=1, help="decoder layers (Llama-2-7B has 32)")
@@ -497,6 +518,8 @@ def main() -> None:
     parser.add_argument("--runs", default="cold,warm,full", help="comma-separated, in order: " + ",".join(RUNS))
     parser.add_argument("--full-layers", type=int, default=None, help="the full run analyses only these first N "
                         "layers (when the whole model would take too long)")
+    parser.add_argument("--cache", type=Path, default=None, help="continue with this base-SVD cache (a finished "
+                        "cold run's) instead of a fresh one; the results file keeps the runs not rerun")
     parser.add_argument("--tag", default=None, help="results name: whole_model-<tag> (default L<layers>)")
     parser.add_argument("--render", action="store_true", help="only rewrite results/whole_model-<tag>.md (and "
                         "compact its JSON) from the JSON")
@@ -511,17 +534,20 @@ def main() -> None:
     args.log = args.work / "whole_model.log"
     payload = {"machine": machine(), "command": command_line(), "git": git_state(), "layers": args.layers,
                "shape": args.shape, "work": str(args.work), "runs": {}}
+    if args.cache is not None:
+        payload["runs"] = earlier_runs(tag, args)
     print(f"building {args.layers} layer(s) under {args.work} ...", file=sys.stderr, flush=True)
     payload["build"] = build_measured(args)
     save(payload, tag)
     paths = {part: args.work / part for part in ("base", "full-ft", "lora-r16", "lora-r64")}
-    cache = args.work / f"cache-{time.strftime('%Y%m%d-%H%M%S')}"  # empty: the cold run starts cold
+    cache = args.cache or args.work / f"cache-{time.strftime('%Y%m%d-%H%M%S')}"  # empty: the cold run starts cold
     for label in [label for label in args.runs.split(",") if label]:
         def partial(result: dict, label: str = label) -> None:
             payload["runs"][label] = result
             save(payload, tag)
 
         payload["runs"][label] = run_one(label, args, paths, cache, on_partial=partial)
+        payload["runs"][label].update({"git": payload["git"], "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")})
         payload["machine"]["date_end"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
         save(payload, tag)
         print(Path(RESULTS / f"whole_model-{tag}.md").read_text(), file=sys.stderr, flush=True)
