@@ -111,8 +111,10 @@ class MatrixWork:
                     raise
                 raise NumericalError(exc.text, path=job.base.location, tensor=job.base.name,
                                      fix=OVERFLOW_FIX) from exc
+            # Every run computes with the vectors as a cache entry holds them (fp16-rounded at fp32), cached or
+            # not: a cold, a warm, a --no-cache and a Ray run give identical numbers (store/svd_cache.py).
+            base = compact(base)
             if cache is not None and key is not None:
-                base = compact(base)  # compute with what the entry holds: cold and warm runs agree
                 cache.store(key, base, label=cache.label(job.base, analysis, routes.base))
         self.base: BaseSpectrum = base
 

@@ -9,14 +9,16 @@ import json
 import sys
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from lorascale import settings
 from lorascale.errors import OptionError
 from lorascale.sizes import format_size as size, parse_size
-from lorascale.store import cache_admin
-from lorascale.store.svd_cache import BaseSpectrumCache, CacheEntry, CacheSurvey, survey
+
+if TYPE_CHECKING:  # the store modules import torch: only when a cache command runs, not at `lorascale --help`
+    from lorascale.store.svd_cache import CacheEntry, CacheSurvey
 
 _CACHE_DIR = click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
                           help="The cache (default: $LORASCALE_CACHE_DIR, else ~/.cache/lorascale).")
@@ -38,6 +40,8 @@ def cache() -> None:
 def ls(cache_dir: Path | None, fmt: str) -> None:
     """List the cached base SVDs: source model and tensor, shape, sides, precision, bytes, last use; a total."""
     directory = _directory(cache_dir)
+    from lorascale.store.svd_cache import survey
+
     found = survey(directory)
     bound = settings.cache_max_size()
     if fmt == "json":
@@ -97,7 +101,11 @@ def rm(reference: str | None, remove_all: bool, yes: bool, cache_dir: Path | Non
         raise OptionError("give a base model reference or --all, not both and not neither",
                           fix="e.g. lorascale cache rm meta-llama/Llama-2-7b-hf, or lorascale cache rm --all")
     directory = _directory(cache_dir)
+    from lorascale.store.svd_cache import survey
+
     found = survey(directory)
+    from lorascale.store import cache_admin
+
     removal = cache_admin.everything(found) if remove_all else cache_admin.for_source(found, str(reference))
     if not len(removal):
         what = "" if remove_all else f" recorded for {reference!r} (`lorascale cache ls` lists the sources)"
@@ -127,7 +135,12 @@ def prune(max_size: str, cache_dir: Path | None) -> None:
     except ValueError as exc:
         raise OptionError(f"--max-size: {exc}", fix="e.g. --max-size 50GB") from None
     directory = _directory(cache_dir)
+    from lorascale.store.svd_cache import survey
+
     found = survey(directory)
+    from lorascale.store import cache_admin
+    from lorascale.store.svd_cache import BaseSpectrumCache
+
     count, freed = cache_admin.delete(cache_admin.to_fit(found, max_bytes))
     left = BaseSpectrumCache(directory).total_bytes()
     click.echo(f"removed {count} files, {size(freed)}; {size(left)} left in {directory}", err=True)

@@ -17,9 +17,10 @@ The vectors of an fp32 run are stored in fp16 (`compact`): half the bytes of fp3
 matrix, about 11 GB for the left side of every Llama-2-7B matrix instead of 22 GB).  Rounding an orthonormal
 column to fp16 moves each entry by at most 2^-11 of itself, so a |cos| against it moves by about
 eps_fp16 / sqrt(m) (~1e-5 at m = 4096, measured in docs/CACHE.md), far below any epsilon a user thresholds
-at.  A run that uses the cache computes with the compacted vectors whether it wrote the entry or read it, so a
-cold run and a warm run give identical numbers; `--no-cache` computes with the unrounded vectors.  fp64 runs
-keep their vectors in fp64: they asked for the precision.  Entries of the earlier fp32 format
+at.  Every fp32 run computes with the compacted vectors, whether it wrote the entry, read it or runs with
+`--no-cache`, so a cold, a warm, an uncached and a Ray run give identical numbers (row counts included: top-k
+stores what its bounds prove, and those depend on its start).  fp64 runs keep their vectors in fp64: they
+asked for the precision.  Entries of the earlier fp32 format
 ("lorascale-base-svd/1") have other keys, so they are never read as this format; they are misses.
 
 Each entry also records what it is, for `lorascale cache ls` and dry runs (`entries`, `find`): the source

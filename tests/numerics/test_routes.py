@@ -260,7 +260,7 @@ def test_every_shape_gets_the_same_routes_in_a_run(monkeypatch, tmp_path):
     from checkpoints import finetuned, save_full, tiny_llama
     from runs import compare
 
-    from lorascale.numerics import compare as compare_module
+    from lorascale.numerics import spectral as compare_module  # dW's singular values (the delta route)
 
     _blas(monkeypatch, MKL)
     used = set()
