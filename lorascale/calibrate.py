@@ -12,8 +12,8 @@ precision, sides, k and top-K, on synthetic matrices of the shape with a weight-
 rank-256 part over a Gaussian bulk, as benchmarks/make_synthetic_llama.py builds: the top-K iteration count
 depends on the spectrum, and a flat Gaussian one would make it fail its guard).
 
-Shapes above `DIRECT` on their long side are timed scaled down (scaled_point: aspect kept, the short side
-not below 384) and scaled up by the route's work (`work`: m n p for an SVD, m n for an adapter's top-K
+Shapes above `DIRECT` on their short side are timed scaled down (scaled_point: aspect kept, the short side
+DIRECT) and scaled up by the route's work (`work`: m n p for an SVD, m n for an adapter's top-K
 products).  An exponent fitted to two scaled points was tried first and dropped: on this shared 2-core
 machine the fitted exponents ranged from 2.3 to 5 between calls, while the exact base SVD's measured growth
 from 2048^2 to 4096^2 on a quiet machine is 2^3.0 (benchmarks/README.md, "Dry-run estimates").  Each point is the fastest
@@ -67,7 +67,6 @@ MAX_REPEATS = 7
 MIN_REPEATS = 3
 POINT_BUDGET = 5.0  # seconds of timing per point after which its fastest so far is taken, stable or not
 TOTAL_BUDGET = 30.0  # seconds of measuring per dry run; past it, a shape is scaled from a measured one
-SHORT = 384  # a scaled point keeps at least this much of its short side
 COMPUTE_DTYPES = {"fp32": torch.float32, "fp64": torch.float64}
 
 
@@ -256,12 +255,13 @@ def load() -> dict:
 
 
 def scaled_point(shape: tuple[int, int]) -> tuple[int, int]:
-    """The shape timed for `shape`: itself up to DIRECT on the long side, else scaled down to it, aspect
-    kept, but the short side not below min(its size, SHORT) (a tiny matrix times its overheads, not its work)."""
+    """The shape timed for `shape`: itself up to DIRECT on its short side, else scaled down until the short side
+    is DIRECT, aspect kept.  Scaling by the short side keeps a rectangle's point as large as a square's: a point
+    scaled by the long side (2048 x 5504 -> 384 x 1024) timed mostly overheads, and scaled back up by m n p it
+    over-estimated a full fine-tune's rectangles 5-7x (benchmarks/README.md, dry-run estimates)."""
     m, n = shape
-    factor = min(1.0, DIRECT / max(m, n))
-    short = min(min(m, n), SHORT)
-    return (max(round(m * factor), short if m <= n else 1), max(round(n * factor), short if n < m else 1))
+    factor = min(1.0, DIRECT / min(m, n))
+    return max(1, round(m * factor)), max(1, round(n * factor))
 
 
 def work(route: str, shape: tuple[int, int]) -> float:

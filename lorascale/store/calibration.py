@@ -16,7 +16,7 @@ from pathlib import Path
 from lorascale.errors import OutputError
 from lorascale.store.atomic import write_atomic
 
-FORMAT = "lorascale-calibration/2"  # /2: routes timed on one thread
+FORMAT = "lorascale-calibration/3"  # /2: routes timed on one thread; /3: points scaled by the short side
 _LOG = logging.getLogger(__name__)
 
 
